@@ -1,0 +1,61 @@
+"""Backend registry.
+
+Each backend is one module exposing::
+
+    unavailable_reason(device: torch.device) -> str | None   # None when it can run there
+    pair_losses(queries, docs, dims, active, scale, positive_index, symmetric) -> Tensor[L, M]
+
+``pair_losses`` returns the unweighted per-(layer, dim) losses (0 where ``active`` is
+False), differentiable with respect to ``queries`` and ``docs``; the weights reach the
+kernels' backward as the incoming gradient of that matrix. Modules are imported lazily so
+that ``import m2d_kernels`` needs neither Triton nor a compiler.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+# name -> module; "auto" tries AUTO_ORDER and takes the first that can run on the device.
+_MODULES = {
+    "triton": "m2d_kernels.backends.triton_kernels",
+    "cpp": "m2d_kernels.backends.cpp",
+    "torch": "m2d_kernels.backends.torch_prefix",
+    "reference": "m2d_kernels.backends.reference",
+}
+AUTO_ORDER = ("triton", "cpp", "torch")
+BACKEND_NAMES = tuple(_MODULES) + ("auto",)
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as error:  # an optional dependency (Triton, a compiler) is missing
+        return None, f"{type(error).__name__}: {error}"
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device``, or None when it can."""
+    module, reason = _load(name)
+    return reason if module is None else module.unavailable_reason(device)
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` ("auto" picks the first of AUTO_ORDER that can run)."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    for candidate in AUTO_ORDER if name == "auto" else (name,):
+        reason = unavailable_reason(candidate, device)
+        if reason is None:
+            return _load(candidate)[0]
+        if name != "auto":
+            raise RuntimeError(f"backend {name!r} is not available on {device}: {reason}")
+    raise RuntimeError(f"no backend can run on {device}")  # unreachable: "torch" runs anywhere
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here, on the CPU or on this machine's GPU."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [name for name in _MODULES if any(unavailable_reason(name, d) is None for d in devices)]

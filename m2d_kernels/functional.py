@@ -1,0 +1,154 @@
+"""``matryoshka_2d_infonce``: input validation and backend dispatch.
+
+Every input is checked once here, at the boundary; backends receive normalised
+arguments (a tuple of dims, an ``[L][M]`` tuple of active flags, a float scale, a long
+``positive_index`` on the embeddings' device) and never re-validate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+
+from m2d_kernels import backends
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("sum", "none")
+
+
+def matryoshka_2d_infonce(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    dims: Sequence[int],
+    weights: torch.Tensor | Sequence[Sequence[float]] | None = None,
+    *,
+    scale: float = 20.0,
+    positive_index: torch.Tensor | None = None,
+    symmetric: bool = False,
+    reduction: str = "sum",
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """In-batch InfoNCE on truncated, re-normalised embeddings for all (layer, dim) pairs.
+
+    Args:
+        queries: ``[L, B, D]`` pooled anchor embeddings, one slice per selected layer
+            (not normalised).
+        docs: ``[L, N, D]`` candidates of the same layers, ``N >= B``. The positive of
+            query ``i`` is ``docs[:, i]`` unless ``positive_index`` says otherwise; the
+            other rows are in-batch and hard negatives.
+        dims: strictly increasing nested truncation sizes ``d_1 < ... < d_M <= D``.
+        weights: ``[L, M]`` non-negative pair weights (default all ones); a zero entry
+            means the pair is not computed. Kept on the CPU (a CUDA tensor is copied).
+        scale: inverse temperature applied to the cosine similarities (> 0, finite).
+        positive_index: ``[B]`` long tensor on the embeddings' device, the row of
+            ``docs`` holding each query's positive.
+        symmetric: also add the doc-to-query direction (the B positives against all
+            queries) and average the two directions, as sentence-transformers'
+            MultipleNegativesRankingLoss with ``directions=("query_to_doc",
+            "doc_to_query")`` and ``partition_mode="per_direction"``.
+        reduction: ``"sum"`` returns ``sum_{l,m} weights[l, m] * loss_lm``; ``"none"``
+            returns the ``[L, M]`` matrix of unweighted ``loss_lm`` (0 where the weight is 0).
+        backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"`` or ``"reference"``.
+        check_finite: raise on NaN/Inf embeddings (costs a device sync). Otherwise NaN
+            propagates to the loss.
+
+    Returns:
+        A scalar (``"sum"``) or an ``[L, M]`` tensor (``"none"``) in the input dtype.
+    """
+    dims, weights, scale, positive_index = _validate(
+        queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite
+    )
+    active = tuple(tuple(bool(w > 0) for w in row) for row in weights.tolist())
+    impl = backends.resolve(backend, queries.device)
+    losses = impl.pair_losses(queries, docs, dims, active, scale, positive_index, bool(symmetric))
+    if reduction == "none":
+        return losses
+    return (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()
+
+
+def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite):
+    for name, x in (("queries", queries), ("docs", docs)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(
+                f"{name} must have shape [L, rows, D] (layers, rows, features), got shape {tuple(x.shape)}; "
+                "use x.unsqueeze(0) for a single layer"
+            )
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if docs.dtype != queries.dtype:
+        raise TypeError(f"queries and docs must have the same dtype, got {queries.dtype} and {docs.dtype}")
+    if docs.device != queries.device:
+        raise ValueError(f"queries and docs must be on the same device, got {queries.device} and {docs.device}")
+    n_layers, n_queries, n_features = queries.shape
+    if docs.shape[0] != n_layers:
+        raise ValueError(f"queries and docs must have the same number of layers L, got {n_layers} and {docs.shape[0]}")
+    if docs.shape[2] != n_features:
+        raise ValueError(f"queries and docs must have the same feature size D, got {n_features} and {docs.shape[2]}")
+    if n_layers == 0 or n_queries == 0 or n_features == 0:
+        raise ValueError(f"queries must be non-empty, got shape {tuple(queries.shape)}")
+    if docs.shape[1] < n_queries:
+        raise ValueError(f"docs must have at least as many rows N as queries B, got N={docs.shape[1]} < B={n_queries}")
+
+    if isinstance(dims, torch.Tensor):
+        dims = dims.tolist()
+    if isinstance(dims, (int, str)) or not isinstance(dims, Sequence):
+        raise TypeError(f"dims must be a sequence of ints, got {type(dims).__name__}")
+    if len(dims) == 0 or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"dims must be a non-empty sequence of ints, got {dims!r}")
+    dims = tuple(int(d) for d in dims)
+    if dims[0] < 1 or any(b <= a for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"dims must be strictly increasing positive ints, got {dims}")
+    if dims[-1] > n_features:
+        raise ValueError(f"dims must not exceed the feature size D={n_features}, got {dims}")
+
+    shape = (n_layers, len(dims))
+    if weights is None:
+        weights = torch.ones(shape, dtype=torch.float64)
+    else:
+        if not isinstance(weights, torch.Tensor):
+            try:
+                weights = torch.tensor(weights, dtype=torch.float64)
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"weights must be a tensor or nested sequence of numbers of shape {shape}") from error
+        weights = weights.detach().to(device="cpu", dtype=torch.float64)
+        if tuple(weights.shape) != shape:
+            raise ValueError(f"weights must have shape [L, M] = {shape}, got {tuple(weights.shape)}")
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError(f"weights must be finite and non-negative, got {weights.tolist()}")
+
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if not isinstance(scale, Real) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and positive, got {scale}")
+
+    if positive_index is None:
+        positive_index = torch.arange(n_queries, device=queries.device)
+    else:
+        if not isinstance(positive_index, torch.Tensor) or positive_index.dtype != torch.long:
+            raise TypeError(f"positive_index must be a torch.long tensor, got {getattr(positive_index, 'dtype', type(positive_index).__name__)}")
+        if tuple(positive_index.shape) != (n_queries,):
+            raise ValueError(f"positive_index must have shape [B] = ({n_queries},), got {tuple(positive_index.shape)}")
+        if positive_index.device != queries.device:
+            raise ValueError(f"positive_index must be on the embeddings' device {queries.device}, got {positive_index.device}")
+        low, high = positive_index.min().item(), positive_index.max().item()
+        if low < 0 or high >= docs.shape[1]:
+            raise ValueError(f"positive_index values must be in [0, N={docs.shape[1]}), got range [{low}, {high}]")
+
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if check_finite:
+        for name, x in (("queries", queries), ("docs", docs)):
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{name} contains NaN or Inf values")
+    return dims, weights, scale, positive_index

@@ -1,0 +1,46 @@
+"""``nn.Module`` wrapper around :func:`m2d_kernels.matryoshka_2d_infonce`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from m2d_kernels.functional import matryoshka_2d_infonce
+
+WeightsLike = torch.Tensor | Sequence[Sequence[float]] | Callable[[], torch.Tensor] | None
+
+
+class Matryoshka2dInfoNCELoss(nn.Module):
+    """Fused 2D Matryoshka InfoNCE over all (layer, dim) pairs.
+
+    Args:
+        dims: strictly increasing nested truncation sizes.
+        weights: ``[L, M]`` pair weights, or a callable returning them, called once per
+            forward (e.g. ``lambda: schedules.sampled(L, M, 1, 1)`` for a fresh sub-grid
+            every step). None means all ones.
+        scale, symmetric, backend: as in :func:`matryoshka_2d_infonce`.
+
+    ``forward(queries [L, B, D], docs [L, N, D], positive_index=None, reduction="sum")``.
+    """
+
+    def __init__(self, dims: Sequence[int], weights: WeightsLike = None, scale: float = 20.0,
+                 symmetric: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        self.dims = tuple(dims)
+        self.weights = weights
+        self.scale = scale
+        self.symmetric = symmetric
+        self.backend = backend
+
+    def forward(self, queries: torch.Tensor, docs: torch.Tensor, positive_index: torch.Tensor | None = None,
+                reduction: str = "sum") -> torch.Tensor:
+        weights = self.weights() if callable(self.weights) else self.weights
+        return matryoshka_2d_infonce(
+            queries, docs, self.dims, weights, scale=self.scale, positive_index=positive_index,
+            symmetric=self.symmetric, reduction=reduction, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, scale={self.scale}, symmetric={self.symmetric}, backend={self.backend!r}"
