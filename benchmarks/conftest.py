@@ -12,7 +12,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["m2d_kernels"] = m2d_kernels.__version__
     machine_info["cpu_threads"] = torch.get_num_threads()
-    machine_info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
+    machine_info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     machine_info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     try:
         import triton

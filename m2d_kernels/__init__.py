@@ -1,6 +1,6 @@
 """m2d-kernels: fused 2D Matryoshka InfoNCE losses (all layers x all nested dims in one call)."""
 
-from m2d_kernels import backends, schedules
+from m2d_kernels import schedules
 from m2d_kernels.backends import available_backends
 from m2d_kernels.functional import matryoshka_2d_infonce
 from m2d_kernels.losses import Matryoshka2dInfoNCELoss

@@ -16,6 +16,7 @@ import time
 import torch
 
 import m2d_kernels as m2d
+from m2d_kernels import backends
 
 
 def synthetic_embeddings(n_layers: int, n_queries: int, n_docs: int, n_features: int, seed: int = 0):
@@ -68,8 +69,8 @@ def main(argv=None) -> None:
     print(f"InfoNCE per (layer, dim), L={args.layers} B={args.batch} N={n_docs} D={args.features}, scale 20:")
     print(format_matrix(losses, dims, [f"layer {i + 1}" for i in range(args.layers)]))
 
-    fast = next(b for b in m2d.available_backends() if b != "reference" and
-                m2d.backends.unavailable_reason(b, torch.device("cpu")) is None)
+    cpu = torch.device("cpu")
+    fast = next(b for b in backends.AUTO_ORDER if backends.unavailable_reason(b, cpu) is None)
     print(f"\nforward+backward on the CPU ({torch.get_num_threads()} threads), median of {args.repeats}:")
     reference_time = time_forward_backward(queries, docs, dims, "reference", args.repeats)
     fast_time = time_forward_backward(queries, docs, dims, fast, args.repeats)

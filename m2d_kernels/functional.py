@@ -134,11 +134,14 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
         positive_index = torch.arange(n_queries, device=queries.device)
     else:
         if not isinstance(positive_index, torch.Tensor) or positive_index.dtype != torch.long:
-            raise TypeError(f"positive_index must be a torch.long tensor, got {getattr(positive_index, 'dtype', type(positive_index).__name__)}")
+            got = getattr(positive_index, "dtype", type(positive_index).__name__)
+            raise TypeError(f"positive_index must be a torch.long tensor, got {got}")
         if tuple(positive_index.shape) != (n_queries,):
             raise ValueError(f"positive_index must have shape [B] = ({n_queries},), got {tuple(positive_index.shape)}")
         if positive_index.device != queries.device:
-            raise ValueError(f"positive_index must be on the embeddings' device {queries.device}, got {positive_index.device}")
+            raise ValueError(
+                f"positive_index must be on the embeddings' device {queries.device}, got {positive_index.device}"
+            )
         low, high = positive_index.min().item(), positive_index.max().item()
         if low < 0 or high >= docs.shape[1]:
             raise ValueError(f"positive_index values must be in [0, N={docs.shape[1]}), got range [{low}, {high}]")

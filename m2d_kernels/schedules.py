@@ -65,7 +65,8 @@ def sampled(
     _check_count("n_layers", n_layers)
     _check_count("n_dims", n_dims)
     candidates = n_layers - 1 if always_include_last_layer else n_layers
-    for name, value, limit in (("n_layers_per_step", n_layers_per_step, candidates), ("n_dims_per_step", n_dims_per_step, n_dims)):
+    limits = (("n_layers_per_step", n_layers_per_step, candidates), ("n_dims_per_step", n_dims_per_step, n_dims))
+    for name, value, limit in limits:
         if not isinstance(value, int) or isinstance(value, bool) or not (value == -1 or 0 <= value <= limit):
             raise ValueError(f"{name} must be -1 (all) or an int in [0, {limit}], got {value!r}")
     n_layers_per_step = candidates if n_layers_per_step == -1 else n_layers_per_step

@@ -71,7 +71,8 @@ def loss_and_grads(queries, docs, dims, weights=None, backend="reference", **kwa
 
 def assert_close(actual, expected, dtype, name=""):
     atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{name}: {m}")
 
 
 def assert_within_twice_reference_error(backend, queries64, docs64, dims, dtype, device="cpu", **kwargs):
@@ -87,4 +88,6 @@ def assert_within_twice_reference_error(backend, queries64, docs64, dims, dtype,
         ref_error = (r.double().cpu() - t).abs().max().item()
         error = (g.double().cpu() - t).abs().max().item()
         floor = 1e-3 * t.abs().max().item() + 1e-6
-        assert error <= 2 * ref_error + floor, f"{name}: error {error:.3g} > 2 x reference's {ref_error:.3g} + {floor:.1g}"
+        assert error <= 2 * ref_error + floor, (
+            f"{name}: error {error:.3g} > 2 x reference's {ref_error:.3g} + {floor:.1g}"
+        )

@@ -37,9 +37,15 @@ def _segments(dims: tuple[int, ...]) -> list[tuple[int, int]]:
 
 def _inverse_prefix_norms(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """``1 / max(|x[..., :d_m]|, eps)`` for every m as ``[L, R, M]``, and where the norm was not clamped."""
-    segment_squares = torch.stack([x[..., a:b].pow(2).sum(-1) for a, b in _segments(dims)], dim=-1)
-    norms = segment_squares.cumsum(-1).sqrt()
+    ends = torch.tensor(dims, device=x.device) - 1
+    norms = x.square().cumsum(-1).index_select(-1, ends).sqrt()
     return 1.0 / norms.clamp_min(EPS), norms >= EPS
+
+
+def _fixed_max_is_safe(scale: float, dtype: torch.dtype) -> bool:
+    """Whether ``exp(scale * (cos - 1)) >= exp(-2 * scale)`` stays a normal float, so that
+    ``scale`` can serve as the log-sum-exp maximum with no running max."""
+    return 2 * scale < (700.0 if dtype == torch.float64 else 80.0)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,6 +68,8 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
 
         inv_q, unclamped_q = _inverse_prefix_norms(queries.to(acc), dims)
         inv_k, unclamped_k = _inverse_prefix_norms(docs.to(acc), dims)
+        inv_q_scaled = inv_q * scale
+        fixed_max = _fixed_max_is_safe(scale, acc)
         # Per-row log-sum-exp of both directions, the only statistics backward needs.
         row_lse = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc)
         col_lse = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc) if symmetric else None
@@ -84,14 +92,21 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
                     sim.addmm_(q[:, a:b], k_all[:, a:b].T)
                     if not layer_active[m]:
                         continue
-                    logits = sim * (scale * inv_q[layer, rows, m, None]) * inv_k[layer, None, :, m]
-                    lse = torch.logsumexp(logits, dim=1)
-                    row_lse[layer, rows, m] = lse
+                    logits = sim * inv_q_scaled[layer, rows, m, None]
+                    logits.mul_(inv_k[layer, None, :, m])
                     positive = logits.gather(1, positives).sum()
+                    if fixed_max:  # reuse the exponentials for row and column sums
+                        exps = logits.sub_(scale).exp_()
+                        lse = exps.sum(1).log_().add_(scale)
+                        column_lse = exps[:, positive_index].sum(0).log_().add_(scale) if symmetric else None
+                    else:
+                        lse = torch.logsumexp(logits, dim=1)
+                        column_lse = torch.logsumexp(logits[:, positive_index], dim=0) if symmetric else None
+                    row_lse[layer, rows, m] = lse
                     losses[layer, m] += lse.sum() - positive
                     if symmetric:
-                        # Logits of the B positive docs against this chunk of queries.
-                        col_lse_parts[m].append(torch.logsumexp(logits[:, positive_index], dim=0))
+                        # Log-sum-exp of the B positive docs against this chunk of queries.
+                        col_lse_parts[m].append(column_lse)
                         positive_sum[m] = positive_sum[m] + positive
             if symmetric:
                 for m, on in enumerate(layer_active):
@@ -138,12 +153,13 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
                         continue
                     rq = inv_q[layer, rows, m]
                     rk = inv_k[layer, :, m]
-                    cos = sim * rq[:, None] * rk[None, :]
+                    cos = sim * rq[:, None]
+                    cos.mul_(rk[None, :])
                     logits = cos * scale
-                    grad_cos = torch.exp(logits - row_lse[layer, rows, m, None])
+                    grad_cos = logits.sub_(row_lse[layer, rows, m, None]).exp_()
                     grad_cos[row_ids, positive_index[rows]] -= 1.0
                     if symmetric:
-                        column_probs = torch.exp(logits[:, positive_index] - col_lse[layer, None, :, m])
+                        column_probs = torch.exp(cos[:, positive_index] * scale - col_lse[layer, None, :, m])
                         column_probs[row_ids, row_ids + r0] -= 1.0
                         grad_cos.index_add_(1, positive_index, column_probs)
                     grad_cos *= coef[layer, m]
