@@ -224,3 +224,19 @@ def test_reference_matches_sentence_transformers_mnrl():
                                                      + [n[:, :12] for n in negatives], None)
         got = m2d.matryoshka_2d_infonce(queries, docs, (12,), symmetric=symmetric, backend="reference")
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
+def test_torch_backend_under_torch_compile(compile_backend):
+    queries, docs = make_inputs(2, 8, 16, 16, seed=5)
+
+    def loss(q, d):
+        return m2d.matryoshka_2d_infonce(q, d, (8, 16), backend="torch", symmetric=True)
+
+    fn = loss if compile_backend is None else torch.compile(loss, backend=compile_backend)
+    q, d = queries.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
+    value = fn(q, d)
+    value.backward()
+    expected = loss_and_grads(queries, docs, (8, 16), None, "reference", symmetric=True)
+    for g, e in zip((value, q.grad, d.grad), expected):
+        assert_close(g, e, torch.float64)
