@@ -50,7 +50,7 @@ def load_pairs(data_dir: str | None, limit: int) -> list[tuple[str, str]]:
     hypotheses = (snli / "s2.dev").read_text().splitlines()
     labels = (snli / "labels.dev").read_text().splitlines()
     pairs, seen = [], set()
-    for premise, hypothesis, label in zip(premises, hypotheses, labels):
+    for premise, hypothesis, label in zip(premises, hypotheses, labels, strict=True):
         if label == "entailment" and premise not in seen:  # one pair per premise: no false in-batch negatives
             seen.add(premise)
             pairs.append((premise, hypothesis))

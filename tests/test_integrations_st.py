@@ -179,9 +179,9 @@ def test_gradient_cache_matches_uncached(model, words, loss_class):
      "hardness_mode"),
 ])
 def test_unsupported_base_loss_is_a_clear_error(model, make_base, message):
-    for make in (lambda base: FusedMatryoshka2dLoss(model, base, DIMS), lambda base: FusedMatryoshkaLoss(model, base, DIMS)):
+    for fused in (FusedMatryoshka2dLoss, FusedMatryoshkaLoss):
         with pytest.raises(ValueError, match=message):
-            make(make_base(model))
+            fused(model, make_base(model), DIMS)
 
 
 def test_bad_arguments_name_the_argument(model):

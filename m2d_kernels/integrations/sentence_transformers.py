@@ -64,7 +64,7 @@ MATRYOSHKA_CITATION = """
     archivePrefix={arXiv},
     primaryClass={cs.LG}
 }
-"""
+"""  # noqa: E501 (the author line, verbatim as sentence-transformers cites it)
 MATRYOSHKA_2D_CITATION = """
 @misc{li20242d,
     title={2D Matryoshka Sentence Embeddings},
@@ -173,9 +173,9 @@ class _FusedMatryoshkaBase(nn.Module):
         if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or int(mini_batch_size) < 1):
             raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
         # Sorted descending like sentence-transformers, so that random.sample draws the same indices.
-        self.matryoshka_dims, self.matryoshka_weights = zip(
-            *sorted(zip(dims, matryoshka_weights), key=lambda pair: pair[0], reverse=True)
-        )
+        ordered = sorted(zip(dims, matryoshka_weights, strict=True), key=lambda pair: pair[0], reverse=True)
+        self.matryoshka_dims = tuple(dim for dim, _ in ordered)
+        self.matryoshka_weights = tuple(weight for _, weight in ordered)
         self.n_dims_per_step = n_dims_per_step
         self.mini_batch_size = None if mini_batch_size is None else int(mini_batch_size)
         self.backend = backend
@@ -238,7 +238,7 @@ class _FusedMatryoshkaBase(nn.Module):
         ranges = [_minibatch_ranges(features, self.mini_batch_size) for features in columns]
         plan, embeddings, states = None, [], []
         with torch.no_grad():
-            for features, column_ranges in zip(columns, ranges):
+            for features, column_ranges in zip(columns, ranges, strict=True):
                 parts, column_states = [], []
                 for begin, end in column_ranges:
                     minibatch = _create_minibatch(features, begin, end)
@@ -260,8 +260,9 @@ class _FusedMatryoshkaBase(nn.Module):
     def _replay(self, grad_output, columns, ranges, states, cached_grads, plan) -> None:
         """Backward hook: re-embed each mini-batch with grad and push the cached gradients through it."""
         with torch.enable_grad():
-            for features, column_ranges, column_states, grad in zip(columns, ranges, states, cached_grads):
-                for (begin, end), state in zip(column_ranges, column_states):
+            replayed = zip(columns, ranges, states, cached_grads, strict=True)
+            for features, column_ranges, column_states, grad in replayed:
+                for (begin, end), state in zip(column_ranges, column_states, strict=True):
                     with state:
                         part, _ = self._embed_minibatch(_create_minibatch(features, begin, end), plan)
                     part.backward(grad[:, begin:end].to(part.dtype) * grad_output.to(part.dtype))
@@ -344,7 +345,9 @@ class FusedMatryoshka2dLoss(_FusedMatryoshkaBase):
     ) -> None:
         super().__init__(model, loss, matryoshka_dims, matryoshka_weights, n_dims_per_step, mini_batch_size, backend)
         if not callable(layer_weighting) and layer_weighting not in LAYER_WEIGHTINGS:
-            raise ValueError(f"layer_weighting must be one of {LAYER_WEIGHTINGS} or a callable, got {layer_weighting!r}")
+            raise ValueError(
+                f"layer_weighting must be one of {LAYER_WEIGHTINGS} or a callable, got {layer_weighting!r}"
+            )
         for name, value in (("last_layer_weight", last_layer_weight), ("prior_layers_weight", prior_layers_weight)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be finite and non-negative, got {value}")
