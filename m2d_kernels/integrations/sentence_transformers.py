@@ -165,7 +165,7 @@ class _FusedMatryoshkaBase(nn.Module):
             )
         if any(not math.isfinite(w) or w < 0 for w in matryoshka_weights):
             raise ValueError(f"matryoshka_weights must be finite and non-negative, got {list(matryoshka_weights)}")
-        width = model.get_embedding_dimension()
+        width = _unwrap(model).get_embedding_dimension()
         if width is not None and max(dims) > width:
             raise ValueError(f"matryoshka_dims {dims} cannot exceed the model's embedding dimension {width}")
         if width is not None and width not in dims:
