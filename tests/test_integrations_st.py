@@ -218,3 +218,21 @@ def test_trainer_example_lowers_the_loss(example, bert_dir, tmp_path):
                                 "--output-dir", str(tmp_path / "run")])
     assert len(step_losses) == 12
     assert sum(step_losses[-3:]) / 3 < 0.8 * step_losses[0], step_losses
+
+
+def test_model_fit_trains_with_the_fused_loss(bert_dir, words, tmp_path):
+    pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    from sentence_transformers import InputExample
+    from torch.utils.data import DataLoader
+
+    model = _model(bert_dir, head=True)
+    rng = random.Random(5)
+    examples = [InputExample(texts=[" ".join(rng.choice(words) for _ in range(4)) for _ in range(2)])
+                for _ in range(8)]
+    loss = FusedMatryoshka2dLoss(model, _mnrl(model, False), DIMS, mini_batch_size=2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.fit([(DataLoader(examples, batch_size=4, shuffle=False), loss)], epochs=1, show_progress_bar=False,
+              optimizer_params={"lr": 1e-3})
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert "2.linear.weight" in changed and any(name.startswith("0.model.encoder.layer.0.") for name in changed)
