@@ -65,7 +65,7 @@ def _local_docs_rows(world_size: int, n_docs: int, rank: int) -> torch.Tensor:
 
 
 def _make_case(world_size: int, n_groups: int, symmetric: bool, with_positive_index: bool, scale: float,
-               backend: str, seed: int) -> dict:
+               backend: str, seed: int, dtype: torch.dtype = torch.float64) -> dict:
     """A global batch, and per rank its shard (queries, docs, local positive_index)."""
     n_docs = n_groups * N_QUERIES
     queries, docs = make_inputs(N_LAYERS, world_size * N_QUERIES, world_size * n_docs, N_FEATURES, seed=seed,
@@ -78,7 +78,7 @@ def _make_case(world_size: int, n_groups: int, symmetric: bool, with_positive_in
         global_positives.append(rows[local_positive] if with_positive_index else rows[:N_QUERIES])
         shards.append((queries[:, rank * N_QUERIES:(rank + 1) * N_QUERIES], docs[:, rows], local_positive))
     return {"queries": queries, "docs": docs, "shards": shards, "symmetric": symmetric, "scale": scale,
-            "backend": backend, "global_positive_index": torch.cat(global_positives)}
+            "backend": backend, "dtype": dtype, "global_positive_index": torch.cat(global_positives)}
 
 
 def _cases(world_size: int) -> dict[str, dict]:
@@ -88,7 +88,23 @@ def _cases(world_size: int) -> dict[str, dict]:
         "symmetric": _make_case(world_size, 2, True, False, 20.0, "torch", seed=10 * world_size + 4),
         "symmetric_positive_index": _make_case(world_size, 2, True, True, 50.0, "reference", seed=10 * world_size + 6),
         "positive_index_torch": _make_case(world_size, 3, False, True, 20.0, "torch", seed=10 * world_size + 8),
+        "float32": _make_case(world_size, 3, False, False, 20.0, "torch", seed=10 * world_size + 1,
+                              dtype=torch.float32),
+        # bf16 inputs with the fp32-accumulating torch backend: errors are the inputs' and outputs' rounding.
+        "bfloat16_symmetric": _make_case(world_size, 2, True, False, 20.0, "torch", seed=10 * world_size + 3,
+                                         dtype=torch.bfloat16),
     }
+
+
+def _assert_matches(actual, expected, dtype, name):
+    """float64/float32: the shared tolerance table. bfloat16: within 3% of the largest value (4 bf16 ulps; the
+    rounding of bf16 inputs and outputs alone reaches about 1.2% here), and the dtype must be kept."""
+    assert actual.dtype == dtype, f"{name} has dtype {actual.dtype}, expected {dtype}"
+    if dtype in (torch.float64, torch.float32):
+        assert_close(actual, expected, dtype, name)
+    else:
+        tolerance = 3e-2 * expected.abs().max().item()
+        torch.testing.assert_close(actual.double(), expected, atol=tolerance, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 def _loss_worker(rank: int, world_size: int, port: int, cases: dict, out_dir: str) -> None:
@@ -96,6 +112,7 @@ def _loss_worker(rank: int, world_size: int, port: int, cases: dict, out_dir: st
     results = {}
     for name, case in cases.items():
         local_queries, local_docs, positive_index = case["shards"][rank]
+        local_queries, local_docs = local_queries.to(case["dtype"]), local_docs.to(case["dtype"])
         queries = local_queries.clone().requires_grad_(True)
         docs = local_docs.clone().requires_grad_(True)
         loss_fn = m2d.Matryoshka2dInfoNCELoss(DIMS, WEIGHTS, scale=case["scale"], symmetric=case["symmetric"],
@@ -125,16 +142,17 @@ def test_gathered_losses_and_grads_equal_one_process_on_the_concatenated_batch(w
         oracle = oracle_pair_losses(case["queries"], case["docs"], DIMS, WEIGHTS, positive_index=positive_index,
                                     **options)
         results = [ranks[name] for ranks in per_rank]
-        assert_close(sum(r["loss"] for r in results), world_size * loss, torch.float64, f"{name} summed loss")
-        assert_close(sum(r["pairs"] for r in results), world_size * torch.from_numpy(oracle), torch.float64,
-                     f"{name} summed [L, M] losses")
+        dtype = case["dtype"]
+        _assert_matches(sum(r["loss"] for r in results), world_size * loss, dtype, f"{name} summed loss")
+        _assert_matches(sum(r["pairs"] for r in results), world_size * torch.from_numpy(oracle), dtype,
+                        f"{name} summed [L, M] losses")
         for rank, result in enumerate(results):
             own_queries = slice(rank * N_QUERIES, (rank + 1) * N_QUERIES)
             own_docs = _local_docs_rows(world_size, case["docs"].shape[1] // world_size, rank)
-            assert_close(result["grad_queries"], world_size * grad_queries[:, own_queries], torch.float64,
-                         f"{name} rank {rank} grad queries")
-            assert_close(result["grad_docs"], world_size * grad_docs[:, own_docs], torch.float64,
-                         f"{name} rank {rank} grad docs")
+            _assert_matches(result["grad_queries"], world_size * grad_queries[:, own_queries], dtype,
+                            f"{name} rank {rank} grad queries")
+            _assert_matches(result["grad_docs"], world_size * grad_docs[:, own_docs], dtype,
+                            f"{name} rank {rank} grad docs")
 
 
 def _load_example():
