@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group(dist_backend)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if dist_backend == "nccl":
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        device_ids = [device.index]
     else:
-        device = torch.device("cpu")
+        device, device_ids = torch.device("cpu"), None
 
     torch.manual_seed(args.seed)  # DDP also broadcasts rank 0's initial weights
     dataset = SyntheticPairs(args.samples, args.seed)
@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     # which the all-gather of the docs needs.
     sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-    model = DistributedDataParallel(TinyEncoder().to(device), device_ids=[device.index] if device.index is not None
-                                    else None)
+    if len(loader) == 0:
+        raise ValueError(f"--samples {args.samples} leaves no full batch of {args.batch_size} "
+                         f"for each of the {world_size} ranks")
+    model = DistributedDataParallel(TinyEncoder().to(device), device_ids=device_ids)
     loss_fn = m2d.Matryoshka2dInfoNCELoss(DIMS, gather_across_devices=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 

@@ -211,7 +211,8 @@ def test_torchrun_example_trains_and_only_rank_zero_writes(tmp_path):
     output_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(EXAMPLE),
-               "--steps", "3", "--batch-size", "4", "--samples", "64", "--output-dir", str(output_dir)]
+               "--dist-backend", "gloo", "--steps", "3", "--batch-size", "4", "--samples", "64",
+               "--output-dir", str(output_dir)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout + completed.stderr
