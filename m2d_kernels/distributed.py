@@ -52,9 +52,8 @@ def _gather_layers(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def gather_queries(queries: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``[L, B, D]`` per rank -> ``[L, W * B, D]``, rank ``r``'s queries at rows ``r * B ...``."""
-    gathered = _gather_layers(queries, group)
-    n_layers, n_queries, n_features = queries.shape
-    return gathered.permute(1, 0, 2, 3).reshape(n_layers, -1, n_features)
+    n_layers, _, n_features = queries.shape
+    return _gather_layers(queries, group).permute(1, 0, 2, 3).reshape(n_layers, -1, n_features)
 
 
 def gather_candidates(docs: torch.Tensor, n_queries: int, group: dist.ProcessGroup) -> torch.Tensor:
