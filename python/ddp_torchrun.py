@@ -16,6 +16,7 @@ each atomically (temporary file, then ``os.replace``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from collections.abc import Callable
@@ -128,14 +129,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist_backend = args.dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(dist_backend)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     if dist_backend == "nccl":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        device_ids = [device.index]
     else:
-        device, device_ids = torch.device("cpu"), None
+        device = torch.device("cpu")
+    train(args, device)
+    # DDP's reducer holds the process group. Had the model outlived the group's destruction, the group
+    # would be freed by the reducer's destructor, where gloo waits for its worker thread while holding the
+    # GIL, which that thread may need: a hang at exit. So the model is gone (train returned) before this.
+    gc.collect()
+    dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, device: torch.device) -> None:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # DDP also broadcasts rank 0's initial weights
     dataset = SyntheticPairs(args.samples, args.seed)
     # Each rank sees a disjoint shard of every epoch; drop_last keeps all local batches the same size,
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(loader) == 0:
         raise ValueError(f"--samples {args.samples} leaves no full batch of {args.batch_size} "
                          f"for each of the {world_size} ranks")
-    model = DistributedDataParallel(TinyEncoder().to(device), device_ids=device_ids)
+    model = DistributedDataParallel(TinyEncoder().to(device), device_ids=[device.index] if device.type == "cuda"
+                                    else None)
     loss_fn = m2d.Matryoshka2dInfoNCELoss(DIMS, gather_across_devices=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
@@ -175,7 +184,6 @@ def main(argv: list[str] | None = None) -> None:
                    "global_batch_size": world_size * args.batch_size}
         write_atomically(os.path.join(args.output_dir, "metrics.json"),
                          lambda path: _write_json(metrics, path))
-    dist.destroy_process_group()
 
 
 def _write_json(data: dict, path: str) -> None:

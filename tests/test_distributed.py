@@ -14,6 +14,7 @@ gathers them: for each column group of B rows, the groups of ranks 0..W-1.
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib.util
 import json
 import os
@@ -176,16 +177,22 @@ def _global_batch(example, world_size: int):
     return dataset.queries, dataset.positives, dataset.negatives
 
 
-def _ddp_step_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    _init_process_group(rank, world_size, port)
-    example = _load_example()
+def _ddp_step(example, rank: int, world_size: int) -> dict:
     model, optimizer = _make_training_step(example, TRAIN_SEED)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     own = slice(rank * TRAIN_BATCH, (rank + 1) * TRAIN_BATCH)
     batch = [tokens[own] for tokens in _global_batch(example, world_size)]
     loss_fn = m2d.Matryoshka2dInfoNCELoss(example.DIMS, backend="torch", gather_across_devices=True)
     loss = example.train_step(ddp_model, loss_fn, optimizer, *batch)
-    torch.save({"loss": loss, "state": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    return {"loss": loss, "state": model.state_dict()}
+
+
+def _ddp_step_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    _init_process_group(rank, world_size, port)
+    example = _load_example()
+    torch.save(_ddp_step(example, rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
+    # DDP must be freed before the process group (see the example's main): _ddp_step returned, collect its cycles.
+    gc.collect()
     dist.destroy_process_group()
 
 
