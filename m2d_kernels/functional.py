@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from m2d_kernels import backends
+from m2d_kernels import backends, distributed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("sum", "none")
@@ -31,6 +31,7 @@ def matryoshka_2d_infonce(
     reduction: str = "sum",
     backend: str = "auto",
     check_finite: bool = False,
+    gather_across_devices: bool = False,
 ) -> torch.Tensor:
     """In-batch InfoNCE on truncated, re-normalised embeddings for all (layer, dim) pairs.
 
@@ -55,22 +56,38 @@ def matryoshka_2d_infonce(
         backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"`` or ``"reference"``.
         check_finite: raise on NaN/Inf embeddings (costs a device sync). Otherwise NaN
             propagates to the loss.
+        gather_across_devices: under ``torch.distributed``, score the local queries
+            against the docs of all ranks, gathered with gradient in sentence-transformers'
+            layout (for each group of ``B`` docs rows ``[positives, negatives_1, ...]``, the
+            groups of all ranks in rank order), so ``N`` must be a multiple of ``B`` and
+            equal on all ranks. ``positive_index`` keeps indexing the local docs.
+            ``symmetric`` scores the local positives against the queries of all ranks. The
+            result is still a mean over the local queries: the sum over ranks is ``W`` times
+            the loss of one process on the concatenated batch (see
+            :mod:`m2d_kernels.distributed`). Without an initialised process group, or with
+            one rank, the computation is local.
 
     Returns:
         A scalar (``"sum"``) or an ``[L, M]`` tensor (``"none"``) in the input dtype.
     """
     dims, weights, scale, positive_index = _validate(
-        queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite
+        queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite, gather_across_devices
     )
     active = tuple(tuple(bool(w > 0) for w in row) for row in weights.tolist())
     impl = backends.resolve(backend, queries.device)
-    losses = impl.pair_losses(queries, docs, dims, active, scale, positive_index, bool(symmetric))
+    if gather_across_devices:
+        losses = distributed.pair_losses_across_devices(
+            impl, queries, docs, dims, active, scale, positive_index, symmetric
+        )
+    else:
+        losses = impl.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric)
     if reduction == "none":
         return losses
     return (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()
 
 
-def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite):
+def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite,
+              gather_across_devices):
     for name, x in (("queries", queries), ("docs", docs)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -148,6 +165,13 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
 
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    if not isinstance(gather_across_devices, bool):
+        raise TypeError(f"gather_across_devices must be a bool, got {type(gather_across_devices).__name__}")
+    if gather_across_devices and docs.shape[1] % n_queries != 0:
+        raise ValueError(
+            f"gather_across_devices needs docs rows N to be a multiple of queries B (groups of B rows: positives, "
+            f"then each hard negative column), got N={docs.shape[1]}, B={n_queries}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if check_finite:

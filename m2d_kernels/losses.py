@@ -20,19 +20,21 @@ class Matryoshka2dInfoNCELoss(nn.Module):
         weights: ``[L, M]`` pair weights, or a callable returning them, called once per
             forward (e.g. ``lambda: schedules.sampled(L, M, 1, 1)`` for a fresh sub-grid
             every step). None means all ones.
-        scale, symmetric, backend: as in :func:`matryoshka_2d_infonce`.
+        scale, symmetric, backend, gather_across_devices: as in :func:`matryoshka_2d_infonce`
+            (``gather_across_devices=True``: cross-device negatives under torch.distributed).
 
     ``forward(queries [L, B, D], docs [L, N, D], positive_index=None, reduction="sum")``.
     """
 
     def __init__(self, dims: Sequence[int], weights: WeightsLike = None, scale: float = 20.0,
-                 symmetric: bool = False, backend: str = "auto") -> None:
+                 symmetric: bool = False, backend: str = "auto", gather_across_devices: bool = False) -> None:
         super().__init__()
         self.dims = tuple(dims)
         self.weights = weights
         self.scale = scale
         self.symmetric = symmetric
         self.backend = backend
+        self.gather_across_devices = gather_across_devices
 
     def forward(self, queries: torch.Tensor, docs: torch.Tensor, positive_index: torch.Tensor | None = None,
                 reduction: str = "sum") -> torch.Tensor:
@@ -40,7 +42,9 @@ class Matryoshka2dInfoNCELoss(nn.Module):
         return matryoshka_2d_infonce(
             queries, docs, self.dims, weights, scale=self.scale, positive_index=positive_index,
             symmetric=self.symmetric, reduction=reduction, backend=self.backend,
+            gather_across_devices=self.gather_across_devices,
         )
 
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, scale={self.scale}, symmetric={self.symmetric}, backend={self.backend!r}"
+        return (f"dims={self.dims}, scale={self.scale}, symmetric={self.symmetric}, backend={self.backend!r}, "
+                f"gather_across_devices={self.gather_across_devices}")
