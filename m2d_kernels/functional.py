@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from m2d_kernels import backends, distributed
+from m2d_kernels import backends
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("sum", "none")
@@ -76,6 +76,8 @@ def matryoshka_2d_infonce(
     active = tuple(tuple(bool(w > 0) for w in row) for row in weights.tolist())
     impl = backends.resolve(backend, queries.device)
     if gather_across_devices:
+        from m2d_kernels import distributed  # torch.distributed only when asked for: not every build has it
+
         losses = distributed.pair_losses_across_devices(
             impl, queries, docs, dims, active, scale, positive_index, symmetric
         )
