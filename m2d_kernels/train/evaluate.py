@@ -161,15 +161,15 @@ def save_heatmap(path: str | os.PathLike, before: dict, after: dict | None = Non
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 0.5 * len(before["layers"]) + 1.6),
                                 squeeze=False)
     for axis, (label, grid, colours) in zip(axes[0], panels, strict=False):
-        tensor = torch.tensor(grid)
+        tensor = torch.tensor(grid).numpy()
         if colours == "RdBu":
-            bound = max(float(tensor.abs().max()), 1e-9)
+            bound = max(float(abs(tensor).max()), 1e-9)
             image = axis.imshow(tensor, cmap=colours, vmin=-bound, vmax=bound, aspect="auto")
         else:
             image = axis.imshow(tensor, cmap=colours, vmin=low, vmax=high, aspect="auto")
-        for (row, column), value in ((rc, tensor[rc].item()) for rc in
-                                     ((r, c) for r in range(tensor.shape[0]) for c in range(tensor.shape[1]))):
-            axis.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=7)
+        for row in range(tensor.shape[0]):
+            for column in range(tensor.shape[1]):
+                axis.text(column, row, f"{tensor[row, column]:.1f}", ha="center", va="center", fontsize=7)
         axis.set_xticks(range(len(before["dims"])), before["dims"])
         axis.set_yticks(range(len(before["layers"])), before["layers"])
         axis.set_xlabel("dim")
