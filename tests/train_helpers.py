@@ -8,7 +8,6 @@ import random
 import string
 from pathlib import Path
 
-import pytest
 import torch
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -53,9 +52,3 @@ def write_pairs_jsonl(path: Path, count: int, seed: int = 0, triplets: bool = Fa
                 record["negative"] = negative
             handle.write(json.dumps(record) + "\n")
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    """Fixture: the folder of a 3-layer, 32-wide random BERT, built once per test session."""
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
