@@ -169,7 +169,11 @@ def save_heatmap(path: str | os.PathLike, before: dict, after: dict | None = Non
             image = axis.imshow(tensor, cmap=colours, vmin=low, vmax=high, aspect="auto")
         for row in range(tensor.shape[0]):
             for column in range(tensor.shape[1]):
-                axis.text(column, row, f"{tensor[row, column]:.1f}", ha="center", va="center", fontsize=7)
+                # White on the dark half of each colour map, black on the light half.
+                shade = image.norm(tensor[row, column])
+                dark = shade < 0.45 if colours == "viridis" else abs(shade - 0.5) > 0.3
+                axis.text(column, row, f"{tensor[row, column]:.1f}", ha="center", va="center", fontsize=7,
+                          color="white" if dark else "black")
         axis.set_xticks(range(len(before["dims"])), before["dims"])
         axis.set_yticks(range(len(before["layers"])), before["layers"])
         axis.set_xlabel("dim")
