@@ -8,6 +8,7 @@ import pytest
 from train_helpers import write_pairs_jsonl
 
 from m2d_kernels.train.cli import main
+from m2d_kernels.train.data import resolve_data_dir
 
 pytest_plugins = ("train_fixtures",)  # the tiny_bert fixture
 
@@ -63,3 +64,13 @@ def test_tiny_end_to_end_run(tiny_bert, pairs_file, tmp_path, capsys):
     assert len(grid) == 3 and len(grid[0]) == 3 and all(0 <= v <= 100 for row in grid for v in row)
     assert summary["loss_speed"]["queries_shape"] == [3, 8, 32] and summary["loss_speed"]["reference_ms"] > 0
     assert (out / "heatmap_heldout.png").is_file() and (out / "model" / "config.json").is_file()
+
+
+@pytest.mark.skipif(resolve_data_dir() is None, reason="shared data folder not found (set M2D_DATA_DIR)")
+def test_snli_data_and_sts_eval_from_the_shared_folder(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "snli"
+    assert main(["--model", str(tiny_bert), "--data", "snli", "--eval", "sts16", "--steps", "1", "--batch-size", "4",
+                 "--max-length", "16", "--dims", "16,32", "--output-dir", str(out), "--no-progress", "--no-speed"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["sts16"]["size"] == 1186 and len(summary["after"]["sts16"]["metrics"]["spearman"]) == 3
+    assert "sts16 spearman (after - before)" in capsys.readouterr().out
