@@ -208,8 +208,8 @@ def save_model(encoder: LayerEncoder, directory: str | os.PathLike) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, steps: int):
-    """AdamW (no weight decay on biases and LayerNorm weights) and a linear warm-up then
-    linear decay to zero over ``steps``, as ``transformers.get_linear_schedule_with_warmup``."""
+    """AdamW (no weight decay on biases and LayerNorm weights) and a linear warm-up (whose
+    first step already has a non-zero rate) then a linear decay to zero at ``steps``."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     named = list(model.named_parameters())
     optimizer = torch.optim.AdamW([
