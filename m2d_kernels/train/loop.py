@@ -1,0 +1,342 @@
+"""The thin training loop: a Hugging Face encoder, the fused 2D Matryoshka loss, AdamW.
+
+One step, for a batch of ``(anchor, positive[, negative])`` examples:
+
+1. one forward with ``output_hidden_states`` over anchors + positives + negatives,
+   pooled per selected layer -> ``[L, B + N, D]``;
+2. queries = the anchors' rows ``[L, B, D]``, docs = the rest ``[L, N, D]`` (positive
+   of anchor i is doc i, the other docs are in-batch and hard negatives);
+3. ``matryoshka_2d_infonce(queries, docs, dims, weights)`` with this step's ``[L, M]``
+   weights from the schedule (full_grid, starbucks or sampled), backend "auto";
+4. backward (accumulated over ``grad_accum`` micro-batches), clip, AdamW, LR schedule.
+
+Reproducible: the data order of epoch e is a permutation drawn from ``(seed, e)`` alone,
+so the position in the data is just the step count; a checkpoint holds the model,
+optimiser, scheduler, grad scaler, step and every RNG state, and ``resume`` continues
+exactly where it stopped.
+
+Multi-process training (issue 7) plugs in through :class:`World`: only the main process
+writes checkpoints and the model or draws the progress bar; sharding each batch by rank
+is the one addition a data-parallel run needs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m2d_kernels import schedules
+from m2d_kernels.functional import matryoshka_2d_infonce
+from m2d_kernels.train.atomic import atomic_directory, atomic_write
+from m2d_kernels.train.data import Example
+from m2d_kernels.train.encoder import LayerEncoder
+
+SCHEDULES = ("full_grid", "starbucks", "sampled")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_DIR_NAME = "model"
+LOG_EVERY = 5  # steps between progress-bar loss updates (each one is a host sync)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run (saved in every checkpoint)."""
+
+    model: str
+    output_dir: str
+    layers: tuple[int, ...] | None = None  # None: every transformer layer 1..num_layers
+    dims: tuple[int, ...] | None = None  # None: 32, 64, ... below the hidden size, then the hidden size
+    schedule: str = "full_grid"
+    layers_per_step: int = 1  # for "sampled" (-1: all)
+    dims_per_step: int = 1  # for "sampled" (-1: all)
+    pooling: str = "mean"
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int | None = None  # None: ``epochs`` passes over the data
+    epochs: float = 1.0
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    scale: float = 20.0
+    symmetric: bool = False
+    max_length: int = 128
+    precision: str = "fp32"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+    backend: str = "auto"
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (one process without DDP)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainResult:
+    encoder: LayerEncoder
+    layers: tuple[int, ...]
+    dims: tuple[int, ...]
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    embedding_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (queries, docs) of the last step
+
+
+def default_dims(hidden_size: int) -> tuple[int, ...]:
+    """32, 64, 128, ... below ``hidden_size``, then ``hidden_size`` itself."""
+    dims, dim = [], 32
+    while dim < hidden_size:
+        dims.append(dim)
+        dim *= 2
+    return tuple(dims) + (hidden_size,)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def check_config(config: TrainConfig, n_examples: int) -> None:
+    """Raise ValueError naming the option for settings the loop cannot run with."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {config.precision!r}")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.batch_size > n_examples:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {n_examples} training examples")
+    if config.steps is not None and config.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {config.steps}")
+    if config.lr <= 0 or not 0 <= config.warmup_ratio < 1:
+        raise ValueError(f"lr must be > 0 and warmup_ratio in [0, 1), got {config.lr}, {config.warmup_ratio}")
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def epoch_batches(n_examples: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation seeded by (seed, epoch), full batches only
+    (a fixed B keeps the in-batch task equally hard every step)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, n_examples - batch_size + 1, batch_size)]
+
+
+def total_steps(config: TrainConfig, n_examples: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    per_epoch = n_examples // config.batch_size
+    return max(1, math.floor(config.epochs * per_epoch / config.grad_accum))
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def step_weights(config: TrainConfig, layers: Sequence[int], dims: Sequence[int],
+                 generator: torch.Generator) -> torch.Tensor:
+    """This step's ``[L, M]`` (layer, dim) weights."""
+    if config.schedule == "full_grid":
+        return schedules.full_grid(len(layers), len(dims))
+    if config.schedule == "starbucks":
+        # Starbucks' diagonal: the k-th smallest layer with the k-th smallest dim, the
+        # deepest layers paired with the largest dims when the counts differ.
+        count = min(len(layers), len(dims))
+        pairs = list(zip(sorted(layers)[-count:], list(dims)[-count:], strict=False))
+        return schedules.starbucks(layers, dims, pairs)
+    return schedules.sampled(len(layers), len(dims), config.layers_per_step, config.dims_per_step, generator)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _rng_states(schedule_generator: torch.Generator) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "schedule": schedule_generator.get_state(),
+    }
+
+
+def _set_rng_states(states: dict, schedule_generator: torch.Generator) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    schedule_generator.set_state(states["schedule"])
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """``torch.save`` atomically: a crash leaves the previous checkpoint, never a truncated one."""
+    atomic_write(path, lambda file: torch.save(state, file))
+
+
+def save_model(encoder: LayerEncoder, directory: str | os.PathLike) -> None:
+    """``save_pretrained`` model + tokenizer, swapped in atomically."""
+    def fill(folder: Path) -> None:
+        encoder.model.save_pretrained(folder)
+        encoder.tokenizer.save_pretrained(folder)
+
+    atomic_directory(directory, fill)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, steps: int):
+    """AdamW (no weight decay on biases and LayerNorm weights) and a linear warm-up (whose
+    first step already has a non-zero rate) then a linear decay to zero at ``steps``."""
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+    ], lr=config.lr)
+    warmup = int(config.warmup_ratio * steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEncoder | None = None,
+          world: World = World(), stop_after: int | None = None, progress: bool = True) -> TrainResult:
+    """Train ``config.model`` on ``examples``; returns the trained encoder.
+
+    ``encoder`` may be passed to train an already loaded model (it is modified in place).
+    ``stop_after`` stops (after saving a checkpoint) once that many steps are done, as an
+    interruption would; a later call with ``resume=True`` finishes the run.
+    """
+    check_config(config, len(examples))
+    arity = {len(e) for e in examples}
+    if len(arity) != 1 or next(iter(arity)) not in (2, 3):
+        raise ValueError("examples must all be (anchor, positive) pairs or all (anchor, positive, negative) triplets")
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    autocast_dtype = PRECISIONS[config.precision]
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if encoder is None:
+        encoder = LayerEncoder.from_pretrained(config.model, config.pooling, config.max_length)
+    encoder.to(device)
+    layers = tuple(config.layers or range(1, encoder.num_layers + 1))
+    dims = tuple(config.dims or default_dims(encoder.hidden_size))
+    encoder.check(layers, dims)
+    if config.gradient_checkpointing:
+        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoder.model.train()
+
+    steps = total_steps(config, len(examples))
+    optimizer, scheduler = make_optimizer(encoder.model, config, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    schedule_generator = torch.Generator().manual_seed(config.seed)
+    checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME
+
+    step = 0
+    if config.resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        encoder.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_states(state["rng"], schedule_generator)
+        step = state["step"]
+
+    def checkpoint() -> None:
+        if world.is_main_process:
+            save_checkpoint(checkpoint_path, {
+                "model": encoder.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "rng": _rng_states(schedule_generator), "config": asdict(config),
+            })
+
+    batches_per_epoch = len(examples) // config.batch_size
+    end = steps if stop_after is None else min(steps, stop_after)
+    bar = _progress_bar(steps, step, progress and world.is_main_process)
+    losses, shapes, started = [], None, time.perf_counter()
+    order_epoch, order = -1, []
+    while step < end:
+        step_loss = torch.zeros((), device=device)
+        weights = step_weights(config, layers, dims, schedule_generator)
+        for micro in range(config.grad_accum):
+            position = step * config.grad_accum + micro
+            epoch, index = divmod(position, batches_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, epoch_batches(len(examples), config.batch_size, epoch, config.seed)
+            batch = [examples[i] for i in order[index]]
+            texts = [e[0] for e in batch] + [e[1] for e in batch] + [e[2] for e in batch if len(e) == 3]
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                embeddings = encoder(texts, layers)
+            queries, docs = embeddings[:, :len(batch)], embeddings[:, len(batch):]
+            loss = matryoshka_2d_infonce(queries, docs, dims, weights, scale=config.scale,
+                                         symmetric=config.symmetric, backend=config.backend) / config.grad_accum
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+            shapes = (tuple(queries.shape), tuple(docs.shape))
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        losses.append(step_loss)
+        if bar is not None:
+            bar.update(1)
+            if step % LOG_EVERY == 0 or step == end:
+                examples_done = len(losses) * config.batch_size * config.grad_accum
+                bar.set_postfix(loss=f"{step_loss.item():.3f}",
+                                examples_per_s=f"{examples_done / (time.perf_counter() - started):.1f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
+            checkpoint()
+    if bar is not None:
+        bar.close()
+    checkpoint()
+    if step == steps and world.is_main_process:
+        save_model(encoder, Path(config.output_dir) / MODEL_DIR_NAME)
+    return TrainResult(encoder, layers, dims, step, time.perf_counter() - started,
+                       [float(x) for x in torch.stack(losses).cpu()] if losses else [], shapes)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

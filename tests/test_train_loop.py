@@ -1,0 +1,91 @@
+"""The training loop: data order, schedules, checkpoints, and exact resume on a tiny random BERT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import write_pairs_jsonl
+
+from m2d_kernels.train import loop
+from m2d_kernels.train.data import read_examples
+from m2d_kernels.train.encoder import LayerEncoder
+
+pytest_plugins = ("train_fixtures",)  # the tiny_bert fixture
+
+
+def test_epoch_batches_are_seeded_full_batch_permutations():
+    batches = loop.epoch_batches(23, 5, epoch=2, seed=7)
+    assert len(batches) == 4 and all(len(b) == 5 for b in batches)
+    assert len(set(sum(batches, []))) == 20
+    assert batches == loop.epoch_batches(23, 5, epoch=2, seed=7)
+    assert batches != loop.epoch_batches(23, 5, epoch=3, seed=7)
+
+
+def test_schedules_give_the_documented_weights():
+    config = loop.TrainConfig(model="m", output_dir="o", schedule="starbucks")
+    weights = loop.step_weights(config, (1, 2, 3, 4), (8, 16, 32), torch.Generator())
+    expected = torch.zeros(4, 3)
+    expected[1, 0] = expected[2, 1] = expected[3, 2] = 1  # (2, 8), (3, 16), (4, 32)
+    assert torch.equal(weights, expected)
+    config.schedule = "sampled"
+    sampled = loop.step_weights(config, (1, 2, 3, 4), (8, 16, 32), torch.Generator().manual_seed(0))
+    assert sampled.sum() == 1 and set(sampled.unique().tolist()) == {0.0, 1.0}
+    config.schedule = "full_grid"
+    assert torch.equal(loop.step_weights(config, (1, 2), (8, 16, 32), torch.Generator()), torch.ones(2, 3))
+
+
+def test_default_dims():
+    assert loop.default_dims(384) == (32, 64, 128, 256, 384)
+    assert loop.default_dims(32) == (32,)
+
+
+def _config(model, output_dir, **overrides):
+    settings = dict(model=str(model), output_dir=str(output_dir), layers=(1, 2, 3), dims=(8, 20, 32),
+                    schedule="sampled", layers_per_step=2, dims_per_step=2, batch_size=4, grad_accum=2, steps=5,
+                    lr=1e-3, max_length=16, checkpoint_every=2, device="cpu", seed=3)
+    settings.update(overrides)
+    return loop.TrainConfig(**settings)
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_bert, tmp_path):
+    examples = read_examples(write_pairs_jsonl(tmp_path / "triplets.jsonl", 19, triplets=True))
+    straight = loop.train(_config(tiny_bert, tmp_path / "straight"), examples, progress=False)
+
+    interrupted = loop.train(_config(tiny_bert, tmp_path / "resumed"), examples, stop_after=3, progress=False)
+    assert interrupted.steps == 3 and not (tmp_path / "resumed" / "model").exists()
+    resumed = loop.train(_config(tiny_bert, tmp_path / "resumed", resume=True), examples, progress=False)
+    assert resumed.steps == 5 and len(resumed.losses) == 2
+    assert interrupted.losses + resumed.losses == straight.losses
+
+    initial = LayerEncoder.from_pretrained(tiny_bert).model.state_dict()
+    final_straight = straight.encoder.model.state_dict()
+    final_resumed = resumed.encoder.model.state_dict()
+    assert any(not torch.equal(initial[k], final_straight[k]) for k in initial)  # training did change the weights
+    for name, tensor in final_straight.items():
+        assert torch.equal(tensor, final_resumed[name]), name
+    # The saved model is the final state.
+    saved = LayerEncoder.from_pretrained(tmp_path / "resumed" / "model").model.state_dict()
+    assert all(torch.equal(saved[k], final_straight[k]) for k in final_straight)
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["checkpoint.pt", "model"]
+
+
+def test_training_reduces_the_loss(tiny_bert, tmp_path):
+    examples = read_examples(write_pairs_jsonl(tmp_path / "pairs.jsonl", 32))
+    config = _config(tiny_bert, tmp_path / "run", schedule="full_grid", batch_size=8, grad_accum=1, steps=12,
+                     lr=3e-3, warmup_ratio=0.0, checkpoint_every=0)
+    losses = loop.train(config, examples, progress=False).losses
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"schedule": "diagonal"}, "schedule"),
+    ({"precision": "fp8"}, "precision"),
+    ({"precision": "fp16"}, "fp16 needs a CUDA device"),
+    ({"batch_size": 100}, "larger than the"),
+    ({"layers": (1, 9)}, "unknown layer"),
+    ({"dims": (8, 64)}, "larger than the model's hidden size"),
+])
+def test_bad_settings_raise_before_training(tiny_bert, tmp_path, overrides, words):
+    examples = [("a b", "a c")] * 10
+    with pytest.raises(ValueError, match=words):
+        loop.train(_config(tiny_bert, tmp_path / "bad", **overrides), examples, progress=False)
