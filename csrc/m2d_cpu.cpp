@@ -34,6 +34,8 @@ namespace {
 
 constexpr int64_t kRowBlock = 64;   // queries per tile
 constexpr int64_t kColTile = 512;   // candidates per tile: kRowBlock x kColTile fp32 = 128 KiB
+// Multiply-adds per thread below which waking another thread costs more than it saves.
+constexpr int64_t kWorkPerThread = int64_t(1) << 22;
 
 // exp for float as a branch-free polynomial (Cephes expf, ~1 ulp) so that the epilogue
 // loops vectorise; std::exp only vectorises under -ffast-math, which would break NaN
@@ -121,6 +123,10 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return p;
 }
 
+int64_t threads_for(int64_t work, int64_t tasks, int64_t n_threads) {
+  return std::max<int64_t>(1, std::min({n_threads, tasks, work / kWorkPerThread}));
+}
+
 // A [rows, cols] view of caller-owned memory, for ATen's GEMM.
 template <typename T>
 at::Tensor view(T* data, int64_t rows, int64_t cols, int64_t row_stride) {
@@ -143,47 +149,55 @@ void accumulate_segment(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, i
 
 // ---------------------------------------------------------------- forward
 
-// Per-row online log-sum-exp of one tile of pair (l, m), plus the positive logits and,
-// for the doc->query direction, each positive column's (max, sumexp) over this row block.
+// Per-row log-sum-exp of one tile of pair (l, m), plus the positive logits and, for the
+// doc->query direction, each positive column's (max, sumexp) over this row block.
 template <typename T>
 struct RowStats {
   std::vector<T> max, sum, positive_logit;  // [M, nr]
 };
 
+// Because |cos| <= 1, `scale` bounds every logit: when exp(-2 * scale) is still a normal
+// number, sum_j exp(logit - scale) is exact without a running maximum.
+template <typename T>
+bool fixed_max_is_exact(T scale) {
+  return 2 * scale <= (sizeof(T) == sizeof(float) ? T(80) : T(700));
+}
+
 template <typename T>
 void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                      const T* s, T* logits, T* rk, RowStats<T>& stats, T* column_max, T* column_sum) {
+                      const T* s, T* rk, RowStats<T>& stats, T* column_max, T* column_sum) {
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
+  const T* inv_q = p.inv_q + (l * p.B + r0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
+  const bool fixed_max = fixed_max_is_exact(p.scale);
   for (int64_t i = 0; i < nr; ++i) {
-    const T row_scale = p.scale * p.inv_q[(l * p.B + r0 + i) * p.M + m];
+    const T row_scale = p.scale * inv_q[i * p.M];
     const T* s_row = s + i * nc;
-    T* x = logits + i * nc;
-    T tile_max = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : tile_max)
-    for (int64_t j = 0; j < nc; ++j) {
-      x[j] = row_scale * s_row[j] * rk[j];
-      tile_max = std::max(tile_max, x[j]);
-    }
     T& run_max = stats.max[m * nr + i];
     T& run_sum = stats.sum[m * nr + i];
-    const T new_max = std::max(run_max, tile_max);
+    T new_max = p.scale;
+    if (!fixed_max) {
+      T tile_max = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : tile_max)
+      for (int64_t j = 0; j < nc; ++j) tile_max = std::max(tile_max, row_scale * s_row[j] * rk[j]);
+      new_max = std::max(run_max, tile_max);
+    }
     T tile_sum = 0;
 #pragma omp simd reduction(+ : tile_sum)
-    for (int64_t j = 0; j < nc; ++j) tile_sum += vector_exp(x[j] - new_max);
+    for (int64_t j = 0; j < nc; ++j) tile_sum += vector_exp(row_scale * s_row[j] * rk[j] - new_max);
     run_sum = run_sum * vector_exp(run_max - new_max) + tile_sum;
     run_max = new_max;
     const int64_t pos = p.positive[r0 + i] - c0;
-    if (pos >= 0 && pos < nc) stats.positive_logit[m * nr + i] = x[pos];
+    if (pos >= 0 && pos < nc) stats.positive_logit[m * nr + i] = row_scale * s_row[pos] * rk[pos];
   }
   if (!p.symmetric) return;
   // Each query's positive lies in exactly one column tile, so these are written once.
   for (int64_t e = p.positives_begin(c0), end = p.positives_begin(c0 + nc); e < end; ++e) {
     const int64_t j = p.positive_sorted[e] - c0;
     T col_max = -std::numeric_limits<T>::infinity();
-    for (int64_t i = 0; i < nr; ++i) col_max = std::max(col_max, logits[i * nc + j]);
+    for (int64_t i = 0; i < nr; ++i) col_max = std::max(col_max, p.scale * inv_q[i * p.M] * s[i * nc + j] * rk[j]);
     T col_sum = 0;
-    for (int64_t i = 0; i < nr; ++i) col_sum += vector_exp(logits[i * nc + j] - col_max);
+    for (int64_t i = 0; i < nr; ++i) col_sum += vector_exp(p.scale * inv_q[i * p.M] * s[i * nc + j] * rk[j] - col_max);
     column_max[p.queries_by_positive[e] * p.M + m] = col_max;
     column_sum[p.queries_by_positive[e] * p.M + m] = col_sum;
   }
@@ -207,16 +221,17 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   T* column_max_ptr = column_max.data_ptr<T>();
   T* column_sum_ptr = column_sum.data_ptr<T>();
 
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(threads_for(p.L * p.B * p.N * p.D, p.L * n_blocks, n_threads))
   {
-    std::vector<T> s(kRowBlock * kColTile), logits(kRowBlock * kColTile), rk(kColTile);
+    std::vector<T> s(kRowBlock * kColTile), rk(kColTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < p.L * n_blocks; ++task) {
       const int64_t l = task / n_blocks, block = task % n_blocks;
       const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
       if (p.last[l] < 0) continue;
       RowStats<T> stats;
-      stats.max.assign(p.M * nr, -std::numeric_limits<T>::infinity());
+      // The fixed maximum, or -inf for the running one.
+      stats.max.assign(p.M * nr, fixed_max_is_exact(p.scale) ? p.scale : -std::numeric_limits<T>::infinity());
       stats.sum.assign(p.M * nr, 0);
       stats.positive_logit.assign(p.M * nr, 0);
       T* block_column_max = column_max_ptr + task * p.B * p.M;
@@ -226,7 +241,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         for (int64_t m = 0; m <= p.last[l]; ++m) {
           accumulate_segment(p, l, m, r0, nr, c0, nc, s.data());
           if (p.active[l * p.M + m])
-            forward_epilogue(p, l, m, r0, nr, c0, nc, s.data(), logits.data(), rk.data(), stats, block_column_max,
+            forward_epilogue(p, l, m, r0, nr, c0, nc, s.data(), rk.data(), stats, block_column_max,
                              block_column_sum);
         }
       }
@@ -357,7 +372,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     if (last < 0) continue;
     grad_q_parts.zero_();
     gc_row_parts.zero_();
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(threads_for(p.B * p.N * p.D, n_tiles, n_threads))
     {
       std::vector<T> s(kRowBlock * kColTile), w((last + 1) * kRowBlock * kColTile), rk(kColTile);
       std::vector<T> gc_col;
