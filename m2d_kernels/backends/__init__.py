@@ -14,6 +14,7 @@ that ``import m2d_kernels`` needs neither Triton nor a compiler.
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -27,6 +28,10 @@ _MODULES = {
 }
 AUTO_ORDER = ("triton", "cpp", "torch")
 BACKEND_NAMES = tuple(_MODULES) + ("auto",)
+# The device type an accelerated backend is built for: "auto" warns once per backend when it
+# cannot run there (e.g. the C++ build failed) instead of falling back silently.
+_NATIVE_DEVICE_TYPE = {"triton": "cuda", "cpp": "cpu"}
+_warned_fallbacks: set[str] = set()
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
@@ -52,6 +57,9 @@ def resolve(name: str, device: torch.device) -> ModuleType:
             return _load(candidate)[0]
         if name != "auto":
             raise RuntimeError(f"backend {name!r} is not available on {device}: {reason}")
+        if _NATIVE_DEVICE_TYPE.get(candidate) == device.type and candidate not in _warned_fallbacks:
+            _warned_fallbacks.add(candidate)
+            warnings.warn(f"m2d-kernels: backend {candidate!r} is unavailable, falling back: {reason}", stacklevel=3)
     raise RuntimeError(f"no backend can run on {device}")  # unreachable: "torch" runs anywhere
 
 

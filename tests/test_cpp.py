@@ -1,0 +1,192 @@
+"""Backend ``cpp`` (csrc/m2d_cpu.cpp) against the ``reference`` backend and the NumPy oracle.
+
+The first use compiles the extension (about a minute) unless ``m2d_kernels._C`` was built
+ahead of time; tests that need it skip with the compiler's reason when it cannot be built.
+Shapes cross the kernel's tile edges (64 query rows, 512 candidate columns) on purpose.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    assert_close,
+    assert_within_twice_reference_error,
+    loss_and_grads,
+    make_inputs,
+    oracle_pair_losses,
+)
+
+import m2d_kernels as m2d
+from m2d_kernels import backends
+from m2d_kernels.backends import cpp
+
+needs_extension = pytest.mark.skipif(
+    cpp.unavailable_reason(torch.device("cpu")) is not None,
+    reason=f"cpp backend unavailable: {cpp.unavailable_reason(torch.device('cpu'))}",
+)
+
+# (L, B, N, D, dims): B = 1, 3, 37, 130; N = 3B hard negatives; dims not multiples of 16;
+# 130 x 600 spans three row blocks and two column tiles.
+SHAPES = [
+    (2, 1, 3, 48, (24, 40, 48)),
+    (2, 3, 9, 100, (24, 40, 100)),
+    (3, 37, 111, 100, (24, 40, 100)),
+    (2, 130, 600, 48, (10, 30, 48)),
+]
+
+
+def _zero_some_weights(n_layers, n_dims, generator):
+    weights = torch.rand(n_layers, n_dims, generator=generator, dtype=torch.float64) + 0.5
+    weights[0, 0] = 0.0  # a pair below an active one: its segment still feeds larger dims
+    if n_layers > 2:
+        weights[1] = 0.0  # a whole layer off
+    return weights
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}-B{}-N{}-D{}".format(*s[:4]))
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("scale", [20.0, 100.0])
+def test_float64_matches_reference(shape, symmetric, scale):
+    n_layers, n_queries, n_docs, n_features, dims = shape
+    seed = sum(shape[:4]) + int(scale) + symmetric
+    queries, docs = make_inputs(n_layers, n_queries, n_docs, n_features, seed=seed)
+    weights = _zero_some_weights(n_layers, len(dims), torch.Generator().manual_seed(seed))
+    kwargs = dict(scale=scale, symmetric=symmetric)
+    expected = loss_and_grads(queries, docs, dims, weights, backend="reference", **kwargs)
+    got = loss_and_grads(queries, docs, dims, weights, backend="cpp", **kwargs)
+    for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected, strict=True):
+        assert_close(g, e, torch.float64, name)
+    pair_losses = m2d.matryoshka_2d_infonce(queries, docs, dims, weights, reduction="none", backend="cpp", **kwargs)
+    oracle = oracle_pair_losses(queries, docs, dims, weights, **kwargs)
+    np.testing.assert_allclose(pair_losses.detach().numpy(), oracle, atol=1e-9, rtol=1e-9)
+
+
+@needs_extension
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_positive_index_matches_reference(symmetric):
+    queries, docs = make_inputs(2, 37, 600, 100, seed=3)
+    # Shuffled positives, some shared by two queries, spread over both column tiles.
+    positive_index = torch.randperm(600, generator=torch.Generator().manual_seed(4))[:37]
+    positive_index[5] = positive_index[6]
+    kwargs = dict(positive_index=positive_index, symmetric=symmetric, scale=30.0)
+    expected = loss_and_grads(queries, docs, (24, 40, 100), backend="reference", **kwargs)
+    got = loss_and_grads(queries, docs, (24, 40, 100), backend="cpp", **kwargs)
+    for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected, strict=True):
+        assert_close(g, e, torch.float64, name)
+
+
+@needs_extension
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_float32_within_tolerance_of_float64_reference(symmetric):
+    queries, docs = make_inputs(2, 130, 600, 100, seed=5)
+    dims = (24, 40, 100)
+    expected = loss_and_grads(queries, docs, dims, backend="reference", symmetric=symmetric)
+    got = loss_and_grads(queries.float(), docs.float(), dims, backend="cpp", symmetric=symmetric)
+    for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected, strict=True):
+        assert g.dtype == torch.float32, f"{name} has dtype {g.dtype}"
+        assert_close(g, e, torch.float32, name)
+
+
+@needs_extension
+def test_float32_exact_when_exponentials_underflow():
+    # All cosines near -1 at scale 100: exp(scale * (cos - 1)) underflows in fp32, so a
+    # fixed maximum of `scale` would give log(0); the running maximum must stay exact.
+    queries, docs = make_inputs(1, 37, 111, 48, seed=6)
+    docs = (-queries.detach()[:, :1] + 0.05 * docs.detach()).expand(-1, 111, -1).contiguous()
+    expected = loss_and_grads(queries, docs, (24, 48), backend="reference", scale=100.0, symmetric=True)
+    got = loss_and_grads(queries.float(), docs.float(), (24, 48), backend="cpp", scale=100.0, symmetric=True)
+    assert torch.isfinite(got[0])
+    for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected, strict=True):
+        assert_close(g, e, torch.float32, name)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_reference_error(dtype):
+    queries, docs = make_inputs(2, 37, 111, 100, seed=7)
+    assert_within_twice_reference_error("cpp", queries, docs, (24, 40, 100), dtype, symmetric=True)
+
+
+@needs_extension
+def test_result_independent_of_thread_count():
+    queries, docs = make_inputs(2, 130, 1100, 100, seed=8)
+    weights = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 1.0]])
+    kwargs = dict(backend="cpp", symmetric=True, scale=50.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = loss_and_grads(queries, docs, (24, 40, 100), weights, **kwargs)
+        torch.set_num_threads(max(2, threads))
+        several = loss_and_grads(queries, docs, (24, 40, 100), weights, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("loss", "grad_queries", "grad_docs"), single, several, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_extension
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_gradcheck(symmetric):
+    queries, docs = make_inputs(2, 3, 7, 8, seed=9)
+    weights = torch.tensor([[1.0, 0.5], [0.0, 2.0]], dtype=torch.float64)
+    positive_index = torch.tensor([2, 0, 5])
+
+    def loss(q, d):
+        return m2d.matryoshka_2d_infonce(
+            q, d, (3, 8), weights, scale=5.0, positive_index=positive_index, symmetric=symmetric, backend="cpp"
+        )
+
+    assert torch.autograd.gradcheck(loss, (queries, docs))
+
+
+@needs_extension
+def test_nan_propagates():
+    queries, docs = make_inputs(1, 3, 9, 48, seed=10)
+    queries = queries.detach().clone()
+    queries[0, 1, 5] = float("nan")
+    loss = m2d.matryoshka_2d_infonce(queries, docs, (24, 48), backend="cpp")
+    assert torch.isnan(loss)
+
+
+@needs_extension
+def test_auto_picks_cpp_for_cpu_tensors():
+    assert backends.resolve("auto", torch.device("cpu")) is cpp
+    assert "cpp" in m2d.available_backends()
+
+
+def test_unavailable_on_cuda_tensors():
+    assert cpp.unavailable_reason(torch.device("cuda")) == "cpp backend runs on CPU tensors"
+    with pytest.raises(RuntimeError, match="runs on CPU tensors"):
+        backends.resolve("cpp", torch.device("cuda"))
+
+
+def test_failed_build_reports_compiler_reason(monkeypatch):
+    def failing_compile():
+        raise RuntimeError("Error building extension 'm2d_kernels_cpu'\nm2d_cpu.cpp:1:1: error: no compiler here")
+
+    monkeypatch.setattr(cpp, "_compile", failing_compile)
+    monkeypatch.setitem(sys.modules, "m2d_kernels._C", None)  # no ahead-of-time build
+    module, reason = cpp._extension.__wrapped__()
+    assert module is None
+    assert "error: no compiler here" in reason
+
+
+def test_failed_build_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpp, "_extension", lambda: (None, "building the C++ extension failed: boom"))
+    monkeypatch.setattr(backends, "_warned_fallbacks", set())
+    queries, docs = make_inputs(1, 3, 9, 48, seed=11)
+    with pytest.warns(UserWarning, match="'cpp' is unavailable, falling back: building the C\\+\\+ extension failed"):
+        assert backends.resolve("auto", torch.device("cpu")) is backends.resolve("torch", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="backend 'cpp' is not available on cpu: building .* failed: boom"):
+        m2d.matryoshka_2d_infonce(queries, docs, (24, 48), backend="cpp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second fallback must stay silent
+        loss = m2d.matryoshka_2d_infonce(queries, docs, (24, 48), backend="auto")
+    expected = loss_and_grads(queries, docs, (24, 48), backend="reference")[0]
+    assert_close(loss.detach(), expected, torch.float64, "loss")
