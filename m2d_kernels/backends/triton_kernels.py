@@ -1,0 +1,494 @@
+"""Backend ``triton``: fused kernels for all layers x all nested dims, one launch per pass.
+
+Everything is phrased as one "rows vs columns" InfoNCE: ``rows`` ``[L, R, D]`` are scored
+against ``cols`` ``[L, C, D]`` and row ``i``'s positive is column ``positives[i]``. The
+query-to-doc direction is (queries, docs, positive_index); the doc-to-query direction of
+``symmetric`` is the same computation with roles swapped (docs[positive_index], queries,
+arange(B)), so it reuses these kernels instead of a copy.
+
+Math (DESIGN.md section 1), per layer l, dim index m, segment ``seg_m = [d_{m-1}, d_m)``::
+
+    S_m      = S_{m-1} + X[:, seg_m] Y[:, seg_m]^T          one fp32 accumulator over D
+    cos_m    = diag(rx_m) S_m diag(ry_m)                     rx_m = 1 / max(|x[:d_m]|, eps)
+    loss_lm  = mean_i [ logsumexp_j(scale * cos_m(i, j)) - scale * cos_m(i, p(i)) ]
+
+Backward, ``G_m = coef_lm * (softmax_j(scale * cos_m) - onehot(p))`` with
+``coef_lm = dL/dloss_lm * scale / R``, suffix sums over ``m >= s``::
+
+    dX[:, seg_s] = H_s Y[:, seg_s]   - alpha_s * X[:, seg_s]   H_s = sum_{m>=s} diag(rx_m) G_m diag(ry_m)
+    dY[:, seg_s] = H_s^T X[:, seg_s] - beta_s  * Y[:, seg_s]   alpha_s = sum_{m>=s} rx_m^2 rowsum(G_m * cos_m)
+
+Each backward kernel recomputes ``S_M`` for its tile, then walks the segments from the
+largest dim down: it adds ``G_m`` to ``H`` at each active boundary and, with the same
+loaded tiles, accumulates ``H Y[:, seg]`` into the gradient and subtracts
+``X[:, seg] Y[:, seg]^T`` from ``S`` to get ``S_{m-1}``. No ``R x C`` matrix is ever
+written to memory: the forward keeps ``[L, R, M]`` statistics, the backward an fp32
+gradient buffer owned row-block by row-block (no atomics).
+
+``scale`` is a fixed log-sum-exp maximum (``|cos| <= 1``) while ``exp2(-2 * scale *
+log2(e))`` stays a normal fp32 number; above that the forward keeps a running maximum.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+EPS = 1e-12  # F.normalize's default
+LOG2E = 1.4426950408889634
+# exp2 of anything down to -FIXED_MAX_LIMIT is a normal fp32 number (2^-126 is the smallest).
+FIXED_MAX_LIMIT = 120.0
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)"
+
+
+def _configs(block_rows, block_cols, block_d, warps, stages):
+    return [
+        triton.Config({"BLOCK_R": r, "BLOCK_C": c, "BLOCK_D": d}, num_warps=w, num_stages=s)
+        for r in block_rows for c in block_cols for d in block_d for w in warps for s in stages
+    ]
+
+
+def _autotune_configs():
+    # The interpreter runs on the CPU: one small config (tl.dot needs tiles >= 16).
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _configs((16,), (16,), (16,), (1,), (1,))
+    return _configs((64, 128), (64, 128), (32, 64), (4, 8), (2, 3))
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles larger than the problem needs and 128 x 128 tiles on 4 warps (register spills)."""
+    row_limit = max(64, triton.next_power_of_2(named_args["R"]))
+    col_limit = max(64, triton.next_power_of_2(named_args["C"]))
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_R"] <= row_limit and c.kwargs["BLOCK_C"] <= col_limit
+        and not (c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_C"] >= 128 * 128 and c.num_warps < 8)
+    ]
+    return kept or configs[:1]
+
+
+def _autotune(kernel_fn):
+    return triton.autotune(
+        configs=_autotune_configs(),
+        key=["R", "C", "D", "M", "FIXED_MAX"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(triton.jit(kernel_fn))
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _accumulate_segment(acc, x_ptrs, y_ptrs, x_mask, y_mask, lo, hi,
+                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += X[:, lo:hi] Y[:, lo:hi]^T, masked at the segment edge (dims need not align)."""
+    for k0 in range(lo, hi, BLOCK_D):
+        k = k0 + tl.arange(0, BLOCK_D)
+        k_mask = k < hi
+        x = tl.load(x_ptrs + k[None, :], mask=x_mask[:, None] & k_mask[None, :], other=0.0)
+        y = tl.load(y_ptrs + k[None, :], mask=y_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _coefficient_tile(acc, rx, ry, row_lse, row_pos, cols, valid, coef, scale_log2):
+    """G = coef * (softmax - onehot) and cos of one (layer, dim) pair on an [R, C] tile."""
+    cos = acc * rx[:, None] * ry[None, :]
+    prob = tl.exp2(cos * scale_log2 - row_lse[:, None] * 1.4426950408889634)
+    onehot = (cols[None, :] == row_pos[:, None]).to(tl.float32)
+    grad_cos = tl.where(valid, coef * (prob - onehot), 0.0)
+    return grad_cos, cos
+
+
+@triton.jit
+def _column(table, m, m_ids):
+    """Column m of a [rows, M_PAD] register table."""
+    return tl.sum(tl.where(m_ids[None, :] == m, table, 0.0), axis=1)
+
+
+@triton.jit
+def _zero_rows(out_ptrs, mask, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    for k0 in range(0, D, BLOCK_D):
+        k = k0 + tl.arange(0, BLOCK_D)
+        tl.store(out_ptrs + k[None, :], tl.zeros([BLOCK, BLOCK_D], tl.float32),
+                 mask=mask[:, None] & (k < D)[None, :])
+
+
+@triton.jit
+def _subtract_norm_term(out_ptrs, x_ptrs, mask, factors, m_ids, bounds_ptr, n_seg,
+                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[:, seg_s] -= (sum_{m >= s} factors[:, m]) * x[:, seg_s], walking s downwards."""
+    suffix = tl.zeros([BLOCK], tl.float32)
+    for step in range(0, n_seg):
+        m = n_seg - 1 - step
+        suffix += _column(factors, m, m_ids)
+        lo = tl.load(bounds_ptr + m)
+        hi = tl.load(bounds_ptr + m + 1)
+        for k0 in range(lo, hi, BLOCK_D):
+            k = k0 + tl.arange(0, BLOCK_D)
+            io_mask = mask[:, None] & (k < hi)[None, :]
+            x = tl.load(x_ptrs + k[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            out = tl.load(out_ptrs + k[None, :], mask=io_mask, other=0.0)
+            tl.store(out_ptrs + k[None, :], out - suffix[:, None] * x, mask=io_mask)
+
+
+def _m2d_fwd_kernel(
+    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
+    lse_ptr, pos_logit_ptr, R, C, D, scale_log2,
+    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (row block, layer). Per row and active pair: log-sum-exp_j(scale cos) and scale cos(i, p(i)),
+    from one accumulator over D with the (layer, dim) epilogue at every nested-dim boundary."""
+    pid_r = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    n_seg = tl.load(n_seg_ptr + layer)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < R
+    row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
+    m_ids = tl.arange(0, M_PAD)
+    x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+    stat_offsets = (layer * R + r)[:, None] * M + m_ids[None, :]
+    stat_mask = r_mask[:, None] & (m_ids < M)[None, :]
+
+    if FIXED_MAX:
+        run_max = tl.zeros([BLOCK_R, M_PAD], tl.float32) + scale_log2
+    else:
+        run_max = tl.full([BLOCK_R, M_PAD], float("-inf"), tl.float32)
+    # Inactive pairs start at 1 so that their (unused) log-sum-exp stays finite.
+    inactive = tl.load(active_ptr + layer * M + m_ids, mask=m_ids < M, other=0) == 0
+    run_sum = tl.zeros([BLOCK_R, M_PAD], tl.float32) + inactive.to(tl.float32)[None, :]
+    pos_logit = tl.zeros([BLOCK_R, M_PAD], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+        acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        for m in range(0, n_seg):
+            lo = tl.load(bounds_ptr + m)
+            hi = tl.load(bounds_ptr + m + 1)
+            acc = _accumulate_segment(acc, x_ptrs, y_ptrs, r_mask, c_mask, lo, hi, BLOCK_D, DOT_PRECISION)
+            if tl.load(active_ptr + layer * M + m) != 0:
+                rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+                ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+                z = acc * (rx * scale_log2)[:, None] * ry[None, :]  # scale * cos in log2 units
+                z = tl.where(c_mask[None, :], z, float("-inf"))
+                is_m = m_ids[None, :] == m
+                hit = tl.sum(tl.where(c[None, :] == row_pos[:, None], z, 0.0), axis=1)
+                pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
+                if FIXED_MAX:
+                    tile_sum = tl.sum(tl.exp2(z - scale_log2), axis=1)
+                    run_sum = tl.where(is_m, run_sum + tile_sum[:, None], run_sum)
+                else:
+                    old_max = tl.max(tl.where(is_m, run_max, float("-inf")), axis=1)
+                    new_max = tl.maximum(old_max, tl.max(z, axis=1))
+                    new_sum = _column(run_sum, m, m_ids) * tl.exp2(old_max - new_max)
+                    new_sum += tl.sum(tl.exp2(z - new_max[:, None]), axis=1)
+                    run_max = tl.where(is_m, new_max[:, None], run_max)
+                    run_sum = tl.where(is_m, new_sum[:, None], run_sum)
+    tl.store(lse_ptr + stat_offsets, (run_max + tl.log2(run_sum)) * 0.6931471805599453, mask=stat_mask)
+    tl.store(pos_logit_ptr + stat_offsets, pos_logit * 0.6931471805599453, mask=stat_mask)
+
+
+def _m2d_bwd_rows_kernel(
+    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
+    norm_rows_ptr, lse_ptr, coef_ptr, grad_rows_ptr, R, C, D, scale_log2,
+    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (row block, layer): dX for the block's rows, streaming over column tiles.
+    norm_rows = rx^2 where the norm was not clamped to eps, else 0 (the alpha factor)."""
+    pid_r = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    n_seg = tl.load(n_seg_ptr + layer)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < R
+    row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
+    m_ids = tl.arange(0, M_PAD)
+    x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+    out_ptrs = grad_rows_ptr + (layer * R + r)[:, None] * D
+    _zero_rows(out_ptrs, r_mask, D, BLOCK_R, BLOCK_D)
+    top = tl.load(bounds_ptr + n_seg)
+
+    alpha = tl.zeros([BLOCK_R, M_PAD], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        valid = r_mask[:, None] & c_mask[None, :]
+        y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+        acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
+                                  0, top, BLOCK_D, DOT_PRECISION)
+        h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        for step in range(0, n_seg):
+            m = n_seg - 1 - step
+            if tl.load(active_ptr + layer * M + m) != 0:
+                rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+                ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+                row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+                coef = tl.load(coef_ptr + layer * M + m)
+                grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, row_pos, c, valid, coef, scale_log2)
+                norm = tl.load(norm_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+                alpha += tl.where(m_ids[None, :] == m, (norm * tl.sum(grad_cos * cos, axis=1))[:, None], 0.0)
+                h += grad_cos * rx[:, None] * ry[None, :]
+            lo = tl.load(bounds_ptr + m)
+            hi = tl.load(bounds_ptr + m + 1)
+            for k0 in range(lo, hi, BLOCK_D):
+                k = k0 + tl.arange(0, BLOCK_D)
+                k_mask = k < hi
+                x = tl.load(x_ptrs + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+                y = tl.load(y_ptrs + k[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+                io_mask = r_mask[:, None] & k_mask[None, :]
+                grad = tl.load(out_ptrs + k[None, :], mask=io_mask, other=0.0)
+                grad = tl.dot(h.to(y.dtype), y, grad, input_precision=DOT_PRECISION)
+                tl.store(out_ptrs + k[None, :], grad, mask=io_mask)
+                acc = tl.dot(-x, tl.trans(y), acc, input_precision=DOT_PRECISION)  # S_{m-1}
+    _subtract_norm_term(out_ptrs, x_ptrs, r_mask, alpha, m_ids, bounds_ptr, n_seg, BLOCK_R, BLOCK_D)
+
+
+def _m2d_bwd_cols_kernel(
+    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
+    norm_cols_ptr, lse_ptr, coef_ptr, grad_cols_ptr, R, C, D, scale_log2,
+    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (column block, layer): dY for the block's columns, streaming over row tiles
+    (the same walk as _m2d_bwd_rows_kernel with H transposed; beta summed over all rows)."""
+    pid_c = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    n_seg = tl.load(n_seg_ptr + layer)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    m_ids = tl.arange(0, M_PAD)
+    y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+    out_ptrs = grad_cols_ptr + (layer * C + c)[:, None] * D
+    _zero_rows(out_ptrs, c_mask, D, BLOCK_C, BLOCK_D)
+    top = tl.load(bounds_ptr + n_seg)
+
+    beta = tl.zeros([BLOCK_C, M_PAD], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < R
+        valid = r_mask[:, None] & c_mask[None, :]
+        row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
+        x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+        acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
+                                  0, top, BLOCK_D, DOT_PRECISION)
+        h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        for step in range(0, n_seg):
+            m = n_seg - 1 - step
+            if tl.load(active_ptr + layer * M + m) != 0:
+                rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+                ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+                row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+                coef = tl.load(coef_ptr + layer * M + m)
+                grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, row_pos, c, valid, coef, scale_log2)
+                norm = tl.load(norm_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+                beta += tl.where(m_ids[None, :] == m, (norm * tl.sum(grad_cos * cos, axis=0))[:, None], 0.0)
+                h += grad_cos * rx[:, None] * ry[None, :]
+            lo = tl.load(bounds_ptr + m)
+            hi = tl.load(bounds_ptr + m + 1)
+            for k0 in range(lo, hi, BLOCK_D):
+                k = k0 + tl.arange(0, BLOCK_D)
+                k_mask = k < hi
+                x = tl.load(x_ptrs + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+                y = tl.load(y_ptrs + k[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+                io_mask = c_mask[:, None] & k_mask[None, :]
+                grad = tl.load(out_ptrs + k[None, :], mask=io_mask, other=0.0)
+                grad = tl.dot(tl.trans(h).to(x.dtype), x, grad, input_precision=DOT_PRECISION)
+                tl.store(out_ptrs + k[None, :], grad, mask=io_mask)
+                acc = tl.dot(-x, tl.trans(y), acc, input_precision=DOT_PRECISION)  # S_{m-1}
+    _subtract_norm_term(out_ptrs, y_ptrs, c_mask, beta, m_ids, bounds_ptr, n_seg, BLOCK_C, BLOCK_D)
+
+
+# The backward kernels zero and then accumulate into their outputs, so autotuning's repeated
+# runs are harmless; the forward overwrites its outputs.
+_m2d_fwd_kernel = _autotune(_m2d_fwd_kernel)
+_m2d_bwd_rows_kernel = _autotune(_m2d_bwd_rows_kernel)
+_m2d_bwd_cols_kernel = _autotune(_m2d_bwd_cols_kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+
+def _segment_tables(dims, active, n_layers, device):
+    """Segment bounds [M + 1], active flags [L, M] and per-layer segment counts (up to the last active dim)."""
+    bounds = torch.tensor((0,) + tuple(dims), dtype=torch.int32, device=device)
+    flags = torch.tensor(active, dtype=torch.int32).view(n_layers, len(dims))
+    last_active = [max((m + 1 for m, on in enumerate(row) if on), default=0) for row in flags.tolist()]
+    n_seg = torch.tensor(last_active, dtype=torch.int32, device=device)
+    return bounds, flags.to(device), n_seg
+
+
+def _inverse_prefix_norms(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, R, M]`` fp32 tables: ``1 / max(|x[:d_m]|, eps)`` and the alpha/beta factor (its square
+    where the norm was not clamped, else 0)."""
+    starts = (0,) + tuple(dims[:-1])
+    squares = torch.stack([x[..., a:b].float().pow(2).sum(-1) for a, b in zip(starts, dims)], dim=-1)
+    norms = squares.cumsum(-1).sqrt()
+    inverse = 1.0 / norms.clamp_min(EPS)
+    return inverse.contiguous(), torch.where(norms >= EPS, inverse.square(), 0.0).contiguous()
+
+
+def _launch_options(x: torch.Tensor, dims, scale: float) -> dict:
+    scale_log2 = scale * LOG2E
+    return {
+        "M": len(dims),
+        "M_PAD": max(2, triton.next_power_of_2(len(dims))),
+        "FIXED_MAX": 2 * scale_log2 <= FIXED_MAX_LIMIT,
+        "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
+    }
+
+
+def _patch_interpreter_loop_bounds() -> None:
+    """Triton 3.6's CPU interpreter turns a run-time loop bound into an int with ``int(array)`` on a
+    one-element array, which NumPy >= 2.4 rejects; make it take the element instead. Only called
+    when interpreting, idempotent."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+    if getattr(patch_tensor, "m2d_patched", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.m2d_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"queries/docs: the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
+
+
+@torch.library.custom_op("m2d_kernels::infonce_forward", mutates_args=())
+def m2d_forward(
+    rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, dims: list[int], active: list[bool], scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses ``[L, M]`` (input dtype) and what backward needs: row log-sum-exp ``[L, R, M]``
+    and the inverse-norm / norm-factor tables of rows and columns."""
+    rows, cols = rows.contiguous(), cols.contiguous()
+    n_layers, n_rows, n_features = rows.shape
+    n_cols = cols.shape[1]
+    bounds, flags, n_seg = _segment_tables(dims, active, n_layers, rows.device)
+    inv_rows, norm_rows = _inverse_prefix_norms(rows, dims)
+    inv_cols, norm_cols = _inverse_prefix_norms(cols, dims)
+    lse = rows.new_zeros(n_layers, n_rows, len(dims), dtype=torch.float32)
+    pos_logit = torch.zeros_like(lse)
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_layers)
+    _m2d_fwd_kernel[grid](
+        rows, cols, positives.to(torch.int32), bounds, flags, n_seg, inv_rows, inv_cols, lse, pos_logit,
+        n_rows, n_cols, n_features, scale * LOG2E, **_launch_options(rows, dims, scale),
+    )
+    losses = torch.where(flags.bool(), (lse - pos_logit).mean(1), 0.0).to(rows.dtype)
+    return losses, lse, inv_rows, norm_rows, inv_cols, norm_cols
+
+
+@m2d_forward.register_fake
+def _(rows, cols, positives, dims, active, scale):
+    n_layers, n_rows, _ = rows.shape
+    table = rows.new_empty(n_layers, n_rows, len(dims), dtype=torch.float32)
+    col_table = cols.new_empty(n_layers, cols.shape[1], len(dims), dtype=torch.float32)
+    losses = rows.new_empty(n_layers, len(dims))
+    return losses, table, table.clone(), table.clone(), col_table, col_table.clone()
+
+
+@torch.library.custom_op("m2d_kernels::infonce_backward", mutates_args=())
+def m2d_backward(
+    grad_losses: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, lse: torch.Tensor,
+    inv_rows: torch.Tensor, norm_rows: torch.Tensor, inv_cols: torch.Tensor, norm_cols: torch.Tensor,
+    dims: list[int], active: list[bool], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum(grad_losses * losses)`` with respect to rows and cols: two launches."""
+    rows, cols = rows.contiguous(), cols.contiguous()
+    n_layers, n_rows, n_features = rows.shape
+    n_cols = cols.shape[1]
+    bounds, flags, n_seg = _segment_tables(dims, active, n_layers, rows.device)
+    coef = (grad_losses.float() * (scale / n_rows)).contiguous()
+    positives = positives.to(torch.int32)
+    options = _launch_options(rows, dims, scale)
+    common = (bounds, flags, n_seg, inv_rows, inv_cols)
+    grad_rows = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    grad_cols = torch.empty(cols.shape, dtype=torch.float32, device=cols.device)
+    row_grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_layers)
+    _m2d_bwd_rows_kernel[row_grid](
+        rows, cols, positives, *common, norm_rows, lse, coef, grad_rows,
+        n_rows, n_cols, n_features, scale * LOG2E, **options,
+    )
+    col_grid = lambda meta: (triton.cdiv(n_cols, meta["BLOCK_C"]), n_layers)
+    _m2d_bwd_cols_kernel[col_grid](
+        rows, cols, positives, *common, norm_cols, lse, coef, grad_cols,
+        n_rows, n_cols, n_features, scale * LOG2E, **options,
+    )
+    return grad_rows.to(rows.dtype), grad_cols.to(cols.dtype)
+
+
+@m2d_backward.register_fake
+def _(grad_losses, rows, cols, positives, lse, inv_rows, norm_rows, inv_cols, norm_cols, dims, active, scale):
+    return torch.empty_like(rows), torch.empty_like(cols)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    rows, cols, positives, dims, active, scale = inputs
+    _, lse, inv_rows, norm_rows, inv_cols, norm_cols = output
+    ctx.save_for_backward(rows, cols, positives, lse, inv_rows, norm_rows, inv_cols, norm_cols)
+    ctx.config = (dims, active, scale)
+
+
+def _backward(ctx, grad_losses, *unused_table_grads):
+    grad_rows, grad_cols = m2d_backward(grad_losses, *ctx.saved_tensors, *ctx.config)
+    return grad_rows, grad_cols, None, None, None, None
+
+
+m2d_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------
+
+
+def pair_losses(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    dims: tuple[int, ...],
+    active: tuple[tuple[bool, ...], ...],
+    scale: float,
+    positive_index: torch.Tensor,
+    symmetric: bool,
+) -> torch.Tensor:
+    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype."""
+    _check_dtype(queries)
+    if queries.device.type == "cpu":
+        _patch_interpreter_loop_bounds()
+    dims, flat_active = list(dims), [on for row in active for on in row]
+    losses = m2d_forward(queries, docs, positive_index, dims, flat_active, scale)[0]
+    if not symmetric:
+        return losses
+    # doc_to_query: the B positives are the rows, all queries the columns, query i the positive of row i.
+    query_labels = torch.arange(queries.shape[1], device=queries.device)
+    reverse = m2d_forward(docs.index_select(1, positive_index), queries, query_labels, dims, flat_active, scale)[0]
+    return (losses + reverse) / 2
