@@ -31,7 +31,6 @@ log2(e))`` stays a normal fp32 number; above that the forward keeps a running ma
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -93,14 +92,22 @@ def _autotune(kernel_fn):
 
 
 @triton.jit
+def _load_operand(ptrs, mask, DOT_IN_FP32: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if DOT_IN_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _accumulate_segment(acc, x_ptrs, y_ptrs, x_mask, y_mask, lo, hi,
-                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """acc += X[:, lo:hi] Y[:, lo:hi]^T, masked at the segment edge (dims need not align)."""
     for k0 in range(lo, hi, BLOCK_D):
         k = k0 + tl.arange(0, BLOCK_D)
         k_mask = k < hi
-        x = tl.load(x_ptrs + k[None, :], mask=x_mask[:, None] & k_mask[None, :], other=0.0)
-        y = tl.load(y_ptrs + k[None, :], mask=y_mask[:, None] & k_mask[None, :], other=0.0)
+        x = _load_operand(x_ptrs + k[None, :], x_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
+        y = _load_operand(y_ptrs + k[None, :], y_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -150,7 +157,8 @@ def _subtract_norm_term(out_ptrs, x_ptrs, mask, factors, m_ids, bounds_ptr, n_se
 def _m2d_fwd_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
     lse_ptr, pos_logit_ptr, R, C, D, scale_log2,
-    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (row block, layer). Per row and active pair: log-sum-exp_j(scale cos) and scale cos(i, p(i)),
@@ -182,7 +190,7 @@ def _m2d_fwd_kernel(
         for m in range(0, n_seg):
             lo = tl.load(bounds_ptr + m)
             hi = tl.load(bounds_ptr + m + 1)
-            acc = _accumulate_segment(acc, x_ptrs, y_ptrs, r_mask, c_mask, lo, hi, BLOCK_D, DOT_PRECISION)
+            acc = _accumulate_segment(acc, x_ptrs, y_ptrs, r_mask, c_mask, lo, hi, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
             if tl.load(active_ptr + layer * M + m) != 0:
                 rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
                 ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
@@ -208,7 +216,8 @@ def _m2d_fwd_kernel(
 def _m2d_bwd_rows_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
     norm_rows_ptr, lse_ptr, coef_ptr, grad_rows_ptr, R, C, D, scale_log2,
-    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (row block, layer): dX for the block's rows, streaming over column tiles.
@@ -232,7 +241,7 @@ def _m2d_bwd_rows_kernel(
         valid = r_mask[:, None] & c_mask[None, :]
         y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
         acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
-                                  0, top, BLOCK_D, DOT_PRECISION)
+                                  0, top, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
         h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         for step in range(0, n_seg):
             m = n_seg - 1 - step
@@ -250,8 +259,8 @@ def _m2d_bwd_rows_kernel(
             for k0 in range(lo, hi, BLOCK_D):
                 k = k0 + tl.arange(0, BLOCK_D)
                 k_mask = k < hi
-                x = tl.load(x_ptrs + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                y = tl.load(y_ptrs + k[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+                x = _load_operand(x_ptrs + k[None, :], r_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
+                y = _load_operand(y_ptrs + k[None, :], c_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
                 io_mask = r_mask[:, None] & k_mask[None, :]
                 grad = tl.load(out_ptrs + k[None, :], mask=io_mask, other=0.0)
                 grad = tl.dot(h.to(y.dtype), y, grad, input_precision=DOT_PRECISION)
@@ -263,7 +272,8 @@ def _m2d_bwd_rows_kernel(
 def _m2d_bwd_cols_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
     norm_cols_ptr, lse_ptr, coef_ptr, grad_cols_ptr, R, C, D, scale_log2,
-    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (column block, layer): dY for the block's columns, streaming over row tiles
@@ -287,7 +297,7 @@ def _m2d_bwd_cols_kernel(
         row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
         x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
         acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
-                                  0, top, BLOCK_D, DOT_PRECISION)
+                                  0, top, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
         h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         for step in range(0, n_seg):
             m = n_seg - 1 - step
@@ -305,8 +315,8 @@ def _m2d_bwd_cols_kernel(
             for k0 in range(lo, hi, BLOCK_D):
                 k = k0 + tl.arange(0, BLOCK_D)
                 k_mask = k < hi
-                x = tl.load(x_ptrs + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                y = tl.load(y_ptrs + k[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+                x = _load_operand(x_ptrs + k[None, :], r_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
+                y = _load_operand(y_ptrs + k[None, :], c_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
                 io_mask = c_mask[:, None] & k_mask[None, :]
                 grad = tl.load(out_ptrs + k[None, :], mask=io_mask, other=0.0)
                 grad = tl.dot(tl.trans(h).to(x.dtype), x, grad, input_precision=DOT_PRECISION)
@@ -340,7 +350,7 @@ def _inverse_prefix_norms(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Te
     """``[L, R, M]`` fp32 tables: ``1 / max(|x[:d_m]|, eps)`` and the alpha/beta factor (its square
     where the norm was not clamped, else 0)."""
     starts = (0,) + tuple(dims[:-1])
-    squares = torch.stack([x[..., a:b].float().pow(2).sum(-1) for a, b in zip(starts, dims)], dim=-1)
+    squares = torch.stack([x[..., a:b].float().pow(2).sum(-1) for a, b in zip(starts, dims, strict=True)], dim=-1)
     norms = squares.cumsum(-1).sqrt()
     inverse = 1.0 / norms.clamp_min(EPS)
     return inverse.contiguous(), torch.where(norms >= EPS, inverse.square(), 0.0).contiguous()
@@ -353,6 +363,8 @@ def _launch_options(x: torch.Tensor, dims, scale: float) -> dict:
         "M_PAD": max(2, triton.next_power_of_2(len(dims))),
         "FIXED_MAX": 2 * scale_log2 <= FIXED_MAX_LIMIT,
         "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
+        # The interpreter's tl.dot misreads bfloat16 tiles: upcast them there (the GPU keeps bf16 MMA).
+        "DOT_IN_FP32": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
     }
 
 
@@ -385,6 +397,8 @@ def m2d_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses ``[L, M]`` (input dtype) and what backward needs: row log-sum-exp ``[L, R, M]``
     and the inverse-norm / norm-factor tables of rows and columns."""
+    if rows.device.type == "cpu":
+        _patch_interpreter_loop_bounds()
     rows, cols = rows.contiguous(), cols.contiguous()
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
@@ -418,6 +432,8 @@ def m2d_backward(
     dims: list[int], active: list[bool], scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum(grad_losses * losses)`` with respect to rows and cols: two launches."""
+    if rows.device.type == "cpu":
+        _patch_interpreter_loop_bounds()
     rows, cols = rows.contiguous(), cols.contiguous()
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
@@ -482,8 +498,6 @@ def pair_losses(
 ) -> torch.Tensor:
     """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype."""
     _check_dtype(queries)
-    if queries.device.type == "cpu":
-        _patch_interpreter_loop_bounds()
     dims, flat_active = list(dims), [on for row in active for on in row]
     losses = m2d_forward(queries, docs, positive_index, dims, flat_active, scale)[0]
     if not symmetric:
