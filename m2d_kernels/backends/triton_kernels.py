@@ -31,6 +31,7 @@ log2(e))`` stays a normal fp32 number; above that the forward keeps a running ma
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -337,13 +338,16 @@ _m2d_bwd_cols_kernel = _autotune(_m2d_bwd_cols_kernel)
 # ---------------------------------------------------------------------------------------
 
 
-def _segment_tables(dims, active, n_layers, device):
-    """Segment bounds [M + 1], active flags [L, M] and per-layer segment counts (up to the last active dim)."""
-    bounds = torch.tensor((0,) + tuple(dims), dtype=torch.int32, device=device)
-    flags = torch.tensor(active, dtype=torch.int32).view(n_layers, len(dims))
-    last_active = [max((m + 1 for m, on in enumerate(row) if on), default=0) for row in flags.tolist()]
-    n_seg = torch.tensor(last_active, dtype=torch.int32, device=device)
-    return bounds, flags.to(device), n_seg
+@functools.lru_cache(maxsize=64)
+def _segment_tables(dims: tuple[int, ...], active: tuple[bool, ...], device: torch.device):
+    """Segment bounds [M + 1], active flags [L, M] and per-layer segment counts (up to the last
+    active dim), cached so that a training step copies nothing from the host (each copy would sync)."""
+    n_dims = len(dims)
+    rows = [active[i:i + n_dims] for i in range(0, len(active), n_dims)]
+    bounds = torch.tensor((0,) + dims, dtype=torch.int32, device=device)
+    flags = torch.tensor(rows, dtype=torch.int32, device=device)
+    last_active = [max((m + 1 for m, on in enumerate(row) if on), default=0) for row in rows]
+    return bounds, flags, torch.tensor(last_active, dtype=torch.int32, device=device)
 
 
 def _inverse_prefix_norms(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,7 +406,7 @@ def m2d_forward(
     rows, cols = rows.contiguous(), cols.contiguous()
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
-    bounds, flags, n_seg = _segment_tables(dims, active, n_layers, rows.device)
+    bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
     inv_rows, norm_rows = _inverse_prefix_norms(rows, dims)
     inv_cols, norm_cols = _inverse_prefix_norms(cols, dims)
     lse = rows.new_zeros(n_layers, n_rows, len(dims), dtype=torch.float32)
@@ -437,7 +441,7 @@ def m2d_backward(
     rows, cols = rows.contiguous(), cols.contiguous()
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
-    bounds, flags, n_seg = _segment_tables(dims, active, n_layers, rows.device)
+    bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
     coef = (grad_losses.float() * (scale / n_rows)).contiguous()
     positives = positives.to(torch.int32)
     options = _launch_options(rows, dims, scale)
