@@ -114,11 +114,10 @@ def _accumulate_segment(acc, x_ptrs, y_ptrs, x_mask, y_mask, lo, hi,
 
 
 @triton.jit
-def _coefficient_tile(acc, rx, ry, row_lse, row_pos, cols, valid, coef, scale_log2):
+def _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2):
     """G = coef * (softmax - onehot) and cos of one (layer, dim) pair on an [R, C] tile."""
     cos = acc * rx[:, None] * ry[None, :]
     prob = tl.exp2(cos * scale_log2 - row_lse[:, None] * 1.4426950408889634)
-    onehot = (cols[None, :] == row_pos[:, None]).to(tl.float32)
     grad_cos = tl.where(valid, coef * (prob - onehot), 0.0)
     return grad_cos, cos
 
@@ -187,6 +186,8 @@ def _m2d_fwd_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
         y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+        is_pos = c[None, :] == row_pos[:, None]
+        has_pos = tl.sum(is_pos.to(tl.int32)) > 0  # most tiles hold no positive: skip the extraction
         acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         for m in range(0, n_seg):
             lo = tl.load(bounds_ptr + m)
@@ -198,8 +199,9 @@ def _m2d_fwd_kernel(
                 z = acc * (rx * scale_log2)[:, None] * ry[None, :]  # scale * cos in log2 units
                 z = tl.where(c_mask[None, :], z, float("-inf"))
                 is_m = m_ids[None, :] == m
-                hit = tl.sum(tl.where(c[None, :] == row_pos[:, None], z, 0.0), axis=1)
-                pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
+                if has_pos:
+                    hit = tl.sum(tl.where(is_pos, z, 0.0), axis=1)
+                    pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
                 if FIXED_MAX:
                     tile_sum = tl.sum(tl.exp2(z - scale_log2), axis=1)
                     run_sum = tl.where(is_m, run_sum + tile_sum[:, None], run_sum)
@@ -240,6 +242,7 @@ def _m2d_bwd_rows_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
         valid = r_mask[:, None] & c_mask[None, :]
+        onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
         y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
         acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
                                   0, top, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
@@ -251,7 +254,7 @@ def _m2d_bwd_rows_kernel(
                 ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
                 row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
                 coef = tl.load(coef_ptr + layer * M + m)
-                grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, row_pos, c, valid, coef, scale_log2)
+                grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2)
                 norm = tl.load(norm_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
                 alpha += tl.where(m_ids[None, :] == m, (norm * tl.sum(grad_cos * cos, axis=1))[:, None], 0.0)
                 h += grad_cos * rx[:, None] * ry[None, :]
@@ -296,6 +299,7 @@ def _m2d_bwd_cols_kernel(
         r_mask = r < R
         valid = r_mask[:, None] & c_mask[None, :]
         row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
+        onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
         x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
         acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
                                   0, top, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
@@ -307,7 +311,7 @@ def _m2d_bwd_cols_kernel(
                 ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
                 row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
                 coef = tl.load(coef_ptr + layer * M + m)
-                grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, row_pos, c, valid, coef, scale_log2)
+                grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2)
                 norm = tl.load(norm_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
                 beta += tl.where(m_ids[None, :] == m, (norm * tl.sum(grad_cos * cos, axis=0))[:, None], 0.0)
                 h += grad_cos * rx[:, None] * ry[None, :]
