@@ -48,7 +48,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and _interpreting():
         return None
     return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)"
 
@@ -60,11 +60,19 @@ def _configs(block_rows, block_cols, block_d, warps, stages):
     ]
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _autotune_configs():
     # The interpreter runs on the CPU: one small config (tl.dot needs tiles >= 16).
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return _configs((16,), (16,), (16,), (1,), (1,))
     return _configs((64, 128), (64, 128), (32, 64), (4, 8), (2, 3))
+
+
+def _largest_block() -> int:
+    return max(max(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]) for c in _autotune_configs())
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -79,10 +87,10 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _autotune(kernel_fn):
+def _autotune(kernel_fn, key=("R", "C", "D", "M", "FIXED_MAX")):
     return triton.autotune(
         configs=_autotune_configs(),
-        key=["R", "C", "D", "M", "FIXED_MAX"],
+        key=list(key),
         prune_configs_by={"early_config_prune": _prune_configs},
     )(triton.jit(kernel_fn))
 
@@ -129,29 +137,85 @@ def _column(table, m, m_ids):
 
 
 @triton.jit
-def _zero_rows(out_ptrs, mask, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    for k0 in range(0, D, BLOCK_D):
+def _zero_columns(ptrs, mask, lo, hi, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ptrs[:, lo:hi] = 0 for the rows in mask."""
+    for k0 in range(lo, hi, BLOCK_D):
         k = k0 + tl.arange(0, BLOCK_D)
-        tl.store(out_ptrs + k[None, :], tl.zeros([BLOCK, BLOCK_D], tl.float32),
-                 mask=mask[:, None] & (k < D)[None, :])
+        tl.store(ptrs + k[None, :], tl.zeros([BLOCK, BLOCK_D], tl.float32), mask=mask[:, None] & (k < hi)[None, :])
 
 
 @triton.jit
-def _subtract_norm_term(out_ptrs, x_ptrs, mask, factors, m_ids, bounds_ptr, n_seg,
-                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[:, seg_s] -= (sum_{m >= s} factors[:, m]) * x[:, seg_s], walking s downwards."""
+def _backward_tile(
+    x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg, top,
+    bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C, scale_log2,
+    M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One [rows, cols] tile of the backward: recompute S_M, then walk the segments from the largest
+    dim down, adding G_m to the suffix sum H at each active boundary, accumulating H Y (rows) or
+    H^T X (cols) into the owner's fp32 work rows, and subtracting the segment's product from S.
+    Returns norm_sums + norm * sum(G_m * cos_m) along the owner's axis, per dim."""
+    m_ids = tl.arange(0, M_PAD)
+    valid = r_mask[:, None] & c_mask[None, :]
+    onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
+    acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
+                              0, top, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+    h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for step in range(0, n_seg):
+        m = n_seg - 1 - step
+        if tl.load(active_ptr + layer * M + m) != 0:
+            rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+            ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+            row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+            coef = tl.load(coef_ptr + layer * M + m)
+            grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2)
+            if FOR_COLS:
+                norm = tl.load(norm_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+                norm_sum = norm * tl.sum(grad_cos * cos, axis=0)
+            else:
+                norm = tl.load(norm_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+                norm_sum = norm * tl.sum(grad_cos * cos, axis=1)
+            norm_sums += tl.where(m_ids[None, :] == m, norm_sum[:, None], 0.0)
+            h += grad_cos * rx[:, None] * ry[None, :]
+        lo = tl.load(bounds_ptr + m)
+        hi = tl.load(bounds_ptr + m + 1)
+        for k0 in range(lo, hi, BLOCK_D):
+            k = k0 + tl.arange(0, BLOCK_D)
+            k_mask = k < hi
+            x = _load_operand(x_ptrs + k[None, :], r_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
+            y = _load_operand(y_ptrs + k[None, :], c_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
+            if FOR_COLS:
+                io_mask = c_mask[:, None] & k_mask[None, :]
+                grad = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
+                grad = tl.dot(tl.trans(h).to(x.dtype), x, grad, input_precision=DOT_PRECISION)
+            else:
+                io_mask = r_mask[:, None] & k_mask[None, :]
+                grad = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
+                grad = tl.dot(h.to(y.dtype), y, grad, input_precision=DOT_PRECISION)
+            tl.store(work_ptrs + k[None, :], grad, mask=io_mask)
+            acc = tl.dot(-x, tl.trans(y), acc, input_precision=DOT_PRECISION)  # S_{m-1}
+    return norm_sums
+
+
+@triton.jit
+def _store_gradient(grad_ptrs, work_ptrs, own_ptrs, mask, norm_sums, bounds_ptr, n_seg, top, D,
+                    BLOCK: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad[:, seg_s] = work[:, seg_s] - (sum_{m >= s} norm_sums[:, m]) * own[:, seg_s] in the
+    gradient's dtype, walking s downwards; zero beyond the largest active dim."""
+    m_ids = tl.arange(0, M_PAD)
     suffix = tl.zeros([BLOCK], tl.float32)
     for step in range(0, n_seg):
         m = n_seg - 1 - step
-        suffix += _column(factors, m, m_ids)
+        suffix += _column(norm_sums, m, m_ids)
         lo = tl.load(bounds_ptr + m)
         hi = tl.load(bounds_ptr + m + 1)
         for k0 in range(lo, hi, BLOCK_D):
             k = k0 + tl.arange(0, BLOCK_D)
             io_mask = mask[:, None] & (k < hi)[None, :]
-            x = tl.load(x_ptrs + k[None, :], mask=io_mask, other=0.0).to(tl.float32)
-            out = tl.load(out_ptrs + k[None, :], mask=io_mask, other=0.0)
-            tl.store(out_ptrs + k[None, :], out - suffix[:, None] * x, mask=io_mask)
+            own = tl.load(own_ptrs + k[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            work = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
+            tl.store(grad_ptrs + k[None, :], work - suffix[:, None] * own, mask=io_mask)
+    _zero_columns(grad_ptrs, mask, top, D, BLOCK, BLOCK_D)
 
 
 def _m2d_fwd_kernel(
@@ -216,125 +280,73 @@ def _m2d_fwd_kernel(
     tl.store(pos_logit_ptr + stat_offsets, pos_logit * 0.6931471805599453, mask=stat_mask)
 
 
-def _m2d_bwd_rows_kernel(
+def _m2d_bwd_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
-    norm_rows_ptr, lse_ptr, coef_ptr, grad_rows_ptr, R, C, D, scale_log2,
+    norm_ptr, lse_ptr, coef_ptr, grad_ptr, workspace_ptr, L, R, C, D, scale_log2,
     M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, FOR_COLS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (row block, layer): dX for the block's rows, streaming over column tiles.
-    norm_rows = rx^2 where the norm was not clamped to eps, else 0 (the alpha factor)."""
-    pid_r = tl.program_id(0)
-    layer = tl.program_id(1).to(tl.int64)
-    n_seg = tl.load(n_seg_ptr + layer)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = r < R
-    row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
-    m_ids = tl.arange(0, M_PAD)
-    x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
-    out_ptrs = grad_rows_ptr + (layer * R + r)[:, None] * D
-    _zero_rows(out_ptrs, r_mask, D, BLOCK_R, BLOCK_D)
-    top = tl.load(bounds_ptr + n_seg)
-
-    alpha = tl.zeros([BLOCK_R, M_PAD], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
-        valid = r_mask[:, None] & c_mask[None, :]
-        onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
-        y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
-        acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
-                                  0, top, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
-        h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        for step in range(0, n_seg):
-            m = n_seg - 1 - step
-            if tl.load(active_ptr + layer * M + m) != 0:
-                rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-                ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-                row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-                coef = tl.load(coef_ptr + layer * M + m)
-                grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2)
-                norm = tl.load(norm_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-                alpha += tl.where(m_ids[None, :] == m, (norm * tl.sum(grad_cos * cos, axis=1))[:, None], 0.0)
-                h += grad_cos * rx[:, None] * ry[None, :]
-            lo = tl.load(bounds_ptr + m)
-            hi = tl.load(bounds_ptr + m + 1)
-            for k0 in range(lo, hi, BLOCK_D):
-                k = k0 + tl.arange(0, BLOCK_D)
-                k_mask = k < hi
-                x = _load_operand(x_ptrs + k[None, :], r_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
-                y = _load_operand(y_ptrs + k[None, :], c_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
-                io_mask = r_mask[:, None] & k_mask[None, :]
-                grad = tl.load(out_ptrs + k[None, :], mask=io_mask, other=0.0)
-                grad = tl.dot(h.to(y.dtype), y, grad, input_precision=DOT_PRECISION)
-                tl.store(out_ptrs + k[None, :], grad, mask=io_mask)
-                acc = tl.dot(-x, tl.trans(y), acc, input_precision=DOT_PRECISION)  # S_{m-1}
-    _subtract_norm_term(out_ptrs, x_ptrs, r_mask, alpha, m_ids, bounds_ptr, n_seg, BLOCK_R, BLOCK_D)
-
-
-def _m2d_bwd_cols_kernel(
-    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
-    norm_cols_ptr, lse_ptr, coef_ptr, grad_cols_ptr, R, C, D, scale_log2,
-    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Grid (column block, layer): dY for the block's columns, streaming over row tiles
-    (the same walk as _m2d_bwd_rows_kernel with H transposed; beta summed over all rows)."""
-    pid_c = tl.program_id(0)
-    layer = tl.program_id(1).to(tl.int64)
-    n_seg = tl.load(n_seg_ptr + layer)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    m_ids = tl.arange(0, M_PAD)
-    y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
-    out_ptrs = grad_cols_ptr + (layer * C + c)[:, None] * D
-    _zero_rows(out_ptrs, c_mask, D, BLOCK_C, BLOCK_D)
-    top = tl.load(bounds_ptr + n_seg)
-
-    beta = tl.zeros([BLOCK_C, M_PAD], tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = r < R
-        valid = r_mask[:, None] & c_mask[None, :]
-        row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
-        onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
-        x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
-        acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
-                                  0, top, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
-        h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        for step in range(0, n_seg):
-            m = n_seg - 1 - step
-            if tl.load(active_ptr + layer * M + m) != 0:
-                rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-                ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-                row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-                coef = tl.load(coef_ptr + layer * M + m)
-                grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2)
-                norm = tl.load(norm_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-                beta += tl.where(m_ids[None, :] == m, (norm * tl.sum(grad_cos * cos, axis=0))[:, None], 0.0)
-                h += grad_cos * rx[:, None] * ry[None, :]
-            lo = tl.load(bounds_ptr + m)
-            hi = tl.load(bounds_ptr + m + 1)
-            for k0 in range(lo, hi, BLOCK_D):
-                k = k0 + tl.arange(0, BLOCK_D)
-                k_mask = k < hi
-                x = _load_operand(x_ptrs + k[None, :], r_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
-                y = _load_operand(y_ptrs + k[None, :], c_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
-                io_mask = c_mask[:, None] & k_mask[None, :]
-                grad = tl.load(out_ptrs + k[None, :], mask=io_mask, other=0.0)
-                grad = tl.dot(tl.trans(h).to(x.dtype), x, grad, input_precision=DOT_PRECISION)
-                tl.store(out_ptrs + k[None, :], grad, mask=io_mask)
-                acc = tl.dot(-x, tl.trans(y), acc, input_precision=DOT_PRECISION)  # S_{m-1}
-    _subtract_norm_term(out_ptrs, y_ptrs, c_mask, beta, m_ids, bounds_ptr, n_seg, BLOCK_C, BLOCK_D)
+    """Persistent grid over work items (layer, owner block): dX of a row block streaming over column
+    tiles, or (FOR_COLS) dY of a column block streaming over row tiles. Each program accumulates
+    in its own fp32 work rows, so the scratch memory is (programs x block x D), not the gradient's
+    size. norm_ptr is rx^2 (or ry^2) where the norm was not clamped to eps, else 0."""
+    pid = tl.program_id(0)
+    if FOR_COLS:
+        n_blocks = tl.cdiv(C, BLOCK_C)
+    else:
+        n_blocks = tl.cdiv(R, BLOCK_R)
+    for work in range(pid, L * n_blocks, tl.num_programs(0)):
+        layer = (work // n_blocks).to(tl.int64)
+        block = work % n_blocks
+        n_seg = tl.load(n_seg_ptr + layer)
+        top = tl.load(bounds_ptr + n_seg)
+        if FOR_COLS:
+            c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_mask = c < C
+            y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+            work_ptrs = workspace_ptr + (pid * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[:, None] * D
+            _zero_columns(work_ptrs, c_mask, 0, top, BLOCK_C, BLOCK_D)
+            norm_sums = tl.zeros([BLOCK_C, M_PAD], tl.float32)
+            if n_seg > 0:
+                for r0 in range(0, R, BLOCK_R):
+                    r = r0 + tl.arange(0, BLOCK_R)
+                    r_mask = r < R
+                    row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
+                    x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+                    norm_sums = _backward_tile(
+                        x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg, top,
+                        bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C,
+                        scale_log2, M, M_PAD, FOR_COLS, DOT_PRECISION, DOT_IN_FP32, BLOCK_R, BLOCK_C, BLOCK_D,
+                    )
+            _store_gradient(grad_ptr + (layer * C + c)[:, None] * D, work_ptrs, y_ptrs,
+                            c_mask, norm_sums, bounds_ptr, n_seg, top, D, BLOCK_C, M_PAD, BLOCK_D)
+        else:
+            r = block * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_mask = r < R
+            row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
+            x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+            work_ptrs = workspace_ptr + (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None] * D
+            _zero_columns(work_ptrs, r_mask, 0, top, BLOCK_R, BLOCK_D)
+            norm_sums = tl.zeros([BLOCK_R, M_PAD], tl.float32)
+            if n_seg > 0:
+                for c0 in range(0, C, BLOCK_C):
+                    c = c0 + tl.arange(0, BLOCK_C)
+                    c_mask = c < C
+                    y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+                    norm_sums = _backward_tile(
+                        x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg, top,
+                        bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C,
+                        scale_log2, M, M_PAD, FOR_COLS, DOT_PRECISION, DOT_IN_FP32, BLOCK_R, BLOCK_C, BLOCK_D,
+                    )
+            _store_gradient(grad_ptr + (layer * R + r)[:, None] * D, work_ptrs, x_ptrs,
+                            r_mask, norm_sums, bounds_ptr, n_seg, top, D, BLOCK_R, M_PAD, BLOCK_D)
 
 
-# The backward kernels zero and then accumulate into their outputs, so autotuning's repeated
-# runs are harmless; the forward overwrites its outputs.
+# Every kernel overwrites its outputs (the backward zeroes its work rows first), so autotuning's
+# repeated runs are harmless.
 _m2d_fwd_kernel = _autotune(_m2d_fwd_kernel)
-_m2d_bwd_rows_kernel = _autotune(_m2d_bwd_rows_kernel)
-_m2d_bwd_cols_kernel = _autotune(_m2d_bwd_cols_kernel)
+_m2d_bwd_kernel = _autotune(_m2d_bwd_kernel, key=("R", "C", "D", "M", "FOR_COLS"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,10 +370,21 @@ def _inverse_prefix_norms(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Te
     """``[L, R, M]`` fp32 tables: ``1 / max(|x[:d_m]|, eps)`` and the alpha/beta factor (its square
     where the norm was not clamped, else 0)."""
     starts = (0,) + tuple(dims[:-1])
-    squares = torch.stack([x[..., a:b].float().pow(2).sum(-1) for a, b in zip(starts, dims, strict=True)], dim=-1)
-    norms = squares.cumsum(-1).sqrt()
+    # vector_norm accumulates in fp32 without materialising an fp32 copy of x.
+    segment_norms = [torch.linalg.vector_norm(x[..., a:b], dim=-1, dtype=torch.float32)
+                     for a, b in zip(starts, dims, strict=True)]
+    norms = torch.stack(segment_norms, dim=-1).square().cumsum(-1).sqrt()
     inverse = 1.0 / norms.clamp_min(EPS)
     return inverse.contiguous(), torch.where(norms >= EPS, inverse.square(), 0.0).contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _resident_programs(device: torch.device) -> int:
+    """Programs of the persistent backward grid: one per SM of the largest tile (two of 64-row
+    tiles). The interpreter runs programs one after another; a few exercise the persistent loop."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
 
 
 def _launch_options(x: torch.Tensor, dims, scale: float) -> dict:
@@ -372,7 +395,7 @@ def _launch_options(x: torch.Tensor, dims, scale: float) -> dict:
         "FIXED_MAX": 2 * scale_log2 <= FIXED_MAX_LIMIT,
         "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
         # The interpreter's tl.dot misreads bfloat16 tiles: upcast them there (the GPU keeps bf16 MMA).
-        "DOT_IN_FP32": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        "DOT_IN_FP32": x.dtype == torch.bfloat16 and _interpreting(),
     }
 
 
@@ -448,21 +471,22 @@ def m2d_backward(
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
     coef = (grad_losses.float() * (scale / n_rows)).contiguous()
     positives = positives.to(torch.int32)
+    # One set of fp32 work rows per resident program, shared by the two launches.
+    slots = _resident_programs(rows.device)
+    workspace = torch.empty(slots * _largest_block(), n_features, dtype=torch.float32, device=rows.device)
     options = _launch_options(rows, dims, scale)
-    common = (bounds, flags, n_seg, inv_rows, inv_cols)
-    grad_rows = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
-    grad_cols = torch.empty(cols.shape, dtype=torch.float32, device=cols.device)
-    row_grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_layers)
-    _m2d_bwd_rows_kernel[row_grid](
-        rows, cols, positives, *common, norm_rows, lse, coef, grad_rows,
-        n_rows, n_cols, n_features, scale * LOG2E, **options,
-    )
-    col_grid = lambda meta: (triton.cdiv(n_cols, meta["BLOCK_C"]), n_layers)
-    _m2d_bwd_cols_kernel[col_grid](
-        rows, cols, positives, *common, norm_cols, lse, coef, grad_cols,
-        n_rows, n_cols, n_features, scale * LOG2E, **options,
-    )
-    return grad_rows.to(rows.dtype), grad_cols.to(cols.dtype)
+    grads = []
+    for for_cols, n_own, block, norm in ((False, n_rows, "BLOCK_R", norm_rows), (True, n_cols, "BLOCK_C", norm_cols)):
+        grad = torch.empty_like(cols if for_cols else rows)
+        grid = lambda meta, n_own=n_own, block=block: (
+            min(n_layers * triton.cdiv(n_own, meta[block]), slots * _largest_block() // meta[block]),
+        )
+        _m2d_bwd_kernel[grid](
+            rows, cols, positives, bounds, flags, n_seg, inv_rows, inv_cols, norm, lse, coef, grad, workspace,
+            n_layers, n_rows, n_cols, n_features, scale * LOG2E, FOR_COLS=for_cols, **options,
+        )
+        grads.append(grad)
+    return grads[0], grads[1]
 
 
 @m2d_backward.register_fake
