@@ -18,12 +18,14 @@ Backward, ``G_m = coef_lm * (softmax_j(scale * cos_m) - onehot(p))`` with
     dX[:, seg_s] = H_s Y[:, seg_s]   - alpha_s * X[:, seg_s]   H_s = sum_{m>=s} diag(rx_m) G_m diag(ry_m)
     dY[:, seg_s] = H_s^T X[:, seg_s] - beta_s  * Y[:, seg_s]   alpha_s = sum_{m>=s} rx_m^2 rowsum(G_m * cos_m)
 
-Each backward kernel recomputes ``S_M`` for its tile, then walks the segments from the
-largest dim down: it adds ``G_m`` to ``H`` at each active boundary and, with the same
-loaded tiles, accumulates ``H Y[:, seg]`` into the gradient and subtracts
-``X[:, seg] Y[:, seg]^T`` from ``S`` to get ``S_{m-1}``. No ``R x C`` matrix is ever
-written to memory: the forward keeps ``[L, R, M]`` statistics, the backward an fp32
-gradient buffer owned row-block by row-block (no atomics).
+The backward is one kernel launched twice (dX over row blocks, dY over column blocks). For
+each tile it recomputes ``S_M``, then walks the segments from the largest dim down: it adds
+``G_m`` to ``H`` at each active boundary and, with the same loaded tiles, accumulates
+``H Y[:, seg]`` into the owner block's fp32 work rows and subtracts ``X[:, seg] Y[:, seg]^T``
+from ``S`` to get ``S_{m-1}``. No ``R x C`` matrix is ever written to memory: the forward
+keeps ``[L, R, M]`` statistics; the backward's grid is persistent (one program per SM), so its
+fp32 scratch is ``programs x block x D`` whatever the batch, and each block is owned by one
+program (no atomics).
 
 ``scale`` is a fixed log-sum-exp maximum (``|cos| <= 1``) while ``exp2(-2 * scale *
 log2(e))`` stays a normal fp32 number; above that the forward keeps a running maximum.
