@@ -248,7 +248,8 @@ def _m2d_fwd_kernel(
     inactive = tl.load(active_ptr + layer * M + m_ids, mask=m_ids < M, other=0) == 0
     run_sum = tl.zeros([BLOCK_R, M_PAD], tl.float32) + inactive.to(tl.float32)[None, :]
     pos_logit = tl.zeros([BLOCK_R, M_PAD], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    n_streamed = tl.where(n_seg > 0, C, 0)  # a layer without active pairs streams nothing
+    for c0 in range(0, n_streamed, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
         y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
@@ -438,8 +439,8 @@ def m2d_forward(
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
     inv_rows, norm_rows = _inverse_prefix_norms(rows, dims)
     inv_cols, norm_cols = _inverse_prefix_norms(cols, dims)
-    lse = rows.new_zeros(n_layers, n_rows, len(dims), dtype=torch.float32)
-    pos_logit = torch.zeros_like(lse)
+    lse = rows.new_empty(n_layers, n_rows, len(dims), dtype=torch.float32)  # the kernel writes every entry
+    pos_logit = torch.empty_like(lse)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_layers)
     _m2d_fwd_kernel[grid](
         rows, cols, positives.to(torch.int32), bounds, flags, n_seg, inv_rows, inv_cols, lse, pos_logit,
