@@ -8,6 +8,11 @@ computed from the same fp32 values, at the fp32 tolerance.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import (
@@ -169,3 +174,44 @@ def test_gpu_medium_shape(dtype):
         _check_against_truth(queries.float().cuda(), docs.float().cuda(), dims, symmetric=True)
     else:
         assert_within_twice_reference_error("triton", queries, docs, dims, dtype, device="cuda", symmetric=True)
+
+
+_COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from m2d_kernels.backends import triton_kernels as tk
+
+INT_POINTERS = {"positives_ptr", "bounds_ptr", "active_ptr", "n_seg_ptr"}
+INPUT_POINTERS = {"rows_ptr", "cols_ptr", "grad_ptr"}
+SCALARS = {"L": "i32", "R": "i32", "C": "i32", "D": "i32", "scale_log2": "fp32"}
+for autotuned, constexprs in (
+    (tk._m2d_fwd_kernel, {"FIXED_MAX": False}),
+    (tk._m2d_bwd_kernel, {"FOR_COLS": False}),
+    (tk._m2d_bwd_kernel, {"FOR_COLS": True}),
+):
+    config = autotuned.configs[-1]
+    constexprs.update(M=6, M_PAD=8, DOT_PRECISION="tf32", DOT_IN_FP32=False, **config.kwargs)
+    names = autotuned.fn.arg_names
+    signature = {
+        name: "constexpr" if name in constexprs else SCALARS.get(name)
+        or ("*i32" if name in INT_POINTERS else "*bf16" if name in INPUT_POINTERS else "*fp32")
+        for name in names
+    }
+    source = ASTSource(autotuned.fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels natively")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter runs the kernels as Python; this compiles them to an sm_90 binary (bf16, the
+    largest tile config) so that what only the GPU compiler rejects is caught without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
