@@ -50,7 +50,7 @@ def _check_against_truth(queries, docs, dims, weights=None, **kwargs):
 
 # (L, B, N, D, dims): B = 1, 3, 37; N = 3B hard negatives; D and dims not multiples of 16.
 SHAPES = [
-    (1, 1, 1, 48, (16, 48)),
+    (1, 1, 3, 48, (16, 48)),
     (2, 3, 9, 100, (24, 40, 100)),
     (1, 37, 37, 48, (8, 20, 48)),
     (2, 5, 15, 48, (5, 30)),

@@ -42,6 +42,7 @@ import triton.language as tl
 
 EPS = 1e-12  # F.normalize's default
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 # exp2 of anything down to -FIXED_MAX_LIMIT is a normal fp32 number (2^-126 is the smallest).
 FIXED_MAX_LIMIT = 120.0
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -125,9 +126,10 @@ def _accumulate_segment(acc, x_ptrs, y_ptrs, x_mask, y_mask, lo, hi,
 
 @triton.jit
 def _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2):
-    """G = coef * (softmax - onehot) and cos of one (layer, dim) pair on an [R, C] tile."""
+    """G = coef * (softmax - onehot) and cos of one (layer, dim) pair on an [R, C] tile
+    (row_lse in log2 units, like every logit in these kernels)."""
     cos = acc * rx[:, None] * ry[None, :]
-    prob = tl.exp2(cos * scale_log2 - row_lse[:, None] * 1.4426950408889634)
+    prob = tl.exp2(cos * scale_log2 - row_lse[:, None])
     grad_cos = tl.where(valid, coef * (prob - onehot), 0.0)
     return grad_cos, cos
 
@@ -227,8 +229,9 @@ def _m2d_fwd_kernel(
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (row block, layer). Per row and active pair: log-sum-exp_j(scale cos) and scale cos(i, p(i)),
-    from one accumulator over D with the (layer, dim) epilogue at every nested-dim boundary."""
+    """Grid (row block, layer). Per row and active pair, in log2 units: log-sum-exp_j(scale cos) and
+    scale cos(i, p(i)), from one accumulator over D with the (layer, dim) epilogue at every
+    nested-dim boundary."""
     pid_r = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     n_seg = tl.load(n_seg_ptr + layer)
@@ -279,8 +282,8 @@ def _m2d_fwd_kernel(
                     new_sum += tl.sum(tl.exp2(z - new_max[:, None]), axis=1)
                     run_max = tl.where(is_m, new_max[:, None], run_max)
                     run_sum = tl.where(is_m, new_sum[:, None], run_sum)
-    tl.store(lse_ptr + stat_offsets, (run_max + tl.log2(run_sum)) * 0.6931471805599453, mask=stat_mask)
-    tl.store(pos_logit_ptr + stat_offsets, pos_logit * 0.6931471805599453, mask=stat_mask)
+    tl.store(lse_ptr + stat_offsets, run_max + tl.log2(run_sum), mask=stat_mask)
+    tl.store(pos_logit_ptr + stat_offsets, pos_logit, mask=stat_mask)
 
 
 def _m2d_bwd_kernel(
@@ -430,6 +433,7 @@ def m2d_forward(
     rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, dims: list[int], active: list[bool], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses ``[L, M]`` (input dtype) and what backward needs: row log-sum-exp ``[L, R, M]``
+    (log2 units)
     and the inverse-norm / norm-factor tables of rows and columns."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
@@ -446,7 +450,7 @@ def m2d_forward(
         rows, cols, positives.to(torch.int32), bounds, flags, n_seg, inv_rows, inv_cols, lse, pos_logit,
         n_rows, n_cols, n_features, scale * LOG2E, **_launch_options(rows, dims, scale),
     )
-    losses = torch.where(flags.bool(), (lse - pos_logit).mean(1), 0.0).to(rows.dtype)
+    losses = torch.where(flags.bool(), (lse - pos_logit).mean(1) * LN2, 0.0).to(rows.dtype)
     return losses, lse, inv_rows, norm_rows, inv_cols, norm_cols
 
 
