@@ -104,6 +104,10 @@ def test_features_beyond_largest_dim_get_zero_gradient():
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_low_precision_within_twice_reference_error(dtype, symmetric):
     queries, docs = make_inputs(2, 5, 15, 100, dtype=torch.float64, seed=6)
+    # The truth is taken on inputs the low dtype represents exactly, so the rule compares compute
+    # errors rather than the input rounding that every backend shares (and the reference's bf16
+    # arithmetic sometimes cancels by chance).
+    queries, docs = queries.detach().to(dtype).double(), docs.detach().to(dtype).double()
     assert_within_twice_reference_error("triton", queries, docs, (24, 40, 100), dtype, device=DEVICE,
                                         symmetric=symmetric, scale=20.0)
 
@@ -175,6 +179,7 @@ def test_gpu_medium_shape(dtype):
     if dtype == torch.float32:
         _check_against_truth(queries.float().cuda(), docs.float().cuda(), dims, symmetric=True)
     else:
+        queries, docs = queries.detach().to(dtype).double(), docs.detach().to(dtype).double()
         assert_within_twice_reference_error("triton", queries, docs, dims, dtype, device="cuda", symmetric=True)
 
 

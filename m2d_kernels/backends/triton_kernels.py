@@ -19,10 +19,9 @@ Backward, ``G_m = coef_lm * (softmax_j(scale * cos_m) - onehot(p))`` with
     dY[:, seg_s] = H_s^T X[:, seg_s] - beta_s  * Y[:, seg_s]   alpha_s = sum_{m>=s} rx_m^2 rowsum(G_m * cos_m)
 
 The backward is one kernel launched twice (dX over row blocks, dY over column blocks). For
-each tile it recomputes ``S_M``, then walks the segments from the largest dim down: it adds
-``G_m`` to ``H`` at each active boundary and, with the same loaded tiles, accumulates
-``H Y[:, seg]`` into the owner block's fp32 work rows and subtracts ``X[:, seg] Y[:, seg]^T``
-from ``S`` to get ``S_{m-1}``. No ``R x C`` matrix is ever written to memory: the forward
+each tile it walks the segments from the largest dim down: at each active boundary it
+recomputes ``S_m`` and adds ``G_m`` to ``H``, then accumulates ``H Y[:, seg]`` into the owner
+block's fp32 work rows. No ``R x C`` matrix is ever written to memory: the forward
 keeps ``[L, R, M]`` statistics; the backward's grid is persistent (one program per SM), so its
 fp32 scratch is ``programs x block x D`` whatever the batch, and each block is owned by one
 program (no atomics).
@@ -150,24 +149,28 @@ def _zero_columns(ptrs, mask, lo, hi, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr
 
 @triton.jit
 def _backward_tile(
-    x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg, top,
+    x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg,
     bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C, scale_log2,
     M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One [rows, cols] tile of the backward: recompute S_M, then walk the segments from the largest
-    dim down, adding G_m to the suffix sum H at each active boundary, accumulating H Y (rows) or
-    H^T X (cols) into the owner's fp32 work rows, and subtracting the segment's product from S.
+    """One [rows, cols] tile of the backward: walk the segments from the largest dim down; at each
+    active boundary recompute S_m over [0, d_m) and add G_m to the suffix sum H, then accumulate
+    H Y[:, seg_m] (rows) or H^T X[:, seg_m] (cols) into the owner's fp32 work rows. Recomputing
+    S_m (rather than subtracting segments from S_M) costs sum(active dims) / D products instead of
+    one but avoids the cancellation that small leading dims would suffer.
     Returns norm_sums + norm * sum(G_m * cos_m) along the owner's axis, per dim."""
     m_ids = tl.arange(0, M_PAD)
     valid = r_mask[:, None] & c_mask[None, :]
     onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
-    acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
-                              0, top, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
     h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for step in range(0, n_seg):
         m = n_seg - 1 - step
+        lo = tl.load(bounds_ptr + m)
+        hi = tl.load(bounds_ptr + m + 1)
         if tl.load(active_ptr + layer * M + m) != 0:
+            acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
+                                      0, hi, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
             rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
             ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
             row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
@@ -181,23 +184,20 @@ def _backward_tile(
                 norm_sum = norm * tl.sum(grad_cos * cos, axis=1)
             norm_sums += tl.where(m_ids[None, :] == m, norm_sum[:, None], 0.0)
             h += grad_cos * rx[:, None] * ry[None, :]
-        lo = tl.load(bounds_ptr + m)
-        hi = tl.load(bounds_ptr + m + 1)
         for k0 in range(lo, hi, BLOCK_D):
             k = k0 + tl.arange(0, BLOCK_D)
             k_mask = k < hi
-            x = _load_operand(x_ptrs + k[None, :], r_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
-            y = _load_operand(y_ptrs + k[None, :], c_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
             if FOR_COLS:
                 io_mask = c_mask[:, None] & k_mask[None, :]
+                x = _load_operand(x_ptrs + k[None, :], r_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
                 grad = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
                 grad = tl.dot(tl.trans(h).to(x.dtype), x, grad, input_precision=DOT_PRECISION)
             else:
                 io_mask = r_mask[:, None] & k_mask[None, :]
+                y = _load_operand(y_ptrs + k[None, :], c_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
                 grad = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
                 grad = tl.dot(h.to(y.dtype), y, grad, input_precision=DOT_PRECISION)
             tl.store(work_ptrs + k[None, :], grad, mask=io_mask)
-            acc = tl.dot(-x, tl.trans(y), acc, input_precision=DOT_PRECISION)  # S_{m-1}
     return norm_sums
 
 
@@ -321,7 +321,7 @@ def _m2d_bwd_kernel(
                     row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
                     x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
                     norm_sums = _backward_tile(
-                        x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg, top,
+                        x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg,
                         bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C,
                         scale_log2, M, M_PAD, FOR_COLS, DOT_PRECISION, DOT_IN_FP32, BLOCK_R, BLOCK_C, BLOCK_D,
                     )
@@ -341,7 +341,7 @@ def _m2d_bwd_kernel(
                     c_mask = c < C
                     y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
                     norm_sums = _backward_tile(
-                        x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg, top,
+                        x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg,
                         bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C,
                         scale_log2, M, M_PAD, FOR_COLS, DOT_PRECISION, DOT_IN_FP32, BLOCK_R, BLOCK_C, BLOCK_D,
                     )
