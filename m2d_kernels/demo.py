@@ -69,8 +69,7 @@ def main(argv=None) -> None:
     print(f"InfoNCE per (layer, dim), L={args.layers} B={args.batch} N={n_docs} D={args.features}, scale 20:")
     print(format_matrix(losses, dims, [f"layer {i + 1}" for i in range(args.layers)]))
 
-    cpu = torch.device("cpu")
-    fast = next(b for b in backends.AUTO_ORDER if backends.unavailable_reason(b, cpu) is None)
+    fast = backends.chosen_name("auto", torch.device("cpu"))
     print(f"\nforward+backward on the CPU ({torch.get_num_threads()} threads), median of {args.repeats}:")
     reference_time = time_forward_backward(queries, docs, dims, "reference", args.repeats)
     fast_time = time_forward_backward(queries, docs, dims, fast, args.repeats)

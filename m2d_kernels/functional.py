@@ -73,8 +73,8 @@ def matryoshka_2d_infonce(
     dims, weights, scale, positive_index = _validate(
         queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite, gather_across_devices
     )
-    active = tuple(tuple(bool(w > 0) for w in row) for row in weights.tolist())
-    impl = backends.resolve(backend, queries.device)
+    active = tuple(tuple(w > 0 for w in row) for row in weights)
+    impl = backends.resolve(backend, queries.device, queries.dtype)
     if gather_across_devices:
         from m2d_kernels import distributed  # torch.distributed only when asked for: not every build has it
 
@@ -85,7 +85,7 @@ def matryoshka_2d_infonce(
         losses = impl.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric)
     if reduction == "none":
         return losses
-    return (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()
+    return (losses * torch.tensor(weights, device=losses.device, dtype=losses.dtype)).sum()
 
 
 def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite,
@@ -126,20 +126,24 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
     if dims[-1] > n_features:
         raise ValueError(f"dims must not exceed the feature size D={n_features}, got {dims}")
 
+    # Weights become a tuple of Python floats: no tensor work, so torch.compile traces it.
     shape = (n_layers, len(dims))
     if weights is None:
-        weights = torch.ones(shape, dtype=torch.float64)
+        weights = ((1.0,) * len(dims),) * n_layers
     else:
-        if not isinstance(weights, torch.Tensor):
-            try:
-                weights = torch.tensor(weights, dtype=torch.float64)
-            except (TypeError, ValueError) as error:
-                raise TypeError(f"weights must be a tensor or nested sequence of numbers of shape {shape}") from error
-        weights = weights.detach().to(device="cpu", dtype=torch.float64)
-        if tuple(weights.shape) != shape:
-            raise ValueError(f"weights must have shape [L, M] = {shape}, got {tuple(weights.shape)}")
-        if not torch.isfinite(weights).all() or (weights < 0).any():
-            raise ValueError(f"weights must be finite and non-negative, got {weights.tolist()}")
+        if isinstance(weights, torch.Tensor):
+            if weights.dim() != 2:
+                raise ValueError(f"weights must have shape [L, M] = {shape}, got {tuple(weights.shape)}")
+            weights = weights.detach().cpu().tolist()  # [L, M] is tiny; a CUDA tensor costs one copy
+        try:
+            weights = tuple(tuple(float(w) for w in row) for row in weights)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"weights must be a tensor or nested sequence of numbers of shape {shape}") from error
+        row_lengths = sorted({len(row) for row in weights})
+        if len(weights) != n_layers or row_lengths != [len(dims)]:
+            raise ValueError(f"weights must have shape [L, M] = {shape}, got {len(weights)} rows of lengths {row_lengths}")
+        if not all(math.isfinite(w) and w >= 0 for row in weights for w in row):
+            raise ValueError(f"weights must be finite and non-negative, got {weights}")
 
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = scale.item()
@@ -161,9 +165,10 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
             raise ValueError(
                 f"positive_index must be on the embeddings' device {queries.device}, got {positive_index.device}"
             )
-        low, high = positive_index.min().item(), positive_index.max().item()
-        if low < 0 or high >= docs.shape[1]:
-            raise ValueError(f"positive_index values must be in [0, N={docs.shape[1]}), got range [{low}, {high}]")
+        if not torch.compiler.is_compiling():  # reading the values syncs; torch.compile cannot trace it
+            low, high = positive_index.min().item(), positive_index.max().item()
+            if low < 0 or high >= docs.shape[1]:
+                raise ValueError(f"positive_index values must be in [0, N={docs.shape[1]}), got range [{low}, {high}]")
 
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")

@@ -233,7 +233,7 @@ def test_torch_backend_under_torch_compile(compile_backend):
     def loss(q, d):
         return m2d.matryoshka_2d_infonce(q, d, (8, 16), backend="torch", symmetric=True)
 
-    fn = loss if compile_backend is None else torch.compile(loss, backend=compile_backend)
+    fn = loss if compile_backend is None else torch.compile(loss, backend=compile_backend, fullgraph=True)
     q, d = queries.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
     value = fn(q, d)
     value.backward()

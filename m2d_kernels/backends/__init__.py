@@ -19,24 +19,27 @@ from types import ModuleType
 
 import torch
 
-# name -> module; "auto" tries AUTO_ORDER and takes the first that can run on the device.
+# name -> module.
 _MODULES = {
     "triton": "m2d_kernels.backends.triton_kernels",
     "cpp": "m2d_kernels.backends.cpp",
     "torch": "m2d_kernels.backends.torch_prefix",
     "reference": "m2d_kernels.backends.reference",
 }
-AUTO_ORDER = ("triton", "cpp", "torch")
+# "auto" takes the first backend of its device type's list that can run; "torch" runs anywhere.
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 BACKEND_NAMES = tuple(_MODULES) + ("auto",)
 # The device type an accelerated backend is built for: "auto" warns once per backend when it
 # cannot run there (e.g. the C++ build failed) instead of falling back silently.
 _NATIVE_DEVICE_TYPE = {"triton": "cuda", "cpp": "cpu"}
 _warned_fallbacks: set[str] = set()
+_loaded: dict[str, ModuleType] = {}
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
     try:
-        return importlib.import_module(_MODULES[name]), None
+        _loaded[name] = importlib.import_module(_MODULES[name])
+        return _loaded[name], None
     except ImportError as error:  # an optional dependency (Triton, a compiler) is missing
         return None, f"{type(error).__name__}: {error}"
 
@@ -47,19 +50,35 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return reason if module is None else module.unavailable_reason(device)
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` ("auto" picks the first of AUTO_ORDER that can run)."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> ModuleType:
+    """The backend module for ``name``; "auto" picks the first of ``AUTO_ORDER[device.type]``
+    that can run on ``device`` and supports ``dtype`` (a module's ``SUPPORTED_DTYPES``)."""
+    return _loaded[chosen_name(name, device, dtype)]
+
+
+def chosen_name(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend that ``name`` ("auto" or a backend name) stands for on ``device``."""
+    return _choose(name, str(device), str(dtype).removeprefix("torch."))
+
+
+# Under torch.compile the choice (imports, availability probes) runs eagerly at trace time
+# and enters the graph as a constant, so dispatch causes no graph break.
+@torch.compiler.assume_constant_result
+def _choose(name: str, device_name: str, dtype_name: str) -> str:
+    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
-    for candidate in AUTO_ORDER if name == "auto" else (name,):
+    for candidate in AUTO_ORDER.get(device.type, ("torch",)) if name == "auto" else (name,):
         reason = unavailable_reason(candidate, device)
         if reason is None:
-            return _load(candidate)[0]
+            if name == "auto" and dtype not in getattr(_loaded[candidate], "SUPPORTED_DTYPES", (dtype,)):
+                continue
+            return candidate
         if name != "auto":
             raise RuntimeError(f"backend {name!r} is not available on {device}: {reason}")
         if _NATIVE_DEVICE_TYPE.get(candidate) == device.type and candidate not in _warned_fallbacks:
             _warned_fallbacks.add(candidate)
-            warnings.warn(f"m2d-kernels: backend {candidate!r} is unavailable, falling back: {reason}", stacklevel=3)
+            warnings.warn(f"m2d-kernels: backend {candidate!r} is unavailable, falling back: {reason}", stacklevel=4)
     raise RuntimeError(f"no backend can run on {device}")  # unreachable: "torch" runs anywhere
 
 

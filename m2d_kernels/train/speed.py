@@ -37,7 +37,7 @@ def time_loss(queries_shape: Sequence[int], docs_shape: Sequence[int], dims: Seq
 def compare_with_reference(queries_shape: Sequence[int], docs_shape: Sequence[int], dims: Sequence[int],
                            weights: torch.Tensor, device: torch.device, repeats: int = 5) -> dict:
     """``{"backend": name auto picks, "auto_ms": ..., "reference_ms": ..., "speedup": ...}``."""
-    chosen = backends.resolve("auto", device).__name__.rsplit(".", 1)[-1]
+    chosen = backends.chosen_name("auto", device)
     auto = time_loss(queries_shape, docs_shape, dims, weights, "auto", device, repeats=repeats)
     reference = time_loss(queries_shape, docs_shape, dims, weights, "reference", device, repeats=repeats)
     return {"backend": chosen, "device": str(device), "queries_shape": list(queries_shape),
