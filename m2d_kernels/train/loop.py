@@ -27,6 +27,7 @@ keeps every rank's RNG states, so ``resume`` is exact under DDP too.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import random
@@ -340,6 +341,11 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     if bar is not None:
         bar.close()
     checkpoint()
+    # DDP's reducer hooks the encoder's parameters: free it now (it is in reference cycles),
+    # so that the encoder can be trained again and the process group can be destroyed.
+    del forward
+    if world.is_distributed:
+        gc.collect()
     if step == steps and world.is_main_process:
         save_model(encoder, Path(config.output_dir) / MODEL_DIR_NAME)
     barrier(world)  # when any rank returns, the checkpoint and the model are on disk
