@@ -277,10 +277,9 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     # The forward runs through DDP (which also broadcasts rank 0's weights once); the loop
     # keeps using ``encoder`` itself for its parameters, state and saving. Layers above the
     # deepest selected one, the pooler, and the layers a sampled schedule skips this step get
-    # no gradient: hence find_unused_parameters. BERT-like encoders have only constant buffers.
+    # no gradient: hence find_unused_parameters.
     forward = encoder if not world.is_distributed else torch.nn.parallel.DistributedDataParallel(
-        encoder, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
-        broadcast_buffers=False)
+        encoder, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     gather = world.is_distributed and config.gather_across_devices
 
     def checkpoint() -> None:
