@@ -13,12 +13,10 @@ gathers them: for each column group of B rows, the groups of ranks 0..W-1.
 
 from __future__ import annotations
 
-import datetime
 import gc
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_helpers import free_port, init_process_group, spawn
 from helpers import assert_close, loss_and_grads, make_inputs, oracle_pair_losses
 
 import m2d_kernels as m2d
@@ -36,27 +34,6 @@ EXAMPLE = REPO_ROOT / "python" / "ddp_torchrun.py"
 N_LAYERS, N_QUERIES, N_FEATURES = 2, 3, 100
 DIMS = (24, 40, 100)
 WEIGHTS = [[1.0, 0.0, 0.5], [0.25, 1.0, 2.0]]
-TIMEOUT = datetime.timedelta(seconds=120)  # a failing rank must not leave the others waiting for 30 minutes
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn(worker, world_size: int, *args) -> None:
-    # fork: the children start in a second instead of importing torch again (they use one thread, no CUDA).
-    # The functional collectives import torch._dynamo on first use (seconds); import it once, before forking.
-    importlib.import_module("torch._dynamo")
-    mp.start_processes(worker, args=(world_size, _free_port(), *args), nprocs=world_size, join=True,
-                       start_method="fork")
-
-
-def _init_process_group(rank: int, world_size: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=TIMEOUT)
 
 
 def _local_docs_rows(world_size: int, n_docs: int, rank: int) -> torch.Tensor:
@@ -109,7 +86,7 @@ def _assert_matches(actual, expected, dtype, name):
 
 
 def _loss_worker(rank: int, world_size: int, port: int, cases: dict, out_dir: str) -> None:
-    _init_process_group(rank, world_size, port)
+    init_process_group(rank, world_size, port)
     results = {}
     for name, case in cases.items():
         local_queries, local_docs, positive_index = case["shards"][rank]
@@ -133,7 +110,7 @@ def _loss_worker(rank: int, world_size: int, port: int, cases: dict, out_dir: st
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_gathered_losses_and_grads_equal_one_process_on_the_concatenated_batch(world_size, tmp_path):
     cases = _cases(world_size)
-    _spawn(_loss_worker, world_size, cases, str(tmp_path))
+    spawn(_loss_worker, world_size, cases, str(tmp_path))
     per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
     for name, case in cases.items():
         options = {"scale": case["scale"], "symmetric": case["symmetric"]}
@@ -188,7 +165,7 @@ def _ddp_step(example, rank: int, world_size: int) -> dict:
 
 
 def _ddp_step_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    _init_process_group(rank, world_size, port)
+    init_process_group(rank, world_size, port)
     example = _load_example()
     torch.save(_ddp_step(example, rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
     # DDP must be freed before the process group (see the example's main): _ddp_step returned, collect its cycles.
@@ -199,7 +176,7 @@ def _ddp_step_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
 @pytest.mark.slow
 def test_ddp_step_on_two_processes_equals_one_process_step_on_the_global_batch(tmp_path):
     world_size = 2
-    _spawn(_ddp_step_worker, world_size, str(tmp_path))
+    spawn(_ddp_step_worker, world_size, str(tmp_path))
     example = _load_example()
     model, optimizer = _make_training_step(example, TRAIN_SEED)
     initial = {name: value.clone() for name, value in model.state_dict().items()}
@@ -217,7 +194,7 @@ def test_ddp_step_on_two_processes_equals_one_process_step_on_the_global_batch(t
 def test_torchrun_example_trains_and_only_rank_zero_writes(tmp_path):
     output_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(EXAMPLE),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(EXAMPLE),
                "--dist-backend", "gloo", "--steps", "3", "--batch-size", "4", "--samples", "64",
                "--output-dir", str(output_dir)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}

@@ -16,8 +16,9 @@ WORDS = ("the a an of to in is are was on for with by at from and or not this th
          "house park street river tree car ball book food water sun rain day night").split()
 
 
-def make_tiny_bert(folder: Path, seed: int = 0, layers: int = 3, hidden: int = 32) -> Path:
-    """Save a random ``BertModel`` (``layers`` x ``hidden``) and its WordPiece tokenizer to ``folder``."""
+def make_tiny_bert(folder: Path, seed: int = 0, layers: int = 3, hidden: int = 32, dropout: float = 0.1) -> Path:
+    """Save a random ``BertModel`` (``layers`` x ``hidden``, ``dropout`` on hidden states and attention)
+    and its WordPiece tokenizer to ``folder``."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = Path(folder)
@@ -27,7 +28,8 @@ def make_tiny_bert(folder: Path, seed: int = 0, layers: int = 3, hidden: int = 3
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64)
+                        intermediate_size=2 * hidden, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(folder)
     # transformers 5 takes the vocabulary as ``vocab``, 4.x as ``vocab_file``.
     takes_vocab = "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters

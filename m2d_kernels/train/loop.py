@@ -15,13 +15,19 @@ so the position in the data is just the step count; a checkpoint holds the model
 optimiser, scheduler, grad scaler, step and every RNG state, and ``resume`` continues
 exactly where it stopped.
 
-Multi-process training (issue 7) plugs in through :class:`World`: only the main process
-writes checkpoints and the model or draws the progress bar; sharding each batch by rank
-is the one addition a data-parallel run needs.
+Under torchrun (``WORLD_SIZE > 1``) the same loop runs data-parallel (see
+:mod:`m2d_kernels.train.parallel`): the model is wrapped in DDP, ``batch_size`` stays the
+*global* batch, each rank takes a contiguous slice of it and, with
+``gather_across_devices`` (the default), scores its queries against the docs of all ranks,
+so the run follows the single-process one step for step whatever the number of processes.
+Only rank 0 writes checkpoints and the model or draws the progress bar; the checkpoint
+keeps every rank's RNG states, so ``resume`` is exact under DDP too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import random
@@ -38,6 +44,7 @@ from m2d_kernels.functional import matryoshka_2d_infonce
 from m2d_kernels.train.atomic import atomic_directory, atomic_write
 from m2d_kernels.train.data import Example
 from m2d_kernels.train.encoder import LayerEncoder
+from m2d_kernels.train.parallel import World, barrier, gather_to_main, mean_over_ranks, shard, start
 
 SCHEDULES = ("full_grid", "starbucks", "sampled")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,18 +83,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     backend: str = "auto"
     resume: bool = False
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the training processes (one process without DDP)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.rank == 0
+    gather_across_devices: bool = True  # under DDP: score against the docs of all ranks (no effect in one process)
 
 
 @dataclass
@@ -110,16 +106,7 @@ def default_dims(hidden_size: int) -> tuple[int, ...]:
     return tuple(dims) + (hidden_size,)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
-
-
-def check_config(config: TrainConfig, n_examples: int) -> None:
+def check_config(config: TrainConfig, n_examples: int, world_size: int = 1) -> None:
     """Raise ValueError naming the option for settings the loop cannot run with."""
     if config.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
@@ -130,6 +117,9 @@ def check_config(config: TrainConfig, n_examples: int) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.batch_size > n_examples:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {n_examples} training examples")
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of the "
+                         f"{world_size} processes")
     if config.steps is not None and config.steps < 1:
         raise ValueError(f"steps must be >= 1, got {config.steps}")
     if config.lr <= 0 or not 0 <= config.warmup_ratio < 1:
@@ -236,19 +226,24 @@ def seed_everything(seed: int) -> None:
 
 
 def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEncoder | None = None,
-          world: World = World(), stop_after: int | None = None, progress: bool = True) -> TrainResult:
+          world: World | None = None, stop_after: int | None = None, progress: bool = True) -> TrainResult:
     """Train ``config.model`` on ``examples``; returns the trained encoder.
 
     ``encoder`` may be passed to train an already loaded model (it is modified in place).
-    ``stop_after`` stops (after saving a checkpoint) once that many steps are done, as an
-    interruption would; a later call with ``resume=True`` finishes the run.
+    ``world`` defaults to :func:`m2d_kernels.train.parallel.start`: the torchrun process
+    group when there is one (it joins it), else one process. ``stop_after`` stops (after
+    saving a checkpoint) once that many steps are done, as an interruption would; a later
+    call with ``resume=True`` finishes the run.
     """
-    check_config(config, len(examples))
+    joined, device = start(config.device)
+    world = joined if world is None else world
+    check_config(config, len(examples), world.world_size)
     arity = {len(e) for e in examples}
     if len(arity) != 1 or next(iter(arity)) not in (2, 3):
         raise ValueError("examples must all be (anchor, positive) pairs or all (anchor, positive, negative) triplets")
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
+    # Each rank draws its own dropout masks; everything that must agree across ranks (data
+    # order, schedule) has its own generator seeded by ``config.seed`` alone.
+    seed_everything(config.seed + world.rank)
     autocast_dtype = PRECISIONS[config.precision]
     if config.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -275,15 +270,26 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        _set_rng_states(state["rng"], schedule_generator)
+        ranks_rng = state.get("rng_by_rank") or []
+        _set_rng_states(ranks_rng[world.rank] if len(ranks_rng) == world.world_size else state["rng"],
+                        schedule_generator)
         step = state["step"]
+    # The forward runs through DDP (which also broadcasts rank 0's weights once); the loop
+    # keeps using ``encoder`` itself for its parameters, state and saving. Layers above the
+    # deepest selected one, the pooler, and the layers a sampled schedule skips this step get
+    # no gradient: hence find_unused_parameters.
+    forward = encoder if not world.is_distributed else torch.nn.parallel.DistributedDataParallel(
+        encoder, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    gather = world.is_distributed and config.gather_across_devices
 
     def checkpoint() -> None:
+        rng_by_rank = gather_to_main(_rng_states(schedule_generator), world)  # a collective: every rank calls it
         if world.is_main_process:
             save_checkpoint(checkpoint_path, {
                 "model": encoder.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "rng": _rng_states(schedule_generator), "config": asdict(config),
+                "rng": rng_by_rank[0], "rng_by_rank": rng_by_rank, "config": asdict(config),
+                "world_size": world.world_size,
             })
 
     batches_per_epoch = len(examples) // config.batch_size
@@ -299,14 +305,19 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
             epoch, index = divmod(position, batches_per_epoch)
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_batches(len(examples), config.batch_size, epoch, config.seed)
-            batch = [examples[i] for i in order[index]]
+            batch = shard([examples[i] for i in order[index]], world)
             texts = [e[0] for e in batch] + [e[1] for e in batch] + [e[2] for e in batch if len(e) == 3]
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                embeddings = encoder(texts, layers)
-            queries, docs = embeddings[:, :len(batch)], embeddings[:, len(batch):]
-            loss = matryoshka_2d_infonce(queries, docs, dims, weights, scale=config.scale,
-                                         symmetric=config.symmetric, backend=config.backend) / config.grad_accum
-            scaler.scale(loss).backward()
+            # DDP all-reduces the gradients once per optimiser step, on the last micro-batch.
+            last_micro = micro == config.grad_accum - 1
+            sync = contextlib.nullcontext() if last_micro or forward is encoder else forward.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    embeddings = forward(texts, layers)
+                queries, docs = embeddings[:, :len(batch)], embeddings[:, len(batch):]
+                loss = matryoshka_2d_infonce(queries, docs, dims, weights, scale=config.scale,
+                                             symmetric=config.symmetric, backend=config.backend,
+                                             gather_across_devices=gather) / config.grad_accum
+                scaler.scale(loss).backward()
             step_loss += loss.detach()
             shapes = (tuple(queries.shape), tuple(docs.shape))
         scaler.unscale_(optimizer)
@@ -316,6 +327,7 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
+        step_loss = mean_over_ranks(step_loss, world)  # with gathering: the loss of the global batch
         losses.append(step_loss)
         if bar is not None:
             bar.update(1)
@@ -328,8 +340,14 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     if bar is not None:
         bar.close()
     checkpoint()
+    # DDP's reducer hooks the encoder's parameters: free it now (it is in reference cycles),
+    # so that the encoder can be trained again and the process group can be destroyed.
+    del forward
+    if world.is_distributed:
+        gc.collect()
     if step == steps and world.is_main_process:
         save_model(encoder, Path(config.output_dir) / MODEL_DIR_NAME)
+    barrier(world)  # when any rank returns, the checkpoint and the model are on disk
     return TrainResult(encoder, layers, dims, step, time.perf_counter() - started,
                        [float(x) for x in torch.stack(losses).cpu()] if losses else [], shapes)
 
