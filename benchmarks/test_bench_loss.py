@@ -3,7 +3,8 @@
 Providers: each backend of the registry that can run on the device (``reference`` is the
 naive per-pair computation sentence-transformers does), and ``reference-compile``
 (``torch.compile`` of the reference). Recorded per case in ``extra_info``: peak memory
-beyond inputs (see memory.py) and achieved GFLOP/s against the prefix-trick FLOP count
+beyond the inputs (see memory.py; ``gradient_bytes`` of it are the gradients themselves)
+and achieved GFLOP/s against the prefix-trick FLOP count
 
     forward  = 2 * L * B * N * D            (one product over D per layer, all dims shared)
     backward = 3 * forward                  (recompute S, then dQ and dK products)
@@ -80,4 +81,6 @@ def test_forward_backward(benchmark, provider, shape):
         prefix_trick_flop=flop,
         gflops=flop / median / 1e9,
         peak_extra_bytes=peak_extra_bytes(step, DEVICE),
+        # The gradients are outputs every provider must allocate; the rest is working memory.
+        gradient_bytes=(queries.numel() + docs.numel()) * queries.element_size(),
     )

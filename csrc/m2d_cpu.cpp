@@ -355,7 +355,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                                       bool symmetric, const at::Tensor& row_lse, const at::Tensor& col_lse,
                                       const at::Tensor& coef, int64_t n_threads) {
   const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric);
-  const int64_t n_tiles = (p.N + kColTile - 1) / kColTile;
+  // At least 4 column tiles (the parallel tasks of a layer) when N allows, so small N still
+  // uses every thread; the tiling depends on N only, keeping the sum order thread-independent.
+  const int64_t col_tile = std::clamp<int64_t>((p.N / 4 + kRowBlock - 1) / kRowBlock * kRowBlock, kRowBlock, kColTile);
+  const int64_t n_tiles = (p.N + col_tile - 1) / col_tile;
   auto opts = q.options();
   at::Tensor grad_q = at::zeros_like(q);
   at::Tensor grad_k = at::zeros_like(k);
@@ -378,7 +381,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       std::vector<T> gc_col;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t tile = 0; tile < n_tiles; ++tile) {
-        const int64_t c0 = tile * kColTile, nc = std::min(kColTile, p.N - c0);
+        const int64_t c0 = tile * col_tile, nc = std::min(col_tile, p.N - c0);
         T* dq = grad_q_parts.data_ptr<T>() + tile * p.B * p.D;
         T* gc_row = gc_row_parts.data_ptr<T>() + tile * p.M * p.B;
         T* dk = grad_k_ptr + (l * p.N + c0) * p.D;
