@@ -141,7 +141,9 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
             raise TypeError(f"weights must be a tensor or nested sequence of numbers of shape {shape}") from error
         row_lengths = sorted({len(row) for row in weights})
         if len(weights) != n_layers or row_lengths != [len(dims)]:
-            raise ValueError(f"weights must have shape [L, M] = {shape}, got {len(weights)} rows of lengths {row_lengths}")
+            raise ValueError(
+                f"weights must have shape [L, M] = {shape}, got {len(weights)} rows of lengths {row_lengths}"
+            )
         if not all(math.isfinite(w) and w >= 0 for row in weights for w in row):
             raise ValueError(f"weights must be finite and non-negative, got {weights}")
 

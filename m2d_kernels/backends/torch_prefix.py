@@ -138,7 +138,7 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
             last = max(m for m, on in enumerate(layer_active) if on)
             q_all = queries[layer].to(acc)
             k_all = docs[layer].to(acc)
-            # beta before the rk^2 factor: colsum(G_m * cos_m), summed over query chunks.
+            # beta before the rk^2 factor: colsum(G_m * cos_m) = colsum(H_m * S_m), summed over query chunks.
             gc_colsum = k_all.new_zeros(n_docs, len(dims))
             for r0 in range(0, n_queries, chunk):
                 rows = slice(r0, min(r0 + chunk, n_queries))
@@ -153,20 +153,22 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
                         continue
                     rq = inv_q[layer, rows, m]
                     rk = inv_k[layer, :, m]
-                    cos = sim * rq[:, None]
-                    cos.mul_(rk[None, :])
-                    logits = cos * scale
-                    grad_cos = logits.sub_(row_lse[layer, rows, m, None]).exp_()
-                    grad_cos[row_ids, positive_index[rows]] -= 1.0
+                    scaled_rq = scale * rq
+                    # grad_cos / coef = P - onehot, with P = exp(scale * cos - lse); built in place.
+                    grad = sim * scaled_rq[:, None]
+                    grad.mul_(rk[None, :]).sub_(row_lse[layer, rows, m, None]).exp_()
+                    grad[row_ids, positive_index[rows]] -= 1.0
                     if symmetric:
-                        column_probs = torch.exp(cos[:, positive_index] * scale - col_lse[layer, None, :, m])
+                        column_logits = sim[:, positive_index] * scaled_rq[:, None] * rk[positive_index][None, :]
+                        column_probs = column_logits.sub_(col_lse[layer, None, :, m]).exp_()
                         column_probs[row_ids, row_ids + r0] -= 1.0
-                        grad_cos.index_add_(1, positive_index, column_probs)
-                    grad_cos *= coef[layer, m]
-                    grad_times_cos = grad_cos * cos
-                    alpha = rq.square() * unclamped_q[layer, rows, m] * grad_times_cos.sum(1)
-                    gc_colsum[:, m] += grad_times_cos.sum(0)
-                    h_terms[m] = (grad_cos.mul_(rq[:, None]).mul_(rk[None, :]), alpha)
+                        grad.index_add_(1, positive_index, column_probs)
+                    # H = coef * grad * rq * rk; then sum_j H S = rq * sum_j G cos gives alpha, sum_i H S beta.
+                    h = grad.mul_((coef[layer, m] * rq)[:, None]).mul_(rk[None, :])
+                    h_times_sim = h * sim
+                    alpha = rq.square() * unclamped_q[layer, rows, m] * h_times_sim.sum(1)
+                    gc_colsum[:, m] += h_times_sim.sum(0)
+                    h_terms[m] = (h, alpha)
                 # Walk the segments from the largest dim down, keeping the suffix sums.
                 h_suffix, alpha_suffix = None, None
                 for m in range(last, -1, -1):
