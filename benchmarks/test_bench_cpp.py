@@ -32,7 +32,7 @@ def test_torch_mm_ceiling(benchmark, shape):
 
     products()
     benchmark.group = "L{}-B{}-N{}-D{}".format(*shape)
-    benchmark.pedantic(products, rounds=5, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(products, rounds=9, warmup_rounds=1, iterations=1)
     flop = 2 * n_layers * n_queries * n_docs * n_features
     benchmark.extra_info.update(
         provider="torch.mm",

@@ -71,7 +71,7 @@ def test_forward_backward(benchmark, provider, shape):
 
     step()  # warm-up: compilation, extension build, allocator
     benchmark.group = "L{}-B{}-N{}-D{}".format(*shape)
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(step, rounds=9, warmup_rounds=1, iterations=1)
     median = benchmark.stats.stats.median
     flop = prefix_trick_flop(*shape)
     benchmark.extra_info.update(
