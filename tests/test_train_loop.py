@@ -89,3 +89,16 @@ def test_bad_settings_raise_before_training(tiny_bert, tmp_path, overrides, word
     examples = [("a b", "a c")] * 10
     with pytest.raises(ValueError, match=words):
         loop.train(_config(tiny_bert, tmp_path / "bad", **overrides), examples, progress=False)
+
+
+def test_columns_are_padded_separately_and_match_one_column_at_a_time(tiny_bert):
+    encoder = LayerEncoder.from_pretrained(tiny_bert)
+    encoder.model.eval()
+    short = ["a b", "c d", "e f"]
+    long = [s + " x y z w v u t s r q" for s in short]
+    with torch.no_grad():
+        together = encoder(short + long, [1, 2], columns=2)
+        expected = torch.cat([encoder(short, [1, 2]), encoder(long, [1, 2])], dim=1)
+    torch.testing.assert_close(together, expected)
+    with pytest.raises(ValueError, match="columns must divide the 6 texts"):
+        encoder(short + long, [1], columns=4)

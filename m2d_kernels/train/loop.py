@@ -312,7 +312,7 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
             sync = contextlib.nullcontext() if last_micro or forward is encoder else forward.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    embeddings = forward(texts, layers)
+                    embeddings = forward(texts, layers, columns=len(texts) // len(batch))
                 queries, docs = embeddings[:, :len(batch)], embeddings[:, len(batch):]
                 loss = matryoshka_2d_infonce(queries, docs, dims, weights, scale=config.scale,
                                              symmetric=config.symmetric, backend=config.backend,
