@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from m2d_kernels.backends.torch_prefix import _inverse_prefix_norms
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, inverse_prefix_norms
 
 EXTENSION_NAME = "m2d_kernels_cpu"
 SOURCE_NAME = "m2d_cpu.cpp"
@@ -82,38 +82,31 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _extension()[1]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric):
         kernels = _extension()[0]
-        dtype = _compute_dtype(queries.dtype)
+        dtype = accumulator_dtype(queries.dtype)
         q = queries.detach().to(dtype).contiguous()
         k = docs.detach().to(dtype).contiguous()
-        inv_q, unclamped_q = _inverse_prefix_norms(q, dims)
-        inv_k, unclamped_k = _inverse_prefix_norms(k, dims)
+        inv_q, norm_grad_q = inverse_prefix_norms(q, dims, dtype)
+        inv_k, norm_grad_k = inverse_prefix_norms(k, dims, dtype)
         active_mask = torch.tensor(active, dtype=torch.bool)
         losses, row_lse, col_lse = kernels.forward(
             q, k, inv_q, inv_k, positive_index.contiguous(), list(dims), active_mask, scale, symmetric,
             torch.get_num_threads(),
         )
-        ctx.save_for_backward(q, k, positive_index, inv_q, unclamped_q, inv_k, unclamped_k, row_lse, col_lse)
+        ctx.save_for_backward(q, k, positive_index, inv_q, norm_grad_q, inv_k, norm_grad_k, row_lse, col_lse)
         ctx.config = (dims, active_mask, scale, symmetric, queries.dtype)
         return losses.to(queries.dtype)
 
     @staticmethod
     def backward(ctx, grad_losses):
-        q, k, positive_index, inv_q, unclamped_q, inv_k, unclamped_k, row_lse, col_lse = ctx.saved_tensors
+        q, k, positive_index, inv_q, norm_grad_q, inv_k, norm_grad_k, row_lse, col_lse = ctx.saved_tensors
         dims, active_mask, scale, symmetric, input_dtype = ctx.config
         n_queries = q.shape[1]
         # d pair-loss / d cos = coef * (P - onehot); each direction counts half when symmetric.
         coef = (grad_losses.to(q.dtype) * (scale / n_queries / (2 if symmetric else 1))).contiguous()
-        # The norm term of the gradient, rq^2 (zero where the norm was clamped to eps).
-        norm_grad_q = inv_q.square() * unclamped_q
-        norm_grad_k = inv_k.square() * unclamped_k
         grad_q, grad_k = _extension()[0].backward(
             q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positive_index, list(dims), active_mask, scale,
             symmetric, row_lse, col_lse, coef, torch.get_num_threads(),

@@ -35,11 +35,16 @@ def _segments(dims: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(zip(starts, dims))
 
 
-def _inverse_prefix_norms(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``1 / max(|x[..., :d_m]|, eps)`` for every m as ``[L, R, M]``, and where the norm was not clamped."""
-    ends = torch.tensor(dims, device=x.device) - 1
-    norms = x.square().cumsum(-1).index_select(-1, ends).sqrt()
-    return 1.0 / norms.clamp_min(EPS), norms >= EPS
+def inverse_prefix_norms(
+    x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, R, M]`` tables in ``dtype``: ``rx_m = 1 / max(|x[..., :d_m]|, eps)`` and the norm factor
+    of the backward, ``rx_m^2`` where the norm was not clamped, else 0. Shared by every fused backend."""
+    # vector_norm accumulates in `dtype` without materialising a copy of x in that dtype.
+    norms = torch.stack([torch.linalg.vector_norm(x[..., a:b], dim=-1, dtype=dtype) for a, b in _segments(dims)], -1)
+    norms = norms.square().cumsum(-1).sqrt()
+    inverse = 1.0 / norms.clamp_min(EPS)
+    return inverse.contiguous(), torch.where(norms >= EPS, inverse.square(), 0.0).contiguous()
 
 
 def _fixed_max_is_safe(scale: float, dtype: torch.dtype) -> bool:
@@ -48,7 +53,7 @@ def _fixed_max_is_safe(scale: float, dtype: torch.dtype) -> bool:
     return 2 * scale < (700.0 if dtype == torch.float64 else 80.0)
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -59,15 +64,15 @@ def _chunk_rows(n_queries: int, n_docs: int, n_dims: int) -> int:
 class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric):
-        acc = _accumulator_dtype(queries.dtype)
+        acc = accumulator_dtype(queries.dtype)
         n_layers, n_queries, _ = queries.shape
         n_docs = docs.shape[1]
         n_dims = len(dims)
         segments = _segments(dims)
         chunk = _chunk_rows(n_queries, n_docs, n_dims)
 
-        inv_q, unclamped_q = _inverse_prefix_norms(queries.to(acc), dims)
-        inv_k, unclamped_k = _inverse_prefix_norms(docs.to(acc), dims)
+        inv_q, norm_factor_q = inverse_prefix_norms(queries, dims, acc)
+        inv_k, norm_factor_k = inverse_prefix_norms(docs, dims, acc)
         inv_q_scaled = inv_q * scale
         fixed_max = _fixed_max_is_safe(scale, acc)
         # Per-row log-sum-exp of both directions, the only statistics backward needs.
@@ -115,13 +120,14 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
                         col_lse[layer, :, m] = lse
                         losses[layer, m] = (losses[layer, m] + lse.sum() - positive_sum[m]) / 2
 
-        ctx.save_for_backward(queries, docs, positive_index, inv_q, unclamped_q, inv_k, unclamped_k, row_lse, col_lse)
+        ctx.save_for_backward(queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_lse,
+                              col_lse)
         ctx.config = (dims, active, scale, symmetric, chunk)
         return (losses / n_queries).to(queries.dtype)
 
     @staticmethod
     def backward(ctx, grad_losses):
-        queries, docs, positive_index, inv_q, unclamped_q, inv_k, unclamped_k, row_lse, col_lse = ctx.saved_tensors
+        queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_lse, col_lse = ctx.saved_tensors
         dims, active, scale, symmetric, chunk = ctx.config
         acc = row_lse.dtype
         n_layers, n_queries, _ = queries.shape
@@ -166,7 +172,7 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
                     # H = coef * grad * rq * rk; then sum_j H S = rq * sum_j G cos gives alpha, sum_i H S beta.
                     h = grad.mul_((coef[layer, m] * rq)[:, None]).mul_(rk[None, :])
                     h_times_sim = h * sim
-                    alpha = rq.square() * unclamped_q[layer, rows, m] * h_times_sim.sum(1)
+                    alpha = norm_factor_q[layer, rows, m] * h_times_sim.sum(1)
                     gc_colsum[:, m] += h_times_sim.sum(0)
                     h_terms[m] = (h, alpha)
                 # Walk the segments from the largest dim down, keeping the suffix sums.
@@ -179,7 +185,7 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
                     a, b = segments[m]
                     grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b] - alpha_suffix[:, None] * q[:, a:b]
                     grad_k[layer, :, a:b] += h_suffix.T @ q[:, a:b]
-            beta = (inv_k[layer].square() * unclamped_k[layer] * gc_colsum).flip(-1).cumsum(-1).flip(-1)
+            beta = (norm_factor_k[layer] * gc_colsum).flip(-1).cumsum(-1).flip(-1)
             for m, (a, b) in enumerate(segments[: last + 1]):
                 grad_k[layer, :, a:b] -= beta[:, m, None] * k_all[:, a:b]
 

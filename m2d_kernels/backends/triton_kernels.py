@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12  # F.normalize's default
+from m2d_kernels.backends.torch_prefix import inverse_prefix_norms
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # exp2 of anything down to -FIXED_MAX_LIMIT is a normal fp32 number (2^-126 is the smallest).
@@ -372,18 +373,6 @@ def _segment_tables(dims: tuple[int, ...], active: tuple[bool, ...], device: tor
     return bounds, flags, torch.tensor(last_active, dtype=torch.int32, device=device)
 
 
-def _inverse_prefix_norms(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[L, R, M]`` fp32 tables: ``1 / max(|x[:d_m]|, eps)`` and the alpha/beta factor (its square
-    where the norm was not clamped, else 0)."""
-    starts = (0,) + tuple(dims[:-1])
-    # vector_norm accumulates in fp32 without materialising an fp32 copy of x.
-    segment_norms = [torch.linalg.vector_norm(x[..., a:b], dim=-1, dtype=torch.float32)
-                     for a, b in zip(starts, dims, strict=True)]
-    norms = torch.stack(segment_norms, dim=-1).square().cumsum(-1).sqrt()
-    inverse = 1.0 / norms.clamp_min(EPS)
-    return inverse.contiguous(), torch.where(norms >= EPS, inverse.square(), 0.0).contiguous()
-
-
 @functools.lru_cache(maxsize=8)
 def _resident_programs(device: torch.device) -> int:
     """Programs of the persistent backward grid: one per SM of the largest tile (two of 64-row
@@ -441,8 +430,8 @@ def m2d_forward(
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
-    inv_rows, norm_rows = _inverse_prefix_norms(rows, dims)
-    inv_cols, norm_cols = _inverse_prefix_norms(cols, dims)
+    inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
+    inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
     lse = rows.new_empty(n_layers, n_rows, len(dims), dtype=torch.float32)  # the kernel writes every entry
     pos_logit = torch.empty_like(lse)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_layers)
