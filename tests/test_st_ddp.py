@@ -167,6 +167,6 @@ def test_trainer_on_two_processes_keeps_the_replicas_identical(bert_dir, tmp_pat
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
     assert states[0].keys() == initial.keys()
     moved = [key for key in initial if not torch.equal(states[0][key], initial[key])]
-    assert any(key.startswith("0.auto_model.encoder.layer.0.") for key in moved), "training moved no encoder weight"
+    assert any(".encoder.layer.0." in key for key in moved), f"training moved no encoder weight: {moved}"
     for key, value in states[0].items():
         torch.testing.assert_close(states[1][key], value, rtol=0, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}")
