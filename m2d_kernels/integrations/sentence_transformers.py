@@ -1,4 +1,4 @@
-"""Drop-in fused replacements for sentence-transformers' ``Matryoshka2dLoss`` and ``MatryoshkaLoss``.
+"""Fused drop-in replacements for sentence-transformers' Matryoshka2dLoss, MatryoshkaLoss and AdaptiveLayerLoss.
 
 Switch by changing one import::
 
@@ -19,6 +19,10 @@ dim) as sentence-transformers does, each column runs the encoder once with ``out
 the model's own modules after the transformer (pooling, Dense, Normalize) run on every selected layer,
 and one fused :func:`m2d_kernels.matryoshka_2d_infonce` call computes every (layer, dim) pair with an
 ``[L, M]`` weight matrix.
+
+The encoder always runs through ``loss.model``, the object sentence-transformers' trainer places there
+(DDP, torch.compile), so DDP synchronises the gradients. Arguments the kernels do not cover (another base
+loss, a negative weight, ...) run sentence-transformers' own loss instead, with one warning.
 
 ``mini_batch_size`` turns on gradient caching (GradCache): embed without grad in mini-batches, compute
 the fused loss on the full batch, then, in backward, re-embed each mini-batch with grad under the
