@@ -46,7 +46,10 @@ def world_size_and_rank(group: dist.ProcessGroup | None = None) -> tuple[int, in
 def _gather_layers(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """All-gather ``[L, R, D]`` with gradient into ``[W, L, R, D]`` (rank-major)."""
     world_size = dist.get_world_size(group)
-    gathered = _all_gather_with_grad(x.contiguous(), 0, group)
+    # The functional gather returns an AsyncCollectiveTensor that waits on its first non-view use; a
+    # pure view of it (the permute/reshape below, when they copy nothing) would reach a backend's
+    # kernel still unfilled. wait_tensor hands back the materialised tensor, its backward the identity.
+    gathered = funcol.wait_tensor(_all_gather_with_grad(x.contiguous(), 0, group))
     return gathered.view(world_size, *x.shape)
 
 

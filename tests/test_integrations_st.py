@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -170,28 +171,56 @@ def test_gradient_cache_matches_uncached(model, words, loss_class):
         torch.testing.assert_close(make(mini_batch_size=2)(features, None), expected[0], rtol=RTOL, atol=0)
 
 
-@pytest.mark.parametrize(("make_base", "message"), [
-    (lambda m: losses.CoSENTLoss(m), "MultipleNegativesRankingLoss"),
-    (lambda m: losses.MultipleNegativesRankingLoss(m, similarity_fct=dot_score), "cos_sim"),
-    (lambda m: losses.MultipleNegativesRankingLoss(m, directions=("query_to_doc", "doc_to_query")), "joint"),
-    (lambda m: losses.MultipleNegativesRankingLoss(m, directions=("query_to_doc", "query_to_query")), "directions"),
-    (lambda m: losses.MultipleNegativesRankingLoss(m, hardness_mode="hard_negatives", hardness_strength=1.0),
+@pytest.mark.parametrize(("make_base", "extra", "named"), [
+    (lambda m: losses.CoSENTLoss(m), {}, "CoSENTLoss"),
+    (lambda m: losses.MultipleNegativesRankingLoss(m, similarity_fct=dot_score), {}, "similarity_fct=dot_score"),
+    (lambda m: losses.MultipleNegativesRankingLoss(m, directions=("query_to_doc", "doc_to_query")), {}, "joint"),
+    (lambda m: losses.MultipleNegativesRankingLoss(m, hardness_mode="hard_negatives", hardness_strength=1.0), {},
      "hardness_mode"),
+    (lambda m: losses.MultipleNegativesRankingLoss(m), {"matryoshka_weights": [1.0, -0.5, 2.0]}, "matryoshka_weights"),
 ])
-def test_unsupported_base_loss_is_a_clear_error(model, make_base, message):
-    for fused in (FusedMatryoshka2dLoss, FusedMatryoshkaLoss):
-        with pytest.raises(ValueError, match=message):
-            fused(model, make_base(model), DIMS)
+@pytest.mark.parametrize("loss_class", ["2d", "1d"])
+def test_unfused_arguments_run_sentence_transformers_with_one_warning(model, words, make_base, extra, named,
+                                                                      loss_class):
+    """What the kernels do not cover is no error: sentence-transformers' own loss runs, after one warning."""
+    model.eval()
+    base = make_base(model)
+    fused_class, st_class = ((FusedMatryoshka2dLoss, losses.Matryoshka2dLoss) if loss_class == "2d"
+                             else (FusedMatryoshkaLoss, losses.MatryoshkaLoss))
+    features = _features(model, words, 2, seed=6)
+    labels = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0])  # CoSENT's scores; MNRL ignores them
+    step = lambda loss_fn: _loss_and_grads(model, lambda f, _: loss_fn(f, labels), features, seed=7)
+    expected = step(st_class(model, base, DIMS, **extra))
+    fused = fused_class(model, base, DIMS, **extra, mini_batch_size=2)
+    with pytest.warns(UserWarning, match=f"{named}.*not fused.*{st_class.__name__}.*mini_batch_size is ignored"):
+        actual = step(fused)
+    _assert_same_step(expected, actual)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning, not one per step
+        step(fused)
 
 
-def test_bad_arguments_name_the_argument(model):
+def _error(loss_class, *args, **kwargs):
+    with pytest.raises(Exception) as info:
+        loss_class(*args, **kwargs)
+    return info.type, str(info.value)
+
+
+@pytest.mark.parametrize("args", [
+    dict(matryoshka_dims=[]), dict(matryoshka_dims=[40, 0]), dict(matryoshka_dims=[64]),
+    dict(matryoshka_dims=DIMS, matryoshka_weights=[1.0]), dict(matryoshka_dims=DIMS, layer_weighting="cubic"),
+])
+def test_invalid_arguments_raise_what_sentence_transformers_raises(model, args):
     base = _mnrl(model, False)
-    with pytest.raises(ValueError, match="matryoshka_dims"):
-        FusedMatryoshka2dLoss(model, base, [64])
-    with pytest.raises(ValueError, match="matryoshka_weights"):
-        FusedMatryoshka2dLoss(model, base, DIMS, [1.0])
-    with pytest.raises(ValueError, match="layer_weighting"):
-        FusedMatryoshka2dLoss(model, base, DIMS, layer_weighting="cubic")
+    pairs = [(FusedMatryoshka2dLoss, losses.Matryoshka2dLoss), (FusedMatryoshkaLoss, losses.MatryoshkaLoss)]
+    for fused, theirs in pairs[:1] if "layer_weighting" in args else pairs:
+        expected_type, expected_message = _error(theirs, model, base, **args)
+        got_type, got_message = _error(fused, model, base, **args)
+        assert got_type is expected_type and got_message.startswith(expected_message), (got_type, got_message)
+
+
+def test_bad_arguments_of_our_own_name_the_argument(model):
+    base = _mnrl(model, False)
     with pytest.raises(ValueError, match="mini_batch_size"):
         FusedMatryoshkaLoss(model, base, DIMS, mini_batch_size=0)
     with pytest.raises(ValueError, match="sentence_features"):

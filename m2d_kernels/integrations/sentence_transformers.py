@@ -1,4 +1,4 @@
-"""Drop-in fused replacements for sentence-transformers' ``Matryoshka2dLoss`` and ``MatryoshkaLoss``.
+"""Fused drop-in replacements for sentence-transformers' Matryoshka2dLoss, MatryoshkaLoss and AdaptiveLayerLoss.
 
 Switch by changing one import::
 
@@ -20,6 +20,10 @@ the model's own modules after the transformer (pooling, Dense, Normalize) run on
 and one fused :func:`m2d_kernels.matryoshka_2d_infonce` call computes every (layer, dim) pair with an
 ``[L, M]`` weight matrix.
 
+The encoder always runs through ``loss.model``, the object sentence-transformers' trainer places there
+(DDP, torch.compile), so DDP synchronises the gradients. Arguments the kernels do not cover (another base
+loss, a negative weight, ...) run sentence-transformers' own loss instead, with one warning.
+
 ``mini_batch_size`` turns on gradient caching (GradCache): embed without grad in mini-batches, compute
 the fused loss on the full batch, then, in backward, re-embed each mini-batch with grad under the
 recorded RNG state and back-propagate the cached embedding gradients.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -40,8 +45,12 @@ import torch.nn.functional as F
 from sentence_transformers.base.losses.gradcache import RandContext, _create_minibatch, _minibatch_ranges
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.base.model import BaseModel
-from sentence_transformers.base.modules import Transformer
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import (
+    AdaptiveLayerLoss,
+    Matryoshka2dLoss,
+    MatryoshkaLoss,
+    MultipleNegativesRankingLoss,
+)
 from sentence_transformers.util import cos_sim
 from torch import Tensor, nn
 
@@ -49,7 +58,6 @@ from m2d_kernels.functional import matryoshka_2d_infonce
 
 logger = logging.getLogger(__name__)
 
-LAYER_WEIGHTINGS = ("uniform", "log", "linear")
 SUPPORTED_BASE_LOSS = (
     "MultipleNegativesRankingLoss with similarity_fct=cos_sim, no hardness weighting, and directions "
     "('query_to_doc',) or ('query_to_doc', 'doc_to_query') with partition_mode='per_direction'"
@@ -89,54 +97,61 @@ class _Plan:
     weights: Tensor
 
 
-def _mnrl_settings(loss: nn.Module) -> tuple[float, bool, bool]:
-    """``(scale, symmetric, gather_across_devices)`` of a supported base loss, else a ValueError."""
-    if not isinstance(loss, MultipleNegativesRankingLoss) or (
-        type(loss).compute_loss_from_embeddings is not MultipleNegativesRankingLoss.compute_loss_from_embeddings
+def _unfused_reason(loss: nn.Module) -> str | None:
+    """Why the fused kernels cannot compute ``loss`` as the base loss, or None when they can."""
+    name = type(loss).__name__
+    if not isinstance(loss, MultipleNegativesRankingLoss) or any(
+        getattr(type(loss), method) is not getattr(MultipleNegativesRankingLoss, method)
+        for method in ("forward", "compute_loss_from_embeddings")
     ):
-        raise ValueError(f"loss must be a {SUPPORTED_BASE_LOSS}; got {type(loss).__name__}")
+        return f"the base loss {name} (only {SUPPORTED_BASE_LOSS} is fused)"
     if loss.similarity_fct is not cos_sim:
-        name = getattr(loss.similarity_fct, "__name__", type(loss.similarity_fct).__name__)
-        raise ValueError(f"loss.similarity_fct must be cos_sim (the fused kernels compute cosines), got {name}")
+        similarity = getattr(loss.similarity_fct, "__name__", type(loss.similarity_fct).__name__)
+        return f"{name}(similarity_fct={similarity}) (the fused kernels compute cosines)"
     if loss.hardness_mode is not None and loss.hardness_strength > 0:
-        raise ValueError(
-            f"loss.hardness_mode={loss.hardness_mode!r} with hardness_strength > 0 is not supported; "
-            f"supported: {SUPPORTED_BASE_LOSS}"
-        )
+        return f"{name}(hardness_mode={loss.hardness_mode!r}, hardness_strength > 0)"
     directions = tuple(loss.directions)
-    if directions == ("query_to_doc",):
-        symmetric = False
-    elif sorted(directions) == ["doc_to_query", "query_to_doc"] and loss.partition_mode == "per_direction":
-        symmetric = True
-    else:
-        raise ValueError(
-            f"loss.directions={directions} with partition_mode={loss.partition_mode!r} is not supported; "
-            f"supported: {SUPPORTED_BASE_LOSS}"
-        )
-    return float(loss.scale), symmetric, bool(loss.gather_across_devices)
+    if directions != ("query_to_doc",) and not (
+        sorted(directions) == ["doc_to_query", "query_to_doc"] and loss.partition_mode == "per_direction"
+    ):
+        return f"{name}(directions={directions}, partition_mode={loss.partition_mode!r})"
+    return None
 
 
-def _unwrap(model: nn.Module) -> BaseModel:
-    """The SentenceTransformer inside DistributedDataParallel / torch.compile wrappers."""
-    while not isinstance(model, BaseModel):
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module"):
-            model = model.module
+def _weights_reason(**weights: Any) -> str | None:
+    """The kernels take finite non-negative pair weights; name the arguments that are not."""
+    bad = []
+    for name, values in weights.items():
+        try:
+            values = [] if values is None else values if isinstance(values, Iterable) else [values]
+            values = [float(v) for v in values]
+            if any(not math.isfinite(v) or v < 0 for v in values):
+                bad.append(name)
+        except (TypeError, ValueError):
+            bad.append(name)
+    return f"negative or non-finite {', '.join(bad)}" if bad else None
+
+
+def _mnrl_settings(loss: MultipleNegativesRankingLoss) -> tuple[float, bool, bool]:
+    """``(scale, symmetric, gather_across_devices)`` of a base loss that :func:`_unfused_reason` accepts."""
+    return float(loss.scale), len(loss.directions) == 2, bool(loss.gather_across_devices)
+
+
+def _unwrap(model: nn.Module, owner: str) -> BaseModel:
+    """The model inside DistributedDataParallel / torch.compile wrappers (sentence-transformers' error text)."""
+    inner = model
+    while not isinstance(inner, BaseModel):
+        if hasattr(inner, "_orig_mod"):
+            inner = inner._orig_mod
+        elif hasattr(inner, "module"):
+            inner = inner.module
         else:
-            raise TypeError(f"model must be a SentenceTransformer (optionally wrapped), got {type(model).__name__}")
-    return model
-
-
-def _encode_all_layers(transformer: Transformer, features: dict[str, Any]) -> dict[str, Any]:
-    """One encoder forward whose output also holds ``all_layer_embeddings`` (as AdaptiveLayerLoss does)."""
-    config = transformer.auto_model.config
-    original = config.output_hidden_states
-    try:
-        config.output_hidden_states = True
-        return transformer(dict(features))
-    finally:
-        config.output_hidden_states = original
+            raise TypeError(
+                f"{owner} could not unwrap {type(model).__name__} to a BaseModel "
+                f"(stopped at {type(inner).__name__}). "
+                "Expected DistributedDataParallel, torch.compile's OptimizedModule, or a BaseModel."
+            )
+    return inner
 
 
 def _run_head(model: BaseModel, features: dict[str, Any]) -> Tensor:
@@ -147,53 +162,55 @@ def _run_head(model: BaseModel, features: dict[str, Any]) -> Tensor:
 
 
 class _FusedMatryoshkaBase(nn.Module):
-    """Shared by the 1D and 2D losses: dims bookkeeping, the fused call, gradient caching."""
+    """Shared by the losses: the fused or unfused choice, dims bookkeeping, the fused call, gradient caching.
 
-    def __init__(self, model, loss, matryoshka_dims, matryoshka_weights, n_dims_per_step, mini_batch_size, backend):
+    ``unfused`` is sentence-transformers' own loss built from the same arguments. Building it first gives
+    exactly its validation (exception types, messages, the dims warning). When the kernels cover the
+    arguments it is dropped; otherwise it stays a child module (so the trainer's ``override_model_in_loss``
+    reaches its ``model``) and ``forward`` runs it, warning once which argument was not fused.
+    """
+
+    _st_class: type[nn.Module]
+
+    def __init__(self, model, loss, st_args: dict[str, Any], weights: dict[str, Any], mini_batch_size, backend):
         super().__init__()
-        self.model = model
-        self.loss = loss
-        self.scale, self.symmetric, self.gather_across_devices = _mnrl_settings(loss)
-        dims = [int(d) for d in matryoshka_dims] if matryoshka_dims is not None else []
-        if not dims or any(d <= 0 for d in dims):
-            raise ValueError(f"matryoshka_dims must be a non-empty list of positive ints, got {matryoshka_dims!r}")
-        if matryoshka_weights is None:
-            matryoshka_weights = [1] * len(dims)
-        if len(matryoshka_weights) != len(dims):
-            raise ValueError(
-                f"matryoshka_weights must have one weight per dim ({len(dims)}), got {len(matryoshka_weights)}"
-            )
-        if any(not math.isfinite(w) or w < 0 for w in matryoshka_weights):
-            raise ValueError(f"matryoshka_weights must be finite and non-negative, got {list(matryoshka_weights)}")
-        width = _unwrap(model).get_embedding_dimension()
-        if width is not None and max(dims) > width:
-            raise ValueError(f"matryoshka_dims {dims} cannot exceed the model's embedding dimension {width}")
-        if width is not None and width not in dims:
-            logger.warning("matryoshka_dims %s do not include the model's embedding dimension %d", dims, width)
+        reason = _unfused_reason(loss) or _weights_reason(**weights)
+        unfused = self._st_class(model, loss, **st_args)  # sentence-transformers' validation, verbatim
         if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or int(mini_batch_size) < 1):
             raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
-        # Sorted descending like sentence-transformers, so that random.sample draws the same indices.
-        ordered = sorted(zip(dims, matryoshka_weights, strict=True), key=lambda pair: pair[0], reverse=True)
-        self.matryoshka_dims = tuple(dim for dim, _ in ordered)
-        self.matryoshka_weights = tuple(weight for _, weight in ordered)
-        self.n_dims_per_step = n_dims_per_step
+        self.model = model
+        self.loss = loss
         self.mini_batch_size = None if mini_batch_size is None else int(mini_batch_size)
         self.backend = backend
+        self.unfused_reason = reason
+        self._warned = False
+        matryoshka = getattr(unfused, "loss", None) if not hasattr(unfused, "matryoshka_dims") else unfused
+        # Sorted descending by sentence-transformers, so that random.sample draws the same indices.
+        self.matryoshka_dims = tuple(getattr(matryoshka, "matryoshka_dims", ()))
+        self.matryoshka_weights = tuple(getattr(matryoshka, "matryoshka_weights", ()))
+        self.n_dims_per_step = getattr(matryoshka, "n_dims_per_step", -1)
+        if reason is not None:
+            self.unfused = unfused
+            return
+        self.unfused = None
+        self.scale, self.symmetric, self.gather_across_devices = _mnrl_settings(loss)
         # The fused call wants strictly increasing dims: repeated dims share one slot, weights add up.
-        self._dims = tuple(sorted(set(dims)))
-        self._dim_slot = [self._dims.index(d) for d in self.matryoshka_dims]
+        # No dims (AdaptiveLayerLoss): one slot, the full embedding width seen in forward.
+        self._dims = tuple(sorted(set(self.matryoshka_dims))) or None
+        self._dim_slot = [self._dims.index(d) for d in self.matryoshka_dims] if self._dims else [0]
+        self._slot_weights = self.matryoshka_weights or (1,)
 
     # Selection, in sentence-transformers' order of Python ``random`` calls.
     def _sample_dims(self) -> Sequence[int]:
-        indices = range(len(self.matryoshka_dims))
+        indices = range(len(self._slot_weights))
         if 0 < self.n_dims_per_step < len(indices):
             return sorted(random.sample(indices, self.n_dims_per_step))
         return indices
 
     def _dim_weights(self, indices: Iterable[int], factor: float) -> Tensor:
-        row = torch.zeros(len(self._dims), dtype=torch.float64)
+        row = torch.zeros(len(self._dims or (0,)), dtype=torch.float64)
         for index in indices:
-            row[self._dim_slot[index]] += factor * float(self.matryoshka_weights[index])
+            row[self._dim_slot[index]] += factor * float(self._slot_weights[index])
         return row
 
     def _plan(self, num_layers: int) -> _Plan:
@@ -219,13 +236,22 @@ class _FusedMatryoshkaBase(nn.Module):
         # the same layout as MultipleNegativesRankingLoss's torch.cat(docs).
         extra = {"gather_across_devices": True} if self.gather_across_devices else {}
         loss = matryoshka_2d_infonce(
-            columns[0], torch.cat(columns[1:], dim=1), self._dims, plan.weights,
+            columns[0], torch.cat(columns[1:], dim=1), self._dims or (columns[0].shape[-1],), plan.weights,
             scale=self.scale, symmetric=self.symmetric, backend=self.backend, **extra,
         )
         kl = self._extra_loss(torch.cat(columns, dim=1))
         return loss if kl is None else loss + kl
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        if self.unfused is not None:
+            if not self._warned:
+                self._warned = True
+                ignored = "; mini_batch_size is ignored" if self.mini_batch_size is not None else ""
+                warnings.warn(
+                    f"{type(self).__name__}: {self.unfused_reason} is not fused; running sentence-transformers' "
+                    f"{self._st_class.__name__} instead{ignored}", UserWarning, stacklevel=2,
+                )
+            return self.unfused(sentence_features, labels)
         columns = list(sentence_features)
         if len(columns) < 2:
             raise ValueError(f"sentence_features must hold at least 2 columns (anchor, positive), got {len(columns)}")
@@ -258,7 +284,11 @@ class _FusedMatryoshkaBase(nn.Module):
         return loss
 
     def _replay(self, grad_output, columns, ranges, states, cached_grads, plan) -> None:
-        """Backward hook: re-embed each mini-batch with grad and push the cached gradients through it."""
+        """Backward hook: re-embed each mini-batch with grad and push the cached gradients through it.
+
+        Each re-embedding runs through ``self.model`` (a DDP wrapper arms its all-reduce for every
+        mini-batch backward: the averaged mini-batch gradients add up to the averaged full one).
+        """
         with torch.enable_grad():
             replayed = zip(columns, ranges, states, cached_grads, strict=True)
             for features, column_ranges, column_states, grad in replayed:
@@ -267,25 +297,25 @@ class _FusedMatryoshkaBase(nn.Module):
                         part, _ = self._embed_minibatch(_create_minibatch(features, begin, end), plan)
                     part.backward(grad[:, begin:end].to(part.dtype) * grad_output.to(part.dtype))
 
-    def _matryoshka_config(self) -> dict[str, Any]:
-        return {
-            "loss": type(self.loss).__name__,
-            "matryoshka_dims": self.matryoshka_dims,
-            "matryoshka_weights": self.matryoshka_weights,
-            "n_dims_per_step": self.n_dims_per_step,
-            "mini_batch_size": self.mini_batch_size,
-            "backend": self.backend,
-        }
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**self._st_config(), "mini_batch_size": self.mini_batch_size, "backend": self.backend}
+
+    def _st_config(self) -> dict[str, Any]:
+        raise NotImplementedError
 
 
 class FusedMatryoshkaLoss(_FusedMatryoshkaBase):
     """Fused ``MatryoshkaLoss(model, MultipleNegativesRankingLoss, ...)``: all dims in one call.
 
-    Args match sentence-transformers' ``MatryoshkaLoss``; ``loss`` must be a
-    ``MultipleNegativesRankingLoss`` (its scale, hard-negative columns, symmetric directions and
-    ``gather_across_devices`` are honoured). ``mini_batch_size`` enables gradient caching;
-    ``backend`` is passed to :func:`m2d_kernels.matryoshka_2d_infonce`.
+    Args match sentence-transformers' ``MatryoshkaLoss`` (same validation). A base loss the kernels
+    cover (``MultipleNegativesRankingLoss`` with ``cos_sim``: its scale, hard-negative columns,
+    symmetric directions and ``gather_across_devices`` are honoured) with finite non-negative weights
+    is fused; anything else runs sentence-transformers' ``MatryoshkaLoss``, with one warning at the
+    first forward naming what was not fused. ``mini_batch_size`` enables gradient caching (fused
+    path only); ``backend`` is passed to :func:`m2d_kernels.matryoshka_2d_infonce`.
     """
+
+    _st_class = MatryoshkaLoss
 
     def __init__(
         self,
@@ -298,42 +328,50 @@ class FusedMatryoshkaLoss(_FusedMatryoshkaBase):
         mini_batch_size: int | None = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__(model, loss, matryoshka_dims, matryoshka_weights, n_dims_per_step, mini_batch_size, backend)
+        st_args = dict(matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights,
+                       n_dims_per_step=n_dims_per_step)
+        super().__init__(model, loss, st_args, {"matryoshka_weights": matryoshka_weights}, mini_batch_size, backend)
 
     def _plan(self, num_layers: int = 1) -> _Plan:
         return _Plan((0,), self._dim_weights(self._sample_dims(), 1.0)[None])
 
     def _embed_minibatch(self, features, plan):
-        return self.model(features)["sentence_embedding"][None], plan or self._plan()
+        return self.model(dict(features))["sentence_embedding"][None], plan or self._plan()
 
     def _embed_columns(self, columns):
-        # The same column merging as MultipleNegativesRankingLoss, so dropout draws the same masks.
+        # The same column merging as MultipleNegativesRankingLoss, so dropout draws the same masks. Fresh
+        # dicts: DDP(find_unused_parameters=True) fed the caller's dicts marked parameters ready twice.
+        columns = [dict(features) for features in columns]
         return [column[None] for column in embed_columns(self.model, columns)], self._plan()
 
-    def get_config_dict(self) -> dict[str, Any]:
-        return self._matryoshka_config()
+    def _st_config(self) -> dict[str, Any]:
+        return {
+            "loss": type(self.loss).__name__,
+            "matryoshka_dims": self.matryoshka_dims,
+            "matryoshka_weights": self.matryoshka_weights,
+            "n_dims_per_step": self.n_dims_per_step,
+        }
 
     @property
     def citation(self) -> str:
         return MATRYOSHKA_CITATION
 
 
-class FusedMatryoshka2dLoss(_FusedMatryoshkaBase):
-    """Fused ``Matryoshka2dLoss``: every selected (layer, dim) pair in one call, one encoder pass per column.
+class FusedAdaptiveLayerLoss(_FusedMatryoshkaBase):
+    """Fused ``AdaptiveLayerLoss``: the final and the selected prior layers in one call, one encoder pass per column.
 
-    Args match sentence-transformers' ``Matryoshka2dLoss`` (see the module docstring for the loss).
-    ``loss`` must be a ``MultipleNegativesRankingLoss``. Extra keyword-only args: ``mini_batch_size``
-    (gradient caching, for batches whose activations do not fit at once) and ``backend``.
+    Args match sentence-transformers' ``AdaptiveLayerLoss`` (same validation); the pairs are the
+    layers at the full embedding width. See the module docstring for the loss, and
+    :class:`FusedMatryoshkaLoss` for what is fused and for the extra ``mini_batch_size`` and ``backend``.
     """
+
+    _st_class = AdaptiveLayerLoss
 
     def __init__(
         self,
         model: nn.Module,
         loss: nn.Module,
-        matryoshka_dims: Sequence[int],
-        matryoshka_weights: Sequence[float] | None = None,
         n_layers_per_step: int = 1,
-        n_dims_per_step: int = 1,
         last_layer_weight: float = 1.0,
         prior_layers_weight: float = 1.0,
         kl_div_weight: float = 1.0,
@@ -343,22 +381,18 @@ class FusedMatryoshka2dLoss(_FusedMatryoshkaBase):
         mini_batch_size: int | None = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__(model, loss, matryoshka_dims, matryoshka_weights, n_dims_per_step, mini_batch_size, backend)
-        if not callable(layer_weighting) and layer_weighting not in LAYER_WEIGHTINGS:
-            raise ValueError(
-                f"layer_weighting must be one of {LAYER_WEIGHTINGS} or a callable, got {layer_weighting!r}"
-            )
-        for name, value in (("last_layer_weight", last_layer_weight), ("prior_layers_weight", prior_layers_weight)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be finite and non-negative, got {value}")
-        if not isinstance(_unwrap(model)[0], Transformer):
-            raise TypeError(f"model[0] must be a sentence_transformers Transformer, got {type(_unwrap(model)[0])}")
-        self.n_layers_per_step = n_layers_per_step
-        self.last_layer_weight = last_layer_weight
-        self.prior_layers_weight = prior_layers_weight
-        self.kl_div_weight = kl_div_weight
-        self.kl_temperature = kl_temperature
-        self.layer_weighting = layer_weighting
+        layer_args = dict(n_layers_per_step=n_layers_per_step, last_layer_weight=last_layer_weight,
+                          prior_layers_weight=prior_layers_weight, kl_div_weight=kl_div_weight,
+                          kl_temperature=kl_temperature, layer_weighting=layer_weighting)
+        self._init_layers(model, loss, layer_args, {}, mini_batch_size, backend)
+
+    def _init_layers(self, model, loss, layer_args, matryoshka_args, mini_batch_size, backend) -> None:
+        weights = {"last_layer_weight": layer_args["last_layer_weight"],
+                   "prior_layers_weight": layer_args["prior_layers_weight"],
+                   "matryoshka_weights": matryoshka_args.get("matryoshka_weights")}
+        super().__init__(model, loss, {**matryoshka_args, **layer_args}, weights, mini_batch_size, backend)
+        for name, value in layer_args.items():
+            setattr(self, name, value)
 
     def get_layer_weight(self, layer_idx: int) -> float:
         if callable(self.layer_weighting):
@@ -380,16 +414,25 @@ class FusedMatryoshka2dLoss(_FusedMatryoshkaBase):
         return _Plan((num_layers - 1, *candidates), torch.stack(rows))
 
     def _embed_minibatch(self, features, plan):
-        model = _unwrap(self.model)
-        encoded = _encode_all_layers(model[0], features)
-        hidden_states = encoded["all_layer_embeddings"]
+        # The forward runs through self.model, the object the trainer placed in the loss (DDP,
+        # torch.compile, ...): a DDP forward is what arms the gradient all-reduce, and its outputs hold
+        # every hidden state, so find_unused_parameters sees all the parameters this loss uses.
+        model = _unwrap(self.model, type(self).__name__)
+        config = model[0].auto_model.config
+        original = config.output_hidden_states
+        try:
+            config.output_hidden_states = True
+            output = self.model(dict(features))
+        finally:
+            config.output_hidden_states = original
+        hidden_states = output["all_layer_embeddings"]
         final = len(hidden_states) - 1
         plan = plan or self._plan(len(hidden_states))
-        layers = []
-        for layer in plan.layers:
-            # The final layer takes the regular output path, as the unmodified model would.
-            tokens = encoded["token_embeddings"] if layer == final else hidden_states[layer]
-            layers.append(_run_head(model, {**encoded, "token_embeddings": tokens}))
+        # The head re-runs on the output dict with one layer's tokens swapped in, as AdaptiveLayerLoss does.
+        head_input = {key: value for key, value in output.items() if key != "sentence_embedding"}
+        layers = [output["sentence_embedding"] if layer == final
+                  else _run_head(model, {**head_input, "token_embeddings": hidden_states[layer]})
+                  for layer in plan.layers]
         return torch.stack(layers), plan
 
     def _extra_loss(self, embeddings: Tensor) -> Tensor | None:
@@ -401,20 +444,68 @@ class FusedMatryoshka2dLoss(_FusedMatryoshkaBase):
         kl = F.kl_div(students, teacher.expand_as(students), reduction="sum") / embeddings.shape[1]
         return kl * (self.kl_temperature * self.kl_div_weight)
 
-    def get_config_dict(self) -> dict[str, Any]:
+    def _layer_config(self) -> dict[str, Any]:
         layer_weighting = self.layer_weighting
         if not isinstance(layer_weighting, str):
             layer_weighting = getattr(layer_weighting, "__name__", "custom")
         return {
+            "loss": type(self.loss).__name__,
             "n_layers_per_step": self.n_layers_per_step,
             "last_layer_weight": self.last_layer_weight,
             "prior_layers_weight": self.prior_layers_weight,
             "kl_div_weight": self.kl_div_weight,
             "kl_temperature": self.kl_temperature,
             "layer_weighting": layer_weighting,
-            **self._matryoshka_config(),
         }
+
+    def _st_config(self) -> dict[str, Any]:
+        return self._layer_config()
 
     @property
     def citation(self) -> str:
         return MATRYOSHKA_2D_CITATION
+
+
+class FusedMatryoshka2dLoss(FusedAdaptiveLayerLoss):
+    """Fused ``Matryoshka2dLoss``: every selected (layer, dim) pair in one call, one encoder pass per column.
+
+    Args match sentence-transformers' ``Matryoshka2dLoss`` (same validation; see the module docstring
+    for the loss, and :class:`FusedMatryoshkaLoss` for what is fused). Extra keyword-only args:
+    ``mini_batch_size`` (gradient caching, for batches whose activations do not fit at once) and ``backend``.
+    """
+
+    _st_class = Matryoshka2dLoss
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        matryoshka_dims: Sequence[int],
+        matryoshka_weights: Sequence[float] | None = None,
+        n_layers_per_step: int = 1,
+        n_dims_per_step: int = 1,
+        last_layer_weight: float = 1.0,
+        prior_layers_weight: float = 1.0,
+        kl_div_weight: float = 1.0,
+        kl_temperature: float = 0.3,
+        layer_weighting: Literal["uniform", "log", "linear"] | Callable[[int], float] = "uniform",
+        *,
+        mini_batch_size: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        layer_args = dict(n_layers_per_step=n_layers_per_step, last_layer_weight=last_layer_weight,
+                          prior_layers_weight=prior_layers_weight, kl_div_weight=kl_div_weight,
+                          kl_temperature=kl_temperature, layer_weighting=layer_weighting)
+        matryoshka_args = dict(matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights,
+                               n_dims_per_step=n_dims_per_step)
+        self._init_layers(model, loss, layer_args, matryoshka_args, mini_batch_size, backend)
+
+    def _st_config(self) -> dict[str, Any]:
+        # Matryoshka2dLoss's: AdaptiveLayerLoss's keys, then MatryoshkaLoss's ("loss": the base loss).
+        return {
+            **self._layer_config(),
+            "loss": type(self.loss).__name__,
+            "matryoshka_dims": self.matryoshka_dims,
+            "matryoshka_weights": self.matryoshka_weights,
+            "n_dims_per_step": self.n_dims_per_step,
+        }
