@@ -153,7 +153,7 @@ def test_custom_op_passes_opcheck():
 
     queries, docs = make_inputs(1, 3, 6, 48, dtype=FP32, device=DEVICE, seed=10)
     positives = torch.tensor([2, 0, 4], device=DEVICE)
-    torch.library.opcheck(triton_kernels.m2d_forward, (queries, docs, positives, [16, 48], [True, True], 20.0),
+    torch.library.opcheck(triton_kernels.m2d_forward, (queries, docs, positives, [16, 48], [True, True], 20.0, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
