@@ -81,10 +81,12 @@ def _interpreting() -> bool:
 
 # (BLOCK_R, BLOCK_C, num_warps, num_stages). Forward and backward share BLOCK_D (a function of
 # the dims, see `_block_d`) so that the backward's recompute adds the same chunks in the same order.
-FORWARD_CONFIGS = ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 4),
-                   (64, 64, 4, 3), (128, 64, 8, 4))
-BACKWARD_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4),
-                    (128, 128, 8, 3), (64, 64, 8, 2))
+# Heuristic = the first config the problem fills; the first ones compile for sm_90 without spills
+# (benchmarks/sm90_report.py), the rest are there for the opt-in autotuner.
+FORWARD_CONFIGS = ((64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 3),
+                   (128, 64, 4, 3), (128, 128, 8, 4))
+BACKWARD_CONFIGS = ((64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
+                    (64, 128, 8, 3), (128, 128, 8, 3))
 INTERPRETER_CONFIG = (16, 16, 1, 1)  # tl.dot needs tiles >= 16; the CPU interpreter wants few ops
 
 
@@ -94,7 +96,8 @@ def _heuristic_config(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int) -
     if _interpreting():
         return INTERPRETER_CONFIG
     for config in FORWARD_CONFIGS if kind == "forward" else BACKWARD_CONFIGS:
-        if config[0] <= max(64, triton.next_power_of_2(n_rows)) and config[1] <= max(64, triton.next_power_of_2(n_cols)):
+        classes = _size_classes(n_rows, n_cols)
+        if config[0] <= max(64, classes["R_CLASS"]) and config[1] <= max(64, classes["C_CLASS"]):
             return config
     return (64, 64, 4, 3)
 
@@ -146,11 +149,20 @@ def _load_operand(ptrs, row_mask, k, hi, ALIGNED: tl.constexpr, DOT_IN_FP32: tl.
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """fp32 -> nearest bf16 (ties to even), kept in fp32: what the GPU's conversion does. The
+    interpreter's own conversion truncates, so the CPU path rounds explicitly (NaN stays NaN)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
 def _mma_operand(h, like, ELEMENT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """An fp32 tile as an MMA operand of the inputs' type. The interpreter multiplies in fp32
-    (DOT_IN_FP32) but still rounds to the input type first, as the GPU does."""
+    """An fp32 tile as an MMA operand of the inputs' type. The interpreter multiplies bf16 in fp32
+    (DOT_IN_FP32) but still rounds to bf16 first, as the GPU does."""
     if DOT_IN_FP32:
-        return h.to(ELEMENT).to(tl.float32)
+        return _round_to_bf16(h)
     return h.to(like.dtype)
 
 
@@ -235,7 +247,7 @@ def _m2d_fwd_kernel(
                     e = tl.exp2(shifted)
                     run_sum = tl.where(is_m, run_sum + tl.sum(e, axis=1)[:, None], run_sum)
                     if SCALE_GRAD:
-                        tile_wsum = tl.sum(tl.where(c_mask[None, :], e * shifted, 0.0), axis=1)
+                        tile_wsum = tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
                         run_wsum = tl.where(is_m, run_wsum + tile_wsum[:, None], run_wsum)
                 else:
                     old_max = _column(run_max, m, m_ids)
@@ -250,7 +262,7 @@ def _m2d_fwd_kernel(
                     if SCALE_GRAD:
                         # sum_j e_j (z_j - old) -> sum_j e_j 2^delta (z_j - new) = (. + delta * sum) 2^delta
                         new_wsum = (_column(run_wsum, m, m_ids) + delta * old_sum) * rescale
-                        new_wsum += tl.sum(tl.where(c_mask[None, :], e * shifted, 0.0), axis=1)
+                        new_wsum += tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
                         run_wsum = tl.where(is_m, new_wsum[:, None], run_wsum)
                     run_max = tl.where(is_m, new_max[:, None], run_max)
                     run_sum = tl.where(is_m, new_sum[:, None], run_sum)
@@ -337,7 +349,8 @@ def _backward_tile(
 
 @triton.jit
 def _store_gradient(grad_ptrs, work_ptrs, own_ptrs, mask, norm_sums, bounds_ptr, n_seg, top, D,
-                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+                    ALIGNED: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK: tl.constexpr, M_PAD: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     """grad[:, seg_s] = work[:, seg_s] - (sum_{m >= s} norm_sums[:, m]) * own[:, seg_s] in the
     gradient's dtype, walking s downwards; zero beyond the largest active dim."""
     tl.debug_barrier()  # the work rows were written in the MMA's register layout
@@ -352,7 +365,10 @@ def _store_gradient(grad_ptrs, work_ptrs, own_ptrs, mask, norm_sums, bounds_ptr,
             io_mask = mask[:, None] & (k < hi)[None, :]
             own = tl.load(own_ptrs + k[None, :], mask=io_mask, other=0.0).to(tl.float32)
             work = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
-            tl.store(grad_ptrs + k[None, :], work - suffix[:, None] * own, mask=io_mask)
+            grad = work - suffix[:, None] * own
+            if DOT_IN_FP32:  # bf16 under the interpreter: round as the GPU's store does
+                grad = _round_to_bf16(grad)
+            tl.store(grad_ptrs + k[None, :], grad, mask=io_mask)
     _zero_columns(grad_ptrs, mask, top, D, BLOCK, BLOCK_D)
 
 
@@ -416,7 +432,7 @@ def _m2d_bwd_kernel(
                     BLOCK_R, BLOCK_C, BLOCK_D,
                 )
         _store_gradient(grad_ptr + (layer * (C if FOR_COLS else R) + own)[:, None] * D, work_ptrs, own_ptrs,
-                        own_mask, norm_sums, bounds_ptr, n_seg, top, D, ALIGNED, own_block, M_PAD, BLOCK_D)
+                        own_mask, norm_sums, bounds_ptr, n_seg, top, D, ALIGNED, DOT_IN_FP32, own_block, M_PAD, BLOCK_D)
         tl.debug_barrier()  # the next work item zeroes these work rows
 
 
