@@ -209,8 +209,11 @@ def _naive_losses(queries, docs, dims, scale, positive_index, symmetric):
 def test_scale_gradient_matches_float64_autograd(symmetric, scale):
     from m2d_kernels.backends import triton_kernels
 
-    queries, docs = make_inputs(2, 5, 12, 48, dtype=FP32, device=DEVICE, requires_grad=False, seed=12)
-    positive_index = torch.tensor([3, 0, 7, 1, 11], device=DEVICE)
+    # 40 candidates near copies of the queries (3 column tiles): the running maximum moves between
+    # tiles by small steps, where the rescaling of sum_j e_j (z_j - max) matters.
+    queries, docs = make_inputs(2, 5, 40, 48, dtype=FP32, device=DEVICE, requires_grad=False, seed=12)
+    docs = queries.repeat(1, 8, 1) + 0.1 * docs
+    positive_index = torch.tensor([35, 0, 37, 21, 39], device=DEVICE)
     active = ((True, False, True), (False, True, True))
     losses, dscale = triton_kernels.pair_losses(queries, docs, (16, 32, 48), active, scale, positive_index,
                                                 symmetric, scale_grad=True)
