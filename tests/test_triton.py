@@ -8,6 +8,7 @@ computed from the same fp32 values, at the fp32 tolerance.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,11 +27,15 @@ from helpers import (
 import m2d_kernels as m2d
 from m2d_kernels.backends import unavailable_reason
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if unavailable_reason("triton", torch.device(DEVICE)) is not None:
     pytest.skip(f"triton backend unavailable: {unavailable_reason('triton', torch.device(DEVICE))}",
                 allow_module_level=True)
+
+import triton.language as tl  # noqa: E402
+
+from m2d_kernels.backends.triton_kernels import _mma_operand  # noqa: E402
 
 FP32 = torch.float32
 # Inputs are random but seeded per test: fp32 results sit within the fp32 tolerance with some
@@ -56,6 +61,7 @@ SHAPES = [
     (2, 3, 9, 100, (24, 40, 100)),
     (1, 37, 37, 48, (8, 20, 48)),
     (2, 5, 15, 48, (5, 30)),
+    (1, 5, 10, 64, (32, 64)),  # aligned: BLOCK_D 32, unmasked k-loops
 ]
 
 
@@ -153,7 +159,7 @@ def test_custom_op_passes_opcheck():
 
     queries, docs = make_inputs(1, 3, 6, 48, dtype=FP32, device=DEVICE, seed=10)
     positives = torch.tensor([2, 0, 4], device=DEVICE)
-    torch.library.opcheck(triton_kernels.m2d_forward, (queries, docs, positives, [16, 48], [True, True], 20.0),
+    torch.library.opcheck(triton_kernels.m2d_forward, (queries, docs, positives, [16, 48], [True, True], 20.0, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -180,42 +186,135 @@ def test_gpu_medium_shape(dtype):
         assert_within_twice_reference_error("triton", queries, docs, dims, dtype, device="cuda", symmetric=True)
 
 
-_COMPILE_FOR_HOPPER = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+def _naive_losses(queries, docs, dims, scale, positive_index, symmetric):
+    """[L, M] losses in float64 with ``scale`` a tensor (for d loss / d scale), written out directly."""
+    out = []
+    for layer in range(queries.shape[0]):
+        row = []
+        for d in dims:
+            q = queries[layer, :, :d] / queries[layer, :, :d].norm(dim=1, keepdim=True)
+            k = docs[layer, :, :d] / docs[layer, :, :d].norm(dim=1, keepdim=True)
+            logits = scale * q @ k.T
+            loss = (logits.logsumexp(1) - logits[torch.arange(len(q)), positive_index]).mean()
+            if symmetric:
+                columns = logits[:, positive_index]
+                loss = (loss + (columns.logsumexp(0) - columns.diagonal()).mean()) / 2
+            row.append(loss)
+        out.append(torch.stack(row))
+    return torch.stack(out)
 
-from m2d_kernels.backends import triton_kernels as tk
 
-INT_POINTERS = {"positives_ptr", "bounds_ptr", "active_ptr", "n_seg_ptr"}
-INPUT_POINTERS = {"rows_ptr", "cols_ptr", "grad_ptr"}
-SCALARS = {"L": "i32", "R": "i32", "C": "i32", "D": "i32", "scale_log2": "fp32"}
-for autotuned, constexprs in (
-    (tk._m2d_fwd_kernel, {"FIXED_MAX": False}),
-    (tk._m2d_bwd_kernel, {"FOR_COLS": False}),
-    (tk._m2d_bwd_kernel, {"FOR_COLS": True}),
-):
-    config = autotuned.configs[-1]
-    constexprs.update(M=6, M_PAD=8, DOT_PRECISION="tf32", DOT_IN_FP32=False, **config.kwargs)
-    names = autotuned.fn.arg_names
-    signature = {
-        name: "constexpr" if name in constexprs else SCALARS.get(name)
-        or ("*i32" if name in INT_POINTERS else "*bf16" if name in INPUT_POINTERS else "*fp32")
-        for name in names
-    }
-    source = ASTSource(autotuned.fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-print("compiled")
-"""
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("scale", [20.0, 100.0])  # fixed and running maximum
+def test_scale_gradient_matches_float64_autograd(symmetric, scale):
+    from m2d_kernels.backends import triton_kernels
+
+    # 40 candidates near copies of the queries (3 column tiles): the running maximum moves between
+    # tiles by small steps, where the rescaling of sum_j e_j (z_j - max) matters.
+    queries, docs = make_inputs(2, 5, 40, 48, dtype=FP32, device=DEVICE, requires_grad=False, seed=12)
+    docs = queries.repeat(1, 8, 1) + 0.1 * docs
+    positive_index = torch.tensor([35, 0, 37, 21, 39], device=DEVICE)
+    active = ((True, False, True), (False, True, True))
+    losses, dscale = triton_kernels.pair_losses(queries, docs, (16, 32, 48), active, scale, positive_index,
+                                                symmetric, scale_grad=True)
+    assert dscale.dtype == FP32 and not dscale.requires_grad
+    scale64 = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    truth = _naive_losses(queries.double().cpu(), docs.double().cpu(), (16, 32, 48), scale64,
+                          positive_index.cpu(), symmetric)
+    mask = torch.tensor(active, dtype=torch.float64)
+    expected = torch.stack([torch.autograd.grad(truth[i, j], scale64, retain_graph=True)[0] * mask[i, j]
+                            for i in range(2) for j in range(3)]).view(2, 3)
+    assert_close(losses, truth.detach() * mask, FP32, "losses")
+    assert_close(dscale, expected, FP32, "dloss_dscale")
+    # The default path returns the losses alone.
+    assert triton_kernels.pair_losses(queries, docs, (16, 32, 48), active, scale, positive_index,
+                                      symmetric).shape == (2, 3)
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e8])
+def test_large_scales_stay_accurate(scale):
+    """Row statistics relative to the row maximum and a recompute in the forward's order: no
+    ulp(scale) error in the probabilities (loss and gradients against float64 at 1e-4)."""
+    queries, docs = make_inputs(1, 6, 12, 48, dtype=FP32, device=DEVICE, seed=13)
+    truth = loss_and_grads(queries.double().cpu(), docs.double().cpu(), (16, 48), backend="reference", scale=scale,
+                           symmetric=True)
+    got = loss_and_grads(queries, docs, (16, 48), backend="triton", scale=scale, symmetric=True)
+    assert abs(got[0].item() - truth[0].item()) <= 1e-4 * abs(truth[0].item())
+    for name, g, t in zip(("grad_queries", "grad_docs"), got[1:], truth[1:], strict=True):
+        assert (g.double().cpu() - t).abs().max() <= 1e-4 * t.abs().max(), name
+
+
+def test_huge_scale_is_finite():
+    queries, docs = make_inputs(1, 4, 8, 48, dtype=FP32, device=DEVICE, seed=14)
+    loss, grad_q, grad_d = loss_and_grads(queries, docs, (16, 48), backend="triton", scale=1e10)
+    assert torch.isfinite(loss) and torch.isfinite(grad_q).all() and torch.isfinite(grad_d).all()
+
+
+def test_strided_positive_index_and_inputs():
+    """An expanded index, a column of a stacked index and non-contiguous embeddings give the same
+    losses and gradients as the float64 reference."""
+    base_q, base_d = make_inputs(2, 4, 12, 96, dtype=FP32, device=DEVICE, requires_grad=False, seed=15)
+    queries = base_q[:, :, ::2]  # stride 2 along D
+    docs = base_d.transpose(0, 1).contiguous().transpose(0, 1)[:, :, :48]  # layer-major strides
+    stacked = torch.tensor([[5, 1], [2, 9], [7, 3], [0, 11]], device=DEVICE)
+    for positive_index in (torch.tensor([3], device=DEVICE).expand(4), stacked[:, 1]):
+        assert not positive_index.is_contiguous()
+        _check_against_truth(queries, docs, (16, 48), positive_index=positive_index, symmetric=True)
+
+
+def test_double_backward_raises():
+    queries, docs = make_inputs(1, 3, 6, 48, dtype=FP32, device=DEVICE, seed=16)
+    loss = m2d.matryoshka_2d_infonce(queries, docs, (16, 48), backend="triton")
+    grad = torch.autograd.grad(loss, queries, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
+@triton.jit
+def _round_tile(h_ptr, like_ptr, out_ptr):
+    offsets = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    like = tl.load(like_ptr + offsets).to(tl.float32)
+    tl.store(out_ptr + offsets, _mma_operand(tl.load(h_ptr + offsets), like, tl.bfloat16, True))
+
+
+def test_gradient_tile_is_rounded_to_bf16_before_its_mma():
+    """The GPU multiplies the fp32 gradient tile H as bf16; under the interpreter the product runs in
+    fp32, so `_mma_operand` rounds H first. Checked on the helper (a jit kernel under the interpreter)."""
+    h = torch.randn(16, 16, generator=torch.Generator().manual_seed(17), device=DEVICE)
+    out = torch.empty_like(h)
+    _round_tile[(1,)](h, h.bfloat16(), out)
+    assert torch.equal(out, h.bfloat16().float()) and not torch.equal(out, h)
+
+
+def test_at_most_twelve_configs_and_size_class_key():
+    from m2d_kernels.backends import triton_kernels as tk
+
+    for tuned in (tk._m2d_fwd_tuned, tk._m2d_bwd_tuned):
+        assert len(tuned.configs) <= 12 and {"R_CLASS", "C_CLASS"} <= set(tuned.keys)
+        assert not {"R", "C"} & set(tuned.keys)
+    assert tk._size_classes(8000, 8192) == tk._size_classes(8192, 5000) == {"R_CLASS": 8192, "C_CLASS": 8192}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels natively")
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """The interpreter runs the kernels as Python; this compiles them to an sm_90 binary (bf16, the
-    largest tile config) so that what only the GPU compiler rejects is caught without a GPU."""
+def test_sm90_report_one_config(tmp_path):
+    """benchmarks/sm90_report.py on the selected bf16 configs: each kernel compiles for sm_90 on
+    the CPU to wgmma and 128-bit async copies, and the backward stays within 4x the forward's FLOPs."""
+    from m2d_kernels.backends import triton_kernels as tk
+
+    nvidia_bin = Path(tk.triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (nvidia_bin / "ptxas").exists() or not (nvidia_bin / "cuobjdump").exists():
+        pytest.skip("ptxas/cuobjdump not shipped with this triton")
+    root = Path(__file__).parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = tmp_path / "sm90.json"
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "sm90_report.py"), "--selected-only",
+                             "--dtype", "bf16", "--json", str(out)], env=env, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["backward_flops"] <= 4 * report["forward_flops"]
+    kernels = {row["kernel"] for row in report["kernels"]}
+    assert kernels == {"forward", "backward_dX", "backward_dY"}
+    for row in report["kernels"]:
+        assert row["selected"] and row["wgmma"] > 0 and row["async_copies_128"] > 0, row

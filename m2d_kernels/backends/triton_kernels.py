@@ -1,4 +1,4 @@
-"""Backend ``triton``: fused kernels for all layers x all nested dims, one launch per pass.
+"""Backend ``triton``: fused kernels for all layers x all nested dims.
 
 Everything is phrased as one "rows vs columns" InfoNCE: ``rows`` ``[L, R, D]`` are scored
 against ``cols`` ``[L, C, D]`` and row ``i``'s positive is column ``positives[i]``. The
@@ -8,31 +8,42 @@ arange(B)), so it reuses these kernels instead of a copy.
 
 Math (DESIGN.md section 1), per layer l, dim index m, segment ``seg_m = [d_{m-1}, d_m)``::
 
-    S_m      = S_{m-1} + X[:, seg_m] Y[:, seg_m]^T          one fp32 accumulator over D
-    cos_m    = diag(rx_m) S_m diag(ry_m)                     rx_m = 1 / max(|x[:d_m]|, eps)
-    loss_lm  = mean_i [ logsumexp_j(scale * cos_m(i, j)) - scale * cos_m(i, p(i)) ]
+    S_m      = S_{m-1} + X[:, seg_m] Y[:, seg_m]^T          one fp32 accumulator over [0, top)
+    z_m      = scale * cos_m = scale * diag(rx_m) S_m diag(ry_m),   rx_m = 1 / max(|x[:d_m]|, eps)
+    loss_lm  = mean_i [ (max_i - z_m(i, p(i))) + log sum_j exp(z_m(i, j) - max_i) ]
 
-Backward, ``G_m = coef_lm * (softmax_j(scale * cos_m) - onehot(p))`` with
-``coef_lm = dL/dloss_lm * scale / R``, suffix sums over ``m >= s``::
+Backward, ``G_m = coef_lm * (softmax_j(z_m) - onehot(p))`` with ``coef_lm = dL/dloss_lm * scale / R``,
+``W_m = diag(rx_m) G_m diag(ry_m)`` and suffix sums over ``m >= s``::
 
-    dX[:, seg_s] = H_s Y[:, seg_s]   - alpha_s * X[:, seg_s]   H_s = sum_{m>=s} diag(rx_m) G_m diag(ry_m)
+    dX[:, seg_s] = H_s Y[:, seg_s]   - alpha_s * X[:, seg_s]   H_s = sum_{m>=s} W_m
     dY[:, seg_s] = H_s^T X[:, seg_s] - beta_s  * Y[:, seg_s]   alpha_s = sum_{m>=s} rx_m^2 rowsum(G_m * cos_m)
 
-The backward is one kernel launched twice (dX over row blocks, dY over column blocks). For
-each tile it walks the segments from the largest dim down: at each active boundary it
-recomputes ``S_m`` and adds ``G_m`` to ``H``, then accumulates ``H Y[:, seg]`` into the owner
-block's fp32 work rows. No ``R x C`` matrix is ever written to memory: the forward
-keeps ``[L, R, M]`` statistics; the backward's grid is persistent (one program per SM), so its
-fp32 scratch is ``programs x block x D`` whatever the batch, and each block is owned by one
-program (no atomics).
+Work, with ``top`` the largest active dim of a layer (FLOPs of the tensor-core products)::
 
-``scale`` is a fixed log-sum-exp maximum (``|cos| <= 1``) while ``exp2(-2 * scale *
-log2(e))`` stays a normal fp32 number; above that the forward keeps a running maximum.
+    forward  : 2 * L * R * C * top                     (one accumulation over [0, top) per tile)
+    backward : 2 launches x 2 * (2 * L * R * C * top)  (recompute S + one product per launch) = 4x forward
+
+The backward kernel is launched twice (dX over row blocks, dY over column blocks). For each
+[rows, cols] tile it walks k upwards over [0, top) in exactly the forward's order (same chunks,
+same BLOCK_D), so the recomputed logits are bit-identical to the forward's and the probabilities
+``exp2((z - max) - logsum)`` are exact up to fp32 rounding; at each active boundary it writes
+``W_m`` to a per-program tile slot. Then it walks the segments downwards, summing the slots into
+``H`` on chip (no subtraction, no cancellation) and accumulating ``H Y[:, seg]`` into the owner
+block's fp32 work rows. Nothing of size ``R x C`` reaches memory; the grid is persistent and the
+number of programs is bounded so that all scratch (work rows + tile slots) stays under
+``SCRATCH_BUDGET`` bytes (below the H100's 50 MB L2). Each block has one owner program: no
+atomics, results are deterministic.
+
+Row statistics are kept relative to the row maximum (``max`` and ``log2 sum exp2(z - max)``
+stored separately), so a large ``scale`` costs no ulp(scale) error in the probabilities. ``scale``
+is a fixed maximum (``|cos| <= 1``) while ``exp2(-2 * scale * log2(e))`` stays a normal fp32
+number; above that the forward keeps a running maximum.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -46,6 +57,10 @@ LN2 = 0.6931471805599453
 # exp2 of anything down to -FIXED_MAX_LIMIT is a normal fp32 number (2^-126 is the smallest).
 FIXED_MAX_LIMIT = 120.0
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Bytes of fp32 scratch all backward programs may hold together: stays resident in L2 (50 MB on H100).
+SCRATCH_BUDGET = 32 << 20
+# Opt-in autotuning; otherwise `_heuristic_config` picks the tile without a single trial run.
+AUTOTUNE_ENV = "M2D_TRITON_AUTOTUNE"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -56,46 +71,53 @@ def unavailable_reason(device: torch.device) -> str | None:
     return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)"
 
 
-def _configs(block_rows, block_cols, block_d, warps, stages):
-    return [
-        triton.Config({"BLOCK_R": r, "BLOCK_C": c, "BLOCK_D": d}, num_warps=w, num_stages=s)
-        for r in block_rows for c in block_cols for d in block_d for w in warps for s in stages
-    ]
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _autotune_configs():
-    # The interpreter runs on the CPU: one small config (tl.dot needs tiles >= 16).
+# ---------------------------------------------------------------------------------------
+# Tile configurations
+# ---------------------------------------------------------------------------------------
+
+# (BLOCK_R, BLOCK_C, num_warps, num_stages). Forward and backward share BLOCK_D (a function of
+# the dims, see `_block_d`) so that the backward's recompute adds the same chunks in the same order.
+# Heuristic = the first config the problem fills; the first ones compile for sm_90 without spills
+# (benchmarks/sm90_report.py), the rest are there for the opt-in autotuner.
+FORWARD_CONFIGS = ((64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 3),
+                   (128, 64, 4, 3), (128, 128, 8, 4))
+BACKWARD_CONFIGS = ((64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
+                    (64, 128, 8, 3), (128, 128, 8, 3))
+INTERPRETER_CONFIG = (16, 16, 1, 1)  # tl.dot needs tiles >= 16; the CPU interpreter wants few ops
+
+
+def _heuristic_config(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
+    """The config a launch uses when autotuning is off: the first of the kind's list that the
+    problem fills (small batches take the 64-wide tiles)."""
     if _interpreting():
-        return _configs((16,), (16,), (16,), (1,), (1,))
-    return _configs((64, 128), (64, 128), (32, 64), (4, 8), (2, 3))
+        return INTERPRETER_CONFIG
+    for config in FORWARD_CONFIGS if kind == "forward" else BACKWARD_CONFIGS:
+        classes = _size_classes(n_rows, n_cols)
+        if config[0] <= max(64, classes["R_CLASS"]) and config[1] <= max(64, classes["C_CLASS"]):
+            return config
+    return (64, 64, 4, 3)
 
 
-def _largest_block() -> int:
-    return max(max(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]) for c in _autotune_configs())
+def _triton_configs(configs):
+    return [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w, num_stages=s) for r, c, w, s in configs]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles larger than the problem needs and 128 x 128 tiles on 4 warps (register spills)."""
-    row_limit = max(64, triton.next_power_of_2(named_args["R"]))
-    col_limit = max(64, triton.next_power_of_2(named_args["C"]))
-    kept = [
-        c for c in configs
-        if c.kwargs["BLOCK_R"] <= row_limit and c.kwargs["BLOCK_C"] <= col_limit
-        and not (c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_C"] >= 128 * 128 and c.num_warps < 8)
-    ]
+    """Drop tiles larger than the problem's size class (they would only mask)."""
+    kept = [c for c in configs if c.kwargs["BLOCK_R"] <= max(64, named_args["R_CLASS"])
+            and c.kwargs["BLOCK_C"] <= max(64, named_args["C_CLASS"])]
     return kept or configs[:1]
 
 
-def _autotune(kernel_fn, key=("R", "C", "D", "M", "FIXED_MAX")):
-    return triton.autotune(
-        configs=_autotune_configs(),
-        key=list(key),
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(triton.jit(kernel_fn))
+def _autotuned(kernel, configs, key):
+    """At most 12 configs, keyed by size class (next power of two of R and C, so a smaller last
+    batch reuses the choice), the choice cached on disk by Triton (``cache_results``)."""
+    return triton.autotune(configs=_triton_configs(configs), key=list(key), cache_results=True,
+                           prune_configs_by={"early_config_prune": _prune_configs})(kernel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,40 +126,152 @@ def _autotune(kernel_fn, key=("R", "C", "D", "M", "FIXED_MAX")):
 
 
 @triton.jit
-def _load_operand(ptrs, mask, DOT_IN_FP32: tl.constexpr):
-    x = tl.load(ptrs, mask=mask, other=0.0)
+def _segment(bounds_ptr, m, ALIGNED: tl.constexpr):
+    """[lo, hi) of segment m. ALIGNED: every bound is a multiple of BLOCK_D (>= 16), which lets the
+    compiler issue 128-bit, pipelined (cp.async) operand loads."""
+    lo = tl.load(bounds_ptr + m)
+    hi = tl.load(bounds_ptr + m + 1)
+    if ALIGNED:
+        lo = tl.multiple_of(lo, 16)
+        hi = tl.multiple_of(hi, 16)
+    return lo, hi
+
+
+@triton.jit
+def _load_operand(ptrs, row_mask, k, hi, ALIGNED: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    if ALIGNED:  # whole BLOCK_D chunks: the mask is constant along k
+        x = tl.load(ptrs + k[None, :], mask=row_mask[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs + k[None, :], mask=row_mask[:, None] & (k < hi)[None, :], other=0.0)
     if DOT_IN_FP32:
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
-def _accumulate_segment(acc, x_ptrs, y_ptrs, x_mask, y_mask, lo, hi,
+def _round_to_bf16(x):
+    """fp32 -> nearest bf16 (ties to even), kept in fp32: what the GPU's conversion does. The
+    interpreter's own conversion truncates, so the CPU path rounds explicitly (NaN stays NaN)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
+def _mma_operand(h, like, ELEMENT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """An fp32 tile as an MMA operand of the inputs' type. The interpreter multiplies bf16 in fp32
+    (DOT_IN_FP32) but still rounds to bf16 first, as the GPU does."""
+    if DOT_IN_FP32:
+        return _round_to_bf16(h)
+    return h.to(like.dtype)
+
+
+@triton.jit
+def _accumulate_segment(acc, x_ptrs, y_ptrs, x_mask, y_mask, lo, hi, ALIGNED: tl.constexpr,
                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """acc += X[:, lo:hi] Y[:, lo:hi]^T, masked at the segment edge (dims need not align)."""
+    """acc += X[:, lo:hi] Y[:, lo:hi]^T in BLOCK_D chunks from lo upwards (forward and backward
+    call this with the same arguments, so they add the same chunks in the same order)."""
     for k0 in range(lo, hi, BLOCK_D):
         k = k0 + tl.arange(0, BLOCK_D)
-        k_mask = k < hi
-        x = _load_operand(x_ptrs + k[None, :], x_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
-        y = _load_operand(y_ptrs + k[None, :], y_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
+        x = _load_operand(x_ptrs, x_mask, k, hi, ALIGNED, DOT_IN_FP32)
+        y = _load_operand(y_ptrs, y_mask, k, hi, ALIGNED, DOT_IN_FP32)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
     return acc
 
 
 @triton.jit
-def _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2):
-    """G = coef * (softmax - onehot) and cos of one (layer, dim) pair on an [R, C] tile
-    (row_lse in log2 units, like every logit in these kernels)."""
-    cos = acc * rx[:, None] * ry[None, :]
-    prob = tl.exp2(cos * scale_log2 - row_lse[:, None])
-    grad_cos = tl.where(valid, coef * (prob - onehot), 0.0)
-    return grad_cos, cos
+def _logits(acc, rx, ry, scale_log2):
+    """scale * cos in log2 units; one expression for forward and backward (bit-identical logits)."""
+    return acc * (rx * scale_log2)[:, None] * ry[None, :]
 
 
 @triton.jit
 def _column(table, m, m_ids):
     """Column m of a [rows, M_PAD] register table."""
     return tl.sum(tl.where(m_ids[None, :] == m, table, 0.0), axis=1)
+
+
+def _m2d_fwd_kernel(
+    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
+    max_ptr, logsum_ptr, row_loss_ptr, dscale_ptr, R, C, D, scale_log2, R_CLASS, C_CLASS,
+    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, ALIGNED: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (row block, layer); 2 * R * C * top FLOPs per layer. Per row and active pair, in log2
+    units: the row maximum, log2 sum_j exp2(z_j - max), the row loss (max - z_p) + log2 sum, and
+    (SCALE_GRAD) d row loss / d scale = (sum_j p_j (z_j - max) + max - z_p) / scale_log2, from one
+    accumulator over [0, top) with the (layer, dim) epilogue at every nested-dim boundary."""
+    pid_r = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    n_seg = tl.load(n_seg_ptr + layer)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < R
+    row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
+    m_ids = tl.arange(0, M_PAD)
+    x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+    stat_offsets = (layer * R + r)[:, None] * M + m_ids[None, :]
+    stat_mask = r_mask[:, None] & (m_ids < M)[None, :]
+
+    # Inactive pairs keep max 0 and sum 1 so that their (unused) statistics stay finite.
+    inactive = (tl.load(active_ptr + layer * M + m_ids, mask=m_ids < M, other=0) == 0)[None, :]
+    if FIXED_MAX:
+        run_max = tl.zeros([BLOCK_R, M_PAD], tl.float32) + scale_log2
+    else:
+        run_max = tl.where(inactive, 0.0, tl.full([BLOCK_R, M_PAD], float("-inf"), tl.float32))
+    run_sum = tl.zeros([BLOCK_R, M_PAD], tl.float32) + inactive.to(tl.float32)
+    run_wsum = tl.zeros([BLOCK_R, M_PAD], tl.float32)  # sum_j e_j (z_j - max), SCALE_GRAD only
+    pos_logit = tl.zeros([BLOCK_R, M_PAD], tl.float32)
+    n_streamed = tl.where(n_seg > 0, C, 0)  # a layer without active pairs streams nothing
+    for c0 in range(0, n_streamed, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+        is_pos = c[None, :] == row_pos[:, None]
+        has_pos = tl.sum(is_pos.to(tl.int32)) > 0  # most tiles hold no positive: skip the extraction
+        acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        for m in range(0, n_seg):
+            lo, hi = _segment(bounds_ptr, m, ALIGNED)
+            acc = _accumulate_segment(acc, x_ptrs, y_ptrs, r_mask, c_mask, lo, hi, ALIGNED, BLOCK_D,
+                                      DOT_PRECISION, DOT_IN_FP32)
+            if tl.load(active_ptr + layer * M + m) != 0:
+                rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+                ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+                z = tl.where(c_mask[None, :], _logits(acc, rx, ry, scale_log2), float("-inf"))
+                is_m = m_ids[None, :] == m
+                if has_pos:
+                    hit = tl.sum(tl.where(is_pos, z, 0.0), axis=1)
+                    pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
+                if FIXED_MAX:
+                    shifted = z - scale_log2
+                    e = tl.exp2(shifted)
+                    run_sum = tl.where(is_m, run_sum + tl.sum(e, axis=1)[:, None], run_sum)
+                    if SCALE_GRAD:
+                        tile_wsum = tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
+                        run_wsum = tl.where(is_m, run_wsum + tile_wsum[:, None], run_wsum)
+                else:
+                    old_max = _column(run_max, m, m_ids)
+                    new_max = tl.maximum(old_max, tl.max(z, axis=1))
+                    # The first tile has old_max = -inf and nothing to rescale (and inf * 0 is NaN).
+                    delta = tl.where(old_max == float("-inf"), 0.0, old_max - new_max)
+                    rescale = tl.exp2(delta)
+                    old_sum = _column(run_sum, m, m_ids)
+                    shifted = z - new_max[:, None]
+                    e = tl.exp2(shifted)
+                    new_sum = old_sum * rescale + tl.sum(e, axis=1)
+                    if SCALE_GRAD:
+                        # sum_j e_j (z_j - old) -> sum_j e_j 2^delta (z_j - new) = (. + delta * sum) 2^delta
+                        new_wsum = (_column(run_wsum, m, m_ids) + delta * old_sum) * rescale
+                        new_wsum += tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
+                        run_wsum = tl.where(is_m, new_wsum[:, None], run_wsum)
+                    run_max = tl.where(is_m, new_max[:, None], run_max)
+                    run_sum = tl.where(is_m, new_sum[:, None], run_sum)
+    tl.store(max_ptr + stat_offsets, run_max, mask=stat_mask)
+    tl.store(logsum_ptr + stat_offsets, tl.log2(run_sum), mask=stat_mask)
+    tl.store(row_loss_ptr + stat_offsets, (run_max - pos_logit) + tl.log2(run_sum), mask=stat_mask)
+    if SCALE_GRAD:
+        dscale = (run_wsum / run_sum + (run_max - pos_logit)) / scale_log2
+        tl.store(dscale_ptr + stat_offsets, dscale, mask=stat_mask)
 
 
 @triton.jit
@@ -150,33 +284,35 @@ def _zero_columns(ptrs, mask, lo, hi, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr
 
 @triton.jit
 def _backward_tile(
-    x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg,
-    bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C, scale_log2,
-    M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptrs, y_ptrs, work_ptrs, slot_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg,
+    bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, R, C, scale_log2,
+    M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, ELEMENT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One [rows, cols] tile of the backward: walk the segments from the largest dim down; at each
-    active boundary recompute S_m over [0, d_m) and add G_m to the suffix sum H, then accumulate
-    H Y[:, seg_m] (rows) or H^T X[:, seg_m] (cols) into the owner's fp32 work rows. Recomputing
-    S_m (rather than subtracting segments from S_M) costs sum(active dims) / D products instead of
-    one but avoids the cancellation that small leading dims would suffer.
+    """One [rows, cols] tile: 2 * BLOCK_R * BLOCK_C * top FLOPs to recompute S (upwards, the
+    forward's order) writing W_m to slot m at each active boundary, then 2 * BLOCK_R * BLOCK_C * top
+    for the product, walking the segments downwards with H = sum of the slots so far: H Y[:, seg]
+    (rows) or H^T X[:, seg] (cols) into the owner's fp32 work rows.
     Returns norm_sums + norm * sum(G_m * cos_m) along the owner's axis, per dim."""
     m_ids = tl.arange(0, M_PAD)
     valid = r_mask[:, None] & c_mask[None, :]
     onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
-    h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for step in range(0, n_seg):
-        m = n_seg - 1 - step
-        lo = tl.load(bounds_ptr + m)
-        hi = tl.load(bounds_ptr + m + 1)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for m in range(0, n_seg):
+        lo, hi = _segment(bounds_ptr, m, ALIGNED)
+        acc = _accumulate_segment(acc, x_ptrs, y_ptrs, r_mask, c_mask, lo, hi, ALIGNED, BLOCK_D,
+                                  DOT_PRECISION, DOT_IN_FP32)
         if tl.load(active_ptr + layer * M + m) != 0:
-            acc = _accumulate_segment(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), x_ptrs, y_ptrs, r_mask, c_mask,
-                                      0, hi, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
             rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
             ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-            row_lse = tl.load(lse_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+            row_max = tl.load(max_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+            row_logsum = tl.load(logsum_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
             coef = tl.load(coef_ptr + layer * M + m)
-            grad_cos, cos = _coefficient_tile(acc, rx, ry, row_lse, onehot, valid, coef, scale_log2)
+            z = _logits(acc, rx, ry, scale_log2)
+            prob = tl.exp2((z - row_max[:, None]) - row_logsum[:, None])
+            grad_cos = tl.where(valid, coef * (prob - onehot), 0.0)
+            cos = acc * rx[:, None] * ry[None, :]
             if FOR_COLS:
                 norm = tl.load(norm_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
                 norm_sum = norm * tl.sum(grad_cos * cos, axis=0)
@@ -184,176 +320,130 @@ def _backward_tile(
                 norm = tl.load(norm_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
                 norm_sum = norm * tl.sum(grad_cos * cos, axis=1)
             norm_sums += tl.where(m_ids[None, :] == m, norm_sum[:, None], 0.0)
-            h += grad_cos * rx[:, None] * ry[None, :]
+            tl.store(slot_ptrs + m * BLOCK_R * BLOCK_C, grad_cos * rx[:, None] * ry[None, :])
+    tl.debug_barrier()  # the slots are read back in another register layout (other threads)
+    h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for step in range(0, n_seg):
+        m = n_seg - 1 - step
+        lo, hi = _segment(bounds_ptr, m, ALIGNED)
+        if tl.load(active_ptr + layer * M + m) != 0:
+            h += tl.load(slot_ptrs + m * BLOCK_R * BLOCK_C)
         for k0 in range(lo, hi, BLOCK_D):
             k = k0 + tl.arange(0, BLOCK_D)
             k_mask = k < hi
             if FOR_COLS:
                 io_mask = c_mask[:, None] & k_mask[None, :]
-                x = _load_operand(x_ptrs + k[None, :], r_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
+                x = _load_operand(x_ptrs, r_mask, k, hi, ALIGNED, DOT_IN_FP32)
                 grad = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
-                grad = tl.dot(tl.trans(h).to(x.dtype), x, grad, input_precision=DOT_PRECISION)
+                grad = tl.dot(_mma_operand(tl.trans(h), x, ELEMENT, DOT_IN_FP32), x, grad,
+                              input_precision=DOT_PRECISION)
             else:
                 io_mask = r_mask[:, None] & k_mask[None, :]
-                y = _load_operand(y_ptrs + k[None, :], c_mask[:, None] & k_mask[None, :], DOT_IN_FP32)
+                y = _load_operand(y_ptrs, c_mask, k, hi, ALIGNED, DOT_IN_FP32)
                 grad = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
-                grad = tl.dot(h.to(y.dtype), y, grad, input_precision=DOT_PRECISION)
+                grad = tl.dot(_mma_operand(h, y, ELEMENT, DOT_IN_FP32), y, grad, input_precision=DOT_PRECISION)
             tl.store(work_ptrs + k[None, :], grad, mask=io_mask)
+    tl.debug_barrier()  # the next tile overwrites the slots
     return norm_sums
 
 
 @triton.jit
 def _store_gradient(grad_ptrs, work_ptrs, own_ptrs, mask, norm_sums, bounds_ptr, n_seg, top, D,
-                    BLOCK: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+                    ALIGNED: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK: tl.constexpr, M_PAD: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     """grad[:, seg_s] = work[:, seg_s] - (sum_{m >= s} norm_sums[:, m]) * own[:, seg_s] in the
     gradient's dtype, walking s downwards; zero beyond the largest active dim."""
+    tl.debug_barrier()  # the work rows were written in the MMA's register layout
     m_ids = tl.arange(0, M_PAD)
     suffix = tl.zeros([BLOCK], tl.float32)
     for step in range(0, n_seg):
         m = n_seg - 1 - step
         suffix += _column(norm_sums, m, m_ids)
-        lo = tl.load(bounds_ptr + m)
-        hi = tl.load(bounds_ptr + m + 1)
+        lo, hi = _segment(bounds_ptr, m, ALIGNED)
         for k0 in range(lo, hi, BLOCK_D):
             k = k0 + tl.arange(0, BLOCK_D)
             io_mask = mask[:, None] & (k < hi)[None, :]
             own = tl.load(own_ptrs + k[None, :], mask=io_mask, other=0.0).to(tl.float32)
             work = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
-            tl.store(grad_ptrs + k[None, :], work - suffix[:, None] * own, mask=io_mask)
+            grad = work - suffix[:, None] * own
+            if DOT_IN_FP32:  # bf16 under the interpreter: round as the GPU's store does
+                grad = _round_to_bf16(grad)
+            tl.store(grad_ptrs + k[None, :], grad, mask=io_mask)
     _zero_columns(grad_ptrs, mask, top, D, BLOCK, BLOCK_D)
-
-
-def _m2d_fwd_kernel(
-    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
-    lse_ptr, pos_logit_ptr, R, C, D, scale_log2,
-    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Grid (row block, layer). Per row and active pair, in log2 units: log-sum-exp_j(scale cos) and
-    scale cos(i, p(i)), from one accumulator over D with the (layer, dim) epilogue at every
-    nested-dim boundary."""
-    pid_r = tl.program_id(0)
-    layer = tl.program_id(1).to(tl.int64)
-    n_seg = tl.load(n_seg_ptr + layer)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = r < R
-    row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
-    m_ids = tl.arange(0, M_PAD)
-    x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
-    stat_offsets = (layer * R + r)[:, None] * M + m_ids[None, :]
-    stat_mask = r_mask[:, None] & (m_ids < M)[None, :]
-
-    if FIXED_MAX:
-        run_max = tl.zeros([BLOCK_R, M_PAD], tl.float32) + scale_log2
-    else:
-        run_max = tl.full([BLOCK_R, M_PAD], float("-inf"), tl.float32)
-    # Inactive pairs start at 1 so that their (unused) log-sum-exp stays finite.
-    inactive = tl.load(active_ptr + layer * M + m_ids, mask=m_ids < M, other=0) == 0
-    run_sum = tl.zeros([BLOCK_R, M_PAD], tl.float32) + inactive.to(tl.float32)[None, :]
-    pos_logit = tl.zeros([BLOCK_R, M_PAD], tl.float32)
-    n_streamed = tl.where(n_seg > 0, C, 0)  # a layer without active pairs streams nothing
-    for c0 in range(0, n_streamed, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
-        y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
-        is_pos = c[None, :] == row_pos[:, None]
-        has_pos = tl.sum(is_pos.to(tl.int32)) > 0  # most tiles hold no positive: skip the extraction
-        acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        for m in range(0, n_seg):
-            lo = tl.load(bounds_ptr + m)
-            hi = tl.load(bounds_ptr + m + 1)
-            acc = _accumulate_segment(acc, x_ptrs, y_ptrs, r_mask, c_mask, lo, hi, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
-            if tl.load(active_ptr + layer * M + m) != 0:
-                rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-                ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-                z = acc * (rx * scale_log2)[:, None] * ry[None, :]  # scale * cos in log2 units
-                z = tl.where(c_mask[None, :], z, float("-inf"))
-                is_m = m_ids[None, :] == m
-                if has_pos:
-                    hit = tl.sum(tl.where(is_pos, z, 0.0), axis=1)
-                    pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
-                if FIXED_MAX:
-                    tile_sum = tl.sum(tl.exp2(z - scale_log2), axis=1)
-                    run_sum = tl.where(is_m, run_sum + tile_sum[:, None], run_sum)
-                else:
-                    old_max = tl.max(tl.where(is_m, run_max, float("-inf")), axis=1)
-                    new_max = tl.maximum(old_max, tl.max(z, axis=1))
-                    new_sum = _column(run_sum, m, m_ids) * tl.exp2(old_max - new_max)
-                    new_sum += tl.sum(tl.exp2(z - new_max[:, None]), axis=1)
-                    run_max = tl.where(is_m, new_max[:, None], run_max)
-                    run_sum = tl.where(is_m, new_sum[:, None], run_sum)
-    tl.store(lse_ptr + stat_offsets, run_max + tl.log2(run_sum), mask=stat_mask)
-    tl.store(pos_logit_ptr + stat_offsets, pos_logit, mask=stat_mask)
 
 
 def _m2d_bwd_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
-    norm_ptr, lse_ptr, coef_ptr, grad_ptr, workspace_ptr, L, R, C, D, scale_log2,
-    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr,
+    norm_ptr, max_ptr, logsum_ptr, coef_ptr, grad_ptr, work_ptr, slots_ptr, L, R, C, D, scale_log2, R_CLASS, C_CLASS,
+    M: tl.constexpr, M_PAD: tl.constexpr, ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, FOR_COLS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Persistent grid over work items (layer, owner block): dX of a row block streaming over column
-    tiles, or (FOR_COLS) dY of a column block streaming over row tiles. Each program accumulates
-    in its own fp32 work rows, so the scratch memory is (programs x block x D), not the gradient's
-    size. norm_ptr is rx^2 (or ry^2) where the norm was not clamped to eps, else 0."""
+    tiles, or (FOR_COLS) dY of a column block streaming over row tiles; 4 * R * C * top FLOPs per
+    layer per launch. Each program owns its fp32 work rows (block x D) and M tile slots
+    (BLOCK_R x BLOCK_C), so the scratch is bounded by the number of programs, not the batch.
+    norm_ptr is rx^2 (or ry^2) where the norm was not clamped to eps, else 0."""
     pid = tl.program_id(0)
-    if FOR_COLS:
-        n_blocks = tl.cdiv(C, BLOCK_C)
-    else:
-        n_blocks = tl.cdiv(R, BLOCK_R)
+    ELEMENT: tl.constexpr = rows_ptr.dtype.element_ty
+    own_block: tl.constexpr = BLOCK_C if FOR_COLS else BLOCK_R
+    n_blocks = tl.cdiv(C if FOR_COLS else R, own_block)
+    work_ptrs = work_ptr + (pid * own_block + tl.arange(0, own_block)).to(tl.int64)[:, None] * D
+    slot_ptrs = (slots_ptr + pid.to(tl.int64) * M * BLOCK_R * BLOCK_C
+                 + tl.arange(0, BLOCK_R)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :])
     for work in range(pid, L * n_blocks, tl.num_programs(0)):
         layer = (work // n_blocks).to(tl.int64)
         block = work % n_blocks
         n_seg = tl.load(n_seg_ptr + layer)
         top = tl.load(bounds_ptr + n_seg)
+        own = block * own_block + tl.arange(0, own_block)
+        own_mask = own < (C if FOR_COLS else R)
+        _zero_columns(work_ptrs, own_mask, 0, top, own_block, BLOCK_D)
+        tl.debug_barrier()
+        norm_sums = tl.zeros([own_block, M_PAD], tl.float32)
         if FOR_COLS:
-            c = block * BLOCK_C + tl.arange(0, BLOCK_C)
-            c_mask = c < C
-            y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
-            work_ptrs = workspace_ptr + (pid * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[:, None] * D
-            _zero_columns(work_ptrs, c_mask, 0, top, BLOCK_C, BLOCK_D)
-            norm_sums = tl.zeros([BLOCK_C, M_PAD], tl.float32)
-            if n_seg > 0:
-                for r0 in range(0, R, BLOCK_R):
-                    r = r0 + tl.arange(0, BLOCK_R)
-                    r_mask = r < R
-                    row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
-                    x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
-                    norm_sums = _backward_tile(
-                        x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg,
-                        bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C,
-                        scale_log2, M, M_PAD, FOR_COLS, DOT_PRECISION, DOT_IN_FP32, BLOCK_R, BLOCK_C, BLOCK_D,
-                    )
-            _store_gradient(grad_ptr + (layer * C + c)[:, None] * D, work_ptrs, y_ptrs,
-                            c_mask, norm_sums, bounds_ptr, n_seg, top, D, BLOCK_C, M_PAD, BLOCK_D)
+            y_ptrs = cols_ptr + (layer * C + own)[:, None] * D
+            own_ptrs = y_ptrs
+            n_streamed = tl.where(n_seg > 0, R, 0)
+            for r0 in range(0, n_streamed, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = r < R
+                row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
+                x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+                norm_sums = _backward_tile(
+                    x_ptrs, y_ptrs, work_ptrs, slot_ptrs, r, own, r_mask, own_mask, row_pos, norm_sums, layer,
+                    n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
+                    coef_ptr, R, C, scale_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT,
+                    BLOCK_R, BLOCK_C, BLOCK_D,
+                )
         else:
-            r = block * BLOCK_R + tl.arange(0, BLOCK_R)
-            r_mask = r < R
-            row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
-            x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
-            work_ptrs = workspace_ptr + (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None] * D
-            _zero_columns(work_ptrs, r_mask, 0, top, BLOCK_R, BLOCK_D)
-            norm_sums = tl.zeros([BLOCK_R, M_PAD], tl.float32)
-            if n_seg > 0:
-                for c0 in range(0, C, BLOCK_C):
-                    c = c0 + tl.arange(0, BLOCK_C)
-                    c_mask = c < C
-                    y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
-                    norm_sums = _backward_tile(
-                        x_ptrs, y_ptrs, work_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg,
-                        bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, lse_ptr, coef_ptr, R, C,
-                        scale_log2, M, M_PAD, FOR_COLS, DOT_PRECISION, DOT_IN_FP32, BLOCK_R, BLOCK_C, BLOCK_D,
-                    )
-            _store_gradient(grad_ptr + (layer * R + r)[:, None] * D, work_ptrs, x_ptrs,
-                            r_mask, norm_sums, bounds_ptr, n_seg, top, D, BLOCK_R, M_PAD, BLOCK_D)
+            x_ptrs = rows_ptr + (layer * R + own)[:, None] * D
+            own_ptrs = x_ptrs
+            row_pos = tl.load(positives_ptr + own, mask=own_mask, other=-1)
+            n_streamed = tl.where(n_seg > 0, C, 0)
+            for c0 in range(0, n_streamed, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                c_mask = c < C
+                y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+                norm_sums = _backward_tile(
+                    x_ptrs, y_ptrs, work_ptrs, slot_ptrs, own, c, own_mask, c_mask, row_pos, norm_sums, layer,
+                    n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
+                    coef_ptr, R, C, scale_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT,
+                    BLOCK_R, BLOCK_C, BLOCK_D,
+                )
+        _store_gradient(grad_ptr + (layer * (C if FOR_COLS else R) + own)[:, None] * D, work_ptrs, own_ptrs,
+                        own_mask, norm_sums, bounds_ptr, n_seg, top, D, ALIGNED, DOT_IN_FP32, own_block, M_PAD, BLOCK_D)
+        tl.debug_barrier()  # the next work item zeroes these work rows
 
 
-# Every kernel overwrites its outputs (the backward zeroes its work rows first), so autotuning's
-# repeated runs are harmless.
-_m2d_fwd_kernel = _autotune(_m2d_fwd_kernel)
-_m2d_bwd_kernel = _autotune(_m2d_bwd_kernel, key=("R", "C", "D", "M", "FOR_COLS"))
+_m2d_fwd_kernel = triton.jit(_m2d_fwd_kernel)
+_m2d_bwd_kernel = triton.jit(_m2d_bwd_kernel)
+# Autotuned variants of the same kernels (opt-in). Every kernel overwrites its outputs (the
+# backward zeroes its work rows first), so autotuning's repeated runs are harmless.
+_m2d_fwd_tuned = _autotuned(_m2d_fwd_kernel, FORWARD_CONFIGS,
+                            ("R_CLASS", "C_CLASS", "D", "M", "FIXED_MAX", "ALIGNED", "SCALE_GRAD", "BLOCK_D"))
+_m2d_bwd_tuned = _autotuned(_m2d_bwd_kernel, BACKWARD_CONFIGS,
+                            ("R_CLASS", "C_CLASS", "D", "M", "ALIGNED", "FOR_COLS", "BLOCK_D"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,24 +464,49 @@ def _segment_tables(dims: tuple[int, ...], active: tuple[bool, ...], device: tor
 
 
 @functools.lru_cache(maxsize=8)
-def _resident_programs(device: torch.device) -> int:
-    """Programs of the persistent backward grid: one per SM of the largest tile (two of 64-row
-    tiles). The interpreter runs programs one after another; a few exercise the persistent loop."""
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of the GPU; the interpreter runs programs one after another, two exercise the persistent loop."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
 
 
-def _launch_options(x: torch.Tensor, dims, scale: float) -> dict:
-    scale_log2 = scale * LOG2E
+def _block_d(dims, n_features: int) -> tuple[int, bool]:
+    """(BLOCK_D, ALIGNED): the widest chunk of 64, 32 or 16 that divides every dim, so that no chunk
+    straddles a boundary and the loads need no k mask; 32 with masks when the dims are not multiples
+    of 16 (or the rows' stride D is not)."""
+    common = math.gcd(*dims)
+    for block in (64, 32, 16):
+        if common % block == 0 and n_features % 16 == 0:
+            return block, True
+    return 32, False
+
+
+def _kernel_options(x: torch.Tensor, dims, scale: float) -> dict:
+    block_d, aligned = _block_d(dims, x.shape[-1])
     return {
         "M": len(dims),
         "M_PAD": max(2, triton.next_power_of_2(len(dims))),
-        "FIXED_MAX": 2 * scale_log2 <= FIXED_MAX_LIMIT,
-        "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
-        # The interpreter's tl.dot misreads bfloat16 tiles: upcast them there (the GPU keeps bf16 MMA).
+        "ALIGNED": aligned,
+        "BLOCK_D": block_d,
+        # fp32 inputs run on tensor cores as three tf32 products (hi*hi + hi*lo + lo*hi): about fp32's
+        # accuracy at a third of tf32's rate, instead of FFMA without tensor cores.
+        "DOT_PRECISION": "tf32x3" if x.dtype == torch.float32 else "tf32",
+        # The interpreter's tl.dot misreads bfloat16 tiles: multiply in fp32 there (see _mma_operand).
         "DOT_IN_FP32": x.dtype == torch.bfloat16 and _interpreting(),
     }
+
+
+def _size_classes(n_rows: int, n_cols: int) -> dict:
+    return {"R_CLASS": triton.next_power_of_2(n_rows), "C_CLASS": triton.next_power_of_2(n_cols)}
+
+
+def _tile_kwargs(kind, x, n_rows, n_cols):
+    """Launch meta-parameters when autotuning is off (None when on: the autotuner chooses)."""
+    if os.environ.get(AUTOTUNE_ENV) == "1" and not _interpreting():
+        return None
+    block_r, block_c, warps, stages = _heuristic_config(kind, x.dtype, n_rows, n_cols)
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": warps, "num_stages": stages}
 
 
 def _patch_interpreter_loop_bounds() -> None:
@@ -417,12 +532,20 @@ def _check_dtype(x: torch.Tensor) -> None:
         raise TypeError(f"queries/docs: the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
 
 
+def _positives(positives: torch.Tensor) -> torch.Tensor:
+    """int32 and contiguous whatever the caller's strides (an expanded or strided index is read
+    element by element at offset i by the kernels)."""
+    return positives.to(torch.int32, memory_format=torch.contiguous_format).contiguous()
+
+
 @torch.library.custom_op("m2d_kernels::infonce_forward", mutates_args=())
 def m2d_forward(
-    rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, dims: list[int], active: list[bool], scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses ``[L, M]`` (input dtype) and what backward needs: row log-sum-exp ``[L, R, M]``
-    (log2 units)
+    rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, dims: list[int], active: list[bool], scale: float,
+    scale_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Per-pair losses ``[L, M]`` (input dtype), d loss / d scale ``[L, M]`` fp32 (empty unless
+    ``scale_grad``), and what backward needs: row maxima and log2 sums ``[L, R, M]`` (log2 units)
     and the inverse-norm / norm-factor tables of rows and columns."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
@@ -432,33 +555,44 @@ def m2d_forward(
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
     inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
     inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
-    lse = rows.new_empty(n_layers, n_rows, len(dims), dtype=torch.float32)  # the kernel writes every entry
-    pos_logit = torch.empty_like(lse)
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_layers)
-    _m2d_fwd_kernel[grid](
-        rows, cols, positives.to(torch.int32), bounds, flags, n_seg, inv_rows, inv_cols, lse, pos_logit,
-        n_rows, n_cols, n_features, scale * LOG2E, **_launch_options(rows, dims, scale),
-    )
-    losses = torch.where(flags.bool(), (lse - pos_logit).mean(1) * LN2, 0.0).to(rows.dtype)
-    return losses, lse, inv_rows, norm_rows, inv_cols, norm_cols
+    # The kernel writes every entry of these tables.
+    row_max, row_logsum, row_loss = (rows.new_empty(n_layers, n_rows, len(dims), dtype=torch.float32)
+                                     for _ in range(3))
+    row_dscale = torch.empty_like(row_loss) if scale_grad else row_loss  # not written without SCALE_GRAD
+    scale_log2 = scale * LOG2E
+    args = (rows, cols, _positives(positives), bounds, flags, n_seg, inv_rows, inv_cols, row_max, row_logsum,
+            row_loss, row_dscale, n_rows, n_cols, n_features, scale_log2)
+    options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols),
+                   FIXED_MAX=2 * scale_log2 <= FIXED_MAX_LIMIT, SCALE_GRAD=scale_grad)
+    tiles = _tile_kwargs("forward", rows, n_rows, n_cols)
+    if tiles is None:
+        _m2d_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_layers)](*args, **options)
+    else:
+        _m2d_fwd_kernel[(triton.cdiv(n_rows, tiles["BLOCK_R"]), n_layers)](*args, **options, **tiles)
+    active_pairs = flags.bool()
+    losses = torch.where(active_pairs, row_loss.mean(1) * LN2, 0.0).to(rows.dtype)
+    dscale = torch.where(active_pairs, row_dscale.mean(1), 0.0) if scale_grad else row_loss.new_empty(0)
+    return losses, dscale, row_max, row_logsum, inv_rows, norm_rows, inv_cols, norm_cols
 
 
 @m2d_forward.register_fake
-def _(rows, cols, positives, dims, active, scale):
+def _(rows, cols, positives, dims, active, scale, scale_grad):
     n_layers, n_rows, _ = rows.shape
     table = rows.new_empty(n_layers, n_rows, len(dims), dtype=torch.float32)
     col_table = cols.new_empty(n_layers, cols.shape[1], len(dims), dtype=torch.float32)
     losses = rows.new_empty(n_layers, len(dims))
-    return losses, table, table.clone(), table.clone(), col_table, col_table.clone()
+    dscale = rows.new_empty((n_layers, len(dims)) if scale_grad else (0,), dtype=torch.float32)
+    return losses, dscale, table, table.clone(), table.clone(), table.clone(), col_table, col_table.clone()
 
 
 @torch.library.custom_op("m2d_kernels::infonce_backward", mutates_args=())
 def m2d_backward(
-    grad_losses: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, lse: torch.Tensor,
-    inv_rows: torch.Tensor, norm_rows: torch.Tensor, inv_cols: torch.Tensor, norm_cols: torch.Tensor,
-    dims: list[int], active: list[bool], scale: float,
+    grad_losses: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, row_max: torch.Tensor,
+    row_logsum: torch.Tensor, inv_rows: torch.Tensor, norm_rows: torch.Tensor, inv_cols: torch.Tensor,
+    norm_cols: torch.Tensor, dims: list[int], active: list[bool], scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum(grad_losses * losses)`` with respect to rows and cols: two launches."""
+    """Gradients of ``sum(grad_losses * losses)`` with respect to rows and cols: two launches of
+    4 * L * R * C * top FLOPs each."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
     rows, cols = rows.contiguous(), cols.contiguous()
@@ -466,27 +600,35 @@ def m2d_backward(
     n_cols = cols.shape[1]
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
     coef = (grad_losses.float() * (scale / n_rows)).contiguous()
-    positives = positives.to(torch.int32)
-    # One set of fp32 work rows per resident program, shared by the two launches.
-    slots = _resident_programs(rows.device)
-    workspace = torch.empty(slots * _largest_block(), n_features, dtype=torch.float32, device=rows.device)
-    options = _launch_options(rows, dims, scale)
+    positives = _positives(positives)
+    options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols))
+    tiles = _tile_kwargs("backward", rows, n_rows, n_cols)
+    configs = (BACKWARD_CONFIGS if tiles is None else [(tiles["BLOCK_R"], tiles["BLOCK_C"])])
+    largest_own = max(max(config[0], config[1]) for config in configs)
+    largest_tile = max(config[0] * config[1] for config in configs)
+    # Programs: one per SM, fewer if their scratch would not fit the L2 budget (at least one).
+    per_program = 4 * (largest_own * n_features + len(dims) * largest_tile)
+    programs = max(1, min(_multiprocessors(rows.device), SCRATCH_BUDGET // per_program))
+    work = rows.new_empty(programs * largest_own, n_features, dtype=torch.float32)
+    slots = rows.new_empty(programs * len(dims) * largest_tile, dtype=torch.float32)
     grads = []
     for for_cols, n_own, block, norm in ((False, n_rows, "BLOCK_R", norm_rows), (True, n_cols, "BLOCK_C", norm_cols)):
         grad = torch.empty_like(cols if for_cols else rows)
-        grid = lambda meta, n_own=n_own, block=block: (
-            min(n_layers * triton.cdiv(n_own, meta[block]), slots * _largest_block() // meta[block]),
-        )
-        _m2d_bwd_kernel[grid](
-            rows, cols, positives, bounds, flags, n_seg, inv_rows, inv_cols, norm, lse, coef, grad, workspace,
-            n_layers, n_rows, n_cols, n_features, scale * LOG2E, FOR_COLS=for_cols, **options,
-        )
+        args = (rows, cols, positives, bounds, flags, n_seg, inv_rows, inv_cols, norm, row_max, row_logsum, coef,
+                grad, work, slots, n_layers, n_rows, n_cols, n_features, scale * LOG2E)
+        if tiles is None:
+            grid = lambda meta, n_own=n_own, block=block: (min(n_layers * triton.cdiv(n_own, meta[block]), programs),)
+            _m2d_bwd_tuned[grid](*args, FOR_COLS=for_cols, **options)
+        else:
+            grid = (min(n_layers * triton.cdiv(n_own, tiles[block]), programs),)
+            _m2d_bwd_kernel[grid](*args, FOR_COLS=for_cols, **options, **tiles)
         grads.append(grad)
     return grads[0], grads[1]
 
 
 @m2d_backward.register_fake
-def _(grad_losses, rows, cols, positives, lse, inv_rows, norm_rows, inv_cols, norm_cols, dims, active, scale):
+def _(grad_losses, rows, cols, positives, row_max, row_logsum, inv_rows, norm_rows, inv_cols, norm_cols, dims, active,
+      scale):
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
@@ -496,18 +638,25 @@ def _(grad_losses, rows, cols, positives, lse, inv_rows, norm_rows, inv_cols, no
 
 
 def _setup_context(ctx, inputs, output):
-    rows, cols, positives, dims, active, scale = inputs
-    _, lse, inv_rows, norm_rows, inv_cols, norm_cols = output
-    ctx.save_for_backward(rows, cols, positives, lse, inv_rows, norm_rows, inv_cols, norm_cols)
+    rows, cols, positives, dims, active, scale, _ = inputs
+    ctx.save_for_backward(rows, cols, positives, *output[2:])
     ctx.config = (dims, active, scale)
 
 
-def _backward(ctx, grad_losses, *unused_table_grads):
+def _backward(ctx, grad_losses, *unused_grads):
     grad_rows, grad_cols = m2d_backward(grad_losses, *ctx.saved_tensors, *ctx.config)
-    return grad_rows, grad_cols, None, None, None, None
+    return grad_rows, grad_cols, None, None, None, None, None
+
+
+def _no_double_backward(ctx, grad_rows, grad_cols):
+    raise RuntimeError(
+        "the triton backend's backward is not differentiable (double backward, e.g. autograd.grad with "
+        "create_graph=True followed by a second backward); use backend='torch' or 'reference' for that"
+    )
 
 
 m2d_forward.register_autograd(_backward, setup_context=_setup_context)
+m2d_backward.register_autograd(_no_double_backward)
 
 
 # ---------------------------------------------------------------------------------------
@@ -523,14 +672,18 @@ def pair_losses(
     scale: float,
     positive_index: torch.Tensor,
     symmetric: bool,
-) -> torch.Tensor:
-    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype."""
+    scale_grad: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype; with
+    ``scale_grad`` also ``d loss / d scale`` ``[L, M]`` (fp32, detached, 0 where inactive)."""
     _check_dtype(queries)
     dims, flat_active = list(dims), [on for row in active for on in row]
-    losses = m2d_forward(queries, docs, positive_index, dims, flat_active, scale)[0]
-    if not symmetric:
-        return losses
-    # doc_to_query: the B positives are the rows, all queries the columns, query i the positive of row i.
-    query_labels = torch.arange(queries.shape[1], device=queries.device)
-    reverse = m2d_forward(docs.index_select(1, positive_index), queries, query_labels, dims, flat_active, scale)[0]
-    return (losses + reverse) / 2
+    losses, dscale = m2d_forward(queries, docs, positive_index, dims, flat_active, scale, scale_grad)[:2]
+    if symmetric:
+        # doc_to_query: the B positives are the rows, all queries the columns, query i the positive of row i.
+        query_labels = torch.arange(queries.shape[1], device=queries.device)
+        rows = docs.index_select(1, positive_index)
+        reverse, reverse_dscale = m2d_forward(rows, queries, query_labels, dims, flat_active, scale, scale_grad)[:2]
+        losses = (losses + reverse) / 2
+        dscale = (dscale + reverse_dscale) / 2
+    return (losses, dscale.detach()) if scale_grad else losses

@@ -1,0 +1,160 @@
+"""Compile-time evidence for the Triton kernels on Hopper, without a GPU.
+
+Compiles every kernel config the launcher can choose (the heuristic's and the opt-in autotuner's)
+at the worked example (L=12, B=N=8192, D=768, dims 32..768), bf16 and fp32, for sm_90 and reads
+the cubin with Triton's ``cuobjdump``: registers, spill (stack) bytes, shared memory, wgmma
+(HGMMA) instructions and 128-bit async copies (LDGSTS.128 or TMA). Prints a table and, with
+``--json PATH``, writes ``{"forward_flops", "backward_flops", "kernels": [...]}`` atomically.
+This is compile-time evidence, not a timing.
+
+    python benchmarks/sm90_report.py --json benchmarks/results/sm90_report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from m2d_kernels.backends import triton_kernels as tk  # noqa: E402
+
+WORKED_EXAMPLE = {"L": 12, "B": 8192, "N": 8192, "D": 768, "dims": (32, 64, 128, 256, 512, 768)}
+INT_POINTERS = {"positives_ptr", "bounds_ptr", "active_ptr", "n_seg_ptr"}
+INPUT_POINTERS = {"rows_ptr", "cols_ptr", "grad_ptr"}
+SCALARS = {"L": "i32", "R": "i32", "C": "i32", "D": "i32", "R_CLASS": "i32", "C_CLASS": "i32", "scale_log2": "fp32"}
+DTYPES = {"bf16": "bf16", "fp32": "fp32"}
+
+
+def tool(name: str) -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def flops(example=WORKED_EXAMPLE) -> tuple[int, int]:
+    """Tensor-core FLOPs of one direction at the example, all pairs active: forward 2*L*B*N*top,
+    backward two launches of (recompute + product) = 4x that."""
+    forward = 2 * example["L"] * example["B"] * example["N"] * example["dims"][-1]
+    return forward, 4 * forward
+
+
+def _signature(fn, constexprs, dtype):
+    return {
+        name: "constexpr" if name in constexprs else SCALARS.get(name)
+        or ("*i32" if name in INT_POINTERS else f"*{dtype}" if name in INPUT_POINTERS else "*fp32")
+        for name in fn.arg_names
+    }
+
+
+def compile_kernel(kind: str, dtype: str, config, example=WORKED_EXAMPLE):
+    """Compile one (kernel, dtype, config) for sm_90; returns the cubin and the dynamic shared bytes."""
+    block_r, block_c, warps, stages = config
+    dims = example["dims"]
+    block_d, aligned = tk._block_d(dims, example["D"])
+    constexprs = {"M": len(dims), "M_PAD": max(2, triton.next_power_of_2(len(dims))), "ALIGNED": aligned,
+                  "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32", "DOT_IN_FP32": False,
+                  "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_D": block_d}
+    if kind == "forward":
+        fn = tk._m2d_fwd_kernel
+        constexprs.update(FIXED_MAX=True, SCALE_GRAD=False)
+    else:
+        fn = tk._m2d_bwd_kernel
+        constexprs.update(FOR_COLS=kind == "backward_dY")
+    source = ASTSource(fn, _signature(fn, constexprs, dtype),
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+                              for name in fn.arg_names if name.endswith("_ptr") or name == "D"})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    return compiled.asm["cubin"], compiled.metadata.shared
+
+
+def inspect_cubin(cubin: bytes, shared: int) -> dict:
+    """Registers, stack, shared bytes and instruction counts read from the cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
+        sass = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    text = usage.stdout
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+    return {
+        "registers": number(r"REG:(\d+)"),
+        "spill_bytes": number(r"STACK:(\d+)"),
+        "shared_bytes": number(r"SHARED:(\d+)") + shared,
+        "wgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "async_copies_128": len(re.findall(r"\bLDGSTS\.[A-Z.]*128\b", sass)) + len(re.findall(r"\bUTMALDG\b", sass)),
+        "mma_sync": len(re.findall(r"\bHMMA\.", sass)),
+    }
+
+
+def candidate_configs(kind: str):
+    """(config, selected): every config the launcher can choose; `selected` marks the heuristic's."""
+    listed = tk.FORWARD_CONFIGS if kind == "forward" else tk.BACKWARD_CONFIGS
+    ex = WORKED_EXAMPLE
+    chosen = tk._heuristic_config(kind, None, ex["B"], ex["N"])
+    return [(config, config == chosen) for config in listed]
+
+
+def report(kinds=("forward", "backward_dX", "backward_dY"), dtypes=("bf16", "fp32"), only_selected=False):
+    rows = []
+    for kind in kinds:
+        for dtype in dtypes:
+            for config, selected in candidate_configs(kind):
+                if only_selected and not selected:
+                    continue
+                stats = inspect_cubin(*compile_kernel(kind, DTYPES[dtype], config))
+                rows.append({"kernel": kind, "dtype": dtype, "config": dict(zip(
+                    ("BLOCK_R", "BLOCK_C", "num_warps", "num_stages"), config, strict=True)),
+                    "selected": selected, **stats})
+                print(_format(rows[-1]), flush=True)
+    forward, backward = flops()
+    return {"forward_flops": forward, "backward_flops": backward, "example": {**WORKED_EXAMPLE,
+            "dims": list(WORKED_EXAMPLE["dims"]), "block_d": tk._block_d(WORKED_EXAMPLE["dims"], 768)[0]},
+            "kernels": rows}
+
+
+def _format(row):
+    c = row["config"]
+    tile = f"{c['BLOCK_R']}x{c['BLOCK_C']}/{c['num_warps']}w/{c['num_stages']}s"
+    return (f"{row['kernel']:<12} {row['dtype']:<5} {tile:<18} {'*' if row['selected'] else ' '} "
+            f"reg {row['registers']:>3}  spill {row['spill_bytes']:>5}  smem {row['shared_bytes']:>6}  "
+            f"wgmma {row['wgmma']:>4}  ldgsts128 {row['async_copies_128']:>4}  hmma {row['mma_sync']:>4}")
+
+
+def write_json_atomically(data, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(data, tmp, indent=1)
+        tmp.write("\n")
+    os.replace(tmp.name, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--selected-only", action="store_true", help="compile only the heuristic's configs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: bf16 and fp32")
+    args = parser.parse_args(argv)
+    if not tool("cuobjdump").exists() or not tool("ptxas").exists():
+        print("ptxas/cuobjdump not found in triton's backends/nvidia/bin", file=sys.stderr)
+        return 2
+    forward, backward = flops()
+    print(f"forward {forward:.3e} FLOPs, backward {backward:.3e} FLOPs ({backward / forward:.1f}x); * = selected")
+    data = report(dtypes=tuple(args.dtype or DTYPES), only_selected=args.selected_only)
+    if args.json:
+        write_json_atomically(data, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
