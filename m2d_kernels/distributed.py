@@ -21,10 +21,24 @@ sends to the owner of a row. DDP averages parameter gradients over ranks, which 
 
 The gather uses PyTorch's autograd-aware functional collectives, which run on NCCL and on
 gloo (CPU) alike; under gloo the backward reduce-scatter is emulated by an all-reduce.
+
+``"ring"`` computes the same losses and gradients without ever holding more than two
+candidate blocks: each rank keeps its rows and passes the column block ``[L, N, D]`` it
+holds to rank ``r + 1`` while it scores the current one (``batch_isend_irecv``, two
+buffers), ``W - 1`` times, folding every (layer, dim) pair's per-row softmax statistics
+``(offset, log_sum)`` of each block into running ones with the backend's pass API
+(``backends/__init__.py``). The positive of a row lies in the rank's own block, scored at
+step 0. The backward circulates the blocks again, each followed by its gradient
+accumulator: every rank adds its block gradient (computed with the combined statistics)
+and forwards it; after ``W`` steps the accumulator of each block, now summed over all
+ranks' losses, reaches its owner. That sum is the all-gather's reduce-scatter, so both
+modes give the same numbers. The column order of the softmax does not matter; only the
+positive's position does, and it is local in both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -34,6 +48,9 @@ from torch.distributed import _functional_collectives as funcol
 # torch >= 2.13 names it all_gather_single_autograd and deprecates the older name, which
 # is the only one torch 2.11 has; both gather along dim 0 and reduce-scatter (sum) in backward.
 _all_gather_with_grad = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+MODES = ("all_gather", "ring")
+# Message tags: candidate blocks and gradient accumulators travel between the same neighbours.
+_BLOCK_TAG, _GRADIENT_TAG = 17, 18
 
 
 def world_size_and_rank(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
@@ -116,3 +133,117 @@ def pair_losses_across_devices(
     if scale_grad:
         return tuple((a + b) / 2 for a, b in zip(query_to_doc, doc_to_query))
     return (query_to_doc + doc_to_query) / 2
+
+
+def ring_pair_losses(
+    backend: ModuleType,
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    dims: tuple[int, ...],
+    active: tuple[tuple[bool, ...], ...],
+    scale: float,
+    positive_index: torch.Tensor,
+    symmetric: bool,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """:func:`pair_losses_across_devices` by a ring exchange: equal losses and gradients, and per-rank
+    memory independent of ``W`` (two blocks in flight, their gradient accumulators in backward).
+    ``queries`` and ``docs`` must have the same shapes on every rank."""
+    world_size, _ = world_size_and_rank(group)
+    if world_size == 1:
+        return backend.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric)
+    group = group if group is not None else dist.group.WORLD
+    losses = _RingInfoNCE.apply(queries, docs, positive_index, backend, dims, active, scale, group)
+    if not symmetric:
+        return losses
+    # doc_to_query: a second ring, the local positives as rows, the query blocks circulating.
+    own_queries = torch.arange(queries.shape[1], device=queries.device)
+    reverse = _RingInfoNCE.apply(docs[:, positive_index], queries, own_queries, backend, dims, active, scale, group)
+    return (losses + reverse) / 2
+
+
+class _Ring:
+    """Neighbours in ``group``: blocks go to rank ``r + 1`` and come from rank ``r - 1``."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.size, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.send_to = dist.get_global_rank(group, (rank + 1) % self.size)
+        self.receive_from = dist.get_global_rank(group, (rank - 1) % self.size)
+        self.group = group
+
+    def exchange(self, outgoing: torch.Tensor, incoming: torch.Tensor, tag: int) -> list:
+        # One batch: NCCL needs a rank's send and receive grouped (with W = 2 both go to the same peer).
+        return dist.batch_isend_irecv([
+            dist.P2POp(dist.isend, outgoing, self.send_to, self.group, tag),
+            dist.P2POp(dist.irecv, incoming, self.receive_from, self.group, tag),
+        ])
+
+    def blocks(self, own: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The blocks of ranks ``r, r - 1, ..., r - W + 1``; the next one arrives while the caller
+        works on the current one. Two buffers besides ``own``: one being scored, one being received."""
+        current, spare = own, None
+        for step in range(self.size):
+            last = step == self.size - 1
+            if not last:
+                incoming = torch.empty_like(own) if spare is None else spare
+                requests = self.exchange(current, incoming, _BLOCK_TAG)
+            yield current
+            if not last:
+                for request in requests:
+                    request.wait()
+                # `current` has been sent: its buffer receives the block after next (never the caller's own).
+                spare = current if current is not own else None
+                current = incoming
+
+
+def _combine(offset, log_sum, block_offset, block_log_sum):
+    """Softmax statistics of two disjoint sets of columns, each relative to its own offset."""
+    new_offset = torch.maximum(offset, block_offset)
+    return new_offset, torch.logaddexp(log_sum + (offset - new_offset), block_log_sum + (block_offset - new_offset))
+
+
+class _RingInfoNCE(torch.autograd.Function):
+    """Losses ``[L, M]`` of local ``rows`` against the column blocks of all ranks (mean over rows);
+    backward returns every block's gradient, summed over all ranks' losses, to its owner."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, positives, backend, dims, active, scale, group):
+        rows, cols = rows.detach().contiguous(), cols.detach().contiguous()
+        absent = torch.full_like(positives, -1)
+        offset = log_sum = positive = None
+        for step, block in enumerate(_Ring(group).blocks(cols)):
+            stats = backend.row_statistics(rows, block, dims, active, scale, positives if step == 0 else absent)
+            if step == 0:
+                offset, log_sum, positive = stats
+            else:
+                offset, log_sum = _combine(offset, log_sum, *stats[:2])
+        active_pairs = torch.tensor(active, device=rows.device)
+        losses = torch.where(active_pairs, ((offset - positive) + log_sum).mean(1), 0.0)
+        ctx.save_for_backward(rows, cols, positives, offset, log_sum)
+        ctx.config = (backend, dims, active, scale, group)
+        return losses.to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        rows, cols, positives, offset, log_sum = ctx.saved_tensors
+        backend, dims, active, scale, group = ctx.config
+        ring = _Ring(group)
+        coef = grad_losses.to(offset.dtype) / rows.shape[1]  # per row: each loss is a mean over the rows
+        absent = torch.full_like(positives, -1)
+        grad_rows, incoming, outgoing, requests = None, None, None, []
+        for step, block in enumerate(ring.blocks(cols)):
+            d_rows, d_block = backend.pass_gradients(rows, block, dims, active, scale,
+                                                     positives if step == 0 else absent, offset, log_sum, coef)
+            grad_rows = d_rows.to(coef.dtype) if grad_rows is None else grad_rows.add_(d_rows)
+            for request in requests:  # this block's accumulator, sent by the previous rank during our compute
+                request.wait()
+            outgoing = d_block.to(coef.dtype)  # accumulate in the statistics' precision, not bf16
+            if incoming is not None:
+                outgoing.add_(incoming)
+            # Forward the accumulator; after the last step what arrives is our own block's, complete.
+            incoming = torch.empty_like(outgoing)
+            requests = ring.exchange(outgoing, incoming, _GRADIENT_TAG)
+        for request in requests:
+            request.wait()
+        del outgoing  # sent
+        return grad_rows.to(rows.dtype), incoming.to(cols.dtype), None, None, None, None, None, None

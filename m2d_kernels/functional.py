@@ -18,6 +18,7 @@ from m2d_kernels.backends.torch_prefix import first_order_only
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("sum", "none")
+GATHER_MODES = ("all_gather", "ring")  # m2d_kernels.distributed.MODES, without importing torch.distributed
 
 
 def matryoshka_2d_infonce(
@@ -32,7 +33,7 @@ def matryoshka_2d_infonce(
     reduction: str = "sum",
     backend: str = "auto",
     check_finite: bool = False,
-    gather_across_devices: bool = False,
+    gather_across_devices: bool | str = False,
 ) -> torch.Tensor:
     """In-batch InfoNCE on truncated, re-normalised embeddings for all (layer, dim) pairs.
 
@@ -72,7 +73,10 @@ def matryoshka_2d_infonce(
             result is still a mean over the local queries: the sum over ranks is ``W`` times
             the loss of one process on the concatenated batch (see
             :mod:`m2d_kernels.distributed`). Without an initialised process group, or with
-            one rank, the computation is local.
+            one rank, the computation is local. ``True`` or ``"all_gather"`` all-gathers the
+            docs (``2 x W x L x N x D`` elements per rank); ``"ring"`` passes them around the
+            ranks block by block with the same result and memory independent of ``W``
+            (needs equal shapes on all ranks and a fixed ``scale``; README, *Multi-device training*).
 
     Returns:
         A scalar (``"sum"``) or an ``[L, M]`` tensor (``"none"``) in the input dtype.
@@ -86,8 +90,16 @@ def matryoshka_2d_infonce(
     active = tuple(tuple(weights_param is not None or w > 0 for w in row) for row in weights)
     scale_grad = scale_param is not None and torch.is_grad_enabled()
     impl = backends.resolve(backend, queries.device, queries.dtype)
-    if gather_across_devices:
+    gather = "all_gather" if gather_across_devices is True else gather_across_devices
+    if gather == "ring" and scale_grad:
+        raise ValueError("gather_across_devices='ring' needs a fixed scale (a number or a tensor without grad); "
+                         "use gather_across_devices='all_gather' to learn the scale")
+    if gather == "ring":
         from m2d_kernels import distributed  # torch.distributed only when asked for: not every build has it
+
+        losses = distributed.ring_pair_losses(impl, queries, docs, dims, active, scale, positive_index, symmetric)
+    elif gather:
+        from m2d_kernels import distributed
 
         losses = distributed.pair_losses_across_devices(
             impl, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad=scale_grad
@@ -211,8 +223,11 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
 
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
-    if not isinstance(gather_across_devices, bool):
-        raise TypeError(f"gather_across_devices must be a bool, got {type(gather_across_devices).__name__}")
+    if not isinstance(gather_across_devices, (bool, str)):
+        raise TypeError(f"gather_across_devices must be a bool or one of {GATHER_MODES}, got "
+                        f"{type(gather_across_devices).__name__}")
+    if isinstance(gather_across_devices, str) and gather_across_devices not in GATHER_MODES:
+        raise ValueError(f"gather_across_devices must be a bool or one of {GATHER_MODES}, got {gather_across_devices!r}")
     if gather_across_devices and docs.shape[1] % n_queries != 0:
         raise ValueError(
             f"gather_across_devices needs docs rows N to be a multiple of queries B (groups of B rows: positives, "

@@ -61,3 +61,45 @@ def _scale_slope(cos: torch.Tensor, labels: torch.Tensor, scale: float) -> torch
     """d/dscale of mean_i cross_entropy(scale * cos_i, labels_i) = mean_i [E_softmax(cos_i) - cos_i,label]."""
     probs = torch.softmax(scale * cos, dim=1)
     return ((probs * cos).sum(1) - cos.gather(1, labels[:, None])[:, 0]).mean()
+
+
+# Pass API (backends/__init__.py): plain torch, one (layer, dim) pair at a time, like pair_losses.
+
+
+def _pair_logits(rows, cols, layer, dim, scale):
+    return scale * (F.normalize(rows[layer, :, :dim], p=2, dim=-1) @ F.normalize(cols[layer, :, :dim], p=2, dim=-1).T)
+
+
+def _positive(logits, positives):
+    return torch.where(positives >= 0, logits.gather(1, positives.clamp_min(0)[:, None])[:, 0], 0.0)
+
+
+def row_statistics(rows, cols, dims, active, scale, positives):
+    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``: the row maximum, log sum exp(z - max),
+    and the positive's logit (0 where ``positives == -1`` or the pair is inactive)."""
+    offset = rows.new_zeros(len(active), rows.shape[1], len(dims))
+    log_sum, positive = torch.zeros_like(offset), torch.zeros_like(offset)
+    with torch.no_grad():
+        for layer, layer_active in enumerate(active):
+            for m, dim in enumerate(dims):
+                if layer_active[m]:
+                    logits = _pair_logits(rows, cols, layer, dim, scale)
+                    offset[layer, :, m] = logits.amax(1)
+                    log_sum[layer, :, m] = (logits - offset[layer, :, m, None]).exp().sum(1).log()
+                    positive[layer, :, m] = _positive(logits, positives)
+    return offset, log_sum, positive
+
+
+def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef):
+    """Pass API: gradients of ``sum_lm coef_lm sum_i [LSE_i - z_i,p(i)]`` where the softmax of LSE has the
+    given statistics, from this block's columns."""
+    with torch.enable_grad():
+        x, y = rows.detach().requires_grad_(), cols.detach().requires_grad_()
+        total = x.new_zeros(())
+        for layer, layer_active in enumerate(active):
+            for m, dim in enumerate(dims):
+                if layer_active[m]:
+                    logits = _pair_logits(x, y, layer, dim, scale)
+                    probs = (logits.detach() - offset[layer, :, m, None] - log_sum[layer, :, m, None]).exp()
+                    total = total + coef[layer, m] * ((probs * logits).sum() - _positive(logits, positives).sum())
+        return torch.autograd.grad(total, (x, y), allow_unused=True, materialize_grads=True)

@@ -274,3 +274,65 @@ def pair_losses(
         queries, docs, dims, active, scale, positive_index, symmetric, scale_grad
     )
     return (losses, dloss_dscale) if scale_grad else losses
+
+
+# ---------------------------------------------------------------------------------------
+# Pass API (see backends/__init__.py): one block of columns, statistics given, no autograd
+# ---------------------------------------------------------------------------------------
+
+
+class _Saved:
+    """Stands in for an autograd ctx so that a pass runs this backend's forward and backward unchanged."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+def positive_logits(rows, cols, dims, active, scale, positives) -> torch.Tensor:
+    """``[L, R, M]`` ``scale * cos_m(rows_i, cols_{positives_i})`` in the accumulator dtype, 0 where
+    ``positives_i == -1`` or the pair is inactive. Differentiable; ``O(L * R * D)``. Shared by the fused
+    backends' passes, whose kernels keep the positive logit of a row to themselves."""
+    acc = accumulator_dtype(rows.dtype)
+    x, y = rows.to(acc), cols.index_select(1, positives.clamp_min(0)).to(acc)
+    products = torch.stack([(x[..., a:b] * y[..., a:b]).sum(-1) for a, b in _segments(dims)], -1).cumsum(-1)
+    logits = products * inverse_prefix_norms(x, dims, acc)[0] * inverse_prefix_norms(y, dims, acc)[0] * scale
+    keep = (positives >= 0)[None, :, None] & torch.tensor(active, device=rows.device)[:, None, :]
+    return torch.where(keep, logits, 0.0)
+
+
+def row_statistics(rows, cols, dims, active, scale, positives):
+    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` of rows against this block of columns."""
+    saved = _Saved()
+    with torch.no_grad():
+        # The statistics do not depend on the positives; the forward only needs valid ones for its (unused) loss.
+        Matryoshka2dInfoNCEFunction.forward(saved, rows, cols, dims, active, scale, positives.clamp_min(0), False,
+                                            False)
+        offset, log_sum = saved.saved_tensors[7:9]
+        return offset, log_sum, positive_logits(rows, cols, dims, active, scale, positives)
+
+
+def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef):
+    """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype (backends/__init__.py)."""
+    acc = accumulator_dtype(rows.dtype)
+    n_rows, n_cols = rows.shape[1], cols.shape[1]
+    saved = _Saved()
+    anchors = positives.clamp_min(0)
+    saved.save_for_backward(rows, cols, anchors, *inverse_prefix_norms(rows, dims, acc),
+                            *inverse_prefix_norms(cols, dims, acc), offset, log_sum, None, None)
+    saved.config = (dims, active, scale, False, _chunk_rows(n_rows, n_cols, len(dims)))
+    with torch.no_grad():
+        # _backward's coefficient is grad_losses * scale / R per cosine; ours is per row loss.
+        d_rows, d_cols = (g.to(acc) for g in _backward(saved, coef * n_rows))
+    # _backward subtracts a one-hot at column `anchors_i` from every row: rows without a positive in this
+    # block (anchor 0) take it back with the gradient of + coef * z(i, 0), O(L * R * D).
+    with torch.enable_grad():
+        x, y = rows.detach().requires_grad_(), cols[:, :1].detach().requires_grad_()
+        taken_back = torch.where(positives < 0, 0, -1)
+        logits = positive_logits(x, y, dims, active, scale, taken_back)
+        d_x, d_y = torch.autograd.grad((logits * coef.to(acc)[:, None, :]).sum(), (x, y), materialize_grads=True)
+    d_rows += d_x
+    d_cols[:, :1] += d_y
+    return d_rows, d_cols

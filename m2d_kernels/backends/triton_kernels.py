@@ -687,3 +687,29 @@ def pair_losses(
         losses = (losses + reverse) / 2
         dscale = (dscale + reverse_dscale) / 2
     return (losses, dscale.detach()) if scale_grad else losses
+
+
+# ---------------------------------------------------------------------------------------
+# Pass API (backends/__init__.py): the custom ops above on one block of columns
+# ---------------------------------------------------------------------------------------
+
+
+def row_statistics(rows, cols, dims, active, scale, positives):
+    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` fp32, natural-log units."""
+    from m2d_kernels.backends.torch_prefix import positive_logits
+
+    _check_dtype(rows)
+    flat_active = [on for row in active for on in row]
+    row_max, row_logsum = m2d_forward(rows, cols, positives, list(dims), flat_active, scale, False)[2:4]
+    return row_max * LN2, row_logsum * LN2, positive_logits(rows, cols, dims, active, scale, positives)
+
+
+def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef):
+    """Pass API: ``(d_rows, d_cols)`` from m2d_backward with the given (combined) statistics."""
+    flat_active = [on for row in active for on in row]
+    inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
+    inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
+    # m2d_backward's coefficient is grad_losses * scale / R per cosine; ours is per row loss.
+    return m2d_backward(coef.float() * rows.shape[1], rows, cols, positives, (offset * LOG2E).contiguous(),
+                        (log_sum * LOG2E).contiguous(), inv_rows, norm_rows, inv_cols, norm_cols, list(dims),
+                        flat_active, scale)
