@@ -229,15 +229,17 @@ class _RingInfoNCE(torch.autograd.Function):
         backend, dims, active, scale, group = ctx.config
         ring = _Ring(group)
         coef = grad_losses.to(offset.dtype) / rows.shape[1]  # per row: each loss is a mean over the rows
+        # Gradients accumulate in fp32 at least (not once rounded to bf16 per block).
+        accumulate = torch.promote_types(cols.dtype, torch.float32)
         absent = torch.full_like(positives, -1)
         grad_rows, incoming, outgoing, requests = None, None, None, []
         for step, block in enumerate(ring.blocks(cols)):
             d_rows, d_block = backend.pass_gradients(rows, block, dims, active, scale,
                                                      positives if step == 0 else absent, offset, log_sum, coef)
-            grad_rows = d_rows.to(coef.dtype) if grad_rows is None else grad_rows.add_(d_rows)
+            grad_rows = d_rows.to(accumulate) if grad_rows is None else grad_rows.add_(d_rows)
             for request in requests:  # this block's accumulator, sent by the previous rank during our compute
                 request.wait()
-            outgoing = d_block.to(coef.dtype)  # accumulate in the statistics' precision, not bf16
+            outgoing = d_block.to(accumulate)
             if incoming is not None:
                 outgoing.add_(incoming)
             # Forward the accumulator; after the last step what arrives is our own block's, complete.

@@ -1,8 +1,9 @@
 """Cross-device negatives and DDP, with 2 and 4 gloo processes on the CPU.
 
 Ranks receive shards of one global batch and compute their local loss with
-``gather_across_devices=True``; the test process compares what they return with one
-process computing the concatenated batch (reference backend and the NumPy oracle, float64):
+``gather_across_devices="all_gather"`` and ``"ring"``; the test process compares what they
+return with one process computing the concatenated batch (reference backend and the NumPy
+oracle, float64), and the two modes with each other:
 
     sum_r loss_r = W * loss_global,    grad on rank r = W * (d loss_global / d own inputs)
 
@@ -71,6 +72,9 @@ def _cases(world_size: int) -> dict[str, dict]:
         # bf16 inputs with the fp32-accumulating torch backend: errors are the inputs' and outputs' rounding.
         "bfloat16_symmetric": _make_case(world_size, 2, True, False, 20.0, "torch", seed=10 * world_size + 3,
                                          dtype=torch.bfloat16),
+        # triton runs under the interpreter here (fp32 at most): its pass API on tiny blocks.
+        "triton_symmetric_positive_index": _make_case(world_size, 2, True, True, 20.0, "triton",
+                                                      seed=10 * world_size + 5, dtype=torch.float32),
     }
 
 
@@ -85,23 +89,28 @@ def _assert_matches(actual, expected, dtype, name):
         torch.testing.assert_close(actual.double(), expected, atol=tolerance, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
+MODES = (True, "ring")  # True: the all-gather
+
+
 def _loss_worker(rank: int, world_size: int, port: int, cases: dict, out_dir: str) -> None:
     init_process_group(rank, world_size, port)
     results = {}
     for name, case in cases.items():
-        local_queries, local_docs, positive_index = case["shards"][rank]
-        local_queries, local_docs = local_queries.to(case["dtype"]), local_docs.to(case["dtype"])
-        queries = local_queries.clone().requires_grad_(True)
-        docs = local_docs.clone().requires_grad_(True)
-        loss_fn = m2d.Matryoshka2dInfoNCELoss(DIMS, WEIGHTS, scale=case["scale"], symmetric=case["symmetric"],
-                                              backend=case["backend"], gather_across_devices=True)
-        loss = loss_fn(queries, docs, positive_index)
-        loss.backward()
-        pairs = m2d.matryoshka_2d_infonce(
-            local_queries, local_docs, DIMS, WEIGHTS, scale=case["scale"], positive_index=positive_index,
-            symmetric=case["symmetric"], reduction="none", backend=case["backend"], gather_across_devices=True,
-        )
-        results[name] = {"loss": loss.detach(), "pairs": pairs, "grad_queries": queries.grad, "grad_docs": docs.grad}
+        for mode in MODES:
+            local_queries, local_docs, positive_index = case["shards"][rank]
+            local_queries, local_docs = local_queries.to(case["dtype"]), local_docs.to(case["dtype"])
+            queries = local_queries.clone().requires_grad_(True)
+            docs = local_docs.clone().requires_grad_(True)
+            loss_fn = m2d.Matryoshka2dInfoNCELoss(DIMS, WEIGHTS, scale=case["scale"], symmetric=case["symmetric"],
+                                                  backend=case["backend"], gather_across_devices=mode)
+            loss = loss_fn(queries, docs, positive_index)
+            loss.backward()
+            pairs = m2d.matryoshka_2d_infonce(
+                local_queries, local_docs, DIMS, WEIGHTS, scale=case["scale"], positive_index=positive_index,
+                symmetric=case["symmetric"], reduction="none", backend=case["backend"], gather_across_devices=mode,
+            )
+            results[name, mode] = {"loss": loss.detach(), "pairs": pairs, "grad_queries": queries.grad,
+                                   "grad_docs": docs.grad}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -119,18 +128,25 @@ def test_gathered_losses_and_grads_equal_one_process_on_the_concatenated_batch(w
                                                        backend="reference", positive_index=positive_index, **options)
         oracle = oracle_pair_losses(case["queries"], case["docs"], DIMS, WEIGHTS, positive_index=positive_index,
                                     **options)
-        results = [ranks[name] for ranks in per_rank]
         dtype = case["dtype"]
-        _assert_matches(sum(r["loss"] for r in results), world_size * loss, dtype, f"{name} summed loss")
-        _assert_matches(sum(r["pairs"] for r in results), world_size * torch.from_numpy(oracle), dtype,
-                        f"{name} summed [L, M] losses")
-        for rank, result in enumerate(results):
-            own_queries = slice(rank * N_QUERIES, (rank + 1) * N_QUERIES)
-            own_docs = _local_docs_rows(world_size, case["docs"].shape[1] // world_size, rank)
-            _assert_matches(result["grad_queries"], world_size * grad_queries[:, own_queries], dtype,
-                            f"{name} rank {rank} grad queries")
-            _assert_matches(result["grad_docs"], world_size * grad_docs[:, own_docs], dtype,
-                            f"{name} rank {rank} grad docs")
+        for mode in MODES:
+            results = [ranks[name, mode] for ranks in per_rank]
+            label = f"{name} ({'all_gather' if mode is True else mode})"
+            _assert_matches(sum(r["loss"] for r in results), world_size * loss, dtype, f"{label} summed loss")
+            _assert_matches(sum(r["pairs"] for r in results), world_size * torch.from_numpy(oracle), dtype,
+                            f"{label} summed [L, M] losses")
+            for rank, result in enumerate(results):
+                own_queries = slice(rank * N_QUERIES, (rank + 1) * N_QUERIES)
+                own_docs = _local_docs_rows(world_size, case["docs"].shape[1] // world_size, rank)
+                _assert_matches(result["grad_queries"], world_size * grad_queries[:, own_queries], dtype,
+                                f"{label} rank {rank} grad queries")
+                _assert_matches(result["grad_docs"], world_size * grad_docs[:, own_docs], dtype,
+                                f"{label} rank {rank} grad docs")
+        if dtype == torch.float64:  # the ring against the all-gather directly, per rank
+            for rank, ranks in enumerate(per_rank):
+                for key in ("loss", "pairs", "grad_queries", "grad_docs"):
+                    assert_close(ranks[name, "ring"][key], ranks[name, True][key], dtype,
+                                 f"{name} rank {rank} {key}: ring vs all_gather")
 
 
 def _load_example():
@@ -229,5 +245,7 @@ def test_gathering_rejects_docs_that_are_not_groups_of_the_batch():
     with pytest.raises(ValueError, match="gather_across_devices.*N=7, B=3"):
         m2d.matryoshka_2d_infonce(queries, docs, (16, 48), gather_across_devices=True)
     m2d.matryoshka_2d_infonce(queries, docs, (16, 48))  # fine without gathering
-    with pytest.raises(TypeError, match="gather_across_devices must be a bool"):
+    with pytest.raises(ValueError, match="gather_across_devices must be a bool or one of"):
         m2d.matryoshka_2d_infonce(queries, docs[:, :6], (16, 48), gather_across_devices="yes")
+    with pytest.raises(TypeError, match="gather_across_devices must be a bool or one of"):
+        m2d.matryoshka_2d_infonce(queries, docs[:, :6], (16, 48), gather_across_devices=1)

@@ -320,6 +320,10 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
     n_rows, n_cols = rows.shape[1], cols.shape[1]
     saved = _Saved()
     anchors = positives.clamp_min(0)
+    # Inputs in the accumulator dtype (_backward converts them layer by layer anyway; a copy only for
+    # fp16/bf16): the gradients come back unrounded, so the one-hot taken back below cancels exactly and
+    # the caller rounds the sum over blocks once.
+    rows, cols = rows.to(acc), cols.to(acc)
     saved.save_for_backward(rows, cols, anchors, *inverse_prefix_norms(rows, dims, acc),
                             *inverse_prefix_norms(cols, dims, acc), offset, log_sum, None, None)
     saved.config = (dims, active, scale, False, _chunk_rows(n_rows, n_cols, len(dims)))

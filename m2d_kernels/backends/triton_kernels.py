@@ -695,13 +695,16 @@ def pair_losses(
 
 
 def row_statistics(rows, cols, dims, active, scale, positives):
-    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` fp32, natural-log units."""
+    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, natural-log units. The kernels keep
+    log2 units: the tables are fp64 so that the round trip ln <-> log2 gives back the kernels' fp32 values
+    (an fp32 round trip costs ulp(scale * log2(e)) in every probability)."""
     from m2d_kernels.backends.torch_prefix import positive_logits
 
     _check_dtype(rows)
     flat_active = [on for row in active for on in row]
     row_max, row_logsum = m2d_forward(rows, cols, positives, list(dims), flat_active, scale, False)[2:4]
-    return row_max * LN2, row_logsum * LN2, positive_logits(rows, cols, dims, active, scale, positives)
+    positive = positive_logits(rows, cols, dims, active, scale, positives).double()
+    return row_max.double() * LN2, row_logsum.double() * LN2, positive
 
 
 def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef):
@@ -710,6 +713,6 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
     inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
     inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
     # m2d_backward's coefficient is grad_losses * scale / R per cosine; ours is per row loss.
-    return m2d_backward(coef.float() * rows.shape[1], rows, cols, positives, (offset * LOG2E).contiguous(),
-                        (log_sum * LOG2E).contiguous(), inv_rows, norm_rows, inv_cols, norm_cols, list(dims),
-                        flat_active, scale)
+    return m2d_backward(coef.float() * rows.shape[1], rows, cols, positives, (offset * LOG2E).float().contiguous(),
+                        (log_sum * LOG2E).float().contiguous(), inv_rows, norm_rows, inv_cols, norm_cols,
+                        list(dims), flat_active, scale)
