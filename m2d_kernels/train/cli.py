@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimisation.add_argument("--backend", default="auto", help="loss backend (auto, triton, cpp, torch, reference)")
     optimisation.add_argument("--gather-across-devices", action=argparse.BooleanOptionalAction, default=True,
                               help="under torchrun: score each rank's queries against the docs of all ranks")
+    optimisation.add_argument("--cross-device", choices=("all_gather", "ring"), default="all_gather",
+                              help="how the docs of all ranks are scored: all-gathered, or passed around a ring "
+                                   "(memory independent of the number of processes; README, Multi-device training)")
 
     runtime = parser.add_argument_group("runtime and output")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -163,7 +166,7 @@ def run(args) -> dict | None:
         warmup_ratio=args.warmup_ratio, scale=args.scale, symmetric=args.symmetric, max_length=args.max_length,
         precision=args.precision, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, checkpoint_every=args.checkpoint_every, backend=args.backend, resume=args.resume,
-        gather_across_devices=args.gather_across_devices,
+        gather_across_devices=args.gather_across_devices, cross_device=args.cross_device,
     )
     if not world.is_main_process:
         parallel.barrier(world)  # while rank 0 evaluates the untrained model

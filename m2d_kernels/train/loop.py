@@ -84,6 +84,7 @@ class TrainConfig:
     backend: str = "auto"
     resume: bool = False
     gather_across_devices: bool = True  # under DDP: score against the docs of all ranks (no effect in one process)
+    cross_device: str = "all_gather"  # how: "all_gather", or "ring" (memory independent of the number of ranks)
 
 
 @dataclass
@@ -280,7 +281,7 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     # no gradient: hence find_unused_parameters.
     forward = encoder if not world.is_distributed else torch.nn.parallel.DistributedDataParallel(
         encoder, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    gather = world.is_distributed and config.gather_across_devices
+    gather = config.cross_device if world.is_distributed and config.gather_across_devices else False
 
     def checkpoint() -> None:
         rng_by_rank = gather_to_main(_rng_states(schedule_generator), world)  # a collective: every rank calls it
