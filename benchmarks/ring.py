@@ -78,8 +78,8 @@ def _worker(rank: int, world_size: int, port: int, args, out_dir: str) -> None:
             request.wait()
 
     times = {"all_gather": [], "ring": [], "block_compute": [], "block_transfer": []}
-    for name, fn in (("all_gather", step("all_gather")), ("ring", step("ring"))):
-        fn()  # warm-up: lazy imports and initialisation
+    for mode in ("all_gather", "ring"):
+        step(mode)()  # warm-up: lazy imports and initialisation
     for _ in range(args.repeats):
         for name, fn in (("all_gather", step("all_gather")), ("ring", step("ring")), ("block_compute", block_compute),
                          ("block_transfer", block_transfer)):

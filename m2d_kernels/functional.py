@@ -227,7 +227,8 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
         raise TypeError(f"gather_across_devices must be a bool or one of {GATHER_MODES}, got "
                         f"{type(gather_across_devices).__name__}")
     if isinstance(gather_across_devices, str) and gather_across_devices not in GATHER_MODES:
-        raise ValueError(f"gather_across_devices must be a bool or one of {GATHER_MODES}, got {gather_across_devices!r}")
+        raise ValueError(f"gather_across_devices must be a bool or one of {GATHER_MODES}, "
+                         f"got {gather_across_devices!r}")
     if gather_across_devices and docs.shape[1] % n_queries != 0:
         raise ValueError(
             f"gather_across_devices needs docs rows N to be a multiple of queries B (groups of B rows: positives, "

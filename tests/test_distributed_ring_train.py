@@ -13,6 +13,7 @@ from distributed_helpers import spawn
 from helpers import assert_close
 from train_helpers import make_tiny_bert, write_pairs_jsonl
 
+from m2d_kernels import distributed
 from m2d_kernels.train import cli, loop, parallel
 from m2d_kernels.train.data import read_examples
 from m2d_kernels.train.encoder import LayerEncoder
@@ -41,9 +42,18 @@ def _worker(rank: int, world_size: int, port: int, model: Path, examples: list, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    ring_calls = []
+    ring_pair_losses = distributed.ring_pair_losses
+
+    def counted(*args, **kwargs):  # the loop must take the ring, not the all-gather (same numbers)
+        ring_calls.append(1)
+        return ring_pair_losses(*args, **kwargs)
+
+    distributed.ring_pair_losses = counted
     result = loop.train(_config(model, output_dir / "run", cross_device="ring"), examples, encoder=_encoder(model),
                         progress=False)
-    torch.save({"losses": result.losses, "state": result.encoder.model.state_dict()}, output_dir / f"rank{rank}.pt")
+    torch.save({"losses": result.losses, "state": result.encoder.model.state_dict(), "ring_calls": len(ring_calls)},
+               output_dir / f"rank{rank}.pt")
     del result
     parallel.stop()
 
@@ -59,6 +69,7 @@ def test_ring_training_run_equals_one_process_on_the_global_batches(tiny_bert, t
     assert sum(not torch.equal(expected[n], initial[n]) for n in expected) > len(expected) // 2
     for rank in range(WORLD_SIZE):
         result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["ring_calls"] == STEPS, result["ring_calls"]
         assert_close(torch.tensor(result["losses"]), torch.tensor(single.losses), torch.float32, f"rank {rank} losses")
         for name, tensor in expected.items():
             assert_close(result["state"][name], tensor, torch.float64, f"rank {rank} final {name}")

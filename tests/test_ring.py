@@ -110,7 +110,7 @@ def _memory_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     queries, docs = make_inputs(n_layers, n_queries, n_docs, n_features, seed=rank)
     peaks = {}
     for mode in ("all_gather", "ring"):
-        def step():
+        def step(mode=mode):
             loss = m2d.matryoshka_2d_infonce(queries, docs, (64, 128, 256), backend="torch", symmetric=True,
                                              gather_across_devices=mode)
             loss.backward()
