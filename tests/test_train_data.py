@@ -188,3 +188,12 @@ def test_hf_loaders_pick_the_columns(monkeypatch):
     assert calls == [("sentence-transformers/all-nli", "triplet", "dev"), ("sentence-transformers/stsb", None, "test")]
     with pytest.raises(ValueError, match="needs sentence1, sentence2, score"):
         data.load_hf_scored_pairs("sentence-transformers/all-nli", "test")
+
+
+def test_snli_triplets_from_the_hub_copy(monkeypatch):
+    rows = {"premise": ["P1", "P1", "P1", "P2", "P2", "P3"], "hypothesis": ["n1", "e1", "c1", "c2", "e2", "x"],
+            "label": [1, 0, 2, 2, 0, -1]}
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, config=None, split=None: _FakeDataset(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert data.load_hf_snli_triplets(("validation",)) == [("P1", "e1", "c1"), ("P2", "e2", "c2")]

@@ -297,6 +297,27 @@ def read_snli_triplets(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("
     return triplets
 
 
+SNLI_HUB_LABELS = {0: "entailment", 1: "neutral", 2: "contradiction"}  # stanfordnlp/snli; -1: no gold label
+
+
+def load_hf_snli_triplets(splits: tuple[str, ...] = ("validation", "test"),
+                          name: str = "stanfordnlp/snli") -> list[Example]:
+    """:func:`read_snli_triplets` on the Hugging Face copy of SNLI (``validation`` is the dev
+    split; needs ``datasets`` and the network or its cache). The text is the original,
+    untokenised one, so the triplets differ from the data folder's in spacing only."""
+    triplets = []
+    for split in splits:
+        dataset = _load_hf_dataset(name, None, split)
+        by_premise: dict[str, dict[str, str]] = {}
+        for premise, hypothesis, label in zip(dataset["premise"], dataset["hypothesis"], dataset["label"],
+                                              strict=True):
+            if label in SNLI_HUB_LABELS:
+                by_premise.setdefault(premise.strip(), {}).setdefault(SNLI_HUB_LABELS[label], hypothesis.strip())
+        triplets += [(p, h["entailment"], h["contradiction"]) for p, h in by_premise.items()
+                     if "entailment" in h and "contradiction" in h]
+    return triplets
+
+
 def read_sts_benchmark(data_dir: str | os.PathLike, split: str = "test") -> ScoredPairs:
     """STS Benchmark ``sts-<split>.csv``: tab-separated, the first 7 fields, no quoting."""
     first, second, scores = [], [], []
