@@ -215,8 +215,10 @@ def test_resume_continues_a_checkpointed_run_and_checks_its_settings(tiny_bert, 
     assert main(args + ["--resume"]) == 0
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "flipped"])
-def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(damage, tiny_bert, pairs_file, tmp_path, capsys,
+@pytest.mark.parametrize("damage, words", [("empty", "is empty"), ("truncated", "is damaged (truncated or corrupted"),
+                                           ("garbage", "is not an m2d-train checkpoint"),
+                                           ("flipped", "is damaged (truncated or corrupted")])
+def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(damage, words, tiny_bert, pairs_file, tmp_path, capsys,
                                                                 no_model_loading):
     out = tmp_path / "damaged"
     out.mkdir()
@@ -235,7 +237,7 @@ def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(damage, tiny_ber
         blob[-2000] ^= 0x10  # inside the tensor data
     path.write_bytes(bytes(blob))
     err = _error_of(_tiny_args(tiny_bert, pairs_file, out, "--resume"), capsys)
-    assert f"checkpoint {path}" in err, err
+    assert f"checkpoint {path} {words}" in err, err
 
 
 @pytest.mark.skipif(resolve_data_dir() is None, reason="shared data folder not found (set M2D_DATA_DIR)")
