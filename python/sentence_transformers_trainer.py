@@ -1,7 +1,7 @@
 """Train a SentenceTransformer with the fused 2D Matryoshka loss and ``SentenceTransformerTrainer``.
 
 The only change from a sentence-transformers script is the import of ``FusedMatryoshka2dLoss``.
-Runs in seconds on the CPU with the packaged all-MiniLM-L6-v2 (or any local model folder)::
+Runs on the CPU with the packaged all-MiniLM-L6-v2 (or any local model folder), offline::
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python python/sentence_transformers_trainer.py --steps 20
 
