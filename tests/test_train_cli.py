@@ -248,3 +248,36 @@ def test_snli_data_and_sts_eval_from_the_shared_folder(tiny_bert, tmp_path, caps
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["sts16"]["size"] == 1186 and len(summary["after"]["sts16"]["metrics"]["spearman"]) == 3
     assert "sts16 spearman (after - before)" in capsys.readouterr().out
+
+
+def test_hub_training_data_and_sts_evaluation(tiny_bert, tmp_path, capsys, monkeypatch):
+    # A stand-in for `datasets` (no network in tests): the CLI must parse NAME:CONFIG:SPLIT and use both loaders.
+    from train_helpers import random_sentences
+
+    pytest.importorskip("datasets")  # the CLI checks that it is installed
+
+    class FakeDataset(dict):
+        column_names = property(lambda self: list(self))
+
+    anchors, others = random_sentences(24, 1), random_sentences(24, 2)
+    requests = []
+
+    def load_dataset(name, config=None, split=None):
+        requests.append((name, config, split))
+        if name == "sentence-transformers/stsb":
+            return FakeDataset(sentence1=anchors[:12], sentence2=others[:12], score=[i / 11 for i in range(12)])
+        return FakeDataset(anchor=anchors, positive=[a + " tree" for a in anchors], negative=others)
+
+    fake = type(sys)("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    out = tmp_path / "hub"
+    assert main(["--model", str(tiny_bert), "--data", "hf:sentence-transformers/all-nli:triplet:dev",
+                 "--eval", "hf:sentence-transformers/stsb:test", "--batch-size", "8", "--steps", "2", "--dims", "16,32",
+                 "--max-length", "16", "--output-dir", str(out), "--device", "cpu", "--no-progress",
+                 "--no-speed"]) == 0
+    assert requests == [("sentence-transformers/all-nli", "triplet", "dev"),
+                        ("sentence-transformers/stsb", None, "test")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["hf:sentence-transformers/stsb:test"]["size"] == 12
+    assert (out / "heatmap_hf_sentence-transformers_stsb_test.png").is_file()
