@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import subprocess
@@ -270,6 +271,7 @@ def test_hub_training_data_and_sts_evaluation(tiny_bert, tmp_path, capsys, monke
 
     fake = type(sys)("datasets")
     fake.load_dataset = load_dataset
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
     monkeypatch.setitem(sys.modules, "datasets", fake)
     out = tmp_path / "hub"
     assert main(["--model", str(tiny_bert), "--data", "hf:sentence-transformers/all-nli:triplet:dev",
