@@ -23,6 +23,7 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -34,6 +35,7 @@ INT_POINTERS = {"positives_ptr", "bounds_ptr", "active_ptr", "n_seg_ptr"}
 INPUT_POINTERS = {"rows_ptr", "cols_ptr", "grad_ptr"}
 SCALARS = {"L": "i32", "R": "i32", "C": "i32", "D": "i32", "R_CLASS": "i32", "C_CLASS": "i32", "scale_log2": "fp32"}
 DTYPES = {"bf16": "bf16", "fp32": "fp32"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def tool(name: str) -> Path:
@@ -97,19 +99,19 @@ def inspect_cubin(cubin: bytes, shared: int) -> dict:
     }
 
 
-def candidate_configs(kind: str):
+def candidate_configs(kind: str, dtype: str):
     """(config, selected): every config the launcher can choose; `selected` marks the heuristic's."""
     listed = tk.FORWARD_CONFIGS if kind == "forward" else tk.BACKWARD_CONFIGS
     ex = WORKED_EXAMPLE
-    chosen = tk._heuristic_config(kind, None, ex["B"], ex["N"])
-    return [(config, config == chosen) for config in listed]
+    chosen = tk._heuristic_config(kind, TORCH_DTYPES[dtype], ex["B"], ex["N"])
+    return [(config, config == chosen) for config in dict.fromkeys((*listed, chosen))]
 
 
 def report(kinds=("forward", "backward_dX", "backward_dY"), dtypes=("bf16", "fp32"), only_selected=False):
     rows = []
     for kind in kinds:
         for dtype in dtypes:
-            for config, selected in candidate_configs(kind):
+            for config, selected in candidate_configs(kind, dtype):
                 if only_selected and not selected:
                     continue
                 stats = inspect_cubin(*compile_kernel(kind, DTYPES[dtype], config))

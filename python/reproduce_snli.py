@@ -8,6 +8,11 @@ n_dims_per_step=-1)`` in the same plain loop, then evaluates both (and the untou
 model) with the layer x dim evaluator.
 
     PYTHONPATH=. python python/reproduce_snli.py --steps 100 --batch-size 16 --output-dir runs/snli
+
+Data: SNLI dev + test and STS Benchmark test from a data folder (``--data-dir``, else
+``$M2D_DATA_DIR``, else ``../shared/data``) when there is one; otherwise from the Hugging
+Face Hub (``stanfordnlp/snli`` validation + test, untokenised; ``sentence-transformers/stsb`` test,
+scores scaled to 0-1, which leaves Spearman unchanged): needs ``datasets`` and the network.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def train_sentence_transformers(config: TrainConfig, examples: list[data.Example
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", help="shared data folder (default: $M2D_DATA_DIR or ../shared/data)")
+    parser.add_argument("--data-dir", help="folder with snli/ and stsbenchmark/ (default: $M2D_DATA_DIR, "
+                        "else ../shared/data, else the Hugging Face Hub)")
     parser.add_argument("--model", help="default: the offline all-MiniLM-L6-v2")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -68,12 +74,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-sentence-transformers", action="store_true")
     args = parser.parse_args(argv)
     data_dir = data.resolve_data_dir(args.data_dir)
-    if data_dir is None:
-        parser.error("the shared data folder was not found: pass --data-dir or set M2D_DATA_DIR")
     model_path = args.model or default_model_path()
     output = Path(args.output_dir)
-    triplets = data.read_snli_triplets(data_dir)
-    sts_test = data.read_sts_benchmark(data_dir, "test")
+    if data_dir is not None:
+        triplets = data.read_snli_triplets(data_dir)
+        sts_test = data.read_sts_benchmark(data_dir, "test")
+    else:
+        print("no data folder: loading SNLI and STS Benchmark from the Hugging Face Hub")
+        triplets = data.load_hf_snli_triplets()
+        sts_test = data.load_hf_scored_pairs("sentence-transformers/stsb", "test")
     config = TrainConfig(model=str(model_path), output_dir=str(output / "m2d"), layers=LAYERS, dims=DIMS,
                          schedule="full_grid", batch_size=args.batch_size, steps=args.steps, lr=args.lr,
                          max_length=args.max_length, device="cpu")

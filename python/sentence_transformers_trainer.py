@@ -1,12 +1,12 @@
 """Train a SentenceTransformer with the fused 2D Matryoshka loss and ``SentenceTransformerTrainer``.
 
 The only change from a sentence-transformers script is the import of ``FusedMatryoshka2dLoss``.
-Runs in seconds on the CPU with the packaged all-MiniLM-L6-v2 (or any local model folder)::
+Runs on the CPU with the packaged all-MiniLM-L6-v2 (or any local model folder), offline::
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python python/sentence_transformers_trainer.py --steps 20
 
-Data: (premise, entailed hypothesis) pairs from SNLI dev in ``$M2D_DATA_DIR/snli`` (default
-``../shared/data`` next to the repository) when present, otherwise a few built-in toy pairs.
+Data: the built-in (summary, rest of the docstring) pairs of the Python standard library
+(about 1.3k, offline), or ``--data`` with a .jsonl/.csv/.tsv file of pairs.
 """
 
 from __future__ import annotations
@@ -15,21 +15,6 @@ import argparse
 import importlib.util
 import os
 from pathlib import Path
-
-TOY_PAIRS = [
-    ("a cat sat on the mat", "the cat is sitting on a mat"),
-    ("a dog ran in the park", "the dog is running outside"),
-    ("the sun is shining over the sea", "it is sunny at the beach"),
-    ("a man drives a red car", "someone is driving a car"),
-    ("two children play football", "kids are playing a game"),
-    ("a woman reads a book", "the woman is reading"),
-    ("the train left the station", "a train is departing"),
-    ("a bird sings in the tree", "the bird is singing"),
-    ("people walk along the river", "a group is walking by the water"),
-    ("a chef cooks pasta", "someone is making food"),
-    ("the moon rises at night", "it is night and the moon is up"),
-    ("a boy climbs a big tree", "the child is climbing"),
-]
 
 
 def default_model_path() -> str:
@@ -40,23 +25,12 @@ def default_model_path() -> str:
     return str(Path(spec.origin).parent / "model")
 
 
-def load_pairs(data_dir: str | None, limit: int) -> list[tuple[str, str]]:
-    """SNLI dev (premise, entailment) pairs when the shared data is there, else the toy pairs."""
-    root = Path(data_dir or os.environ.get("M2D_DATA_DIR", Path(__file__).resolve().parents[1] / "../shared/data"))
-    snli = root / "snli"
-    if not (snli / "s1.dev").exists():
-        return TOY_PAIRS[:limit]
-    premises = (snli / "s1.dev").read_text().splitlines()
-    hypotheses = (snli / "s2.dev").read_text().splitlines()
-    labels = (snli / "labels.dev").read_text().splitlines()
-    pairs, seen = [], set()
-    for premise, hypothesis, label in zip(premises, hypotheses, labels, strict=True):
-        if label == "entailment" and premise not in seen:  # one pair per premise: no false in-batch negatives
-            seen.add(premise)
-            pairs.append((premise, hypothesis))
-        if len(pairs) == limit:
-            break
-    return pairs
+def load_pairs(data: str | None, limit: int) -> list[tuple[str, str]]:
+    """The first ``limit`` (anchor, positive) pairs of ``data``, else of the built-in docstring pairs."""
+    from m2d_kernels.train.data import docstring_pairs, read_examples
+
+    pairs = read_examples(data) if data else docstring_pairs()
+    return [(example[0], example[1]) for example in pairs[:limit]]
 
 
 def train(model_path: str, pairs: list[tuple[str, str]], steps: int, batch_size: int, output_dir: str,
@@ -88,8 +62,8 @@ def train(model_path: str, pairs: list[tuple[str, str]], steps: int, batch_size:
 def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="local SentenceTransformer folder (default: all-MiniLM-L6-v2)")
-    parser.add_argument("--data-dir", default=None, help="folder holding snli/ (default: $M2D_DATA_DIR)")
-    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--data", default=None, help=".jsonl/.csv/.tsv pairs (default: the built-in docstring pairs)")
+    parser.add_argument("--pairs", type=int, default=256, help="training pairs used (default 256)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mini-batch-size", type=int, default=None, help="gradient caching chunk (default: off)")
@@ -97,7 +71,10 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--output-dir", default="runs/st_trainer_example")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    losses = train(args.model or default_model_path(), load_pairs(args.data_dir, args.pairs), args.steps,
+    pairs = load_pairs(args.data, args.pairs)
+    if len(pairs) < args.batch_size:
+        parser.error(f"{len(pairs)} pairs are fewer than one batch of {args.batch_size}")
+    losses = train(args.model or default_model_path(), pairs, args.steps,
                    args.batch_size, args.output_dir, args.mini_batch_size, args.learning_rate)
     print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} steps")
     return losses

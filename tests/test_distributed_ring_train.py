@@ -81,3 +81,5 @@ def test_cli_cross_device_option():
     assert parser.parse_args(["--cross-device", "ring"]).cross_device == "ring"
     with pytest.raises(SystemExit):
         parser.parse_args(["--cross-device", "broadcast"])
+    with pytest.raises(ValueError, match="cross_device"):
+        loop.check_config(_config(Path("model"), Path("out"), cross_device="broadcast"), 16, 1)

@@ -7,6 +7,7 @@ download) is trained by both; the loss and every parameter gradient must agree.
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import warnings
 from pathlib import Path
@@ -25,6 +26,20 @@ from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: E402
 from m2d_kernels.integrations.sentence_transformers import FusedMatryoshka2dLoss, FusedMatryoshkaLoss  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "python" / "sentence_transformers_trainer.py"
+TOY_PAIRS = [
+    ("a cat sat on the mat", "the cat is sitting on a mat"),
+    ("a dog ran in the park", "the dog is running outside"),
+    ("the sun is shining over the sea", "it is sunny at the beach"),
+    ("a man drives a red car", "someone is driving a car"),
+    ("two children play football", "kids are playing a game"),
+    ("a woman reads a book", "the woman is reading"),
+    ("the train left the station", "a train is departing"),
+    ("a bird sings in the tree", "the bird is singing"),
+    ("people walk along the river", "a group is walking by the water"),
+    ("a chef cooks pasta", "someone is making food"),
+    ("the moon rises at night", "it is night and the moon is up"),
+    ("a boy climbs a big tree", "the child is climbing"),
+]
 HIDDEN, OUT = 48, 40
 DIMS = [40, 24, 8]  # the Dense head maps 48 -> 40; 24 and 8 are not multiples of 16
 WEIGHTS = [1.0, 0.5, 2.0]
@@ -45,8 +60,8 @@ def example():
 
 
 @pytest.fixture(scope="module")
-def words(example):
-    return sorted({word for pair in example.TOY_PAIRS for sentence in pair for word in sentence.split()})
+def words():
+    return sorted({word for pair in TOY_PAIRS for sentence in pair for word in sentence.split()})
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +257,9 @@ def test_trainer_example_lowers_the_loss(example, bert_dir, tmp_path):
     pytest.importorskip("accelerate")
     model_dir = tmp_path / "model"
     _model(bert_dir, head=True).save(str(model_dir))
-    step_losses = example.main(["--model", str(model_dir), "--data-dir", str(tmp_path), "--steps", "12",
+    pairs = tmp_path / "toy_pairs.jsonl"  # the tiny model's vocabulary covers these words only
+    pairs.write_text("".join(json.dumps(list(pair)) + "\n" for pair in TOY_PAIRS), encoding="utf-8")
+    step_losses = example.main(["--model", str(model_dir), "--data", str(pairs), "--steps", "12",
                                 "--batch-size", "6", "--mini-batch-size", "4", "--learning-rate", "3e-3",
                                 "--output-dir", str(tmp_path / "run")])
     assert len(step_losses) == 12

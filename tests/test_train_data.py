@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import sys
 
 import pytest
 
@@ -135,3 +136,64 @@ def test_shared_data_sizes_match_its_readme():
     triplets = data.read_snli_triplets(SHARED)
     assert 5000 < len(triplets) < 6600
     assert sum(len(set(t)) < 3 for t in triplets) < 0.01 * len(triplets)  # SNLI has a few verbatim hypotheses
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.csv", "pairs.tsv"])
+def test_non_utf8_files_name_the_file_and_line(tmp_path, name):
+    path = tmp_path / name
+    separator = {"jsonl": None, "csv": b",", "tsv": b"\t"}[name.rsplit(".", 1)[1]]
+    if separator is None:
+        path.write_bytes(b'["a", "b"]\n["c", "d"]\n["caf\xe9", "e"]\n')
+    else:
+        path.write_bytes(b"a" + separator + b"b\nc" + separator + b"d\ncaf\xe9" + separator + b"e\n")
+    column = 6 if separator is None else 4
+    with pytest.raises(ValueError, match=rf"{name}:3: not UTF-8 text \(byte 0xe9 at column {column}\)"):
+        data.read_examples(path)
+
+
+def test_parse_hf_spec():
+    assert data.parse_hf_spec("hf:org/set") == ("org/set", None, "train")
+    assert data.parse_hf_spec("hf:org/set:dev") == ("org/set", None, "dev")
+    assert data.parse_hf_spec("hf:sentence-transformers/all-nli:triplet:test") == (
+        "sentence-transformers/all-nli", "triplet", "test")
+    assert data.parse_hf_spec("hf:org/set", "test") == ("org/set", None, "test")
+    for bad in ("hf:", "hf:a::b", "hf:a:b:c:d"):
+        with pytest.raises(ValueError, match="expected hf:NAME"):
+            data.parse_hf_spec(bad)
+
+
+class _FakeDataset(dict):
+    @property
+    def column_names(self):
+        return list(self)
+
+
+def test_hf_loaders_pick_the_columns(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        if name == "sentence-transformers/stsb":
+            return _FakeDataset(sentence1=["a", "b"], sentence2=["c", "d"], score=[0.5, 1.0])
+        return _FakeDataset(anchor=["a1", "a2"], positive=["p1", "p2"], negative=["n1", "n2"], extra=[1, 2])
+
+    fake = type(sys)("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert data.load_hf_examples("sentence-transformers/all-nli", "dev", "triplet") == [
+        ("a1", "p1", "n1"), ("a2", "p2", "n2")]
+    sts = data.load_hf_scored_pairs("sentence-transformers/stsb", "test")
+    assert (sts.name, sts.sentences1, sts.sentences2, sts.scores) == (
+        "hf:sentence-transformers/stsb:test", ["a", "b"], ["c", "d"], [0.5, 1.0])
+    assert calls == [("sentence-transformers/all-nli", "triplet", "dev"), ("sentence-transformers/stsb", None, "test")]
+    with pytest.raises(ValueError, match="needs sentence1, sentence2, score"):
+        data.load_hf_scored_pairs("sentence-transformers/all-nli", "test")
+
+
+def test_snli_triplets_from_the_hub_copy(monkeypatch):
+    rows = {"premise": ["P1", "P1", "P1", "P2", "P2", "P3"], "hypothesis": ["n1", "e1", "c1", "c2", "e2", "x"],
+            "label": [1, 0, 2, 2, 0, -1]}
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, config=None, split=None: _FakeDataset(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert data.load_hf_snli_triplets(("validation",)) == [("P1", "e1", "c1"), ("P2", "e2", "c2")]

@@ -84,11 +84,23 @@ def test_training_reduces_the_loss(tiny_bert, tmp_path):
     ({"batch_size": 100}, "larger than the"),
     ({"layers": (1, 9)}, "unknown layer"),
     ({"dims": (8, 64)}, "larger than the model's hidden size"),
+    ({"max_length": 0}, "max_length must be >= 1"),
+    ({"epochs": float("nan"), "steps": None}, "epochs must be a finite number"),
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"checkpoint_every": -1}, "checkpoint_every must be >= 0"),
+    ({"layers": ()}, "layers must be a non-empty list"),
+    ({"dims": (8, 8)}, "dims must be strictly increasing"),
+    ({"dims_per_step": 0}, "dims_per_step must be >= 1 or -1"),
+    ({"device": "tpu"}, "device must be auto, cpu, cuda"),
+    ({"backend": "fast"}, "backend must be one of"),
+    ({"output_dir": __file__}, "exists and is not a folder"),
 ])
 def test_bad_settings_raise_before_training(tiny_bert, tmp_path, overrides, words):
     examples = [("a b", "a c")] * 10
     with pytest.raises(ValueError, match=words):
-        loop.train(_config(tiny_bert, tmp_path / "bad", **overrides), examples, progress=False)
+        overrides = dict(overrides)
+        loop.train(_config(tiny_bert, overrides.pop("output_dir", tmp_path / "bad"), **overrides), examples,
+                   progress=False)
 
 
 def test_columns_are_padded_separately_and_match_one_column_at_a_time(tiny_bert):
@@ -102,3 +114,29 @@ def test_columns_are_padded_separately_and_match_one_column_at_a_time(tiny_bert)
     torch.testing.assert_close(together, expected)
     with pytest.raises(ValueError, match="columns must divide the 6 texts"):
         encoder(short + long, [1], columns=4)
+
+
+def test_resume_needs_a_checkpoint_unless_if_present(tiny_bert, tmp_path):
+    examples = read_examples(write_pairs_jsonl(tmp_path / "pairs.jsonl", 16))
+    with pytest.raises(FileNotFoundError, match="resume: no checkpoint at"):
+        loop.train(_config(tiny_bert, tmp_path / "a", resume=True, steps=1), examples, progress=False)
+    result = loop.train(_config(tiny_bert, tmp_path / "b", resume=True, resume_if_present=True, steps=1,
+                                checkpoint_every=0), examples, progress=False)
+    assert result.steps == 1 and sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model"]
+
+
+def test_a_killed_save_leaves_nothing_behind_after_the_next_run(tiny_bert, tmp_path):
+    examples = read_examples(write_pairs_jsonl(tmp_path / "pairs.jsonl", 16))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"the first half of a checkpoint")
+    loop.train(_config(tiny_bert, out, steps=2), examples, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "model"]
+
+
+def test_resume_with_other_settings_is_refused(tiny_bert, tmp_path):
+    examples = read_examples(write_pairs_jsonl(tmp_path / "pairs.jsonl", 16))
+    loop.train(_config(tiny_bert, tmp_path / "run", steps=2), examples, stop_after=1, progress=False)
+    with pytest.raises(loop.CheckpointError, match=r"other settings \(batch_size 4 -> 8; lr 0.001 -> 0.01\)"):
+        loop.train(_config(tiny_bert, tmp_path / "run", steps=2, batch_size=8, lr=1e-2, resume=True), examples,
+                   progress=False)

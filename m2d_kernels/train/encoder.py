@@ -7,6 +7,7 @@ papers and the evaluator use 1..num_layers.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,34 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
         return hidden[:, 0]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def model_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(number of layers, hidden size) of a local model folder, read from its ``config.json``
+    alone (milliseconds: no weights are loaded)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"model not found: {path} is not a folder with a config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        return int(config["num_hidden_layers"]), int(config["hidden_size"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"model {path}: config.json gives no num_hidden_layers / hidden_size ({error})") from None
+
+
+def check_layers_and_dims(layers: Sequence[int], dims: Sequence[int], num_layers: int, hidden_size: int) -> None:
+    """Raise ValueError for a layer outside 0..num_layers or dims that are not strictly
+    increasing positive ints up to ``hidden_size``."""
+    bad_layers = [layer for layer in layers if not 0 <= layer <= num_layers]
+    if bad_layers or not layers:
+        raise ValueError(f"unknown layer(s) {bad_layers or list(layers)}: this model has layers 1..{num_layers} "
+                         "(0 is the embedding output)")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct, got {list(layers)}")
+    if not dims or any(b <= a for a, b in zip(dims, dims[1:], strict=False)) or dims[0] < 1:
+        raise ValueError(f"dims must be strictly increasing positive ints, got {list(dims)}")
+    if dims[-1] > hidden_size:
+        raise ValueError(f"dim {dims[-1]} is larger than the model's hidden size {hidden_size}")
 
 
 class LayerEncoder(nn.Module):
@@ -61,16 +90,7 @@ class LayerEncoder(nn.Module):
 
     def check(self, layers: Sequence[int], dims: Sequence[int]) -> None:
         """Raise ValueError for a layer the model lacks or a dim larger than its hidden size."""
-        bad_layers = [layer for layer in layers if not 0 <= layer <= self.num_layers]
-        if bad_layers or not layers:
-            raise ValueError(f"unknown layer(s) {bad_layers or layers}: this model has layers 1..{self.num_layers} "
-                             "(0 is the embedding output)")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"layers must be distinct, got {list(layers)}")
-        if not dims or any(b <= a for a, b in zip(dims, dims[1:], strict=False)) or dims[0] < 1:
-            raise ValueError(f"dims must be strictly increasing positive ints, got {list(dims)}")
-        if dims[-1] > self.hidden_size:
-            raise ValueError(f"dim {dims[-1]} is larger than the model's hidden size {self.hidden_size}")
+        check_layers_and_dims(layers, dims, self.num_layers, self.hidden_size)
 
     def forward(self, texts: Sequence[str], layers: Sequence[int], columns: int = 1) -> torch.Tensor:
         """Pooled embeddings ``[len(layers), len(texts), hidden_size]`` (differentiable).

@@ -144,8 +144,12 @@ def write_json_atomic(path: str | os.PathLike, payload: object) -> None:
     atomic_write(path, lambda file: file.write(json.dumps(payload, indent=2).encode("utf-8")))
 
 
-def save_heatmap(path: str | os.PathLike, before: dict, after: dict | None = None, metric: str | None = None) -> None:
-    """A PNG heat map of one metric: the grid alone, or before / after / after - before."""
+def save_heatmap(path: str | os.PathLike, before: dict, after: dict | None = None, metric: str | None = None,
+                 title: str | None = None) -> None:
+    """A PNG heat map of one metric: the grid alone, or before / after / after - before.
+
+    ``title`` (e.g. the model and the training data) heads the figure and is stored as the
+    PNG's ``Title`` text field."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,6 +184,9 @@ def save_heatmap(path: str | os.PathLike, before: dict, after: dict | None = Non
         axis.set_ylabel("layer")
         axis.set_title(f"{before['set']} {metric} {label}".strip(), fontsize=9)
         figure.colorbar(image, ax=axis, shrink=0.8)
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=110))
+    metadata = {"Title": title} if title else None
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=110, metadata=metadata))
     plt.close(figure)

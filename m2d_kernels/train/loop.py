@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import io
+import json
 import math
 import os
 import random
@@ -39,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m2d_kernels import schedules
+from m2d_kernels import backends, schedules
 from m2d_kernels.functional import matryoshka_2d_infonce
-from m2d_kernels.train.atomic import atomic_directory, atomic_write
+from m2d_kernels.train.atomic import atomic_directory, atomic_write, output_lock, remove_stale_temporaries
 from m2d_kernels.train.data import Example
 from m2d_kernels.train.encoder import LayerEncoder
 from m2d_kernels.train.parallel import World, barrier, gather_to_main, mean_over_ranks, shard, start
@@ -80,9 +83,10 @@ class TrainConfig:
     device: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: no checkpoints; N: every N steps and at the end
     backend: str = "auto"
-    resume: bool = False
+    resume: bool = False  # continue from output_dir/checkpoint.pt (an error when there is none ...)
+    resume_if_present: bool = False  # ... unless this is set: then start afresh without one
     gather_across_devices: bool = True  # under DDP: score against the docs of all ranks (no effect in one process)
     cross_device: str = "all_gather"  # how: "all_gather", or "ring" (memory independent of the number of ranks)
 
@@ -107,24 +111,67 @@ def default_dims(hidden_size: int) -> tuple[int, ...]:
     return tuple(dims) + (hidden_size,)
 
 
-def check_config(config: TrainConfig, n_examples: int, world_size: int = 1) -> None:
-    """Raise ValueError naming the option for settings the loop cannot run with."""
+def _bad(name: str, expected: str, value: object) -> ValueError:
+    return ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_config(config: TrainConfig, n_examples: int | None = None, world_size: int = 1) -> None:
+    """Raise ValueError naming the option for settings the loop cannot run with.
+
+    Needs neither the model nor the data (``n_examples`` adds the checks against the data
+    size), so a command line can be checked before anything slow happens.
+    """
+    from m2d_kernels.backends import BACKEND_NAMES
+    from m2d_kernels.functional import GATHER_MODES
+    from m2d_kernels.train.encoder import POOLINGS
+
     if config.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+        raise _bad("schedule", f"one of {SCHEDULES}", config.schedule)
     if config.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {config.precision!r}")
-    for name in ("batch_size", "grad_accum"):
+        raise _bad("precision", f"one of {tuple(PRECISIONS)}", config.precision)
+    if config.pooling not in POOLINGS:
+        raise _bad("pooling", f"one of {POOLINGS}", config.pooling)
+    if config.backend not in BACKEND_NAMES:
+        raise _bad("backend", f"one of {BACKEND_NAMES}", config.backend)
+    if config.cross_device not in GATHER_MODES:
+        raise _bad("cross_device", f"one of {GATHER_MODES}", config.cross_device)
+    for name in ("batch_size", "grad_accum", "max_length"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.batch_size > n_examples:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the {n_examples} training examples")
+            raise _bad(name, ">= 1", getattr(config, name))
+    if config.steps is not None and config.steps < 1:
+        raise _bad("steps", ">= 1", config.steps)
+    if config.checkpoint_every < 0:
+        raise _bad("checkpoint_every", ">= 0 (0: no checkpoints)", config.checkpoint_every)
+    for name in ("layers_per_step", "dims_per_step"):
+        if getattr(config, name) != -1 and getattr(config, name) < 1:
+            raise _bad(name, ">= 1 or -1 (all)", getattr(config, name))
+    for name in ("epochs", "lr", "scale", "max_grad_norm"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise _bad(name, "a finite number > 0", value)
+    if not 0 <= config.warmup_ratio < 1:
+        raise _bad("warmup_ratio", "in [0, 1)", config.warmup_ratio)
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise _bad("weight_decay", "a finite number >= 0", config.weight_decay)
+    if config.layers is not None and (not config.layers or min(config.layers) < 0):
+        raise _bad("layers", "a non-empty list of layer numbers >= 0", config.layers)
+    if config.dims is not None and (not config.dims or config.dims[0] < 1
+                                    or any(b <= a for a, b in zip(config.dims, config.dims[1:], strict=False))):
+        raise _bad("dims", "strictly increasing positive ints", config.dims)
     if config.batch_size % world_size:
         raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of the "
                          f"{world_size} processes")
-    if config.steps is not None and config.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {config.steps}")
-    if config.lr <= 0 or not 0 <= config.warmup_ratio < 1:
-        raise ValueError(f"lr must be > 0 and warmup_ratio in [0, 1), got {config.lr}, {config.warmup_ratio}")
+    if n_examples is not None and config.batch_size > n_examples:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {n_examples} training examples")
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """The output folder as a Path; ValueError when it (or a parent) is not a folder."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists() and not candidate.is_dir():
+            raise ValueError(f"output_dir {path}: {candidate} exists and is not a folder")
+    return path
 
 
 # --------------------------------------------------------------------------- data order
@@ -184,9 +231,84 @@ def _set_rng_states(states: dict, schedule_generator: torch.Generator) -> None:
     schedule_generator.set_state(states["schedule"])
 
 
+CHECKPOINT_MAGIC = b"m2d-train checkpoint v1\n"
+# Settings a resumed run must share with the run that wrote the checkpoint (the rest, e.g.
+# device, backend or checkpoint_every, may change between the two).
+RESUME_KEYS = ("layers", "dims", "schedule", "layers_per_step", "dims_per_step", "pooling", "batch_size",
+               "grad_accum", "steps", "epochs", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "scale",
+               "symmetric", "max_length", "precision", "seed", "gather_across_devices")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: damaged, not a checkpoint, or from different settings."""
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """``torch.save`` atomically: a crash leaves the previous checkpoint, never a truncated one."""
-    atomic_write(path, lambda file: torch.save(state, file))
+    """``torch.save`` behind a header with its SHA-256 (and the run's config), written
+    atomically: a crash leaves the previous checkpoint, and damage is caught on loading."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    header = {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload),
+              "config": state.get("config"), "step": state.get("step")}
+
+    def write(file) -> None:
+        file.write(CHECKPOINT_MAGIC + json.dumps(header).encode("utf-8") + b"\n")
+        file.write(payload)
+
+    atomic_write(path, write)
+
+
+def _read_verified(path: Path) -> tuple[dict, memoryview]:
+    """(header, payload) of a checkpoint whose checksum matches; CheckpointError otherwise."""
+    try:
+        blob = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error.strerror}") from None
+    if not blob:
+        raise CheckpointError(f"checkpoint {path} is empty (a save was interrupted?); delete it to start over")
+    if not blob.startswith(CHECKPOINT_MAGIC):
+        raise CheckpointError(f"checkpoint {path} is not an m2d-train checkpoint (unknown header)")
+    end = blob.find(b"\n", len(CHECKPOINT_MAGIC))
+    try:
+        header = json.loads(blob[len(CHECKPOINT_MAGIC):end])
+        digest, size = header["sha256"], header["size"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} is damaged (unreadable header)") from None
+    payload = memoryview(blob)[end + 1:]
+    if len(payload) != size or hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {path} is damaged (truncated or corrupted: SHA-256 or size mismatch); "
+                              "delete it to start over")
+    return header, payload
+
+
+def _normalised(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def verify_checkpoint(path: str | os.PathLike, config: TrainConfig) -> int:
+    """Check a checkpoint's integrity and that it was written with ``config``'s settings
+    (:data:`RESUME_KEYS`); returns its step. Raises CheckpointError naming the file."""
+    path = Path(path)
+    header, _ = _read_verified(path)
+    saved = header.get("config") or {}
+    wanted = asdict(config)
+    different = [f"{key} {saved.get(key)!r} -> {wanted[key]!r}" for key in RESUME_KEYS
+                 if _normalised(saved.get(key)) != _normalised(wanted[key])]
+    if different:
+        raise CheckpointError(f"checkpoint {path} was written with other settings ({'; '.join(different)}); "
+                              "resume with the original settings or use another output folder")
+    return int(header.get("step") or 0)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """The state saved by :func:`save_checkpoint`, after checking its SHA-256."""
+    path = Path(path)
+    _, payload = _read_verified(path)
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as error:  # the checksum matched, so the writer itself produced this
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(error).__name__}: {error}") from None
 
 
 def save_model(encoder: LayerEncoder, directory: str | os.PathLike) -> None:
@@ -226,6 +348,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (nothing further is saved)."""
+
+
 def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEncoder | None = None,
           world: World | None = None, stop_after: int | None = None, progress: bool = True) -> TrainResult:
     """Train ``config.model`` on ``examples``; returns the trained encoder.
@@ -235,19 +361,46 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     group when there is one (it joins it), else one process. ``stop_after`` stops (after
     saving a checkpoint) once that many steps are done, as an interruption would; a later
     call with ``resume=True`` finishes the run.
+
+    The main process holds :func:`~m2d_kernels.train.atomic.output_lock` on
+    ``output_dir`` throughout (a second run on the same folder fails at once) and removes
+    the temporary files a killed save left there. A NaN or infinite loss raises
+    :class:`NonFiniteLossError` (checked every few steps and before anything is saved).
     """
     joined, device = start(config.device)
     world = joined if world is None else world
     check_config(config, len(examples), world.world_size)
+    output_dir = check_output_dir(config.output_dir)
+    if world.is_main_process:
+        with output_lock(output_dir):
+            return _train(config, examples, encoder, world, device, stop_after, progress)
+    return _train(config, examples, encoder, world, device, stop_after, progress)
+
+
+def _train(config: TrainConfig, examples: Sequence[Example], encoder: LayerEncoder | None, world: World,
+           device: torch.device, stop_after: int | None, progress: bool) -> TrainResult:
     arity = {len(e) for e in examples}
     if len(arity) != 1 or next(iter(arity)) not in (2, 3):
         raise ValueError("examples must all be (anchor, positive) pairs or all (anchor, positive, negative) triplets")
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if config.backend != "auto" and (reason := backends.unavailable_reason(config.backend, device)) is not None:
+        raise ValueError(f"backend {config.backend!r} cannot run on {device}: {reason}")
+    checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME
+    if world.is_main_process:
+        remove_stale_temporaries(config.output_dir)
+    resuming = config.resume and checkpoint_path.is_file()
+    if config.resume and not resuming and not config.resume_if_present:
+        raise FileNotFoundError(f"resume: no checkpoint at {checkpoint_path} (resume_if_present starts afresh "
+                                "when there is none)")
+    state = None
+    if resuming:
+        verify_checkpoint(checkpoint_path, config)
+        state = load_checkpoint(checkpoint_path)
     # Each rank draws its own dropout masks; everything that must agree across ranks (data
     # order, schedule) has its own generator seeded by ``config.seed`` alone.
     seed_everything(config.seed + world.rank)
     autocast_dtype = PRECISIONS[config.precision]
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if encoder is None:
         encoder = LayerEncoder.from_pretrained(config.model, config.pooling, config.max_length)
     encoder.to(device)
@@ -262,11 +415,9 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     optimizer, scheduler = make_optimizer(encoder.model, config, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     schedule_generator = torch.Generator().manual_seed(config.seed)
-    checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME
 
     step = 0
-    if config.resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if state is not None:
         encoder.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -275,6 +426,7 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
         _set_rng_states(ranks_rng[world.rank] if len(ranks_rng) == world.world_size else state["rng"],
                         schedule_generator)
         step = state["step"]
+        del state
     # The forward runs through DDP (which also broadcasts rank 0's weights once); the loop
     # keeps using ``encoder`` itself for its parameters, state and saving. Layers above the
     # deepest selected one, the pooler, and the layers a sampled schedule skips this step get
@@ -282,8 +434,17 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     forward = encoder if not world.is_distributed else torch.nn.parallel.DistributedDataParallel(
         encoder, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     gather = config.cross_device if world.is_distributed and config.gather_across_devices else False
+    # All-true until a step's loss is NaN/inf; read on the host only every few steps and
+    # before saving (each read is a sync).
+    finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def check_finite() -> None:
+        if not bool(finite):
+            raise NonFiniteLossError(f"the training loss became NaN or infinite by step {step} (lr {config.lr:g}, "
+                                     f"scale {config.scale:g}); stopped, the model was not saved")
 
     def checkpoint() -> None:
+        check_finite()
         rng_by_rank = gather_to_main(_rng_states(schedule_generator), world)  # a collective: every rank calls it
         if world.is_main_process:
             save_checkpoint(checkpoint_path, {
@@ -329,18 +490,24 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
         scheduler.step()
         step += 1
         step_loss = mean_over_ranks(step_loss, world)  # with gathering: the loss of the global batch
+        finite &= torch.isfinite(step_loss)
         losses.append(step_loss)
-        if bar is not None:
-            bar.update(1)
-            if step % LOG_EVERY == 0 or step == end:
+        if step % LOG_EVERY == 0 or step == end:
+            check_finite()  # every rank sees the same (averaged) loss, so all stop together
+            if bar is not None:
                 examples_done = len(losses) * config.batch_size * config.grad_accum
                 bar.set_postfix(loss=f"{step_loss.item():.3f}",
                                 examples_per_s=f"{examples_done / (time.perf_counter() - started):.1f}")
+        if bar is not None:
+            bar.update(1)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
             checkpoint()
     if bar is not None:
         bar.close()
-    checkpoint()
+    check_finite()
+    # A checkpoint at the end when checkpoints were asked for, or when stopping early (to resume).
+    if config.checkpoint_every or step < steps:
+        checkpoint()
     # DDP's reducer hooks the encoder's parameters: free it now (it is in reference cycles),
     # so that the encoder can be trained again and the process group can be destroyed.
     del forward

@@ -46,7 +46,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     process's own GPU, ``cuda:<local_rank>``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {name!r} (the loop runs on those)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
     if device.type == "cuda" and device.index is None:
