@@ -9,6 +9,30 @@ Each backend is one module exposing::
 False), differentiable with respect to ``queries`` and ``docs``; the weights reach the
 kernels' backward as the incoming gradient of that matrix. Modules are imported lazily so
 that ``import m2d_kernels`` needs neither Triton nor a compiler.
+
+The pass API (DESIGN.md section 6): ``rows [L, R, D]`` scored against one block of
+``cols [L, C, D]``, autograd-free, with the backend's own kernels, so that a softmax over
+several blocks (the ring exchange of ``m2d_kernels.distributed``) is the combination of
+per-block statistics::
+
+    row_statistics(rows, cols, dims, active, scale, positives)
+        -> offset, log_sum, positive_logit                        # each [L, R, M]
+    pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef)
+        -> d_rows [L, R, D], d_cols [L, C, D]
+
+``positives [R]`` (long) is the column of this block holding row ``i``'s positive, or -1
+when it lies in another block. ``offset`` and ``log_sum`` are per row and pair, natural-log
+units: ``log sum_j exp(z_ij - offset_i)`` over this block's columns, ``z = scale * cos``,
+relative to the offset (the row maximum, or ``scale`` where the backend uses a fixed
+maximum); ``positive_logit`` is ``z_i,positives_i`` (0 for -1). Two blocks combine as
+``o = max(o1, o2)``, ``log_sum = logaddexp(l1 + o1 - o, l2 + o2 - o)``; a row's loss is
+``offset + log_sum - positive_logit``. ``pass_gradients`` returns the gradients, from this
+block's columns, of ``sum_lm coef[l, m] * sum_i (LSE_i - z_i,positives_i)`` where the softmax
+behind ``LSE`` has the given (combined) statistics, so summing it over the blocks gives the
+gradient of the whole softmax (``coef [L, M]`` per row loss: ``d total / d loss_lm / R`` for
+a mean over rows). Inactive pairs have finite statistics and no gradient. Gradients are in
+the accumulator dtype where the backend computes them unrounded (torch, cpp), else in the
+input dtype (triton; reference: the input dtype, which is its accumulator).
 """
 
 from __future__ import annotations
