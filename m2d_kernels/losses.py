@@ -21,13 +21,14 @@ class Matryoshka2dInfoNCELoss(nn.Module):
             forward (e.g. ``lambda: schedules.sampled(L, M, 1, 1)`` for a fresh sub-grid
             every step). None means all ones.
         scale, symmetric, backend, gather_across_devices: as in :func:`matryoshka_2d_infonce`
-            (``gather_across_devices=True``: cross-device negatives under torch.distributed).
+            (``gather_across_devices=True`` or ``"all_gather"``: cross-device negatives under
+            torch.distributed; ``"ring"``: the same by a ring exchange, memory independent of ``W``).
 
     ``forward(queries [L, B, D], docs [L, N, D], positive_index=None, reduction="sum")``.
     """
 
     def __init__(self, dims: Sequence[int], weights: WeightsLike = None, scale: float = 20.0,
-                 symmetric: bool = False, backend: str = "auto", gather_across_devices: bool = False) -> None:
+                 symmetric: bool = False, backend: str = "auto", gather_across_devices: bool | str = False) -> None:
         super().__init__()
         self.dims = tuple(dims)
         self.weights = weights
