@@ -190,3 +190,116 @@ def test_failed_build_auto_falls_back_to_torch_with_one_warning(monkeypatch):
         loss = m2d.matryoshka_2d_infonce(queries, docs, (24, 48), backend="auto")
     expected = loss_and_grads(queries, docs, (24, 48), backend="reference")[0]
     assert_close(loss.detach(), expected, torch.float64, "loss")
+
+
+# ---------------------------------------------------------------- issue 20: strides, double backward, scale
+
+
+@needs_extension
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("layout", ["expanded", "column-of-stacked", "strided-inputs"])
+def test_any_strides_match_reference(layout, symmetric):
+    n_queries, n_docs = 70, 600
+    queries, docs = make_inputs(2, n_queries, n_docs, 48, seed=12)
+    if layout == "expanded":
+        positive_index = torch.tensor([513]).expand(n_queries)  # stride 0, in the second column tile
+    else:
+        stacked = torch.stack([torch.arange(n_queries), torch.randperm(n_docs, generator=torch.Generator().manual_seed(1))[
+            :n_queries]], dim=1)
+        positive_index = stacked[:, 1]  # stride 2
+    if layout == "strided-inputs":
+        # Non-contiguous leaves: every other feature of a wider tensor, layers swapped in memory.
+        queries = torch.cat([queries.detach(), queries.detach()], -1)[..., ::2].transpose(0, 1).contiguous().transpose(0, 1)
+        docs = torch.cat([docs.detach(), docs.detach()], -1)[..., ::2]
+        assert not queries.is_contiguous() and not docs.is_contiguous()
+    kwargs = dict(positive_index=positive_index, symmetric=symmetric, scale=30.0)
+    expected = loss_and_grads(queries, docs, (16, 48), backend="reference", **kwargs)
+    got = loss_and_grads(queries, docs, (16, 48), backend="cpp", **kwargs)
+    for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected, strict=True):
+        assert_close(g, e, torch.float64, name)
+
+
+@needs_extension
+def test_double_backward_raises_instead_of_first_order_result():
+    queries, docs = make_inputs(1, 5, 9, 16, seed=13)
+    loss = m2d.matryoshka_2d_infonce(queries, docs, (8, 16), backend="cpp")
+    grad = torch.autograd.grad(loss, queries, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        grad.sum().backward()
+    # A gradient penalty added to the loss must not silently lose its second-order part either.
+    loss = m2d.matryoshka_2d_infonce(queries, docs, (8, 16), backend="cpp")
+    grad = torch.autograd.grad(loss, queries, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        (loss + grad.square().sum()).backward()
+
+
+def _oracle_dloss_dscale(queries, docs, dims, scale, positive_index, symmetric):
+    """d loss_lm / d scale by float64 autograd through a naive implementation (no backend code)."""
+    scale_t = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    out = torch.zeros(queries.shape[0], len(dims), dtype=torch.float64)
+    rows = torch.arange(queries.shape[1])
+    for layer in range(queries.shape[0]):
+        for m, d in enumerate(dims):
+            q = queries[layer, :, :d].double()
+            k = docs[layer, :, :d].double()
+            cos = (q / q.norm(dim=1, keepdim=True)) @ (k / k.norm(dim=1, keepdim=True)).T
+            logits = scale_t * cos
+            loss = (logits.logsumexp(1) - logits[rows, positive_index]).mean()
+            if symmetric:
+                columns = logits[:, positive_index]
+                loss = (loss + (columns.logsumexp(0) - logits[rows, positive_index]).mean()) / 2
+            out[layer, m] = torch.autograd.grad(loss, scale_t)[0]
+    return out
+
+
+@needs_extension
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("scale", [20.0, 300.0], ids=["fixed-max", "running-max"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scale_grad_matches_autograd_oracle(dtype, scale, symmetric):
+    queries, docs = make_inputs(2, 70, 600, 48, seed=14, requires_grad=False)
+    positive_index = torch.randperm(600, generator=torch.Generator().manual_seed(15))[:70]
+    positive_index[3] = positive_index[4]
+    dims, active = (16, 32, 48), ((True, False, True), (True, True, True))
+    losses, dloss_dscale = cpp.pair_losses(queries.to(dtype), docs.to(dtype), dims, active, scale, positive_index,
+                                           symmetric, scale_grad=True)
+    expected = _oracle_dloss_dscale(queries, docs, dims, scale, positive_index, symmetric)
+    expected[0, 1] = 0.0  # inactive pair
+    assert dloss_dscale.dtype == dtype and not dloss_dscale.requires_grad
+    atol, rtol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
+    torch.testing.assert_close(dloss_dscale.double(), expected, atol=atol, rtol=rtol)
+    # The default path returns the losses alone, equal to the scale_grad path's.
+    plain = cpp.pair_losses(queries.to(dtype), docs.to(dtype), dims, active, scale, positive_index, symmetric)
+    torch.testing.assert_close(plain, losses, atol=0, rtol=0)
+
+
+# Bounds against the float64 reference: loss relative error and max-abs gradient error over the
+# largest gradient. Scales up to 1e8 (fp32) and 1e16 (fp64) are claimed; beyond, finite.
+SCALE_BOUNDS = {torch.float32: (1e-4, (1.0, 20.0, 100.0, 1e4, 1e8)), torch.float64: (1e-9, (1.0, 20.0, 1e4, 1e16))}
+
+
+@needs_extension
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_scales_within_bound_of_reference(dtype, symmetric):
+    bound, scales = SCALE_BOUNDS[dtype]
+    queries, docs = make_inputs(2, 70, 600, 48, seed=16)
+    # The reference sees exactly the rounded inputs the backend sees.
+    queries64, docs64 = queries.detach().to(dtype).double(), docs.detach().to(dtype).double()
+    for scale in scales:
+        kwargs = dict(scale=scale, symmetric=symmetric)
+        expected = loss_and_grads(queries64, docs64, (16, 48), backend="reference", **kwargs)
+        got = loss_and_grads(queries64.to(dtype), docs64.to(dtype), (16, 48), backend="cpp", **kwargs)
+        loss_error = ((got[0].double() - expected[0]) / expected[0]).abs().item()
+        assert loss_error <= bound, f"scale {scale}: loss relative error {loss_error:.2e}"
+        for name, g, e in zip(("grad_queries", "grad_docs"), got[1:], expected[1:], strict=True):
+            error = ((g.double() - e).abs().max() / e.abs().max()).item()
+            assert error <= bound, f"scale {scale}: {name} error {error:.2e} relative to its largest entry"
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e10), (torch.float64, 1e20)])
+def test_beyond_claimed_scales_stays_finite(dtype, scale):
+    queries, docs = make_inputs(1, 70, 600, 48, dtype=dtype, seed=17)
+    loss, grad_queries, grad_docs = loss_and_grads(queries, docs, (16, 48), backend="cpp", scale=scale, symmetric=True)
+    assert torch.isfinite(loss) and torch.isfinite(grad_queries).all() and torch.isfinite(grad_docs).all()

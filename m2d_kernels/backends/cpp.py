@@ -36,7 +36,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from m2d_kernels.backends.torch_prefix import accumulator_dtype, inverse_prefix_norms
 
@@ -192,6 +191,25 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _extension()[1]
 
 
+SECOND_DERIVATIVE_ERROR = (
+    "m2d-kernels: backend 'cpp' computes first derivatives only; differentiating its gradient again "
+    "(create_graph=True, e.g. a gradient penalty) needs backend='reference'"
+)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes the first-order gradients through; differentiating them raises instead of yielding
+    a silently incomplete (first-order) result."""
+
+    @staticmethod
+    def forward(ctx, grad_queries, grad_docs, queries, docs):
+        return grad_queries, grad_docs
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+
 class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad):
@@ -210,7 +228,7 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
             torch.get_num_threads(),
         )
         ctx.save_for_backward(q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max,
-                              col_logsum)
+                              col_logsum, queries, docs)
         ctx.config = (dims, active_mask, scale, symmetric, queries.dtype)
         if not scale_grad:
             return losses.to(queries.dtype)
@@ -218,9 +236,8 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
         return losses.to(queries.dtype), dloss_dscale
 
     @staticmethod
-    @once_differentiable  # a second derivative raises instead of silently being first order
     def backward(ctx, grad_losses, *_):
-        q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max, col_logsum = (
+        q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max, col_logsum, queries, docs = (
             ctx.saved_tensors
         )
         dims, active_mask, scale, symmetric, input_dtype = ctx.config
@@ -231,7 +248,10 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
             q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positives, list(dims), active_mask, scale, symmetric,
             row_max, row_logsum, col_max, col_logsum, coef, torch.get_num_threads(),
         )
-        return grad_q.to(input_dtype), grad_k.to(input_dtype), None, None, None, None, None, None
+        grad_q, grad_k = grad_q.to(input_dtype), grad_k.to(input_dtype)
+        if torch.is_grad_enabled():  # create_graph=True: a later differentiation must fail loudly
+            grad_q, grad_k = _FirstOrderOnly.apply(grad_q, grad_k, queries, docs)
+        return grad_q, grad_k, None, None, None, None, None, None
 
 
 def pair_losses(
