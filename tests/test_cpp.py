@@ -7,8 +7,12 @@ Shapes cross the kernel's tile edges (64 query rows, 512 candidate columns) on p
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,12 +208,12 @@ def test_any_strides_match_reference(layout, symmetric):
     if layout == "expanded":
         positive_index = torch.tensor([513]).expand(n_queries)  # stride 0, in the second column tile
     else:
-        stacked = torch.stack([torch.arange(n_queries), torch.randperm(n_docs, generator=torch.Generator().manual_seed(1))[
-            :n_queries]], dim=1)
+        shuffled = torch.randperm(n_docs, generator=torch.Generator().manual_seed(1))[:n_queries]
+        stacked = torch.stack([torch.arange(n_queries), shuffled], dim=1)
         positive_index = stacked[:, 1]  # stride 2
     if layout == "strided-inputs":
         # Non-contiguous leaves: every other feature of a wider tensor, layers swapped in memory.
-        queries = torch.cat([queries.detach(), queries.detach()], -1)[..., ::2].transpose(0, 1).contiguous().transpose(0, 1)
+        queries = torch.cat([queries.detach()] * 2, -1)[..., ::2].transpose(0, 1).contiguous().transpose(0, 1)
         docs = torch.cat([docs.detach(), docs.detach()], -1)[..., ::2]
         assert not queries.is_contiguous() and not docs.is_contiguous()
     kwargs = dict(positive_index=positive_index, symmetric=symmetric, scale=30.0)
@@ -303,3 +307,115 @@ def test_beyond_claimed_scales_stays_finite(dtype, scale):
     queries, docs = make_inputs(1, 70, 600, 48, dtype=dtype, seed=17)
     loss, grad_queries, grad_docs = loss_and_grads(queries, docs, (16, 48), backend="cpp", scale=scale, symmetric=True)
     assert torch.isfinite(loss) and torch.isfinite(grad_queries).all() and torch.isfinite(grad_docs).all()
+
+
+# ---------------------------------------------------------------- the JIT build: folder, flags, lock
+
+
+def test_build_folder_keyed_by_torch_flags_and_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("M2D_BUILD_DIR", str(tmp_path))
+    monkeypatch.delenv("M2D_NATIVE", raising=False)
+    source = tmp_path / "m2d_cpu.cpp"
+    source.write_text("// version 1\n")
+    default = cpp.build_directory(source)
+    assert default.parent == tmp_path and default == cpp.build_directory(source)  # stable
+    assert "-march=native" not in cpp.build_flags()[0]  # portable unless asked
+    monkeypatch.setenv("M2D_NATIVE", "1")
+    assert "-march=native" in cpp.build_flags()[0]
+    native = cpp.build_directory(source)
+    monkeypatch.delenv("M2D_NATIVE")
+    source.write_text("// version 2\n")
+    edited = cpp.build_directory(source)
+    source.write_text("// version 1\n")
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    other_torch = cpp.build_directory(source)
+    assert len({default, native, edited, other_torch}) == 4
+
+
+def _hold_build_lock(folder):
+    """Child process: take the build lock, say so, then wait to be killed."""
+    code = (
+        "import sys, time; from pathlib import Path; from m2d_kernels.backends import cpp\n"
+        "with cpp.build_lock(Path(sys.argv[1]), 5):\n"
+        "    print('locked', flush=True); time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+@pytest.mark.skipif(cpp.fcntl is None, reason="flock needs a POSIX system")
+def test_build_lock_of_a_killed_process_does_not_block(tmp_path):
+    child = _hold_build_lock(tmp_path)
+    child.kill()  # like a build killed midway
+    child.wait()
+    (tmp_path / "lock").write_text("")  # torch's own lock file, which a killed build leaves behind
+    start = time.monotonic()
+    with cpp.build_lock(tmp_path, timeout_s=30):
+        assert not (tmp_path / "lock").exists()  # torch would wait on it forever
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.skipif(cpp.fcntl is None, reason="flock needs a POSIX system")
+def test_build_lock_held_by_a_live_process_times_out_with_a_clear_message(tmp_path):
+    child = _hold_build_lock(tmp_path)
+    try:
+        with pytest.raises(TimeoutError, match=f"waiting for process {child.pid} .*M2D_BUILD_TIMEOUT"):
+            with cpp.build_lock(tmp_path, timeout_s=0.5):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_compile_removes_stale_torch_lock_and_announces_once(monkeypatch, tmp_path, capsys):
+    """A folder left by a build killed midway: no done-marker and torch's lock file. The build
+    must start (not wait), print one line, and mark the folder complete."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("M2D_BUILD_DIR", str(tmp_path))
+    folder = cpp.build_directory(cpp._source_path())
+    folder.mkdir(parents=True)
+    (folder / "lock").write_text("")
+    built = []
+
+    def fake_load(**kwargs):
+        assert not (folder / "lock").exists(), "torch's stale lock would make load() wait forever"
+        assert kwargs["build_directory"] == str(folder) and "-march=native" not in kwargs["extra_cflags"]
+        built.append(kwargs["name"])
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    assert cpp._compile() == "module"
+    assert built == [cpp.EXTENSION_NAME] and (folder / cpp.DONE_NAME).is_file()
+    messages = capsys.readouterr().err.strip().splitlines()
+    assert len(messages) == 1 and messages[0].startswith("m2d-kernels: compiling the C++ backend into")
+
+
+def test_missing_ninja_is_named(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("M2D_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    with pytest.raises(RuntimeError, match="ninja is not installed"):
+        cpp._compile()
+
+
+# ---------------------------------------------------------------- memory: linear in the batch
+
+
+@needs_extension
+def test_extra_memory_grows_at_most_linearly_with_the_batch(monkeypatch):
+    """Peak extra memory (gradients included) of one forward+backward, each size in a fresh
+    process. Quadratic growth (anything of size B x N or (N / tile) x B x D) quadruples per
+    doubling; linear growth at most doubles."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from memory_scaling import measure_in_fresh_process
+
+    small, large = (measure_in_fresh_process("cpp", 1, b, 2 * b, 128, (32, 64, 128), reps=0) for b in (1024, 4096))
+    assert small["peak_extra_bytes"] is not None, "peak memory is measured on Linux only"
+    growth = large["peak_extra_bytes"] / small["peak_extra_bytes"]
+    assert growth <= 4 * 1.25, f"extra memory grew {growth:.1f}x for 4x the batch: {small} -> {large}"
+    assert large["peak_extra_bytes"] <= 2.5 * large["input_bytes"], large

@@ -94,7 +94,8 @@ def build_directory(source: Path) -> Path:
         hashlib.sha256(source.read_bytes()).hexdigest(),
     ]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    root = os.environ.get("M2D_BUILD_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    root = (os.environ.get("M2D_BUILD_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+            or cpp_extension.get_default_build_root())
     return Path(root) / f"{EXTENSION_NAME}-{key}"
 
 
@@ -237,9 +238,8 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, *_):
-        q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max, col_logsum, queries, docs = (
-            ctx.saved_tensors
-        )
+        (q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max, col_logsum, queries,
+         docs) = ctx.saved_tensors
         dims, active_mask, scale, symmetric, input_dtype = ctx.config
         n_queries = q.shape[1]
         # d pair-loss / d cos = coef * (P - onehot); each direction counts half when symmetric.
