@@ -34,7 +34,7 @@ def extension_options():
     extension = CppExtension(
         "m2d_kernels._C",
         ["csrc/m2d_cpu.cpp"],
-        # Portable flags for a wheel; the JIT build adds -march=native.
+        # Portable flags, as for the JIT build (which adds -march=native only under M2D_NATIVE=1).
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
