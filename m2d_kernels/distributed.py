@@ -84,28 +84,32 @@ def pair_losses_across_devices(
     positive_index: torch.Tensor,
     symmetric: bool,
     group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
+    scale_grad: bool = False,
+):
     """``backend.pair_losses`` of the local queries against the candidates of all ranks.
 
     ``positive_index`` holds local docs rows, as without gathering. ``symmetric`` adds the
     doc-to-query direction with the local positives as rows and the queries of all ranks
     as columns; both directions are plain (non-symmetric) backend calls, averaged, so every
     backend works unchanged. Without an initialised process group, or with one rank, this
-    is the local computation.
+    is the local computation. ``scale_grad``: also return ``d loss / d scale`` as the backends do.
     """
     world_size, rank = world_size_and_rank(group)
     if world_size == 1:
-        return backend.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric)
+        return backend.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad)
     group = group if group is not None else dist.group.WORLD
     n_queries = queries.shape[1]
     world_docs = gather_candidates(docs, n_queries, group)
     world_positive_index = gathered_positive_index(positive_index, n_queries, world_size, rank)
-    query_to_doc = backend.pair_losses(queries, world_docs, dims, active, scale, world_positive_index, False)
+    query_to_doc = backend.pair_losses(queries, world_docs, dims, active, scale, world_positive_index, False,
+                                       scale_grad)
     if not symmetric:
         return query_to_doc
     # doc_to_query: local positives against all queries; row i's own query is at rank * B + i.
     world_queries = gather_queries(queries, group)
     own_queries = torch.arange(n_queries, device=queries.device) + rank * n_queries
     positives = docs[:, positive_index]
-    doc_to_query = backend.pair_losses(positives, world_queries, dims, active, scale, own_queries, False)
+    doc_to_query = backend.pair_losses(positives, world_queries, dims, active, scale, own_queries, False, scale_grad)
+    if scale_grad:
+        return tuple((a + b) / 2 for a, b in zip(query_to_doc, doc_to_query))
     return (query_to_doc + doc_to_query) / 2

@@ -14,6 +14,7 @@ from numbers import Real
 import torch
 
 from m2d_kernels import backends
+from m2d_kernels.backends.torch_prefix import first_order_only
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("sum", "none")
@@ -43,8 +44,14 @@ def matryoshka_2d_infonce(
             other rows are in-batch and hard negatives.
         dims: strictly increasing nested truncation sizes ``d_1 < ... < d_M <= D``.
         weights: ``[L, M]`` non-negative pair weights (default all ones); a zero entry
-            means the pair is not computed. Kept on the CPU (a CUDA tensor is copied).
-        scale: inverse temperature applied to the cosine similarities (> 0, finite).
+            means the pair is not computed. A tensor is read once on the host (a CUDA tensor
+            costs one copy). A tensor that requires grad (learned pair weights) gets
+            ``d total / d weights = `` the pair-loss matrix, so then every pair is computed.
+        scale: inverse temperature applied to the cosine similarities (> 0, finite): a number,
+            or a one-element tensor. A tensor that requires grad (a learnable temperature,
+            e.g. ``logit_scale.exp()``) receives its gradient; its value is read once per call
+            (one device sync for a CUDA tensor). Exact up to 1e8 for fp16/bf16/fp32 inputs and
+            1e16 for fp64 (README, *Accuracy*).
         positive_index: ``[B]`` long tensor on the embeddings' device, the row of
             ``docs`` holding each query's positive.
         symmetric: also add the doc-to-query direction (the B positives against all
@@ -70,22 +77,48 @@ def matryoshka_2d_infonce(
     Returns:
         A scalar (``"sum"``) or an ``[L, M]`` tensor (``"none"``) in the input dtype.
     """
+    scale_param = scale if isinstance(scale, torch.Tensor) and scale.requires_grad else None
+    weights_param = weights if isinstance(weights, torch.Tensor) and weights.requires_grad else None
     dims, weights, scale, positive_index = _validate(
         queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite, gather_across_devices
     )
-    active = tuple(tuple(w > 0 for w in row) for row in weights)
+    # Learned weights need every pair's loss (d total / d weights[l, m] = loss_lm, also where w = 0).
+    active = tuple(tuple(weights_param is not None or w > 0 for w in row) for row in weights)
+    scale_grad = scale_param is not None and torch.is_grad_enabled()
     impl = backends.resolve(backend, queries.device, queries.dtype)
     if gather_across_devices:
         from m2d_kernels import distributed  # torch.distributed only when asked for: not every build has it
 
         losses = distributed.pair_losses_across_devices(
-            impl, queries, docs, dims, active, scale, positive_index, symmetric
+            impl, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad=scale_grad
         )
     else:
-        losses = impl.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric)
+        losses = impl.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad)
+    if scale_grad:
+        losses = _ScaleGradient.apply(*losses, scale_param)
     if reduction == "none":
         return losses
+    if weights_param is not None:
+        return (losses * weights_param.to(device=losses.device, dtype=losses.dtype)).sum()
     return (losses * torch.tensor(weights, device=losses.device, dtype=losses.dtype)).sum()
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity on the pair losses that also hands ``scale`` its gradient,
+    ``sum_lm grad_lm * d loss_lm / d scale``, from the slope the backend computed in its forward."""
+
+    @staticmethod
+    def forward(ctx, losses, dloss_dscale, scale):
+        ctx.save_for_backward(dloss_dscale, scale)
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        dloss_dscale, scale = ctx.saved_tensors
+        grad_scale = (grad_losses.detach().to(dloss_dscale.dtype) * dloss_dscale).sum()
+        # The slope carries no graph: a second derivative with respect to scale must raise, not be wrong.
+        grad_scale = first_order_only(grad_scale.to(device=scale.device, dtype=scale.dtype).reshape(scale.shape), scale)
+        return grad_losses, None, grad_scale
 
 
 def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite,
@@ -147,7 +180,10 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
         if not all(math.isfinite(w) and w >= 0 for row in weights for w in row):
             raise ValueError(f"weights must be finite and non-negative, got {weights}")
 
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise TypeError(f"scale must be a number or a one-element tensor, got a tensor of shape "
+                            f"{tuple(scale.shape)}")
         scale = scale.item()
     if not isinstance(scale, Real) or isinstance(scale, bool):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
@@ -163,6 +199,7 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
             raise TypeError(f"positive_index must be a torch.long tensor, got {got}")
         if tuple(positive_index.shape) != (n_queries,):
             raise ValueError(f"positive_index must have shape [B] = ({n_queries},), got {tuple(positive_index.shape)}")
+        positive_index = positive_index.contiguous()  # a column of a stacked index, or an expanded one
         if positive_index.device != queries.device:
             raise ValueError(
                 f"positive_index must be on the embeddings' device {queries.device}, got {positive_index.device}"

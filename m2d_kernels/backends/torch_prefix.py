@@ -62,8 +62,11 @@ def _chunk_rows(n_queries: int, n_docs: int, n_dims: int) -> int:
 
 
 class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
+    """Forward and backward of all (layer, dim) pairs; the last output is ``d loss_lm / d scale``
+    (zeros unless ``scale_grad``), which carries no gradient of its own."""
+
     @staticmethod
-    def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric):
+    def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad):
         acc = accumulator_dtype(queries.dtype)
         n_layers, n_queries, _ = queries.shape
         n_docs = docs.shape[1]
@@ -75,10 +78,14 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
         inv_k, norm_factor_k = inverse_prefix_norms(docs, dims, acc)
         inv_q_scaled = inv_q * scale
         fixed_max = _fixed_max_is_safe(scale, acc)
-        # Per-row log-sum-exp of both directions, the only statistics backward needs.
-        row_lse = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc)
-        col_lse = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc) if symmetric else None
+        # Per-row softmax statistics of both directions, the only ones backward needs, kept relative to
+        # the row's maximum (offset) so that no number of magnitude `scale` is ever rounded into them.
+        row_offset = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc)
+        row_log_sum = torch.zeros_like(row_offset)
+        col_offset = torch.zeros_like(row_offset) if symmetric else None
+        col_log_sum = torch.zeros_like(row_offset) if symmetric else None
         losses = queries.new_zeros(n_layers, n_dims, dtype=acc)
+        dloss_dscale = torch.zeros_like(losses)
 
         for layer, layer_active in enumerate(active):
             if not any(layer_active):
@@ -86,12 +93,11 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
             last = max(m for m, on in enumerate(layer_active) if on)
             q_all = queries[layer].to(acc)
             k_all = docs[layer].to(acc)
-            col_lse_parts = [[] for _ in range(n_dims)]
-            positive_sum = [0.0] * n_dims
+            col_parts = [[] for _ in range(n_dims)]  # per query chunk: column stats of the B positives
+            col_positive = [[] for _ in range(n_dims)]
             for r0 in range(0, n_queries, chunk):
                 rows = slice(r0, min(r0 + chunk, n_queries))
                 q = q_all[rows]
-                positives = positive_index[rows, None]
                 sim = q.new_zeros(q.shape[0], n_docs)
                 for m, (a, b) in enumerate(segments[: last + 1]):
                     sim.addmm_(q[:, a:b], k_all[:, a:b].T)
@@ -99,97 +105,157 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
                         continue
                     logits = sim * inv_q_scaled[layer, rows, m, None]
                     logits.mul_(inv_k[layer, None, :, m])
-                    positive = logits.gather(1, positives).sum()
-                    if fixed_max:  # reuse the exponentials for row and column sums
-                        exps = logits.sub_(scale).exp_()
-                        lse = exps.sum(1).log_().add_(scale)
-                        column_lse = exps[:, positive_index].sum(0).log_().add_(scale) if symmetric else None
-                    else:
-                        lse = torch.logsumexp(logits, dim=1)
-                        column_lse = torch.logsumexp(logits[:, positive_index], dim=0) if symmetric else None
-                    row_lse[layer, rows, m] = lse
-                    losses[layer, m] += lse.sum() - positive
+                    positive = logits.gather(1, positive_index[rows, None])[:, 0]
+                    offset, exp_sum, exp_logit_sum = _partial_stats(logits, 1, scale if fixed_max else None, scale_grad)
+                    row_offset[layer, rows, m] = offset
+                    row_log_sum[layer, rows, m] = exp_sum.log()
+                    losses[layer, m] += ((offset - positive) + exp_sum.log()).sum()
+                    if scale_grad:
+                        dloss_dscale[layer, m] += (exp_logit_sum / exp_sum - positive).sum() / scale
                     if symmetric:
-                        # Log-sum-exp of the B positive docs against this chunk of queries.
-                        col_lse_parts[m].append(column_lse)
-                        positive_sum[m] = positive_sum[m] + positive
+                        # This chunk of queries against the B positives; combined over chunks below.
+                        col_parts[m].append(_partial_stats(logits[:, positive_index], 0, scale if fixed_max else None,
+                                                           scale_grad))
+                        col_positive[m].append(positive)
             if symmetric:
                 for m, on in enumerate(layer_active):
-                    if on:
-                        lse = torch.logsumexp(torch.stack(col_lse_parts[m]), dim=0)
-                        col_lse[layer, :, m] = lse
-                        losses[layer, m] = (losses[layer, m] + lse.sum() - positive_sum[m]) / 2
+                    if not on:
+                        continue
+                    offset, exp_sum, exp_logit_sum = _combine_partial_stats(col_parts[m])
+                    positive = torch.cat(col_positive[m])  # query i's positive logit is column i's too
+                    col_offset[layer, :, m] = offset
+                    col_log_sum[layer, :, m] = exp_sum.log()
+                    losses[layer, m] = (losses[layer, m] + ((offset - positive) + exp_sum.log()).sum()) / 2
+                    if scale_grad:
+                        column = (exp_logit_sum / exp_sum - positive).sum() / scale
+                        dloss_dscale[layer, m] = (dloss_dscale[layer, m] + column) / 2
 
-        ctx.save_for_backward(queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_lse,
-                              col_lse)
+        ctx.save_for_backward(queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_offset,
+                              row_log_sum, col_offset, col_log_sum)
         ctx.config = (dims, active, scale, symmetric, chunk)
-        return (losses / n_queries).to(queries.dtype)
+        dloss_dscale /= n_queries
+        ctx.mark_non_differentiable(dloss_dscale)
+        return (losses / n_queries).to(queries.dtype), dloss_dscale
 
     @staticmethod
-    def backward(ctx, grad_losses):
-        queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_lse, col_lse = ctx.saved_tensors
-        dims, active, scale, symmetric, chunk = ctx.config
-        acc = row_lse.dtype
-        n_layers, n_queries, _ = queries.shape
-        n_docs = docs.shape[1]
-        segments = _segments(dims)
-        # d pair-loss / d cos = coef * (P - onehot); each direction counts half when symmetric.
-        coef = grad_losses.to(acc) * (scale / n_queries / (2 if symmetric else 1))
-        grad_q = torch.zeros_like(queries, dtype=acc)
-        grad_k = torch.zeros_like(docs, dtype=acc)
+    def backward(ctx, grad_losses, _grad_dloss_dscale):
+        queries, docs = ctx.saved_tensors[:2]
+        with torch.no_grad():
+            grad_q, grad_k = _backward(ctx, grad_losses)
+        return first_order_only(grad_q, queries), first_order_only(grad_k, docs), None, None, None, None, None, None
 
-        for layer, layer_active in enumerate(active):
-            if not any(layer_active):
-                continue
-            last = max(m for m, on in enumerate(layer_active) if on)
-            q_all = queries[layer].to(acc)
-            k_all = docs[layer].to(acc)
-            # beta before the rk^2 factor: colsum(G_m * cos_m) = colsum(H_m * S_m), summed over query chunks.
-            gc_colsum = k_all.new_zeros(n_docs, len(dims))
-            for r0 in range(0, n_queries, chunk):
-                rows = slice(r0, min(r0 + chunk, n_queries))
-                q = q_all[rows]
-                n_rows = q.shape[0]
-                row_ids = torch.arange(n_rows, device=q.device)
-                sim = q.new_zeros(n_rows, n_docs)
-                h_terms = {}
-                for m, (a, b) in enumerate(segments[: last + 1]):
-                    sim.addmm_(q[:, a:b], k_all[:, a:b].T)
-                    if not layer_active[m]:
-                        continue
-                    rq = inv_q[layer, rows, m]
-                    rk = inv_k[layer, :, m]
-                    scaled_rq = scale * rq
-                    # grad_cos / coef = P - onehot, with P = exp(scale * cos - lse); built in place.
-                    grad = sim * scaled_rq[:, None]
-                    grad.mul_(rk[None, :]).sub_(row_lse[layer, rows, m, None]).exp_()
-                    grad[row_ids, positive_index[rows]] -= 1.0
-                    if symmetric:
-                        column_logits = sim[:, positive_index] * scaled_rq[:, None] * rk[positive_index][None, :]
-                        column_probs = column_logits.sub_(col_lse[layer, None, :, m]).exp_()
-                        column_probs[row_ids, row_ids + r0] -= 1.0
-                        grad.index_add_(1, positive_index, column_probs)
-                    # H = coef * grad * rq * rk; then sum_j H S = rq * sum_j G cos gives alpha, sum_i H S beta.
-                    h = grad.mul_((coef[layer, m] * rq)[:, None]).mul_(rk[None, :])
-                    h_times_sim = h * sim
-                    alpha = norm_factor_q[layer, rows, m] * h_times_sim.sum(1)
-                    gc_colsum[:, m] += h_times_sim.sum(0)
-                    h_terms[m] = (h, alpha)
-                # Walk the segments from the largest dim down, keeping the suffix sums.
-                h_suffix, alpha_suffix = None, None
-                for m in range(last, -1, -1):
-                    if m in h_terms:
-                        h_m, alpha_m = h_terms.pop(m)
-                        h_suffix = h_m if h_suffix is None else h_suffix.add_(h_m)
-                        alpha_suffix = alpha_m if alpha_suffix is None else alpha_suffix + alpha_m
-                    a, b = segments[m]
-                    grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b] - alpha_suffix[:, None] * q[:, a:b]
-                    grad_k[layer, :, a:b] += h_suffix.T @ q[:, a:b]
-            beta = (norm_factor_k[layer] * gc_colsum).flip(-1).cumsum(-1).flip(-1)
+
+def _backward(ctx, grad_losses):
+    (queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_offset, row_log_sum,
+     col_offset, col_log_sum) = ctx.saved_tensors
+    dims, active, scale, symmetric, chunk = ctx.config
+    acc = row_offset.dtype
+    n_layers, n_queries, _ = queries.shape
+    n_docs = docs.shape[1]
+    segments = _segments(dims)
+    # d pair-loss / d cos = coef * (P - onehot); each direction counts half when symmetric.
+    coef = grad_losses.to(acc) * (scale / n_queries / (2 if symmetric else 1))
+    grad_q = torch.zeros_like(queries, dtype=acc)
+    grad_k = torch.zeros_like(docs, dtype=acc)
+
+    for layer, layer_active in enumerate(active):
+        if not any(layer_active):
+            continue
+        last = max(m for m, on in enumerate(layer_active) if on)
+        q_all = queries[layer].to(acc)
+        k_all = docs[layer].to(acc)
+        # beta before the rk^2 factor: colsum(G_m * cos_m) = colsum(H_m * S_m), summed over query chunks.
+        gc_colsum = k_all.new_zeros(n_docs, len(dims))
+        for r0 in range(0, n_queries, chunk):
+            rows = slice(r0, min(r0 + chunk, n_queries))
+            q = q_all[rows]
+            n_rows = q.shape[0]
+            row_ids = torch.arange(n_rows, device=q.device)
+            sim = q.new_zeros(n_rows, n_docs)
+            h_terms = {}
             for m, (a, b) in enumerate(segments[: last + 1]):
-                grad_k[layer, :, a:b] -= beta[:, m, None] * k_all[:, a:b]
+                # The same operations in the same order as the forward: bit-identical logits.
+                sim.addmm_(q[:, a:b], k_all[:, a:b].T)
+                if not layer_active[m]:
+                    continue
+                rq = inv_q[layer, rows, m]
+                rk = inv_k[layer, :, m]
+                scaled_rq = scale * rq
+                # grad_cos / coef = P - onehot, with P = exp((z - offset) - log_sum); built in place.
+                grad = sim * scaled_rq[:, None]
+                grad.mul_(rk[None, :]).sub_(row_offset[layer, rows, m, None])
+                grad.sub_(row_log_sum[layer, rows, m, None]).exp_()
+                grad[row_ids, positive_index[rows]] -= 1.0
+                if symmetric:
+                    column_logits = sim[:, positive_index] * scaled_rq[:, None] * rk[positive_index][None, :]
+                    column_probs = column_logits.sub_(col_offset[layer, None, :, m])
+                    column_probs = column_probs.sub_(col_log_sum[layer, None, :, m]).exp_()
+                    column_probs[row_ids, row_ids + r0] -= 1.0
+                    grad.index_add_(1, positive_index, column_probs)
+                # H = coef * grad * rq * rk; then sum_j H S = rq * sum_j G cos gives alpha, sum_i H S beta.
+                h = grad.mul_((coef[layer, m] * rq)[:, None]).mul_(rk[None, :])
+                h_times_sim = h * sim
+                alpha = norm_factor_q[layer, rows, m] * h_times_sim.sum(1)
+                gc_colsum[:, m] += h_times_sim.sum(0)
+                h_terms[m] = (h, alpha)
+            # Walk the segments from the largest dim down, keeping the suffix sums.
+            h_suffix, alpha_suffix = None, None
+            for m in range(last, -1, -1):
+                if m in h_terms:
+                    h_m, alpha_m = h_terms.pop(m)
+                    h_suffix = h_m if h_suffix is None else h_suffix.add_(h_m)
+                    alpha_suffix = alpha_m if alpha_suffix is None else alpha_suffix + alpha_m
+                a, b = segments[m]
+                grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b] - alpha_suffix[:, None] * q[:, a:b]
+                grad_k[layer, :, a:b] += h_suffix.T @ q[:, a:b]
+        beta = (norm_factor_k[layer] * gc_colsum).flip(-1).cumsum(-1).flip(-1)
+        for m, (a, b) in enumerate(segments[: last + 1]):
+            grad_k[layer, :, a:b] -= beta[:, m, None] * k_all[:, a:b]
 
-        return grad_q.to(queries.dtype), grad_k.to(docs.dtype), None, None, None, None, None
+    return grad_q.to(queries.dtype), grad_k.to(docs.dtype)
+
+
+class _RefuseSecondDerivative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, anchor):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            "m2d-kernels: the fused backends compute first derivatives only; a second derivative (double "
+            "backward through a gradient taken with create_graph=True) needs backend='reference'"
+        )
+
+
+def first_order_only(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """``grad`` as a backward returns it; under ``create_graph=True`` its graph raises a clear error
+    when differentiated, so a second derivative is refused instead of silently wrong. ``anchor``
+    is the input whose gradient ``grad`` is. Shared by every fused backend."""
+    if torch.is_grad_enabled() and anchor.requires_grad:
+        return _RefuseSecondDerivative.apply(grad, anchor)
+    return grad
+
+
+def _partial_stats(logits: torch.Tensor, dim: int, fixed_max: float | None, with_logit_sum: bool):
+    """Softmax statistics along ``dim`` relative to an offset (``fixed_max``, or the maximum along
+    ``dim``): ``(offset, sum exp(z - offset), sum exp(z - offset) * z)`` (the last None unless
+    ``with_logit_sum``). Consumes ``logits`` when they are a fresh tensor."""
+    offset = logits.amax(dim) if fixed_max is None else logits.new_full(logits.shape[1 - dim: 2 - dim], fixed_max)
+    exps = (logits - offset.unsqueeze(dim)).exp_()
+    exp_logit_sum = (exps * logits).sum(dim) if with_logit_sum else None
+    return offset, exps.sum(dim), exp_logit_sum
+
+
+def _combine_partial_stats(parts):
+    """One set of statistics from per-chunk ``_partial_stats`` of the same columns."""
+    offsets = torch.stack([offset for offset, _, _ in parts])
+    offset = offsets.amax(0)
+    rescale = (offsets - offset).exp_()  # all ones with a fixed maximum
+    exp_sum = (torch.stack([s for _, s, _ in parts]) * rescale).sum(0)
+    if parts[0][2] is None:
+        return offset, exp_sum, None
+    return offset, exp_sum, (torch.stack([z for _, _, z in parts]) * rescale).sum(0)
 
 
 def pair_losses(
@@ -200,6 +266,11 @@ def pair_losses(
     scale: float,
     positive_index: torch.Tensor,
     symmetric: bool,
-) -> torch.Tensor:
-    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype."""
-    return Matryoshka2dInfoNCEFunction.apply(queries, docs, dims, active, scale, positive_index, symmetric)
+    scale_grad: bool = False,
+):
+    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype; with
+    ``scale_grad`` also ``d loss_lm / d scale`` ``[L, M]`` (accumulator dtype)."""
+    losses, dloss_dscale = Matryoshka2dInfoNCEFunction.apply(
+        queries, docs, dims, active, scale, positive_index, symmetric, scale_grad
+    )
+    return (losses, dloss_dscale) if scale_grad else losses
