@@ -37,7 +37,7 @@ from types import ModuleType
 
 import torch
 
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, inverse_prefix_norms
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
 
 try:
     import fcntl
@@ -192,25 +192,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _extension()[1]
 
 
-SECOND_DERIVATIVE_ERROR = (
-    "m2d-kernels: backend 'cpp' computes first derivatives only; differentiating its gradient again "
-    "(create_graph=True, e.g. a gradient penalty) needs backend='reference'"
-)
-
-
-class _FirstOrderOnly(torch.autograd.Function):
-    """Passes the first-order gradients through; differentiating them raises instead of yielding
-    a silently incomplete (first-order) result."""
-
-    @staticmethod
-    def forward(ctx, grad_queries, grad_docs, queries, docs):
-        return grad_queries, grad_docs
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
-
-
 class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad):
@@ -248,9 +229,9 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
             q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positives, list(dims), active_mask, scale, symmetric,
             row_max, row_logsum, col_max, col_logsum, coef, torch.get_num_threads(),
         )
-        grad_q, grad_k = grad_q.to(input_dtype), grad_k.to(input_dtype)
-        if torch.is_grad_enabled():  # create_graph=True: a later differentiation must fail loudly
-            grad_q, grad_k = _FirstOrderOnly.apply(grad_q, grad_k, queries, docs)
+        # Under create_graph=True a later differentiation fails loudly instead of being first order.
+        grad_q = first_order_only(grad_q.to(input_dtype), queries)
+        grad_k = first_order_only(grad_k.to(input_dtype), docs)
         return grad_q, grad_k, None, None, None, None, None, None
 
 
