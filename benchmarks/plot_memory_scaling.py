@@ -1,12 +1,15 @@
-"""Plot a stored test_bench_memory_scaling.py run: median time and peak extra memory against B.
+"""Plot time and peak extra memory against B, from a test_bench_memory_scaling.py JSON or the
+JSON lines that memory_scaling.py prints.
 
     python benchmarks/plot_memory_scaling.py RESULTS.json -o memory-scaling.png
+    python benchmarks/memory_scaling.py > rows.jsonl && python benchmarks/plot_memory_scaling.py rows.jsonl -o m.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 
 import matplotlib
@@ -17,18 +20,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="pytest-benchmark JSON of test_bench_memory_scaling.py")
+    parser.add_argument("results", help="pytest-benchmark JSON, or memory_scaling.py's JSON lines")
     parser.add_argument("-o", "--output", required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    with open(args.results) as f:
-        data = json.load(f)
     series = defaultdict(list)  # provider -> [(B, median s, peak extra MiB, inputs MiB)]
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        series[info["provider"]].append(
-            (info["shape"]["B"], bench["stats"]["median"], (info["peak_extra_bytes"] or 0) / 2**20,
-             info["input_bytes"] / 2**20)
-        )
+    with open(args.results) as f:
+        text = f.read()
+    if text.lstrip().startswith('{"benchmarks"') or '"machine_info"' in text[:2000]:
+        data = json.loads(text)
+        for bench in data["benchmarks"]:
+            info = bench["extra_info"]
+            series[info["provider"]].append(
+                (info["shape"]["B"], bench["stats"]["median"], (info["peak_extra_bytes"] or 0) / 2**20,
+                 info["input_bytes"] / 2**20)
+            )
+    else:
+        data = {}
+        for row in map(json.loads, filter(None, text.splitlines())):
+            data = {"machine_info": {"device": "cpu", "cpu_threads": row["threads"]}}
+            series[row["backend"]].append(
+                (row["B"], statistics.median(row["times_s"]), row["peak_extra_bytes"] / 2**20,
+                 row["input_bytes"] / 2**20)
+            )
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for provider, rows in sorted(series.items()):
         rows.sort()

@@ -10,7 +10,9 @@
 //
 // Row statistics are kept RELATIVE to the row maximum (max and log-sum stored apart), and
 // the backward recomputes every logit with the same tiles, GEMM calls and expression as
-// the forward, so exp(z - max - logsum) carries no ulp(scale) error at large scales.
+// the forward, so exp(z - max - logsum) carries no ulp(scale) error at large scales. This
+// needs -ffp-contract=off (both build paths pass it): a fused multiply-add would compute
+// z - max from the unrounded z, differently in different loops.
 //
 // Backward, with G_m = dLoss/dcos_m and W_m = diag(rq_m) G_m diag(rk_m):
 //

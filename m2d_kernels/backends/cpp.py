@@ -13,12 +13,12 @@ pip install --no-build-isolation .``) when present, otherwise compiled on first 
 ``<root>/m2d_kernels_cpu-<key>``: ``<root>`` is ``$M2D_BUILD_DIR``, else torch's extension
 root (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), and ``<key>`` hashes the
 torch and Python versions, the compiler and its flags and the source, so two environments or
-two source versions never rebuild each other's folder or load a foreign build. Flags are
-portable unless ``M2D_NATIVE=1`` (adds ``-march=native``; the key then includes the CPU
-model). Builds are serialised by an ``flock`` that the kernel drops when its holder dies, so
-a process killed mid-build never blocks the next one; a live holder is waited for at most
-``$M2D_BUILD_TIMEOUT`` seconds (default 900). The outcome, success or the compiler's error,
-is cached for the process.
+two source versions never rebuild each other's folder or load a foreign build. No
+``-march=native`` unless ``M2D_NATIVE=1`` (the key then includes the CPU model); see
+``build_flags``. Builds are serialised by an ``flock`` that the kernel drops when its
+holder dies, so a process killed mid-build never blocks the next one; a live holder is
+waited for at most ``$M2D_BUILD_TIMEOUT`` seconds (default 900). The outcome, success or
+the compiler's error, is cached for the process.
 """
 
 from __future__ import annotations
@@ -65,9 +65,26 @@ def _source_path() -> Path | None:
 
 
 def build_flags() -> tuple[list[str], list[str]]:
-    """(compile flags, link flags): portable unless the user opts into ``M2D_NATIVE=1``."""
-    native = ["-march=native"] if os.environ.get("M2D_NATIVE") == "1" else []
-    return ["-O3", "-fopenmp", *native], ["-fopenmp"]
+    """(compile flags, link flags). No -march=native unless the user opts in (``M2D_NATIVE=1``):
+    on an x86-64 CPU with AVX2 and FMA the epilogue loops get ``-mavx2 -mfma`` (a build folder
+    of its own, as every flag is part of the folder's key), otherwise baseline flags."""
+    if os.environ.get("M2D_NATIVE") == "1":
+        isa = ["-march=native"]
+    elif platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        isa = ["-mavx2", "-mfma"]
+    else:
+        isa = []
+    # No fused multiply-add contraction: it would let z - max skip rounding z, so forward and
+    # backward could see different logits (and at scale 1e10, exp of a large positive number).
+    return ["-O3", "-fopenmp", "-ffp-contract=off", *isa], ["-fopenmp"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return set(next((line for line in cpuinfo if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return set()
 
 
 def _cpu_model() -> str:
