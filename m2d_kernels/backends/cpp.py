@@ -173,9 +173,10 @@ def _compile() -> ModuleType:
     folder.mkdir(parents=True, exist_ok=True)
     timeout_s = float(os.environ.get("M2D_BUILD_TIMEOUT", DEFAULT_BUILD_TIMEOUT_S))
     with build_lock(folder, timeout_s):
-        if not (folder / DONE_NAME).is_file():  # another process may have built it while we waited
-            print(f"m2d-kernels: compiling the C++ backend into {folder} (once per torch version and source, "
-                  "~1 min)...", file=sys.stderr, flush=True)
+        if (folder / DONE_NAME).is_file():  # built by the process we waited for
+            return _load_built(folder)
+        print(f"m2d-kernels: compiling the C++ backend into {folder} (once per torch version and source, "
+              "1-2 min)...", file=sys.stderr, flush=True)
         cflags, ldflags = build_flags()
         module = cpp_extension.load(
             name=EXTENSION_NAME,
