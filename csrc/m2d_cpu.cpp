@@ -571,9 +571,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           view(dk + a, nc, width, p.D).addmm_(h_view.t(), view(p.q + (l * p.B + r0) * p.D + a, nr, width, p.D));
         }
         turns.run_in_turn(l * p.n_blocks + block, tile, [&] {
+          // Only the features up to the largest active dim were written (and get a gradient).
           T* out = grad_q_ptr + (l * p.B + r0) * p.D;
           const T* in = dq.get();
-          for (int64_t e = 0; e < nr * p.D; ++e) out[e] += in[e];
+          for (int64_t i = 0; i < nr; ++i)
+            for (int64_t c = 0; c < p.ends[last]; ++c) out[i * p.D + c] += in[i * p.D + c];
           for (int64_t m = 0; m <= last; ++m) {
             if (!p.active[l * p.M + m]) continue;
             for (int64_t i = 0; i < nr; ++i) gc_row[(l * p.M + m) * p.B + r0 + i] += gc_block.get()[m * nr + i];

@@ -118,6 +118,21 @@ def test_low_precision_within_twice_reference_error(dtype):
 
 
 @needs_extension
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_largest_active_dim_below_full_width_matches_reference(symmetric):
+    # Layer 0 stops at the middle dim, layer 1 is off, layer 2 skips the middle dim: the
+    # features beyond a layer's largest active dim get exactly zero gradient.
+    weights = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.5]], dtype=torch.float64)
+    for n_queries, n_docs in ((5, 10), (70, 600)):
+        queries, docs = make_inputs(3, n_queries, n_docs, 40, seed=n_queries)
+        kwargs = dict(scale=20.0, symmetric=symmetric)
+        expected = loss_and_grads(queries, docs, (8, 24, 40), weights, backend="reference", **kwargs)
+        got = loss_and_grads(queries, docs, (8, 24, 40), weights, backend="cpp", **kwargs)
+        for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected, strict=True):
+            assert_close(g, e, torch.float64, name)
+
+
+@needs_extension
 def test_result_independent_of_thread_count():
     queries, docs = make_inputs(2, 130, 1100, 100, seed=8)
     weights = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 1.0]])
