@@ -1,34 +1,58 @@
 """Backend ``cpp``: the fused prefix-trick kernel in C++ with OpenMP, for CPU tensors.
 
-The math is the one of ``torch_prefix.py`` (and DESIGN.md section 1); the kernels are in
-``csrc/m2d_cpu.cpp``. Forward keeps per-row log-sum-exp statistics only; backward
-recomputes the similarities tile by tile, so nothing of size ``B x N`` is allocated.
-fp32 and fp64 run natively; fp16/bf16 inputs are converted to fp32 on entry and the
-gradients converted back.
+The math is the one of ``torch_prefix.py``; the kernels are in ``csrc/m2d_cpu.cpp``.
+Forward keeps per-row statistics only (the maximum and the log of the scaled sum, apart,
+so large scales lose no accuracy); backward recomputes the similarities tile by tile with
+the forward's exact operations, so nothing of size ``B x N`` is allocated. fp32 and fp64
+run natively; fp16/bf16 inputs are converted to fp32 on entry and the gradients converted
+back. The backward is first order only: differentiating it again raises.
 
 The extension is taken from an ahead-of-time build (``m2d_kernels._C``, ``M2D_BUILD_EXT=1
 pip install --no-build-isolation .``) when present, otherwise compiled on first use with
-``torch.utils.cpp_extension.load`` (ninja) into torch's extension cache or ``$M2D_BUILD_DIR``.
-The outcome, success or the compiler's error, is cached for the process.
+``torch.utils.cpp_extension.load`` (ninja, a runtime dependency) into
+``<root>/m2d_kernels_cpu-<key>``: ``<root>`` is ``$M2D_BUILD_DIR``, else torch's extension
+root (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), and ``<key>`` hashes the
+torch and Python versions, the compiler and its flags and the source, so two environments or
+two source versions never rebuild each other's folder or load a foreign build. No
+``-march=native`` unless ``M2D_NATIVE=1`` (the key then includes the CPU model); see
+``build_flags``. Builds are serialised by an ``flock`` that the kernel drops when its
+holder dies, so a process killed mid-build never blocks the next one; a live holder is
+waited for at most ``$M2D_BUILD_TIMEOUT`` seconds (default 900). The outcome, success or
+the compiler's error, is cached for the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import importlib
+import importlib.util
 import os
+import platform
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, inverse_prefix_norms
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
+
+try:
+    import fcntl
+except ImportError:  # Windows: torch's own lock file only
+    fcntl = None
 
 EXTENSION_NAME = "m2d_kernels_cpu"
 SOURCE_NAME = "m2d_cpu.cpp"
 # Lines of the compiler's output quoted when the build fails.
 REASON_LINES = 12
+LOCK_NAME = "m2d-build.lock"
+# Written after a successful build: its presence means the folder's library is complete.
+DONE_NAME = "m2d-build.done"
+DEFAULT_BUILD_TIMEOUT_S = 900.0
+LOCK_POLL_S = 0.2
 
 
 def _source_path() -> Path | None:
@@ -40,26 +64,130 @@ def _source_path() -> Path | None:
     return None
 
 
+def build_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags). No -march=native unless the user opts in (``M2D_NATIVE=1``):
+    on an x86-64 CPU with AVX2 and FMA the epilogue loops get ``-mavx2 -mfma`` (a build folder
+    of its own, as every flag is part of the folder's key), otherwise baseline flags."""
+    if os.environ.get("M2D_NATIVE") == "1":
+        isa = ["-march=native"]
+    elif platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        isa = ["-mavx2", "-mfma"]
+    else:
+        isa = []
+    # No fused multiply-add contraction: it would let z - max skip rounding z, so forward and
+    # backward could see different logits (and at scale 1e10, exp of a large positive number).
+    return ["-O3", "-fopenmp", "-ffp-contract=off", *isa], ["-fopenmp"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return set(next((line for line in cpuinfo if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return set()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("model name", "flags"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def build_directory(source: Path) -> Path:
+    """The JIT build folder for this torch, Python, compiler, flags and source."""
+    from torch.utils import cpp_extension
+
+    cflags, ldflags = build_flags()
+    parts = [
+        torch.__version__,
+        str(torch.version.git_version),
+        sys.implementation.cache_tag,
+        platform.machine(),
+        os.environ.get("CXX", "c++"),
+        " ".join(cflags + ldflags),
+        _cpu_model() if "-march=native" in cflags else "",
+        hashlib.sha256(source.read_bytes()).hexdigest(),
+    ]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    root = (os.environ.get("M2D_BUILD_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+            or cpp_extension.get_default_build_root())
+    return Path(root) / f"{EXTENSION_NAME}-{key}"
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path, timeout_s: float):
+    """Exclusive right to build in ``folder``. An ``flock`` dies with its process, so a build
+    killed midway leaves nothing that blocks; torch's own ``lock`` file, which a killed build
+    does leave behind (and on which torch would wait forever), is removed once we hold ours."""
+    if fcntl is None:
+        yield
+        return
+    with open(folder / LOCK_NAME, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "unknown"
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"gave up after {timeout_s:.0f} s waiting for process {owner} to finish building the C++ "
+                        f"backend in {folder} (lock {folder / LOCK_NAME}); set M2D_BUILD_TIMEOUT to wait longer"
+                    ) from None
+                if not announced:
+                    print(f"m2d-kernels: waiting for process {owner} building the C++ backend in {folder}...",
+                          file=sys.stderr, flush=True)
+                    announced = True
+                time.sleep(LOCK_POLL_S)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        (folder / "lock").unlink(missing_ok=True)
+        yield
+
+
+def _load_built(folder: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, folder / f"{EXTENSION_NAME}.so")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _compile() -> ModuleType:
     from torch.utils import cpp_extension
 
     source = _source_path()
     if source is None:
         raise RuntimeError(f"the C++ source csrc/{SOURCE_NAME} is missing from this installation")
-    build_dir = Path(os.environ.get("M2D_BUILD_DIR") or cpp_extension._get_build_directory(EXTENSION_NAME, False))
-    build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / f"{EXTENSION_NAME}.so"
-    if not library.is_file() or library.stat().st_mtime < source.stat().st_mtime:
-        print("m2d-kernels: compiling the C++ backend (once, ~1 min)...", file=sys.stderr, flush=True)
-    return cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=[str(source)],
-        # -march=native is safe here: a JIT build runs on the machine that built it.
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    folder = build_directory(source)
+    if (folder / DONE_NAME).is_file():
+        return _load_built(folder)
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed: `pip install ninja` (a dependency of m2d-kernels)")
+    folder.mkdir(parents=True, exist_ok=True)
+    timeout_s = float(os.environ.get("M2D_BUILD_TIMEOUT", DEFAULT_BUILD_TIMEOUT_S))
+    with build_lock(folder, timeout_s):
+        if (folder / DONE_NAME).is_file():  # built by the process we waited for
+            return _load_built(folder)
+        print(f"m2d-kernels: compiling the C++ backend into {folder} (once per torch version and source, "
+              "1-2 min)...", file=sys.stderr, flush=True)
+        cflags, ldflags = build_flags()
+        module = cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(source)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(folder),
+            verbose=False,
+        )
+        (folder / DONE_NAME).touch()
+    return module
 
 
 @functools.cache
@@ -84,34 +212,45 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric):
+    def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad):
         kernels = _extension()[0]
         dtype = accumulator_dtype(queries.dtype)
         q = queries.detach().to(dtype).contiguous()
         k = docs.detach().to(dtype).contiguous()
+        # The kernels read the index as a dense [B] array: an expanded or strided index
+        # becomes one here, and that copy (not the caller's tensor) is what backward reads.
+        positives = positive_index.to(torch.int64).contiguous()
         inv_q, norm_grad_q = inverse_prefix_norms(q, dims, dtype)
         inv_k, norm_grad_k = inverse_prefix_norms(k, dims, dtype)
         active_mask = torch.tensor(active, dtype=torch.bool)
-        losses, row_lse, col_lse = kernels.forward(
-            q, k, inv_q, inv_k, positive_index.contiguous(), list(dims), active_mask, scale, symmetric,
+        losses, row_max, row_logsum, col_max, col_logsum, dloss_dscale = kernels.forward(
+            q, k, inv_q, inv_k, positives, list(dims), active_mask, scale, symmetric, scale_grad,
             torch.get_num_threads(),
         )
-        ctx.save_for_backward(q, k, positive_index, inv_q, norm_grad_q, inv_k, norm_grad_k, row_lse, col_lse)
+        ctx.save_for_backward(q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max,
+                              col_logsum, queries, docs)
         ctx.config = (dims, active_mask, scale, symmetric, queries.dtype)
-        return losses.to(queries.dtype)
+        if not scale_grad:
+            return losses.to(queries.dtype)
+        ctx.mark_non_differentiable(dloss_dscale)
+        return losses.to(queries.dtype), dloss_dscale
 
     @staticmethod
-    def backward(ctx, grad_losses):
-        q, k, positive_index, inv_q, norm_grad_q, inv_k, norm_grad_k, row_lse, col_lse = ctx.saved_tensors
+    def backward(ctx, grad_losses, *_):
+        (q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max, col_logsum, queries,
+         docs) = ctx.saved_tensors
         dims, active_mask, scale, symmetric, input_dtype = ctx.config
         n_queries = q.shape[1]
         # d pair-loss / d cos = coef * (P - onehot); each direction counts half when symmetric.
         coef = (grad_losses.to(q.dtype) * (scale / n_queries / (2 if symmetric else 1))).contiguous()
         grad_q, grad_k = _extension()[0].backward(
-            q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positive_index, list(dims), active_mask, scale,
-            symmetric, row_lse, col_lse, coef, torch.get_num_threads(),
+            q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positives, list(dims), active_mask, scale, symmetric,
+            row_max, row_logsum, col_max, col_logsum, coef, torch.get_num_threads(),
         )
-        return grad_q.to(input_dtype), grad_k.to(input_dtype), None, None, None, None, None
+        # Under create_graph=True a later differentiation fails loudly instead of being first order.
+        grad_q = first_order_only(grad_q.to(input_dtype), queries)
+        grad_k = first_order_only(grad_k.to(input_dtype), docs)
+        return grad_q, grad_k, None, None, None, None, None, None
 
 
 def pair_losses(
@@ -122,6 +261,12 @@ def pair_losses(
     scale: float,
     positive_index: torch.Tensor,
     symmetric: bool,
-) -> torch.Tensor:
-    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype."""
-    return Matryoshka2dInfoNCEFunction.apply(queries, docs, dims, active, scale, positive_index, symmetric)
+    scale_grad: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype.
+
+    With ``scale_grad=True`` also ``d loss_lm / d scale`` ``[L, M]`` (detached, in the
+    accumulator dtype: fp64 for fp64 inputs, else fp32), computed in the forward beside the
+    row statistics; the default path does not compute it.
+    """
+    return Matryoshka2dInfoNCEFunction.apply(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad)
