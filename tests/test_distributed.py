@@ -72,6 +72,9 @@ def _cases(world_size: int) -> dict[str, dict]:
         # bf16 inputs with the fp32-accumulating torch backend: errors are the inputs' and outputs' rounding.
         "bfloat16_symmetric": _make_case(world_size, 2, True, False, 20.0, "torch", seed=10 * world_size + 3,
                                          dtype=torch.bfloat16),
+        "cpp_symmetric_positive_index": _make_case(world_size, 2, True, True, 50.0, "cpp", seed=10 * world_size + 7),
+        "cpp_hard_negatives_running_max": _make_case(world_size, 3, False, False, 500.0, "cpp",
+                                                     seed=10 * world_size + 9),
         # triton runs under the interpreter here (fp32 at most): its pass API on tiny blocks.
         "triton_symmetric_positive_index": _make_case(world_size, 2, True, True, 20.0, "triton",
                                                       seed=10 * world_size + 5, dtype=torch.float32),

@@ -37,7 +37,7 @@ from types import ModuleType
 
 import torch
 
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms, positive_logits
 
 try:
     import fcntl
@@ -270,3 +270,38 @@ def pair_losses(
     row statistics; the default path does not compute it.
     """
     return Matryoshka2dInfoNCEFunction.apply(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Pass API (backends/__init__.py): the extension's forward and backward on one block of columns
+# ---------------------------------------------------------------------------------------
+
+
+def _pass_operands(rows, cols, dims):
+    dtype = accumulator_dtype(rows.dtype)
+    q, k = rows.detach().to(dtype).contiguous(), cols.detach().to(dtype).contiguous()
+    return q, k, inverse_prefix_norms(q, dims, dtype), inverse_prefix_norms(k, dims, dtype)
+
+
+def row_statistics(rows, cols, dims, active, scale, positives):
+    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` (the row maximum, log sum exp(z - max))."""
+    q, k, (inv_q, _), (inv_k, _) = _pass_operands(rows, cols, dims)
+    _, row_max, row_logsum = _extension()[0].forward(
+        q, k, inv_q, inv_k, positives.to(torch.int64).contiguous(), list(dims), torch.tensor(active, dtype=torch.bool),
+        scale, False, False, torch.get_num_threads(),
+    )[:3]
+    return row_max, row_logsum, positive_logits(rows, cols, dims, active, scale, positives)
+
+
+def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef):
+    """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype, from the extension's backward with the given
+    (combined) statistics; ``positives == -1`` subtracts no one-hot."""
+    q, k, (inv_q, norm_q), (inv_k, norm_k) = _pass_operands(rows, cols, dims)
+    no_columns = offset.new_empty(0)  # the doc-to-query statistics: not a direction of this pass
+    # The extension's coefficient multiplies (P - onehot) per cosine: scale times ours, per row loss.
+    return _extension()[0].backward(
+        q, k, inv_q, inv_k, norm_q, norm_k, positives.to(torch.int64).contiguous(), list(dims),
+        torch.tensor(active, dtype=torch.bool), scale, False, offset.to(q.dtype).contiguous(),
+        log_sum.to(q.dtype).contiguous(), no_columns, no_columns, (coef * scale).to(q.dtype).contiguous(),
+        torch.get_num_threads(),
+    )
