@@ -215,6 +215,13 @@ def _backward(ctx, grad_losses):
     return grad_q.to(queries.dtype), grad_k.to(docs.dtype)
 
 
+# Raised by every fused backend when its gradient is differentiated again.
+SECOND_DERIVATIVE_ERROR = (
+    "m2d-kernels: the fused backends compute first derivatives only; a second derivative (double "
+    "backward through a gradient taken with create_graph=True) needs backend='reference'"
+)
+
+
 class _RefuseSecondDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad, anchor):
@@ -222,10 +229,7 @@ class _RefuseSecondDerivative(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *unused):
-        raise RuntimeError(
-            "m2d-kernels: the fused backends compute first derivatives only; a second derivative (double "
-            "backward through a gradient taken with create_graph=True) needs backend='reference'"
-        )
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
 
 
 def first_order_only(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m2d_kernels.backends.torch_prefix import inverse_prefix_norms
+from m2d_kernels.backends.torch_prefix import SECOND_DERIVATIVE_ERROR, inverse_prefix_norms
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -684,10 +684,7 @@ def _backward(ctx, grad_losses, *unused_grads):
 
 
 def _no_double_backward(ctx, grad_rows, grad_cols):
-    raise RuntimeError(
-        "the triton backend's backward is not differentiable (double backward, e.g. autograd.grad with "
-        "create_graph=True followed by a second backward); use backend='torch' or 'reference' for that"
-    )
+    raise RuntimeError(SECOND_DERIVATIVE_ERROR)
 
 
 m2d_forward.register_autograd(_backward, setup_context=_setup_context)
