@@ -1,0 +1,102 @@
+"""The rules of one rows-vs-columns pass (DESIGN.md section 6).
+
+Every objective of the library (MultipleNegativesRankingLoss's four directions and two partition
+modes, hardness weighting, dot similarity, guided false-negative filtering, score distillation)
+is a set of passes: rows ``[L, R, D]`` scored against columns ``[L, C, D]`` under these rules.
+The backends implement one pass (``row_statistics`` / ``pass_gradients``, backends/__init__.py)
+with the rules as compile-time flags; :mod:`m2d_kernels.objective` composes the passes.
+
+For layer ``l``, dim ``d_m``, row ``i`` and column ``j`` the pass scores::
+
+    s(i, j)  = cos(rows_i[:d_m], cols_j[:d_m])            similarity "cos" (re-normalised prefixes)
+             = <rows_i[:d_m], cols_j[:d_m]>               similarity "dot" (plain truncation)
+    z(i, j)  = scale * s(i, j) + penalised(i, j) * penalty_strength * stop_grad(s(i, j))
+    z(i, j)  = -inf where excluded(i, j)                  (dropped from the softmax)
+
+with ``g_i = row_group[i]``, ``G = group_period`` and column ``j`` belonging to group ``j % G``
+(sentence-transformers' layout: the positives of the ``G`` queries, then each hard-negative
+column; ``own(i, j) = j % G == g_i``)::
+
+    excluded(i, j)  = exclude_own_group and own(i, j)
+                   or guided and guide_rows_i . guide_cols_j > guide_threshold_i and j != positives_i
+    penalised(i, j) = not own(i, j)                       penalty "in_batch_negatives"
+                    = own(i, j) and j >= G                penalty "hard_negatives" (the row's own hard negatives)
+                    = j != g_i                            penalty "all_negatives" (all but the positive)
+
+Exclusion never depends on (l, m), so every pair of a row sees the same columns. With ``teacher``
+the pass also accumulates, per pair, ``sum_j exp(z_T(i, j) - offset_T(i)) * z_lm(i, j)`` where the
+teacher ``z_T`` is the pair (L - 1, M - 1) of the same pass (score distillation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SIMILARITIES = ("cos", "dot")
+PENALTIES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+
+
+@dataclass(frozen=True, eq=False)
+class Rules:
+    """Rules of one pass. The defaults are the plain InfoNCE pass (cosine, nothing excluded)."""
+
+    similarity: str = "cos"
+    # Column groups: column j belongs to group j % group_period, row i to row_group[i] (the global
+    # index of the row's query). Needed by exclude_own_group and penalty.
+    group_period: int = 0
+    row_group: torch.Tensor | None = None  # [R] long, on the rows' device
+    exclude_own_group: bool = False  # query_to_query (the row itself) and doc_to_doc (the row's documents)
+    penalty: str | None = None  # hardness_mode of MultipleNegativesRankingLoss, or None
+    penalty_strength: float = 0.0  # alpha >= 0
+    # Guided filtering (GISTEmbedLoss): unit-norm guide embeddings (no gradient) and a per-row threshold.
+    guide_rows: torch.Tensor | None = None  # [R, Dg]
+    guide_cols: torch.Tensor | None = None  # [C, Dg]
+    guide_threshold: torch.Tensor | None = None  # [R]
+    teacher: bool = False  # accumulate the teacher-weighted logits (score distillation)
+
+    @property
+    def guided(self) -> bool:
+        return self.guide_rows is not None
+
+    @property
+    def is_plain(self) -> bool:
+        """Whether the pass is the plain cosine InfoNCE pass of the original kernels."""
+        return (self.similarity == "cos" and not self.exclude_own_group and self.penalty is None
+                and not self.guided and not self.teacher)
+
+    def max_logit(self, scale: float) -> float | None:
+        """A fixed maximum of every logit (cosine similarity), or None (dot: use the running maximum)."""
+        if self.similarity != "cos":
+            return None
+        return scale + (self.penalty_strength if self.penalty is not None else 0.0)
+
+
+PLAIN = Rules()
+
+
+def column_masks(rules: Rules, n_cols: int, positives: torch.Tensor, guide_similarity: torch.Tensor | None = None):
+    """``(excluded, penalised)`` ``[R, C]`` bool masks of a whole pass (either may be None: nothing).
+
+    Plain torch, ``O(R x C)``: the oracle and the chunked ``torch`` backend call it on a chunk of rows
+    (``rules.row_group`` / ``positives`` / ``guide_similarity`` restricted to those rows).
+    ``guide_similarity`` is ``guide_rows @ guide_cols.T`` for those rows.
+    """
+    device = positives.device
+    cols = torch.arange(n_cols, device=device)[None, :]
+    own = None
+    if rules.exclude_own_group or rules.penalty is not None:
+        own = cols % rules.group_period == rules.row_group[:, None]
+    excluded = own if rules.exclude_own_group else None
+    if rules.guided:
+        guided = (guide_similarity > rules.guide_threshold[:, None]) & (cols != positives[:, None])
+        excluded = guided if excluded is None else excluded | guided
+    penalised = None
+    if rules.penalty == "in_batch_negatives":
+        penalised = ~own
+    elif rules.penalty == "hard_negatives":
+        penalised = own & (cols >= rules.group_period)
+    elif rules.penalty == "all_negatives":
+        penalised = cols != rules.row_group[:, None]
+    return excluded, penalised
