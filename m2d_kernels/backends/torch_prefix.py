@@ -86,19 +86,19 @@ def _last_active(layer_active: tuple[bool, ...]) -> int | None:
 
 
 def _extra_working_sets(rules: Rules) -> int:
-    """``[chunk, C]`` tensors the rules keep beside the plain pass's: the exclusion mask (bool, counted
-    whole), the penalty factors, the guide similarities while the masks are built, the teacher tile
-    and its weights."""
+    """``[chunk, C]`` tensors the rules keep beside the plain pass's: the exclusion bias, the penalty
+    factors, the guide similarities while the masks are built, the teacher tile and its weights."""
     return (int(rules.exclude_own_group or rules.guided) + int(rules.penalty is not None) + int(rules.guided)
             + 2 * int(rules.teacher))
 
 
 class _Tile(NamedTuple):
-    """The rules of one chunk of rows, shared by every (layer, dim) pair: ``excluded`` ``[c, C]`` bool
-    (None: nothing excluded) and ``factor`` ``[c, C]``, the logit scale of each column (``scale``, or
-    ``scale + penalty_strength`` where penalised; None: no penalty, ``scale`` is in the row factors)."""
+    """The rules of one chunk of rows, shared by every (layer, dim) pair: ``bias`` ``[c, C]``, -inf where
+    excluded and 0 elsewhere (None: nothing excluded; an add is several times faster than masked_fill_)
+    and ``factor`` ``[c, C]``, the logit scale of each column (``scale``, or ``scale + penalty_strength``
+    where penalised; None: no penalty, ``scale`` is in the row factors)."""
 
-    excluded: torch.Tensor | None
+    bias: torch.Tensor | None
     factor: torch.Tensor | None
 
 
@@ -118,10 +118,10 @@ def _chunk_tile(rules: Rules, rows: slice, positives: torch.Tensor, n_cols: int,
         guide_threshold=None if guide is None else rules.guide_threshold[rows],
     )
     excluded, penalised = column_masks(chunk_rules, n_cols, positives[rows], guide)
-    factor = None
-    if penalised is not None:
-        factor = penalised.to(acc).mul_(rules.penalty_strength).add_(scale)
-    return _Tile(excluded, factor)
+    bias = None if excluded is None else torch.zeros(excluded.shape, dtype=acc, device=excluded.device).masked_fill_(
+        excluded, -torch.inf)
+    factor = None if penalised is None else penalised.to(acc).mul_(rules.penalty_strength).add_(scale)
+    return _Tile(bias, factor)
 
 
 def _logits(sim, rq_scaled, rk, tile, teacher_weight=None):
@@ -136,8 +136,8 @@ def _logits(sim, rq_scaled, rk, tile, teacher_weight=None):
         logits.mul_(tile.factor)
     if teacher_weight is not None:
         weighted = torch.linalg.vecdot(teacher_weight, logits)
-    if tile is not None and tile.excluded is not None:
-        logits.masked_fill_(tile.excluded, -torch.inf)
+    if tile is not None and tile.bias is not None:
+        logits.add_(tile.bias)
     return logits, weighted
 
 
@@ -331,7 +331,7 @@ def _backward(ctx, grad_losses):
                     row_coef = coef[layer, m] * rq
                 else:
                     # dz = (coef + distill) P - coef onehot - distill P_T, already times coef.
-                    grad.mul_(coef[layer, m] + distill[layer, m]).sub_(teacher_probs * distill[layer, m])
+                    grad.mul_(coef[layer, m] + distill[layer, m]).addcmul_(teacher_probs, -distill[layer, m])
                     grad[row_ids, positive_ids] -= coef[layer, m] if onehot is None else coef[layer, m] * onehot[rows]
                     row_coef = rq
                 if symmetric:
