@@ -15,6 +15,15 @@ Backward, with ``G_m = dLoss/dcos_m`` and suffix sums over dims ``m >= s``::
 Query rows are processed in chunks inside one ``torch.autograd.Function`` that saves only
 ``[L, B, M]`` statistics and recomputes the similarities in backward, so the extra memory
 is ``O(chunk * N * M)``, never ``O(L * M * B * N)``. Runs on any device.
+
+The pass API (``row_statistics`` / ``pass_gradients``, backends/__init__.py) runs the same loops
+with the rules of m2d_kernels/rules.py as Python branches, so ``rules=PLAIN`` and ``pair_losses``
+pay nothing: "dot" takes inverse norms of one and drops the norm terms; each chunk of rows gets,
+once for every (layer, dim) pair, its penalty factors (the logit scale per column, the penalty
+being stop-grad: the gradient keeps ``scale``), an additive -inf bias on the excluded columns
+(rules.column_masks on the chunk, guide similarities one ``[chunk, Dg] x [Dg, C]`` product) and,
+for distillation, the teacher pair's tile (one extra product over D per chunk). The loops are
+chunk-major (every layer of a chunk, then the next chunk) so that these are shared by the layers.
 """
 
 from __future__ import annotations
