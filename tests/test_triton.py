@@ -332,7 +332,8 @@ RULE_CASES = [
     ("cos-s1-teacher", 2, 3, 9, 100, (24, 40, 100), "cos", 1.0, {"teacher": True}),
     ("cos-s100-R37", 1, 37, 37, 48, (8, 20, 48), "cos", 100.0, {}),
     ("dot-s1", 2, 3, 9, 100, (24, 40, 100), "dot", 1.0, {}),
-    ("dot-s0.05-teacher", 2, 5, 15, 48, (5, 30), "dot", 0.05, {"teacher": True}),
+    # The positives (the row maxima) in the last column tile: the running maxima move, the sums are rescaled.
+    ("dot-s0.05-teacher", 2, 7, 21, 48, (5, 30), "dot", 0.05, {"teacher": True, "late_positives": True}),
     ("exclude-self", 2, 5, 5, 48, (20, 48), "cos", 20.0, {"exclude_own_group": True, "G": 5}),
     ("exclude-groups-dot", 2, 5, 15, 48, (20, 48), "dot", 1.0, {"exclude_own_group": True, "G": 5}),
     ("in_batch-0.5", 2, 5, 15, 48, (20, 48), "cos", 20.0, {"penalty": "in_batch_negatives", "alpha": 0.5}),
@@ -361,6 +362,9 @@ def _rule_inputs(n_layers, n_rows, n_cols, n_features, dims, fields, seed):
     rows, cols = make_inputs(n_layers, n_rows, n_cols, n_features, dtype=FP32, device=DEVICE, seed=seed,
                              requires_grad=False)
     positives = torch.arange(n_rows) % n_cols
+    if fields.get("late_positives"):
+        cols = cols.roll(n_cols - n_rows, dims=1)
+        positives = positives + n_cols - n_rows
     kwargs = {"teacher": fields.get("teacher", False)}
     period = fields.get("G", n_rows)
     if fields.get("exclude_own_group") or "penalty" in fields:
