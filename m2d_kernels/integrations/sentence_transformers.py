@@ -430,12 +430,13 @@ class _FusedMatryoshkaBase(nn.Module):
 class FusedMatryoshkaLoss(_FusedMatryoshkaBase):
     """Fused ``MatryoshkaLoss(model, MultipleNegativesRankingLoss, ...)``: all dims in one call.
 
-    Args match sentence-transformers' ``MatryoshkaLoss`` (same validation). A base loss the kernels
-    cover (``MultipleNegativesRankingLoss`` with ``cos_sim``: its scale, hard-negative columns,
-    symmetric directions and ``gather_across_devices`` are honoured) with finite non-negative weights
-    is fused; anything else runs sentence-transformers' ``MatryoshkaLoss``, with one warning at the
-    first forward naming what was not fused. ``mini_batch_size`` enables gradient caching (fused
-    path only); ``backend`` is passed to :func:`m2d_kernels.matryoshka_2d_infonce`.
+    Args match sentence-transformers' ``MatryoshkaLoss`` (same validation). A base loss of
+    ``SUPPORTED_BASE_LOSS`` with finite non-negative weights is fused with all its options (module
+    docstring); an option of those classes the kernels cannot express is a ValueError naming it; any
+    other base loss runs sentence-transformers' ``MatryoshkaLoss``, with one warning at the first
+    forward naming what was not fused. ``mini_batch_size`` enables gradient caching (fused path only;
+    a cached base loss's ``mini_batch_size`` does the same, and both must agree when given);
+    ``backend`` is passed to :func:`m2d_kernels.matryoshka_2d_infonce`.
     """
 
     _st_class = MatryoshkaLoss
