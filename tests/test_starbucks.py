@@ -9,8 +9,12 @@ truncated, normalised embeddings, as the original's modified MatryoshkaLoss feed
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import random
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +26,11 @@ from sentence_transformers.sentence_transformer import losses  # noqa: E402
 from sentence_transformers.util import dot_score  # noqa: E402
 from st_helpers import sentences, tiny_model, write_tiny_bert  # noqa: E402
 
+import m2d_kernels as m2d  # noqa: E402
 from m2d_kernels.integrations.starbucks import FusedStarbucksLoss  # noqa: E402
+
+pytest_plugins = ("train_fixtures",)  # the tiny_bert fixture
+EXAMPLES = Path(__file__).resolve().parents[1] / "python"
 
 BATCH = 5
 LAYERS = 4  # BERT layers; the head maps 48 -> 40
@@ -104,9 +112,7 @@ def _assert_same(expected, actual):
     assert rng_a == rng_e, "Python's random was consumed differently"
 
 
-def _mnrl(model, symmetric=False, **kwargs):
-    if symmetric:
-        kwargs.update(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+def _mnrl(model, **kwargs):
     return losses.MultipleNegativesRankingLoss(model, **kwargs)
 
 
@@ -114,18 +120,19 @@ def _width(model):
     return model.get_embedding_dimension()
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-@pytest.mark.parametrize(("n_columns", "symmetric", "similarity", "last_layer_weight", "kl_temperature"), [
-    (2, False, None, 1.0, 0.3),
-    (3, False, dot_score, 2.5, 0.7),
-    (2, True, None, -0.5, 0.3),
-    (3, True, dot_score, 1.0, 0.0),
-])
-def test_fused_matches_the_original(any_model, backend, n_columns, symmetric, similarity, last_layer_weight,
-                                    kl_temperature):
+ALL_DIRECTIONS = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                      hardness_mode="in_batch_negatives", hardness_strength=0.5)
+
+
+@pytest.mark.parametrize(("n_columns", "mnrl", "last_layer_weight", "kl_temperature", "backend"), [
+    (2, {}, 1.0, 0.3, "reference"),
+    (3, dict(similarity_fct=dot_score), 2.5, 0.7, "torch"),
+    (2, dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"), -0.5, 0.3, "torch"),
+    (3, dict(similarity_fct=dot_score, **ALL_DIRECTIONS), 1.0, 0.0, "reference"),
+], ids=["mnrl", "dot_score", "symmetric", "all_directions_hardness"])
+def test_fused_matches_the_original(any_model, n_columns, mnrl, last_layer_weight, kl_temperature, backend):
     model = any_model
-    extra = {} if similarity is None else {"similarity_fct": similarity}
-    base = _mnrl(model, symmetric, scale=7.0, **extra)
+    base = losses.MultipleNegativesRankingLoss(model, scale=7.0, **mnrl)
     layers, dims = [1, 2, 3, 4], [8, 24, 17, _width(model)]  # 4 is the final layer: dropped from the pairs
     args = dict(last_layer_weight=last_layer_weight, kl_div_weight=1.5, kl_temperature=kl_temperature)
     features = _features(model, n_columns)
@@ -134,8 +141,7 @@ def test_fused_matches_the_original(any_model, backend, n_columns, symmetric, si
     _assert_same(expected, _step(model, fused, features))
 
 
-@pytest.mark.parametrize("n_selections_per_step", [1, 2, 3])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("n_selections_per_step", "seed"), [(1, 0), (2, 1), (2, 2), (3, 0)])
 def test_sampled_selections_match_the_original(model, n_selections_per_step, seed):
     # Layers out of order and a repeated dim; the k-th drawn layer gets dims[k], as the original.
     base = _mnrl(model, scale=11.0)
@@ -215,3 +221,142 @@ def test_config_and_citation(model):
     assert config["matryoshka_layers"] == [1, 2] and config["kl_div_weight"] == 0.5 and config["loss"] == (
         "MultipleNegativesRankingLoss")
     assert "2410.13230" in loss.citation
+
+
+# --------------------------------------------------------------------------- retrieval: score distillation
+
+DISTILL_BACKENDS = ["reference", "torch"]
+
+
+def naive_distillation(queries, docs, dims, weights, distill, scale, positive_index, similarity):
+    """Per pair, the B x N scores materialised: weights * cross-entropy + distill * F.kl_div to pair (L-1, M-1)."""
+    def scores(layer, dim):
+        q, d = queries[layer, :, :dim], docs[layer, :, :dim]
+        if similarity == "cos":
+            q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+        return scale * q @ d.T
+
+    teacher = F.softmax(scores(queries.shape[0] - 1, dims[-1]).detach(), dim=1)
+    total = 0.0
+    for layer in range(queries.shape[0]):
+        for m, dim in enumerate(dims):
+            s = scores(layer, dim)
+            total = total + weights[layer][m] * F.cross_entropy(s, positive_index)
+            total = total + distill[layer][m] * F.kl_div(F.log_softmax(s, dim=1), teacher, reduction="batchmean")
+    return total
+
+
+@pytest.mark.parametrize("backend", DISTILL_BACKENDS)
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("scale", [1.0, 20.0, 100.0])
+def test_score_distillation_matches_naive_kl_div(backend, similarity, scale):
+    generator = torch.Generator().manual_seed(int(scale) + len(similarity))
+    n_layers, batch, group, width, dims = 3, 6, 3, 40, [8, 17, 40]
+    # Dot products of raw Gaussian vectors at scale 100 are huge: shrink them so the softmax is not one-hot.
+    spread = 1.0 if similarity == "cos" else 0.3 / (scale * width) ** 0.5
+    queries = (spread * torch.randn(n_layers, batch, width, dtype=torch.float64, generator=generator)).requires_grad_()
+    docs = (spread * torch.randn(n_layers, batch * group, width, dtype=torch.float64, generator=generator))
+    docs.requires_grad_()
+    positive_index = torch.arange(batch) * group
+    weights = [[1.0, 0.0, 0.5], [0.0, 2.0, 1.0], [1.0, 0.0, 1.0]]
+    distill = [[0.7, 1.3, 0.0], [0.0, 1.0, 2.0], [0.4, 0.9, 5.0]]  # the teacher's own entry adds KL = 0
+
+    def run(fn):
+        loss = fn()
+        grads = torch.autograd.grad(loss, (queries, docs))
+        return loss.detach(), grads
+
+    expected = run(lambda: naive_distillation(queries, docs, dims, weights, distill, scale, positive_index, similarity))
+    actual = run(lambda: m2d.matryoshka_2d_infonce(queries, docs, dims, weights, scale=scale,
+                                                   positive_index=positive_index, similarity=similarity,
+                                                   distill_weights=distill, backend=backend))
+    torch.testing.assert_close(actual[0], expected[0], rtol=TOL, atol=0)
+    for got, want in zip(actual[1], expected[1]):
+        torch.testing.assert_close(got, want, rtol=TOL, atol=TOL * want.abs().max())
+    # The teacher's entry: exactly the distillation a pair gets against itself, 0.
+    _, terms = m2d.matryoshka_2d_infonce(queries, docs, dims, weights, scale=scale, positive_index=positive_index,
+                                         similarity=similarity, distill_weights=distill, reduction="none",
+                                         backend=backend)
+    assert abs(terms[-1, -1].item()) < 1e-12
+
+
+# --------------------------------------------------------------------------- the example
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("starbucks_retrieval_example", EXAMPLES / "starbucks_retrieval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def naive_srl_loss(q_reps, p_reps, dims, grid, temperature, kl_weight):
+    """ielab/Starbucks retrieval/modeling.py SrlDenseModel.forward's loss, every listed layer in grid mode."""
+    num_layers, _, embedding_dim = q_reps.shape
+    target = torch.arange(q_reps.size(1)) * (p_reps.size(1) // q_reps.size(1))
+    all_scores = torch.einsum("lqh,ldh -> lqdh", q_reps, p_reps)
+    full_layer_scores = all_scores[num_layers - 1].sum(dim=-1)
+    total_loss = F.cross_entropy(full_layer_scores / temperature, target)
+    target_scores = full_layer_scores.detach()
+    pairs = ([(layer, dim) for layer in range(num_layers) for dim in dims] if grid
+             else list(zip(range(num_layers), dims)))
+    for layer, dim in pairs:
+        if layer == num_layers - 1 and dim == embedding_dim:
+            continue
+        layer_scores = all_scores[layer, :, :, :dim].sum(dim=-1)
+        total_loss = total_loss + F.cross_entropy(layer_scores / temperature, target)
+        if kl_weight > 0:
+            total_loss = total_loss + kl_weight * F.kl_div(F.log_softmax(layer_scores / temperature, dim=1),
+                                                           F.softmax(target_scores / temperature, dim=1),
+                                                           reduction="batchmean")
+    return total_loss
+
+
+@pytest.mark.parametrize(("dims", "grid", "temperature", "kl_weight"), [
+    ([8, 16, 40], False, 1.0, 1.0),
+    ([8, 16, 24], False, 0.05, 0.5),  # the full width is not listed: the teacher pair is added
+    ([8, 8, 40], True, 0.2, 2.0),  # a repeated dim counts twice, as in the original
+    ([16, 40], True, 0.5, 0.0),
+])
+def test_example_loss_is_starbucks_retrieval_loss(dims, grid, temperature, kl_weight):
+    example = _load_example()
+    generator = torch.Generator().manual_seed(7)
+    queries = torch.randn(3, 4, 40, dtype=torch.float64, generator=generator).mul_(0.3).requires_grad_()
+    passages = torch.randn(3, 12, 40, dtype=torch.float64, generator=generator).mul_(0.3).requires_grad_()
+    expected = naive_srl_loss(queries, passages, dims, grid, temperature, kl_weight)
+    actual = example.retrieval_loss(queries, passages, dims, grid, temperature, kl_weight, backend="reference")
+    torch.testing.assert_close(actual, expected, rtol=TOL, atol=0)
+    for got, want in zip(torch.autograd.grad(actual, (queries, passages)),
+                         torch.autograd.grad(expected, (queries, passages))):
+        torch.testing.assert_close(got, want, rtol=TOL, atol=TOL * want.abs().max())
+
+
+@pytest.mark.parametrize("extra", [[], ["--pairs", "grid", "--layers", "1,3", "--dims", "8,32", "--group-size", "2"]],
+                         ids=["built_in_diagonal", "grid"])
+def test_example_runs_on_the_built_in_data(tiny_bert, tmp_path, monkeypatch, extra):
+    monkeypatch.setenv("M2D_DATA_DIR", str(tmp_path / "no-such-folder"))  # a clean clone: no shared data folder
+    losses_ = _load_example().main(["--model", str(tiny_bert), "--steps", "2", "--batch-size", "4",
+                                    "--backend", "reference", *extra])
+    assert len(losses_) == 2 and all(math.isfinite(x) and x > 0 for x in losses_)
+
+
+def test_example_reads_triplets_from_a_file(tiny_bert, tmp_path):
+    data = tmp_path / "triplets.jsonl"
+    rows = [{"anchor": a, "positive": p, "negative": n} for a, p, n in zip(sentences(6, 1), sentences(6, 2),
+                                                                             sentences(6, 3))]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    losses_ = _load_example().main(["--model", str(tiny_bert), "--data", str(data), "--steps", "2", "--batch-size",
+                                    "3", "--group-size", "3", "--backend", "reference"])
+    assert len(losses_) == 2 and all(math.isfinite(x) and x > 0 for x in losses_)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layers", "1,9"], "--layers must lie in"),
+    (["--dims", "8,999"], "--dims must lie in"),
+    (["--layers", "1,3", "--dims", "8"], "one dim per layer"),
+    (["--temperature", "0"], "--temperature must be positive"),
+])
+def test_example_rejects_bad_arguments(tiny_bert, args, message, capsys):
+    with pytest.raises(SystemExit):
+        _load_example().main(["--model", str(tiny_bert), *args])
+    assert message in capsys.readouterr().err

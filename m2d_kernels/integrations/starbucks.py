@@ -79,7 +79,11 @@ class _StarbucksPlan:
 
 
 def _fused_mnrl_options(loss: nn.Module) -> dict[str, Any] | None:
-    """Keyword arguments of :func:`matryoshka_2d_infonce` equal to ``loss`` on L2-normalised vectors, or None."""
+    """Keyword arguments of :func:`matryoshka_2d_infonce` equal to ``loss`` on L2-normalised vectors, or None.
+
+    Every MultipleNegativesRankingLoss option maps (directions, partition_mode, hardness, scale,
+    gather_across_devices); :func:`matryoshka_2d_infonce` takes the fast path when they are the defaults.
+    """
     if not isinstance(loss, MultipleNegativesRankingLoss) or any(
         getattr(type(loss), method) is not getattr(MultipleNegativesRankingLoss, method)
         for method in ("forward", "compute_loss_from_embeddings")
@@ -88,16 +92,11 @@ def _fused_mnrl_options(loss: nn.Module) -> dict[str, Any] | None:
     # The vectors are normalised after truncation, so the dot product is the cosine.
     if loss.similarity_fct not in (cos_sim, dot_score):
         return None
-    if loss.hardness_mode is not None and loss.hardness_strength > 0:
-        return None
     directions = tuple(loss.directions)
-    if directions == ("query_to_doc",):
-        symmetric = False
-    elif sorted(directions) == ["doc_to_query", "query_to_doc"] and loss.partition_mode == "per_direction":
-        symmetric = True
-    else:
+    if "query_to_doc" not in directions:
         return None
-    options = {"scale": float(loss.scale), "symmetric": symmetric}
+    options = {"scale": float(loss.scale), "directions": directions, "partition_mode": loss.partition_mode,
+               "hardness_mode": loss.hardness_mode, "hardness_strength": float(loss.hardness_strength)}
     if loss.gather_across_devices:
         options["gather_across_devices"] = True
     return options
@@ -231,7 +230,8 @@ class FusedStarbucksLoss(FusedAdaptiveLayerLoss):
                 warnings.warn(f"FusedStarbucksLoss: the base loss {type(self.loss).__name__} is not fused; computed "
                               "per (layer, dim) pair from the shared embeddings", UserWarning, stacklevel=3)
             total = sum(w * self.loss.compute_loss_from_embeddings(
-                [F.normalize(column[r, :, :d], p=2, dim=-1) for column in columns], self._labels) for r, d, w in weighted)
+                [F.normalize(column[r, :, :d], p=2, dim=-1) for column in columns], self._labels)
+                for r, d, w in weighted)
         if self.kl_temperature > 0 and self.kl_div_weight != 0 and len(weighted) > 1:
             embeddings = torch.cat(columns, dim=1)  # every column's rows, as the original's concatenated cache
             teacher = embeddings[0]  # not detached, as the original
