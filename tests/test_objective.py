@@ -365,3 +365,16 @@ def test_gather_across_devices_matches_one_process(case):
             torch.testing.assert_close(grad_q, world_size * q.grad[:, rank * N_QUERIES:(rank + 1) * N_QUERIES],
                                        rtol=1e-9, atol=1e-11)
             torch.testing.assert_close(grad_d, world_size * d.grad[:, rows], rtol=1e-9, atol=1e-11)
+
+
+def test_module_passes_the_options_through():
+    queries, docs, guide = _inputs(2, seed=26, guide=True)
+    options = dict(directions=("query_to_doc", "query_to_query"), hardness_mode="all_negatives",
+                   hardness_strength=1.5, guide_margin=0.05, distill_weights=DISTILL)
+    module = m2d.Matryoshka2dInfoNCELoss(DIMS, WEIGHTS, scale=20.0, backend="reference", **options)
+    expected = m2d.matryoshka_2d_infonce(queries, docs, DIMS, WEIGHTS, scale=20.0, backend="reference", guide=guide,
+                                         **options)
+    torch.testing.assert_close(module(queries, docs, guide=guide), expected, rtol=0, atol=0)
+    assert "hardness_mode='all_negatives'" in repr(module)
+    with pytest.raises(TypeError, match="unknown options"):
+        m2d.Matryoshka2dInfoNCELoss(DIMS, direction=("query_to_doc",))
