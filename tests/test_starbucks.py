@@ -225,7 +225,10 @@ def test_config_and_citation(model):
 
 # --------------------------------------------------------------------------- retrieval: score distillation
 
-DISTILL_BACKENDS = ["reference", "torch"]
+# The torch backend's pass rules land on another branch; until then it raises TypeError (strict: the mark
+# fails as soon as they land, so it is removed then).
+DISTILL_BACKENDS = ["reference", pytest.param("torch", marks=pytest.mark.xfail(
+    raises=TypeError, strict=True, reason="torch backend without pass rules yet"))]
 
 
 def naive_distillation(queries, docs, dims, weights, distill, scale, positive_index, similarity):
