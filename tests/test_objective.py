@@ -219,7 +219,9 @@ def _compare(impl, case, n_groups, seed, dtype=torch.float64, guide=False):
             torch.testing.assert_close(got, want, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
 
-PASS_BACKENDS = ["reference-passes", "torch", "cpp"]
+# The fused backends in float64, Triton (under the interpreter on the CPU) in float32.
+PASS_BACKENDS = ["reference-passes", "torch", "cpp", "triton"]
+DTYPES = {"triton": torch.float32}
 
 
 def _supports_rules(impl):
@@ -232,7 +234,7 @@ def test_passes_match_oracle(backend, case):
     impl = _pass_backend(backend)
     if not _supports_rules(impl):
         pytest.skip(f"{backend}: pass rules not implemented")
-    _compare(impl, case, n_groups=3, seed=21)
+    _compare(impl, case, n_groups=3, seed=21, dtype=DTYPES.get(backend, torch.float64))
 
 
 @pytest.mark.parametrize("backend", PASS_BACKENDS)
@@ -241,7 +243,7 @@ def test_guided_passes_match_oracle(backend, case):
     impl = _pass_backend(backend)
     if not _supports_rules(impl):
         pytest.skip(f"{backend}: pass rules not implemented")
-    _compare(impl, case, n_groups=2, seed=22, guide=True)
+    _compare(impl, case, n_groups=2, seed=22, guide=True, dtype=DTYPES.get(backend, torch.float64))
 
 
 def test_every_candidate_filtered_but_the_positive():
