@@ -182,7 +182,10 @@ class FusedStarbucksLoss(FusedAdaptiveLayerLoss):
         self.model = model
         self.loss = loss
         self.mini_batch_size = None if mini_batch_size is None else int(mini_batch_size)
+        self.mini_batch_num_tokens = None
         self.backend = backend
+        # The base class's switches: no guide model, any number of columns.
+        self._guided, self._max_columns = False, None
         self.unfused = None  # the base class's sentence-transformers fallback; here the per-pair path below
         self._fused = _fused_mnrl_options(loss)
         if self._fused is None and not callable(getattr(loss, "compute_loss_from_embeddings", None)):
@@ -207,7 +210,7 @@ class FusedStarbucksLoss(FusedAdaptiveLayerLoss):
         pairs = ((final, None), *zip(layers, dims))
         return _StarbucksPlan(tuple(dict.fromkeys(layer for layer, _ in pairs)), pairs)
 
-    def _loss(self, columns: list[Tensor], plan: _StarbucksPlan) -> Tensor:
+    def _loss(self, columns: list[Tensor], plan: _StarbucksPlan, guide: None = None) -> Tensor:
         width = columns[0].shape[-1]
         too_wide = [d for _, d in plan.pairs if d is not None and d > width]
         if too_wide:
