@@ -225,10 +225,7 @@ def test_config_and_citation(model):
 
 # --------------------------------------------------------------------------- retrieval: score distillation
 
-# The torch backend's pass rules land on another branch; until then it raises TypeError (strict: the mark
-# fails as soon as they land, so it is removed then).
-DISTILL_BACKENDS = ["reference", pytest.param("torch", marks=pytest.mark.xfail(
-    raises=TypeError, strict=True, reason="torch backend without pass rules yet"))]
+DISTILL_BACKENDS = ["reference", "torch"]
 
 
 def naive_distillation(queries, docs, dims, weights, distill, scale, positive_index, similarity):
@@ -339,7 +336,7 @@ def test_example_loss_is_starbucks_retrieval_loss(dims, grid, temperature, kl_we
 def test_example_runs_on_the_built_in_data(tiny_bert, tmp_path, monkeypatch, extra):
     monkeypatch.setenv("M2D_DATA_DIR", str(tmp_path / "no-such-folder"))  # a clean clone: no shared data folder
     losses_ = _load_example().main(["--model", str(tiny_bert), "--steps", "2", "--batch-size", "4",
-                                    "--backend", "reference", *extra])
+                                    *extra])
     assert len(losses_) == 2 and all(math.isfinite(x) and x > 0 for x in losses_)
 
 
@@ -349,7 +346,7 @@ def test_example_reads_triplets_from_a_file(tiny_bert, tmp_path):
                                                                              sentences(6, 3))]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     losses_ = _load_example().main(["--model", str(tiny_bert), "--data", str(data), "--steps", "2", "--batch-size",
-                                    "3", "--group-size", "3", "--backend", "reference"])
+                                    "3", "--group-size", "3"])
     assert len(losses_) == 2 and all(math.isfinite(x) and x > 0 for x in losses_)
 
 

@@ -636,3 +636,12 @@ class FusedMatryoshka2dLoss(FusedAdaptiveLayerLoss):
             "matryoshka_weights": self.matryoshka_weights,
             "n_dims_per_step": self.n_dims_per_step,
         }
+
+
+def __getattr__(name: str):
+    # Starbucks' STS loss builds on the adapters above and lives in its own module, which imports this one.
+    if name == "FusedStarbucksLoss":
+        from m2d_kernels.integrations.starbucks import FusedStarbucksLoss
+
+        return FusedStarbucksLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
