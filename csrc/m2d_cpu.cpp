@@ -26,6 +26,17 @@
 // allocated: extra memory is O((B + N) x D + threads x tile). Cross-tile reductions are
 // added "in turn" (tile 0, then 1, ...; a thread waits on a condition variable, never
 // spins), so results are bitwise independent of the number of threads.
+//
+// The pass API (pass_forward / pass_backward) runs the same kernels under the rules of
+// m2d_kernels/rules.py: "dot" (unit inverse norms, running maximum, no norm term), a per-tile
+// keep mask (own group, guide similarity above the row's threshold) applied before any
+// exponential, a per-tile penalty coefficient (stop-gradient: it changes z, not d z / d s),
+// and the teacher (pair L-1, M-1) whose tile weights are formed once per tile and shared by
+// every pair. The rules become template arguments once per call (pick_forward /
+// pick_backward), so the plain pass and pair_losses run the original loops. The guide
+// product and the teacher tile are per tile for all layers, so with them a task covers every
+// layer of its row block (forward) or column tile (backward); extra memory stays
+// O(threads x M x tile).
 
 #include <torch/extension.h>
 

@@ -8,6 +8,7 @@ Shapes cross the kernel's tile edges (64 query rows, 512 candidate columns) on p
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -596,3 +597,47 @@ def test_extra_memory_grows_at_most_linearly_with_the_batch(monkeypatch):
     growth = large["peak_extra_bytes"] / small["peak_extra_bytes"]
     assert growth <= 4 * 1.25, f"extra memory grew {growth:.1f}x for 4x the batch: {small} -> {large}"
     assert large["peak_extra_bytes"] <= 2.5 * large["input_bytes"], large
+
+
+_PASS_MEMORY_SCRIPT = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from memory import peak_extra_bytes
+from m2d_kernels.backends import cpp
+from m2d_kernels.rules import Rules
+
+def run(b, n, d=64):
+    g = torch.Generator().manual_seed(0)
+    rows, cols = torch.randn(1, b, d, generator=g), torch.randn(1, n, d, generator=g)
+    rules = Rules(group_period=b, row_group=torch.arange(b), penalty="hard_negatives", penalty_strength=1.0,
+                  guide_rows=F.normalize(torch.randn(b, d, generator=g), dim=-1),
+                  guide_cols=F.normalize(torch.randn(n, d, generator=g), dim=-1),
+                  guide_threshold=torch.full((b,), 0.1), teacher=True)
+    positives, coef = torch.arange(b), torch.ones(1, 2)
+    def step():
+        stats = cpp.row_statistics(rows, cols, (32, d), ((True, True),), 20.0, positives, rules)
+        cpp.pass_gradients(rows, cols, (32, d), ((True, True),), 20.0, positives, stats[0], stats[1], coef, rules, coef)
+    return step, (rows.numel() + cols.numel()) * 4
+
+run(128, 256)[0]()  # extension load, thread pools, BLAS buffers: not the call's memory
+step, input_bytes = run(int(sys.argv[1]), 2 * int(sys.argv[1]))
+print(json.dumps(dict(peak=peak_extra_bytes(step, torch.device("cpu")), input_bytes=input_bytes)))
+"""
+
+
+@needs_extension
+def test_pass_with_every_rule_extra_memory_grows_at_most_linearly_with_the_batch():
+    """Guide product and teacher tile per tile: nothing of size B x N (quadruples per doubling)."""
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(benchmarks), str(benchmarks.parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    small, large = (
+        json.loads(subprocess.run([sys.executable, "-c", _PASS_MEMORY_SCRIPT, str(b)], env=env,
+                                                capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        for b in (1024, 4096)
+    )
+    assert small["peak"] is not None, "peak memory is measured on Linux only"
+    growth = large["peak"] / small["peak"]
+    assert growth <= 4 * 1.25, f"extra memory grew {growth:.1f}x for 4x the batch: {small} -> {large}"
+    assert large["peak"] <= 2.5 * large["input_bytes"], large
