@@ -3,7 +3,8 @@
 Compiles every kernel config the launcher can choose (the heuristic's and the opt-in autotuner's)
 at the worked example (L=12, B=N=8192, D=768, dims 32..768), bf16 and fp32, for sm_90 and reads
 the cubin with Triton's ``cuobjdump``: registers, spill (stack) bytes, shared memory, wgmma
-(HGMMA) instructions and 128-bit async copies (LDGSTS.128 or TMA). Prints a table and, with
+(HGMMA) instructions and 128-bit async copies (LDGSTS.128 or TMA), for the plain pass or (``--rules``)
+with rules of the pass as compile-time flags. Prints a table and, with
 ``--json PATH``, writes ``{"forward_flops", "backward_flops", "kernels": [...]}`` atomically.
 This is compile-time evidence, not a timing.
 
@@ -31,9 +32,14 @@ from triton.compiler import ASTSource  # noqa: E402
 from m2d_kernels.backends import triton_kernels as tk  # noqa: E402
 
 WORKED_EXAMPLE = {"L": 12, "B": 8192, "N": 8192, "D": 768, "dims": (32, 64, 128, 256, 512, 768)}
-INT_POINTERS = {"positives_ptr", "bounds_ptr", "active_ptr", "n_seg_ptr"}
+INT_POINTERS = {"positives_ptr", "bounds_ptr", "active_ptr", "n_seg_ptr", "row_group_ptr"}
 INPUT_POINTERS = {"rows_ptr", "cols_ptr", "grad_ptr"}
-SCALARS = {"L": "i32", "R": "i32", "C": "i32", "D": "i32", "R_CLASS": "i32", "C_CLASS": "i32", "scale_log2": "fp32"}
+SCALARS = {"L": "i32", "R": "i32", "C": "i32", "D": "i32", "DG": "i32", "G": "i32", "R_CLASS": "i32", "C_CLASS": "i32",
+           "scale_log2": "fp32", "penalty_log2": "fp32"}
+# --rules names -> the kernels' compile-time rule flags (m2d_kernels.rules); none given = the plain pass.
+RULES = {"dot": {"SIMILARITY_DOT": True}, "exclude": {"EXCLUDE_GROUP": True}, "penalty": {"PENALTY_MODE": 1},
+         "guided": {"GUIDED": True}, "teacher": {"TEACHER": True}}
+PLAIN_FLAGS = {"SIMILARITY_DOT": False, "EXCLUDE_GROUP": False, "PENALTY_MODE": 0, "GUIDED": False, "TEACHER": False}
 DTYPES = {"bf16": "bf16", "fp32": "fp32"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -57,17 +63,20 @@ def _signature(fn, constexprs, dtype):
     }
 
 
-def compile_kernel(kind: str, dtype: str, config, example=WORKED_EXAMPLE):
-    """Compile one (kernel, dtype, config) for sm_90; returns the cubin and the dynamic shared bytes."""
+def compile_kernel(kind: str, dtype: str, config, example=WORKED_EXAMPLE, rules=()):
+    """Compile one (kernel, dtype, config) with the named rules for sm_90; returns the cubin and the
+    dynamic shared bytes."""
     block_r, block_c, warps, stages = config
     dims = example["dims"]
     block_d, aligned = tk._block_d(dims, example["D"])
     constexprs = {"M": len(dims), "M_PAD": max(2, triton.next_power_of_2(len(dims))), "ALIGNED": aligned,
                   "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32", "DOT_IN_FP32": False,
-                  "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_D": block_d}
+                  "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_D": block_d, "BLOCK_DG": tk.BLOCK_DG, **PLAIN_FLAGS}
+    for name in rules:
+        constexprs.update(RULES[name])
     if kind == "forward":
         fn = tk._m2d_fwd_kernel
-        constexprs.update(FIXED_MAX=True, SCALE_GRAD=False)
+        constexprs.update(FIXED_MAX=not constexprs["SIMILARITY_DOT"], SCALE_GRAD=False)
     else:
         fn = tk._m2d_bwd_kernel
         constexprs.update(FOR_COLS=kind == "backward_dY")
@@ -107,15 +116,15 @@ def candidate_configs(kind: str, dtype: str):
     return [(config, config == chosen) for config in dict.fromkeys((*listed, chosen))]
 
 
-def report(kinds=("forward", "backward_dX", "backward_dY"), dtypes=("bf16", "fp32"), only_selected=False):
+def report(kinds=("forward", "backward_dX", "backward_dY"), dtypes=("bf16", "fp32"), only_selected=False, rules=()):
     rows = []
     for kind in kinds:
         for dtype in dtypes:
             for config, selected in candidate_configs(kind, dtype):
                 if only_selected and not selected:
                     continue
-                stats = inspect_cubin(*compile_kernel(kind, DTYPES[dtype], config))
-                rows.append({"kernel": kind, "dtype": dtype, "config": dict(zip(
+                stats = inspect_cubin(*compile_kernel(kind, DTYPES[dtype], config, rules=rules))
+                rows.append({"kernel": kind, "dtype": dtype, "rules": list(rules), "config": dict(zip(
                     ("BLOCK_R", "BLOCK_C", "num_warps", "num_stages"), config, strict=True)),
                     "selected": selected, **stats})
                 print(_format(rows[-1]), flush=True)
@@ -146,13 +155,18 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--selected-only", action="store_true", help="compile only the heuristic's configs")
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: bf16 and fp32")
+    parser.add_argument("--rules", default="", help=f"comma-separated rules of the pass, of {sorted(RULES)} "
+                        "(penalty = in_batch_negatives); default: the plain pass")
     args = parser.parse_args(argv)
     if not tool("cuobjdump").exists() or not tool("ptxas").exists():
         print("ptxas/cuobjdump not found in triton's backends/nvidia/bin", file=sys.stderr)
         return 2
     forward, backward = flops()
     print(f"forward {forward:.3e} FLOPs, backward {backward:.3e} FLOPs ({backward / forward:.1f}x); * = selected")
-    data = report(dtypes=tuple(args.dtype or DTYPES), only_selected=args.selected_only)
+    rules = tuple(name for name in args.rules.split(",") if name)
+    if unknown := set(rules) - set(RULES):
+        parser.error(f"--rules: unknown {sorted(unknown)}")
+    data = report(dtypes=tuple(args.dtype or DTYPES), only_selected=args.selected_only, rules=rules)
     if args.json:
         write_json_atomically(data, args.json)
     return 0

@@ -15,6 +15,15 @@ import torch
 
 from m2d_kernels import backends
 from m2d_kernels.backends.torch_prefix import first_order_only
+from m2d_kernels.objective import (
+    DIRECTIONS,
+    HARDNESS_MODES,
+    MARGIN_STRATEGIES,
+    PARTITION_MODES,
+    Objective,
+    objective_losses,
+)
+from m2d_kernels.rules import SIMILARITIES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("sum", "none")
@@ -30,6 +39,15 @@ def matryoshka_2d_infonce(
     scale: float = 20.0,
     positive_index: torch.Tensor | None = None,
     symmetric: bool = False,
+    directions: Sequence[str] | None = None,
+    partition_mode: str = "joint",
+    similarity: str = "cos",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    guide: tuple[torch.Tensor, torch.Tensor] | None = None,
+    guide_margin: float = 0.0,
+    guide_margin_strategy: str = "absolute",
+    distill_weights: torch.Tensor | Sequence[Sequence[float]] | None = None,
     reduction: str = "sum",
     backend: str = "auto",
     check_finite: bool = False,
@@ -59,8 +77,38 @@ def matryoshka_2d_infonce(
             queries) and average the two directions, as sentence-transformers'
             MultipleNegativesRankingLoss with ``directions=("query_to_doc",
             "doc_to_query")`` and ``partition_mode="per_direction"``.
-        reduction: ``"sum"`` returns ``sum_{l,m} weights[l, m] * loss_lm``; ``"none"``
-            returns the ``[L, M]`` matrix of unweighted ``loss_lm`` (0 where the weight is 0).
+        directions: sentence-transformers' MultipleNegativesRankingLoss directions, any of
+            ``"query_to_doc"`` (required), ``"query_to_query"`` (the query itself excluded),
+            ``"doc_to_query"`` (the positives as rows, all queries as columns) and ``"doc_to_doc"``
+            (the positives against all docs, the query's own documents excluded). Default
+            ``("query_to_doc",)``, or the two of ``symmetric``. ``doc_to_doc`` and the hardness modes
+            need the default layout (``positive_index=None``, ``N`` a multiple of ``B``: the
+            positives, then each hard-negative column).
+        partition_mode: ``"joint"`` (one softmax per query over every direction's columns) or
+            ``"per_direction"`` (the mean of per-direction losses; only with query_to_doc and
+            doc_to_query), as MultipleNegativesRankingLoss.
+        similarity: ``"cos"`` (re-normalised prefixes) or ``"dot"`` (sentence-transformers'
+            ``dot_score`` of the truncated vectors, no re-normalisation).
+        hardness_mode, hardness_strength: MultipleNegativesRankingLoss's hardness weighting:
+            ``alpha * stop_grad(sim)`` added to the query_to_doc logits of the in-batch negatives
+            (``"in_batch_negatives"``), the query's own hard negatives (``"hard_negatives"``) or both
+            (``"all_negatives"``), ``alpha = hardness_strength >= 0``.
+        guide: ``(guide_queries [B, Dg], guide_docs [N, Dg])``, a guide model's pooled embeddings
+            (no gradient): GISTEmbedLoss's false-negative filtering. Candidate ``j`` of query ``i``
+            is dropped when ``guide_cos(i, j) > g_i - guide_margin`` (``guide_margin_strategy=
+            "absolute"``) or ``> g_i - |g_i| * guide_margin`` (``"relative"``), with
+            ``g_i = guide_cos(query_i, positive_i)``; the positive is never dropped. With a guide,
+            ``query_to_query`` scores the local queries and ``doc_to_doc`` the positives only, with no
+            structural exclusion (GIST's anchor-anchor and positive-positive blocks); GIST's
+            ``temperature`` is ``1 / scale``.
+        distill_weights: ``[L, M]`` non-negative: adds ``distill_weights[l, m] * mean_i KL(p_T(i) ||
+            p_lm(i))``, the teacher ``p_T`` being the softmax of pair (L - 1, M - 1) of this call
+            (last layer, largest dim), detached (Starbucks' score distillation). Needs
+            ``partition_mode="joint"`` when several directions are selected.
+        reduction: ``"sum"`` returns ``sum_{l,m} weights[l, m] * loss_lm`` (plus the distillation
+            terms); ``"none"`` returns the ``[L, M]`` matrix of unweighted ``loss_lm`` (0 where the
+            weight is 0), or with ``distill_weights`` the pair ``(losses, distill)`` of ``[L, M]``
+            matrices (``distill`` unweighted, 0 where its weight is 0).
         backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"`` or ``"reference"``.
         check_finite: raise on NaN/Inf embeddings (costs a device sync). Otherwise NaN
             propagates to the loss.
@@ -83,9 +131,17 @@ def matryoshka_2d_infonce(
     """
     scale_param = scale if isinstance(scale, torch.Tensor) and scale.requires_grad else None
     weights_param = weights if isinstance(weights, torch.Tensor) and weights.requires_grad else None
+    positive_index_given = positive_index is not None
     dims, weights, scale, positive_index = _validate(
         queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite, gather_across_devices
     )
+    objective = _validate_objective(queries, docs, dims, positive_index_given, symmetric, directions, partition_mode,
+                                    similarity, hardness_mode, hardness_strength, guide, guide_margin,
+                                    guide_margin_strategy, distill_weights)
+    if objective.symmetric is None:
+        return _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, objective,
+                          reduction, backend, gather_across_devices)
+    symmetric = objective.symmetric
     # Learned weights need every pair's loss (d total / d weights[l, m] = loss_lm, also where w = 0).
     active = tuple(tuple(weights_param is not None or w > 0 for w in row) for row in weights)
     scale_grad = scale_param is not None and torch.is_grad_enabled()
@@ -113,6 +169,119 @@ def matryoshka_2d_infonce(
     if weights_param is not None:
         return (losses * weights_param.to(device=losses.device, dtype=losses.dtype)).sum()
     return (losses * torch.tensor(weights, device=losses.device, dtype=losses.dtype)).sum()
+
+
+def _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, objective, reduction,
+               backend, gather_across_devices):
+    """The options beyond the fused defaults: passes with rules (m2d_kernels.objective)."""
+    if scale_param is not None and torch.is_grad_enabled():
+        raise ValueError("a learnable scale (a tensor that requires grad) is supported only with the default "
+                         "options (query_to_doc, optionally symmetric; cos; no hardness, guide or distillation)")
+    if gather_across_devices == "ring":
+        raise ValueError("gather_across_devices='ring' is supported only with the default options; use "
+                         "gather_across_devices=True (all-gather)")
+    distill = objective.distill_weights
+    active = tuple(tuple(weights_param is not None or w > 0 or (distill is not None and d > 0) for w, d in
+                         zip(row, distill[layer] if distill is not None else row))
+                   for layer, row in enumerate(weights))
+    impl = backends.resolve(backend, queries.device, queries.dtype)
+    losses, distill_terms = objective_losses(impl, queries, docs, dims, active, scale, positive_index, objective,
+                                             gather=bool(gather_across_devices))
+    weight_tensor = (weights_param.to(device=losses.device, dtype=losses.dtype) if weights_param is not None
+                     else torch.tensor(weights, device=losses.device, dtype=losses.dtype))
+    if weights_param is None:  # pairs computed only for the distillation report 0, as documented
+        losses = torch.where(weight_tensor > 0, losses, 0.0)
+    if distill is not None:
+        distill_tensor = torch.tensor(distill, device=losses.device, dtype=losses.dtype)
+        distill_terms = torch.where(distill_tensor > 0, distill_terms, 0.0)
+    if reduction == "none":
+        return losses if distill is None else (losses, distill_terms)
+    total = (losses * weight_tensor).sum()
+    return total if distill is None else total + (distill_terms * distill_tensor).sum()
+
+
+def _validate_objective(queries, docs, dims, positive_index_given, symmetric, directions, partition_mode, similarity,
+                        hardness_mode, hardness_strength, guide, guide_margin, guide_margin_strategy,
+                        distill_weights) -> Objective:
+    """The options beyond the (layer, dim) grid, checked and normalised into an Objective."""
+    n_layers, n_queries, _ = queries.shape
+    n_docs = docs.shape[1]
+    if directions is None:
+        directions = ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",)
+        if symmetric:
+            partition_mode = "per_direction"
+    elif symmetric:
+        raise ValueError("give either symmetric=True or directions, not both (symmetric=True is directions="
+                         "('query_to_doc', 'doc_to_query') with partition_mode='per_direction')")
+    if isinstance(directions, str) or not isinstance(directions, Sequence):
+        raise TypeError(f"directions must be a sequence of direction names, got {type(directions).__name__}")
+    directions = tuple(directions)
+    unknown = [d for d in directions if d not in DIRECTIONS]
+    if unknown or not directions:
+        raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {directions!r}")
+    if len(set(directions)) != len(directions):
+        raise ValueError(f"directions must not repeat a direction, got {directions!r}")
+    if "query_to_doc" not in directions:
+        raise ValueError(f"directions must include 'query_to_doc' (it holds the positive pair), got {directions!r}")
+    directions = tuple(d for d in DIRECTIONS if d in directions)  # the order does not change the loss
+    if partition_mode not in PARTITION_MODES:
+        raise ValueError(f"partition_mode must be one of {PARTITION_MODES}, got {partition_mode!r}")
+    if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
+        raise ValueError("partition_mode='per_direction' is defined only for 'query_to_doc' and 'doc_to_query' "
+                         f"(each direction's softmax must hold the positive), got directions={directions!r}; use "
+                         "partition_mode='joint'")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if hardness_mode is not None and hardness_mode not in HARDNESS_MODES:
+        raise ValueError(f"hardness_mode must be None or one of {HARDNESS_MODES}, got {hardness_mode!r}")
+    if not isinstance(hardness_strength, Real) or isinstance(hardness_strength, bool) or not (
+            math.isfinite(hardness_strength) and hardness_strength >= 0):
+        raise ValueError(f"hardness_strength must be a finite non-negative number, got {hardness_strength!r}")
+    needs_groups = "doc_to_doc" in directions or (hardness_mode is not None and hardness_strength > 0)
+    if needs_groups and (positive_index_given or n_docs % n_queries != 0):
+        raise ValueError("doc_to_doc and hardness_mode need sentence-transformers' layout: positive_index=None and "
+                         f"docs rows N a multiple of queries B (positives, then hard-negative columns), got "
+                         f"N={n_docs}, B={n_queries}, positive_index {'given' if positive_index_given else 'None'}")
+    guide_queries = guide_docs = None
+    if guide is not None:
+        if not (isinstance(guide, (tuple, list)) and len(guide) == 2
+                and all(isinstance(g, torch.Tensor) for g in guide)):
+            raise TypeError("guide must be a pair of tensors (guide_queries [B, Dg], guide_docs [N, Dg])")
+        guide_queries, guide_docs = guide
+        if guide_queries.dim() != 2 or guide_docs.dim() != 2 or guide_queries.shape[0] != n_queries or \
+                guide_docs.shape[0] != n_docs or guide_queries.shape[1] != guide_docs.shape[1]:
+            raise ValueError(f"guide must be (guide_queries [B={n_queries}, Dg], guide_docs [N={n_docs}, Dg]), got "
+                             f"shapes {tuple(guide_queries.shape)} and {tuple(guide_docs.shape)}")
+        if guide_queries.device != queries.device or guide_docs.device != queries.device:
+            raise ValueError(f"guide tensors must be on the embeddings' device {queries.device}")
+        if not (guide_queries.is_floating_point() and guide_docs.is_floating_point()):
+            raise TypeError("guide tensors must be floating point")
+        if "doc_to_query" in directions:
+            raise ValueError("guide (GISTEmbedLoss) has no doc_to_query block; use directions among query_to_doc, "
+                             "query_to_query, doc_to_doc")
+        if guide_margin_strategy not in MARGIN_STRATEGIES:
+            raise ValueError(f"guide_margin_strategy must be one of {MARGIN_STRATEGIES}, got {guide_margin_strategy!r}")
+        if not isinstance(guide_margin, Real) or isinstance(guide_margin, bool) or not math.isfinite(guide_margin):
+            raise ValueError(f"guide_margin must be a finite number, got {guide_margin!r}")
+    if distill_weights is not None:
+        shape = (n_layers, len(dims))
+        if isinstance(distill_weights, torch.Tensor):
+            if distill_weights.requires_grad:
+                raise ValueError("distill_weights must not require grad")
+            distill_weights = distill_weights.detach().cpu().tolist()
+        try:
+            distill_weights = tuple(tuple(float(w) for w in row) for row in distill_weights)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"distill_weights must be a tensor or nested sequence of numbers of shape {shape}") \
+                from error
+        if len(distill_weights) != n_layers or any(len(row) != len(dims) for row in distill_weights):
+            raise ValueError(f"distill_weights must have shape [L, M] = {shape}")
+        if not all(math.isfinite(w) and w >= 0 for row in distill_weights for w in row):
+            raise ValueError(f"distill_weights must be finite and non-negative, got {distill_weights}")
+        if partition_mode == "per_direction" and len(directions) > 1:
+            raise ValueError("distill_weights needs partition_mode='joint' when several directions are selected")
+    return Objective(directions, partition_mode, similarity, hardness_mode, float(hardness_strength), guide_queries,
+                     guide_docs, float(guide_margin), guide_margin_strategy, distill_weights)
 
 
 class _ScaleGradient(torch.autograd.Function):

@@ -23,13 +23,25 @@ class Matryoshka2dInfoNCELoss(nn.Module):
         scale, symmetric, backend, gather_across_devices: as in :func:`matryoshka_2d_infonce`
             (``gather_across_devices=True`` or ``"all_gather"``: cross-device negatives under
             torch.distributed; ``"ring"``: the same by a ring exchange, memory independent of ``W``).
+        **options: the loss-family options of :func:`matryoshka_2d_infonce` that do not change
+            per step (``directions``, ``partition_mode``, ``similarity``, ``hardness_mode``,
+            ``hardness_strength``, ``guide_margin``, ``guide_margin_strategy``, ``distill_weights``).
 
-    ``forward(queries [L, B, D], docs [L, N, D], positive_index=None, reduction="sum")``.
+    ``forward(queries [L, B, D], docs [L, N, D], positive_index=None, reduction="sum", guide=None)``:
+    ``guide`` is the step's ``(guide_queries, guide_docs)`` when guided filtering is on.
     """
 
+    OPTIONS = ("directions", "partition_mode", "similarity", "hardness_mode", "hardness_strength", "guide_margin",
+               "guide_margin_strategy", "distill_weights")
+
     def __init__(self, dims: Sequence[int], weights: WeightsLike = None, scale: float = 20.0,
-                 symmetric: bool = False, backend: str = "auto", gather_across_devices: bool | str = False) -> None:
+                 symmetric: bool = False, backend: str = "auto", gather_across_devices: bool | str = False,
+                 **options) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise TypeError(f"Matryoshka2dInfoNCELoss got unknown options {unknown}; options are {self.OPTIONS}")
         super().__init__()
+        self.options = options
         self.dims = tuple(dims)
         self.weights = weights
         self.scale = scale
@@ -38,14 +50,15 @@ class Matryoshka2dInfoNCELoss(nn.Module):
         self.gather_across_devices = gather_across_devices
 
     def forward(self, queries: torch.Tensor, docs: torch.Tensor, positive_index: torch.Tensor | None = None,
-                reduction: str = "sum") -> torch.Tensor:
+                reduction: str = "sum", guide: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         weights = self.weights() if callable(self.weights) else self.weights
         return matryoshka_2d_infonce(
             queries, docs, self.dims, weights, scale=self.scale, positive_index=positive_index,
             symmetric=self.symmetric, reduction=reduction, backend=self.backend,
-            gather_across_devices=self.gather_across_devices,
+            gather_across_devices=self.gather_across_devices, guide=guide, **self.options,
         )
 
     def extra_repr(self) -> str:
         return (f"dims={self.dims}, scale={self.scale}, symmetric={self.symmetric}, backend={self.backend!r}, "
-                f"gather_across_devices={self.gather_across_devices}")
+                f"gather_across_devices={self.gather_across_devices}"
+                + "".join(f", {name}={value!r}" for name, value in self.options.items()))

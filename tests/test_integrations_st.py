@@ -186,12 +186,16 @@ def test_gradient_cache_matches_uncached(model, words, loss_class):
         torch.testing.assert_close(make(mini_batch_size=2)(features, None), expected[0], rtol=RTOL, atol=0)
 
 
+class _ScaledMNRL(losses.MultipleNegativesRankingLoss):
+    def compute_loss_from_embeddings(self, embeddings, labels):
+        return 2 * super().compute_loss_from_embeddings(embeddings, labels)
+
+
 @pytest.mark.parametrize(("make_base", "extra", "named"), [
     (lambda m: losses.CoSENTLoss(m), {}, "CoSENTLoss"),
-    (lambda m: losses.MultipleNegativesRankingLoss(m, similarity_fct=dot_score), {}, "similarity_fct=dot_score"),
-    (lambda m: losses.MultipleNegativesRankingLoss(m, directions=("query_to_doc", "doc_to_query")), {}, "joint"),
-    (lambda m: losses.MultipleNegativesRankingLoss(m, hardness_mode="hard_negatives", hardness_strength=1.0), {},
-     "hardness_mode"),
+    (lambda m: _ScaledMNRL(m), {}, "the base loss _ScaledMNRL"),  # a subclass computing another loss
+    (lambda m: losses.MultipleNegativesRankingLoss(m, similarity_fct=dot_score), {"matryoshka_weights": [1.0, 2.0, -1]},
+     "matryoshka_weights"),
     (lambda m: losses.MultipleNegativesRankingLoss(m), {"matryoshka_weights": [1.0, -0.5, 2.0]}, "matryoshka_weights"),
 ])
 @pytest.mark.parametrize("loss_class", ["2d", "1d"])

@@ -53,7 +53,14 @@ CASES = {
     "adaptive_pairs_gather_symmetric": ("adaptive", 2, True, True, "torch", {"symmetric": True}),
     # sentence-transformers' own MNRL under DDP(find_unused_parameters=True) fails here with "marked ready
     # twice" (it hands DDP the caller's feature dicts), so the unfused path is checked without it.
-    "2d_unfused_joint_gather": ("2d", 2, True, False, "torch", {"joint": True}),
+    "2d_unfused_gather": ("2d", 2, True, False, "torch", {"unfused": True}),
+    # The MNRL family's options and GIST (gathered: the queries of all ranks for query_to_query, the
+    # guide's embeddings of all ranks' candidates). GIST's anchor-anchor block is local under DDP (not
+    # the single-process loss on the global batch), so contrast_anchors is off here.
+    "2d_joint4_hardness_gather_cached": ("2d", 3, True, True, "reference", {
+        "directions": ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+        "hardness_mode": "all_negatives", "mini_batch_size": 2}),
+    "1d_gist_gather": ("1d", 3, True, True, "reference", {"gist": True}),
 }
 
 
@@ -61,13 +68,29 @@ class _StubTrainer:
     override_model_in_loss = BaseTrainer.override_model_in_loss
 
 
-def _base(model, gather: bool, options: dict):
+class _OwnMNRL(losses.MultipleNegativesRankingLoss):
+    """MultipleNegativesRankingLoss under another class with its own computation: not fused, so the
+    adapters run sentence-transformers' own path (through the DDP wrapper too)."""
+
+    def compute_loss_from_embeddings(self, embeddings, labels):
+        return super().compute_loss_from_embeddings(embeddings, labels)
+
+
+def _guide_dir(bert_dir: str) -> str:
+    return bert_dir.rstrip("/") + "_guide"
+
+
+def _base(model, gather: bool, options: dict, bert_dir: str):
     kwargs = {"gather_across_devices": gather}
+    if options.get("gist"):
+        guide = tiny_model(_guide_dir(bert_dir), head=False, seed=3).double().eval()
+        return losses.GISTEmbedLoss(model, guide, temperature=0.1, margin=0.02, contrast_anchors=False, **kwargs)
     if options.get("symmetric"):
         kwargs.update(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
-    if options.get("joint"):  # not fused: runs sentence-transformers' own path, through the DDP wrapper too
-        kwargs.update(directions=("query_to_doc", "doc_to_query"), partition_mode="joint")
-    return losses.MultipleNegativesRankingLoss(model, **kwargs)
+    if options.get("directions"):
+        kwargs.update(directions=options["directions"], hardness_mode=options.get("hardness_mode"),
+                      hardness_strength=1.5 if options.get("hardness_mode") else 0.0)
+    return (_OwnMNRL if options.get("unfused") else losses.MultipleNegativesRankingLoss)(model, **kwargs)
 
 
 def _make_loss(kind: str, model, base, unfused: bool, options: dict, backend: str):
@@ -104,7 +127,7 @@ def _grad_worker(rank: int, world_size: int, port: int, bert_dir: str, out_dir: 
     for seed, (name, (kind, n_columns, gather, find_unused, backend, options)) in enumerate(CASES.items()):
         model = tiny_model(bert_dir, pooler=find_unused).double()
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
-        loss_fn = _make_loss(kind, model, _base(model, gather, options), False, options, backend)
+        loss_fn = _make_loss(kind, model, _base(model, gather, options, bert_dir), False, options, backend)
         _StubTrainer().override_model_in_loss(loss_fn, ddp)
         own = slice(rank * ROWS, (rank + 1) * ROWS)
         shard = [column[own] for column in _texts(name, n_columns)]
@@ -117,7 +140,9 @@ def _grad_worker(rank: int, world_size: int, port: int, bert_dir: str, out_dir: 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), dropout=0.0)
+    folder = write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), dropout=0.0)
+    write_tiny_bert(_guide_dir(folder), layers=2, dropout=0.0, seed=4)  # GIST's guide
+    return folder
 
 
 def _reference(bert_dir: str, name: str):
@@ -125,7 +150,7 @@ def _reference(bert_dir: str, name: str):
     kind, n_columns, gather, find_unused, _, options = CASES[name]
     seed = list(CASES).index(name)
     model = tiny_model(bert_dir, pooler=find_unused).double()
-    loss_fn = _make_loss(kind, model, _base(model, False, options), True, options, "reference")
+    loss_fn = _make_loss(kind, model, _base(model, False, options, bert_dir), True, options, "reference")
     columns = _texts(name, n_columns)
     if gather:
         return _step(model, loss_fn, columns, seed)

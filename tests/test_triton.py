@@ -318,3 +318,132 @@ def test_sm90_report_one_config(tmp_path):
     assert kernels == {"forward", "backward_dX", "backward_dY"}
     for row in report["kernels"]:
         assert row["selected"] and row["wgmma"] > 0 and row["async_copies_128"] > 0, row
+
+
+# ---------------------------------------------------------------------------------------
+# The pass with rules (m2d_kernels.rules) against the float64 reference pass
+# ---------------------------------------------------------------------------------------
+
+# (id, L, R, C, D, dims, similarity, scale, rules fields): R = 1, 3, 5, 37; C = R or 3R; D = 48, 100; dims not
+# multiples of 16; each penalty mode at strengths 0.5 and 9; cos at scales 1, 20, 100 (100 + penalty: the
+# running maximum), dot at 1 and 0.05. "guided" masks some columns and every column of the last row.
+RULE_CASES = [
+    ("cos-R1", 1, 1, 3, 48, (16, 48), "cos", 20.0, {}),
+    ("cos-s1-teacher", 2, 3, 9, 100, (24, 40, 100), "cos", 1.0, {"teacher": True}),
+    ("cos-s100-R37", 1, 37, 37, 48, (8, 20, 48), "cos", 100.0, {}),
+    ("dot-s1", 2, 3, 9, 100, (24, 40, 100), "dot", 1.0, {}),
+    # The positives (the row maxima) in the last column tile: the running maxima move, the sums are rescaled.
+    ("dot-s0.05-teacher", 2, 7, 21, 48, (5, 30), "dot", 0.05, {"teacher": True, "late_positives": True}),
+    ("exclude-self", 2, 5, 5, 48, (20, 48), "cos", 20.0, {"exclude_own_group": True, "G": 5}),
+    ("exclude-groups-dot", 2, 5, 15, 48, (20, 48), "dot", 1.0, {"exclude_own_group": True, "G": 5}),
+    ("in_batch-0.5", 2, 5, 15, 48, (20, 48), "cos", 20.0, {"penalty": "in_batch_negatives", "alpha": 0.5}),
+    ("in_batch-9-dot", 1, 3, 9, 100, (24, 100), "dot", 1.0, {"penalty": "in_batch_negatives", "alpha": 9.0}),
+    ("hard-0.5-s100", 2, 3, 9, 48, (5, 48), "cos", 100.0, {"penalty": "hard_negatives", "alpha": 0.5}),
+    ("hard-9-teacher", 2, 5, 15, 48, (20, 48), "cos", 20.0, {"penalty": "hard_negatives", "alpha": 9.0,
+                                                              "teacher": True}),
+    ("all-0.5-dot", 1, 5, 15, 100, (24, 100), "dot", 0.05, {"penalty": "all_negatives", "alpha": 0.5}),
+    ("all-9-s1", 2, 3, 9, 48, (20, 48), "cos", 1.0, {"penalty": "all_negatives", "alpha": 9.0}),
+    ("guided-teacher", 2, 5, 15, 48, (20, 48), "cos", 20.0, {"guided": True, "teacher": True}),
+    # dot at scale 1 with D = 100 puts logits near 100: p - p_T then cancels beyond fp32 (the float32 reference
+    # is as far off), so the distillation case with dot runs at 0.05.
+    ("guided-dot-teacher", 2, 5, 15, 100, (24, 100), "dot", 0.05, {"guided": True, "teacher": True}),
+    ("guided-exclude-penalty", 1, 5, 15, 48, (20, 48), "cos", 20.0, {"guided": True, "exclude_own_group": True,
+                                                                      "G": 5, "penalty": "all_negatives",
+                                                                      "alpha": 0.5}),
+]
+
+
+def _rule_inputs(n_layers, n_rows, n_cols, n_features, dims, fields, seed):
+    """fp32 rows/cols, positives (-1 where the own group is excluded or every column is guided away),
+    an inactive pair when L = 2 (the teacher pair (L - 1, M - 1) stays active) and the Rules."""
+    from m2d_kernels.rules import Rules
+
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = make_inputs(n_layers, n_rows, n_cols, n_features, dtype=FP32, device=DEVICE, seed=seed,
+                             requires_grad=False)
+    positives = torch.arange(n_rows) % n_cols
+    if fields.get("late_positives"):
+        cols = cols.roll(n_cols - n_rows, dims=1)
+        positives = positives + n_cols - n_rows
+    kwargs = {"teacher": fields.get("teacher", False)}
+    period = fields.get("G", n_rows)
+    if fields.get("exclude_own_group") or "penalty" in fields:
+        kwargs.update(group_period=period, row_group=torch.arange(n_rows) % period,
+                      exclude_own_group=fields.get("exclude_own_group", False), penalty=fields.get("penalty"),
+                      penalty_strength=fields.get("alpha", 0.0))
+    if fields.get("exclude_own_group"):
+        positives = torch.full((n_rows,), -1)
+    if fields.get("guided"):
+        guide_rows = torch.nn.functional.normalize(torch.randn(n_rows, 7, generator=generator, dtype=torch.float64),
+                                                   dim=-1)
+        guide_cols = torch.nn.functional.normalize(torch.randn(n_cols, 7, generator=generator, dtype=torch.float64),
+                                                   dim=-1)
+        threshold = torch.full((n_rows,), 0.2, dtype=torch.float64)
+        threshold[-1] = -2.0  # every column of the last row masked (its positive is elsewhere: -1)
+        positives[-1] = -1
+        kwargs.update(guide_rows=guide_rows, guide_cols=guide_cols, guide_threshold=threshold)
+    active = tuple(tuple(not (layer == 0 and m == 0 and n_layers > 1) for m in range(len(dims)))
+                   for layer in range(n_layers))
+    return rows, cols, positives.to(DEVICE), active, Rules(**kwargs)
+
+
+@pytest.mark.parametrize("case", RULE_CASES, ids=[case[0] for case in RULE_CASES])
+def test_pass_with_rules_matches_reference(case):
+    from m2d_kernels.backends import reference
+    from m2d_kernels.backends import triton_kernels as tk
+    from m2d_kernels.rules import Rules
+
+    _, n_layers, n_rows, n_cols, n_features, dims, similarity, scale, fields = case
+    rows, cols, positives, active, rules = _rule_inputs(n_layers, n_rows, n_cols, n_features, dims, fields, seed=21)
+    rules = Rules(**{**rules.__dict__, "similarity": similarity})
+    rows64, cols64, positives64 = rows.double().cpu(), cols.double().cpu(), positives.cpu()
+    got = tk.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    expected = reference.row_statistics(rows64, cols64, dims, active, scale, positives64, rules)
+    assert len(got) == len(expected) == (4 if rules.teacher else 3)
+    on = torch.tensor(active)[:, None, :].expand_as(expected[0])
+    lse, lse_expected = (got[0] + got[1]).cpu()[on], (expected[0] + expected[1])[on]
+    assert torch.isfinite(got[0]).all() and not torch.isnan(got[1]).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_expected))
+    if fields.get("guided"):
+        assert torch.isinf(lse_expected).any() and torch.isfinite(lse_expected).any()  # the grid covers both
+    finite = torch.isfinite(lse_expected)
+    assert_close(lse[finite], lse_expected[finite], FP32, "log-sum-exp")
+    assert_close(got[2].cpu()[on], expected[2][on], FP32, "positive logit")
+    if rules.teacher:
+        # sum_j p_T(i, j) z_lm(i, j): independent of the offset each side chose for the teacher pair.
+        def teacher_mean(stats):
+            log_sum = stats[1][-1, :, -1].double().cpu()[None, :, None]
+            return torch.where(torch.isfinite(log_sum), stats[3].double().cpu() * (-log_sum).exp(), 0.0)[on]
+
+        expected_mean = teacher_mean(expected)
+        torch.testing.assert_close(teacher_mean(got), expected_mean, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, expected_mean.abs().max().item()))
+    generator = torch.Generator().manual_seed(22)
+    coef = torch.rand(n_layers, len(dims), generator=generator, dtype=torch.float64)
+    coef[0, -1] = 0.0  # a zero weight
+    distill = torch.rand(n_layers, len(dims), generator=generator, dtype=torch.float64) if rules.teacher else None
+    grads = tk.pass_gradients(rows, cols, dims, active, scale, positives, expected[0].to(DEVICE),
+                              expected[1].to(DEVICE), coef.to(DEVICE), rules,
+                              None if distill is None else distill.to(DEVICE))
+    grads_expected = reference.pass_gradients(rows64, cols64, dims, active, scale, positives64, expected[0],
+                                              expected[1], coef, rules, distill)
+    for name, g, t in zip(("d_rows", "d_cols"), grads, grads_expected, strict=True):
+        assert g.dtype == FP32 and torch.isfinite(g).all(), name
+        # Gradients scale with `scale`: compare relative to the largest entry.
+        torch.testing.assert_close(g.double().cpu(), t, rtol=1e-4, atol=1e-5 * max(1.0, t.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_pass_rules_errors_name_the_field():
+    from m2d_kernels.backends import triton_kernels as tk
+    from m2d_kernels.rules import Rules
+
+    rows, cols = make_inputs(1, 3, 6, 48, dtype=FP32, device=DEVICE, seed=23, requires_grad=False)
+    positives = torch.arange(3, device=DEVICE)
+    with pytest.raises(ValueError, match="rules.similarity"):
+        tk.row_statistics(rows, cols, (16, 48), ((True, True),), 20.0, positives, Rules(similarity="l2"))
+    with pytest.raises(ValueError, match="rules.row_group"):
+        tk.row_statistics(rows, cols, (16, 48), ((True, True),), 20.0, positives,
+                          Rules(group_period=3, exclude_own_group=True))
+    with pytest.raises(ValueError, match="teacher"):
+        tk.row_statistics(rows, cols, (16, 48), ((True, False),), 20.0, positives, Rules(teacher=True))

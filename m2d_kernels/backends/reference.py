@@ -157,3 +157,101 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
                     if teacher_probs is not None:
                         total = total + distill_coef[layer, m] * _kept((probs - teacher_probs) * logits, logits).sum()
         return torch.autograd.grad(total, (x, y), allow_unused=True, materialize_grads=True)
+
+
+# The objectives of m2d_kernels.objective (directions, partitions, hardness, dot, guide, distillation),
+# written the way sentence-transformers writes them (MultipleNegativesRankingLoss.compute_loss_from_embeddings,
+# GISTEmbedLoss.forward): one materialised similarity block per direction and pair. It is the oracle of the
+# composed passes and shares no code with them (nor with m2d_kernels.rules).
+
+
+def objective_losses(queries, world_queries, world_docs, rank_offset, positive_index, dims, active, scale, objective):
+    """``[L, M]`` losses (and with ``objective.distill_weights`` the ``[L, M]`` mean KL terms) of the local
+    ``queries`` ``[L, B, D]`` against ``world_queries`` ``[L, G, D]`` (this rank's at rows ``rank_offset``...)
+    and ``world_docs`` ``[L, N, D]`` (sentence-transformers' gathered layout); ``positive_index`` indexes
+    ``world_docs``. Differentiable twice."""
+    n_layers, n_queries, _ = queries.shape
+    n_world, n_docs = world_queries.shape[1], world_docs.shape[1]
+    directions = objective.directions
+    rows = torch.arange(n_queries, device=queries.device)
+    local = rows + rank_offset
+    # Guide masks (GISTEmbedLoss): True where a candidate is dropped.
+    guide_masks = {}
+    if objective.guide_queries is not None:
+        guide_q = F.normalize(objective.guide_queries.detach().to(queries.dtype), dim=-1)
+        guide_d = F.normalize(objective.guide_docs.detach().to(queries.dtype), dim=-1)
+        guide_p = guide_d[positive_index]
+        threshold = (guide_q * guide_p).sum(-1, keepdim=True)
+        if objective.guide_margin_strategy == "absolute":
+            threshold = threshold - objective.guide_margin
+        else:
+            threshold = threshold - threshold.abs() * objective.guide_margin
+        positive_mask = torch.zeros(n_queries, n_docs, dtype=torch.bool, device=queries.device)
+        positive_mask[rows, positive_index] = True
+        guide_masks["query_to_doc"] = (guide_q @ guide_d.T > threshold) & ~positive_mask
+        guide_masks["query_to_query"] = guide_q @ guide_q.T > threshold
+        guide_masks["doc_to_doc"] = guide_p @ guide_d[:n_world].T > threshold
+    own_docs = torch.eye(n_world, dtype=torch.bool, device=queries.device)[local].repeat(1, max(n_docs // n_world, 1))
+    teacher_logits = None
+    losses = queries.new_zeros(n_layers, len(dims))
+    distill = queries.new_zeros(n_layers, len(dims))
+    order = [(n_layers - 1, len(dims) - 1)] if objective.distill_weights is not None else []
+    order += [(layer, m) for layer in range(n_layers) for m in range(len(dims)) if active[layer][m]]
+    for layer, m in order:
+        dim = dims[m]
+        q_all = world_queries[layer, :, :dim]
+        k_all = world_docs[layer, :, :dim]
+        q_loc, k_pos = queries[layer, :, :dim], world_docs[layer, positive_index, :dim]
+        if objective.similarity == "cos":
+            q_all, k_all = F.normalize(q_all, dim=-1), F.normalize(k_all, dim=-1)
+            q_loc, k_pos = F.normalize(q_loc, dim=-1), F.normalize(k_pos, dim=-1)
+        blocks = {"query_to_doc": q_loc @ k_all.T}
+        if "query_to_query" in directions:
+            if guide_masks:
+                blocks["query_to_query"] = q_loc @ q_loc.T
+            else:
+                blocks["query_to_query"] = (q_loc @ q_all.T).index_put((rows, local), torch.tensor(-torch.inf,
+                                                                                                   dtype=q_loc.dtype))
+        if "doc_to_query" in directions:
+            blocks["doc_to_query"] = (q_all @ k_pos.T).T
+        if "doc_to_doc" in directions:
+            if guide_masks:
+                blocks["doc_to_doc"] = k_pos @ k_all[:n_world].T
+            else:
+                blocks["doc_to_doc"] = (k_all @ k_pos.T).T.masked_fill(own_docs, -torch.inf)
+        penalty = None
+        if objective.hardness_mode is not None and objective.hardness_strength > 0:
+            penalty = objective.hardness_strength * blocks["query_to_doc"].detach()
+            if objective.hardness_mode == "hard_negatives":
+                keep = own_docs.clone()
+                keep[:, :n_world] = False
+            elif objective.hardness_mode == "in_batch_negatives":
+                keep = ~own_docs
+            else:
+                keep = torch.ones_like(own_docs)
+                keep[rows, local] = False
+            penalty = torch.where(keep, penalty, 0.0)
+        for name in blocks:
+            blocks[name] = blocks[name] * scale
+            if name in guide_masks:
+                blocks[name] = blocks[name].masked_fill(guide_masks[name], -torch.inf)
+        if penalty is not None:
+            blocks["query_to_doc"] = blocks["query_to_doc"] + penalty
+        positive = blocks["query_to_doc"][rows, positive_index]
+        if objective.partition_mode == "joint":
+            scores = torch.cat(list(blocks.values()), dim=1)
+            log_z = torch.logsumexp(scores, dim=1)
+        else:
+            log_z = sum(torch.logsumexp(block, dim=1) for block in blocks.values()) / len(blocks)
+        if active[layer][m]:
+            losses[layer, m] = (log_z - positive).mean()
+        if objective.distill_weights is not None:
+            log_p = scores - log_z[:, None]
+            if teacher_logits is None:
+                teacher_logits = log_p.detach()
+            if active[layer][m]:
+                p_teacher = teacher_logits.exp()
+                finite = torch.isfinite(teacher_logits)
+                terms = torch.where(finite, p_teacher * (teacher_logits - log_p), 0.0)
+                distill[layer, m] = terms.sum(1).mean()
+    return losses, distill

@@ -15,11 +15,25 @@ Backward, with ``G_m = dLoss/dcos_m`` and suffix sums over dims ``m >= s``::
 Query rows are processed in chunks inside one ``torch.autograd.Function`` that saves only
 ``[L, B, M]`` statistics and recomputes the similarities in backward, so the extra memory
 is ``O(chunk * N * M)``, never ``O(L * M * B * N)``. Runs on any device.
+
+The pass API (``row_statistics`` / ``pass_gradients``, backends/__init__.py) runs the same loops
+with the rules of m2d_kernels/rules.py as Python branches, so ``rules=PLAIN`` and ``pair_losses``
+pay nothing: "dot" takes inverse norms of one and drops the norm terms; each chunk of rows gets,
+once for every (layer, dim) pair, its penalty factors (the logit scale per column, the penalty
+being stop-grad: the gradient keeps ``scale``), an additive -inf bias on the excluded columns
+(rules.column_masks on the chunk, guide similarities one ``[chunk, Dg] x [Dg, C]`` product) and,
+for distillation, the teacher pair's tile (one extra product over D per chunk). The loops are
+chunk-major (every layer of a chunk, then the next chunk) so that these are shared by the layers.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import NamedTuple
+
 import torch
+
+from m2d_kernels.rules import PENALTIES, PLAIN, SIMILARITIES, Rules, column_masks
 
 EPS = 1e-12  # F.normalize's default
 # Elements of one [chunk, N] working set; the backward keeps about (M + 4) of them.
@@ -33,6 +47,18 @@ def unavailable_reason(device: torch.device) -> str | None:
 def _segments(dims: tuple[int, ...]) -> list[tuple[int, int]]:
     starts = (0,) + dims[:-1]
     return list(zip(starts, dims))
+
+
+def _prefix_tables(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype, similarity: str):
+    """``inverse_prefix_norms`` for "cos"; for "dot" (no normalisation) ones and None (no norm term)."""
+    if similarity == "dot":
+        return x.new_ones(x.shape[0], x.shape[1], len(dims), dtype=dtype), None
+    return inverse_prefix_norms(x, dims, dtype)
+
+
+def _guide_dtype(rules: Rules, acc: torch.dtype) -> torch.dtype:
+    """The guide similarities' dtype: the accumulator's, or the guide's if finer (fp64 guide, fp32 rows)."""
+    return torch.promote_types(torch.promote_types(rules.guide_rows.dtype, rules.guide_cols.dtype), acc)
 
 
 def inverse_prefix_norms(
@@ -57,8 +83,80 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(n_queries: int, n_docs: int, n_dims: int) -> int:
-    return max(1, min(n_queries, CHUNK_ELEMENTS // (n_docs * (n_dims + 4))))
+def _chunk_rows(n_queries: int, n_docs: int, n_dims: int, n_extra: int = 0) -> int:
+    """Rows per chunk: the backward keeps about ``M + 4`` ``[chunk, N]`` working sets, the rules ``n_extra``."""
+    return max(1, min(n_queries, CHUNK_ELEMENTS // (n_docs * (n_dims + 4 + n_extra))))
+
+
+def _last_active(layer_active: tuple[bool, ...]) -> int | None:
+    """The largest active dim index of a layer, None when none (no max(default=): torch.compile traces this)."""
+    on = [m for m, active in enumerate(layer_active) if active]
+    return on[-1] if on else None
+
+
+def _extra_working_sets(rules: Rules) -> int:
+    """``[chunk, C]`` tensors the rules keep beside the plain pass's: the exclusion bias, the penalty
+    factors, the guide similarities while the masks are built, the teacher tile and its weights."""
+    return (int(rules.exclude_own_group or rules.guided) + int(rules.penalty is not None) + int(rules.guided)
+            + 2 * int(rules.teacher))
+
+
+class _Tile(NamedTuple):
+    """The rules of one chunk of rows, shared by every (layer, dim) pair: ``bias`` ``[c, C]``, -inf where
+    excluded and 0 elsewhere (None: nothing excluded; an add is several times faster than masked_fill_)
+    and ``factor`` ``[c, C]``, the logit scale of each column (``scale``, or ``scale + penalty_strength``
+    where penalised; None: no penalty, ``scale`` is in the row factors)."""
+
+    bias: torch.Tensor | None
+    factor: torch.Tensor | None
+
+
+def _chunk_tile(rules: Rules, rows: slice, positives: torch.Tensor, n_cols: int, scale: float,
+                guide_cols: torch.Tensor | None, acc: torch.dtype) -> _Tile | None:
+    """The chunk's masks (None for rules that need none): rules.column_masks on the chunk's rows, the
+    guide similarities one ``[c, Dg] x [Dg, C]`` product."""
+    if not (rules.exclude_own_group or rules.guided or rules.penalty is not None):
+        return None
+    guide = None
+    if rules.guided:
+        guide = rules.guide_rows[rows].to(guide_cols.dtype) @ guide_cols.T
+    chunk_rules = replace(
+        rules,
+        row_group=None if rules.row_group is None else rules.row_group[rows],
+        guide_rows=None if guide is None else rules.guide_rows[rows],
+        guide_threshold=None if guide is None else rules.guide_threshold[rows],
+    )
+    excluded, penalised = column_masks(chunk_rules, n_cols, positives[rows], guide)
+    bias = None if excluded is None else torch.zeros(excluded.shape, dtype=acc, device=excluded.device).masked_fill_(
+        excluded, -torch.inf)
+    factor = None if penalised is None else penalised.to(acc).mul_(rules.penalty_strength).add_(scale)
+    return _Tile(bias, factor)
+
+
+def _logits(sim, rq_scaled, rk, tile, teacher_weight=None):
+    """``z = rq_scaled_i * rk_j * S_ij`` (times the chunk's penalty factors; ``rk`` None: dot similarity)
+    with the excluded columns -inf, and with ``teacher_weight`` also ``sum_j teacher_weight_ij * z_ij``,
+    taken before the mask (an excluded column has weight 0 and a finite logit there: no 0 * inf)."""
+    logits = sim * rq_scaled[:, None]
+    if rk is not None:
+        logits.mul_(rk[None, :])
+    weighted = None
+    if tile is not None and tile.factor is not None:
+        logits.mul_(tile.factor)
+    if teacher_weight is not None:
+        weighted = torch.linalg.vecdot(teacher_weight, logits)
+    if tile is not None and tile.bias is not None:
+        logits.add_(tile.bias)
+    return logits, weighted
+
+
+def _teacher_logits(q, k, segments, rq_scaled, rk, tile):
+    """Logits of the teacher pair (last layer, largest dim) for one chunk of rows: the same operations in
+    the same order as that pair's in the pass loops, so bit-identical to them (same row maximum)."""
+    sim = q.new_zeros(q.shape[0], k.shape[0])
+    for a, b in segments:
+        sim.addmm_(q[:, a:b], k[:, a:b].T)
+    return _logits(sim, rq_scaled, rk, tile)[0]
 
 
 class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
@@ -68,71 +166,15 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad):
         acc = accumulator_dtype(queries.dtype)
-        n_layers, n_queries, _ = queries.shape
-        n_docs = docs.shape[1]
-        n_dims = len(dims)
-        segments = _segments(dims)
-        chunk = _chunk_rows(n_queries, n_docs, n_dims)
-
         inv_q, norm_factor_q = inverse_prefix_norms(queries, dims, acc)
         inv_k, norm_factor_k = inverse_prefix_norms(docs, dims, acc)
-        inv_q_scaled = inv_q * scale
-        fixed_max = _fixed_max_is_safe(scale, acc)
-        # Per-row softmax statistics of both directions, the only ones backward needs, kept relative to
-        # the row's maximum (offset) so that no number of magnitude `scale` is ever rounded into them.
-        row_offset = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc)
-        row_log_sum = torch.zeros_like(row_offset)
-        col_offset = torch.zeros_like(row_offset) if symmetric else None
-        col_log_sum = torch.zeros_like(row_offset) if symmetric else None
-        losses = queries.new_zeros(n_layers, n_dims, dtype=acc)
-        dloss_dscale = torch.zeros_like(losses)
-
-        for layer, layer_active in enumerate(active):
-            if not any(layer_active):
-                continue
-            last = max(m for m, on in enumerate(layer_active) if on)
-            q_all = queries[layer].to(acc)
-            k_all = docs[layer].to(acc)
-            col_parts = [[] for _ in range(n_dims)]  # per query chunk: column stats of the B positives
-            col_positive = [[] for _ in range(n_dims)]
-            for r0 in range(0, n_queries, chunk):
-                rows = slice(r0, min(r0 + chunk, n_queries))
-                q = q_all[rows]
-                sim = q.new_zeros(q.shape[0], n_docs)
-                for m, (a, b) in enumerate(segments[: last + 1]):
-                    sim.addmm_(q[:, a:b], k_all[:, a:b].T)
-                    if not layer_active[m]:
-                        continue
-                    logits = sim * inv_q_scaled[layer, rows, m, None]
-                    logits.mul_(inv_k[layer, None, :, m])
-                    positive = logits.gather(1, positive_index[rows, None])[:, 0]
-                    offset, exp_sum, exp_logit_sum = _partial_stats(logits, 1, scale if fixed_max else None, scale_grad)
-                    row_offset[layer, rows, m] = offset
-                    row_log_sum[layer, rows, m] = exp_sum.log()
-                    losses[layer, m] += ((offset - positive) + exp_sum.log()).sum()
-                    if scale_grad:
-                        dloss_dscale[layer, m] += (exp_logit_sum / exp_sum - positive).sum() / scale
-                    if symmetric:
-                        # This chunk of queries against the B positives; combined over chunks below.
-                        col_parts[m].append(_partial_stats(logits[:, positive_index], 0, scale if fixed_max else None,
-                                                           scale_grad))
-                        col_positive[m].append(positive)
-            if symmetric:
-                for m, on in enumerate(layer_active):
-                    if not on:
-                        continue
-                    offset, exp_sum, exp_logit_sum = _combine_partial_stats(col_parts[m])
-                    positive = torch.cat(col_positive[m])  # query i's positive logit is column i's too
-                    col_offset[layer, :, m] = offset
-                    col_log_sum[layer, :, m] = exp_sum.log()
-                    losses[layer, m] = (losses[layer, m] + ((offset - positive) + exp_sum.log()).sum()) / 2
-                    if scale_grad:
-                        column = (exp_logit_sum / exp_sum - positive).sum() / scale
-                        dloss_dscale[layer, m] = (dloss_dscale[layer, m] + column) / 2
-
+        chunk = _chunk_rows(queries.shape[1], docs.shape[1], len(dims))
+        losses, dloss_dscale, row_offset, row_log_sum, col_offset, col_log_sum, _, _ = _statistics(
+            queries, docs, dims, active, scale, positive_index, symmetric, scale_grad, inv_q, inv_k, chunk)
         ctx.save_for_backward(queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_offset,
                               row_log_sum, col_offset, col_log_sum)
-        ctx.config = (dims, active, scale, symmetric, chunk)
+        ctx.config = (dims, active, scale, symmetric, chunk, PLAIN, None, None)
+        n_queries = queries.shape[1]
         dloss_dscale /= n_queries
         ctx.mark_non_differentiable(dloss_dscale)
         return (losses / n_queries).to(queries.dtype), dloss_dscale
@@ -145,32 +187,141 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
         return first_order_only(grad_q, queries), first_order_only(grad_k, docs), None, None, None, None, None, None
 
 
+def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad, inv_q, inv_k, chunk,
+                rules=PLAIN, positives=None):
+    """The forward loop: ``(losses [L, M] summed over rows, d losses / d scale, row offset, row log_sum,
+    column offset, column log_sum, positive logits, teacher sums)``, the statistics ``[L, B, M]`` (column
+    ones None unless ``symmetric``, positive logits None unless ``positives`` is given, teacher sums None
+    unless ``rules.teacher``). ``inv_k`` None: dot similarity (``inv_q`` then ones). ``positives`` (the pass
+    API's) may hold -1 (positive in another block; ``positive_index`` is then any valid column): the guide
+    exempts no column of that row. Chunk-major, so that a chunk's masks and teacher tile serve every layer;
+    ``rules`` only without ``symmetric``."""
+    acc = inv_q.dtype
+    n_layers, n_queries, _ = queries.shape
+    n_docs = docs.shape[1]
+    n_dims = len(dims)
+    segments = _segments(dims)
+    max_logit = rules.max_logit(scale)
+    fixed_max = max_logit if max_logit is not None and _fixed_max_is_safe(max_logit, acc) else None
+    # With a penalty the chunk's factor matrix carries the scale.
+    inv_q_scaled = inv_q * (scale if rules.penalty is None else 1.0)
+    may_be_empty = rules.exclude_own_group or rules.guided
+    guide_cols = None if not rules.guided else rules.guide_cols.to(_guide_dtype(rules, acc))
+    mask_positives = positive_index if positives is None else positives
+    # Per-row softmax statistics of both directions, the only ones backward needs, kept relative to
+    # the row's maximum (offset) so that no number of magnitude `scale` is ever rounded into them.
+    row_offset = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc)
+    row_log_sum = torch.zeros_like(row_offset)
+    col_offset = torch.zeros_like(row_offset) if symmetric else None
+    col_log_sum = torch.zeros_like(row_offset) if symmetric else None
+    row_positive = None if positives is None else torch.zeros_like(row_offset)
+    teacher_sum = torch.zeros_like(row_offset) if rules.teacher else None
+    losses = queries.new_zeros(n_layers, n_dims, dtype=acc)
+    dloss_dscale = torch.zeros_like(losses)
+    lasts = [_last_active(layer_active) for layer_active in active]
+    col_parts = [[[] for _ in range(n_dims)] for _ in active]  # per query chunk: column stats of the B positives
+    col_positive = [[[] for _ in range(n_dims)] for _ in active]
+
+    for r0 in range(0, n_queries, chunk):
+        rows = slice(r0, min(r0 + chunk, n_queries))
+        tile = _chunk_tile(rules, rows, mask_positives, n_docs, scale, guide_cols, acc)
+        teacher_weight = None
+        if rules.teacher:
+            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1].to(acc), segments, inv_q_scaled[-1, rows, -1],
+                                      None if inv_k is None else inv_k[-1, :, -1], tile)
+            teacher_weight = teacher.sub_(_offset(teacher, fixed_max, may_be_empty)[:, None]).exp_()
+        for layer, layer_active in enumerate(active):
+            last = lasts[layer]
+            if last is None:
+                continue
+            q = queries[layer, rows].to(acc)
+            k_all = docs[layer].to(acc)  # a copy only for fp16/bf16, one layer at a time
+            sim = q.new_zeros(q.shape[0], n_docs)
+            for m, (a, b) in enumerate(segments[: last + 1]):
+                sim.addmm_(q[:, a:b], k_all[:, a:b].T)
+                if not layer_active[m]:
+                    continue
+                rk = None if inv_k is None else inv_k[layer, :, m]
+                logits, weighted = _logits(sim, inv_q_scaled[layer, rows, m], rk, tile, teacher_weight)
+                positive = logits.gather(1, positive_index[rows, None])[:, 0]
+                offset, exp_sum, exp_logit_sum = _partial_stats(logits, 1, fixed_max, scale_grad, may_be_empty)
+                row_offset[layer, rows, m] = offset
+                row_log_sum[layer, rows, m] = exp_sum.log()
+                if row_positive is not None:
+                    row_positive[layer, rows, m] = positive
+                if weighted is not None:
+                    teacher_sum[layer, rows, m] = weighted
+                losses[layer, m] += ((offset - positive) + exp_sum.log()).sum()
+                if scale_grad:
+                    dloss_dscale[layer, m] += (exp_logit_sum / exp_sum - positive).sum() / scale
+                if symmetric:
+                    # This chunk of queries against the B positives; combined over chunks below.
+                    col_parts[layer][m].append(_partial_stats(logits[:, positive_index], 0, fixed_max, scale_grad))
+                    col_positive[layer][m].append(positive)
+
+    if symmetric:
+        for layer, layer_active in enumerate(active):
+            for m, on in enumerate(layer_active):
+                if not on:
+                    continue
+                offset, exp_sum, exp_logit_sum = _combine_partial_stats(col_parts[layer][m])
+                positive = torch.cat(col_positive[layer][m])  # query i's positive logit is column i's too
+                col_offset[layer, :, m] = offset
+                col_log_sum[layer, :, m] = exp_sum.log()
+                losses[layer, m] = (losses[layer, m] + ((offset - positive) + exp_sum.log()).sum()) / 2
+                if scale_grad:
+                    column = (exp_logit_sum / exp_sum - positive).sum() / scale
+                    dloss_dscale[layer, m] = (dloss_dscale[layer, m] + column) / 2
+    return losses, dloss_dscale, row_offset, row_log_sum, col_offset, col_log_sum, row_positive, teacher_sum
+
+
 def _backward(ctx, grad_losses):
+    """Gradients of ``sum_lm grad_losses[l, m] * loss_lm`` (a mean over rows) and, with ``distill_grad``
+    ``[L, M]``, of ``distill_grad[l, m] * mean_i [LSE_lm(i) - sum_j p_T(i, j) z_lm(i, j)]``. ``positives``
+    (None: ``positive_index``) holds -1 for a row without a positive term (``positive_index`` is then any
+    valid column). Chunk-major like the forward."""
     (queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_offset, row_log_sum,
      col_offset, col_log_sum) = ctx.saved_tensors
-    dims, active, scale, symmetric, chunk = ctx.config
+    dims, active, scale, symmetric, chunk, rules, distill_grad, positives = ctx.config
     acc = row_offset.dtype
     n_layers, n_queries, _ = queries.shape
     n_docs = docs.shape[1]
     segments = _segments(dims)
+    normalised = inv_k is not None  # dot similarity: no norms, no norm term
     # d pair-loss / d cos = coef * (P - onehot); each direction counts half when symmetric.
     coef = grad_losses.to(acc) * (scale / n_queries / (2 if symmetric else 1))
+    distill = None if distill_grad is None else distill_grad.to(acc) * (scale / n_queries)
+    inv_q_scaled_factor = scale if rules.penalty is None else 1.0
+    guide_cols = None if not rules.guided else rules.guide_cols.to(_guide_dtype(rules, acc))
+    if rules.exclude_own_group or rules.guided:
+        # A row whose every column is excluded has log_sum -inf and all logits -inf: P = 0, not NaN.
+        row_log_sum = row_log_sum.nan_to_num(neginf=0.0)
+    onehot = None if positives is None else (positives >= 0).to(acc)
+    positives = positive_index if positives is None else positives
     grad_q = torch.zeros_like(queries, dtype=acc)
     grad_k = torch.zeros_like(docs, dtype=acc)
+    lasts = [_last_active(layer_active) for layer_active in active]
+    # beta before the rk^2 factor: colsum(G_m * cos_m) = colsum(H_m * S_m), summed over query chunks.
+    gc_colsum = grad_k.new_zeros(n_layers, n_docs, len(dims))
 
-    for layer, layer_active in enumerate(active):
-        if not any(layer_active):
-            continue
-        last = max(m for m, on in enumerate(layer_active) if on)
-        q_all = queries[layer].to(acc)
-        k_all = docs[layer].to(acc)
-        # beta before the rk^2 factor: colsum(G_m * cos_m) = colsum(H_m * S_m), summed over query chunks.
-        gc_colsum = k_all.new_zeros(n_docs, len(dims))
-        for r0 in range(0, n_queries, chunk):
-            rows = slice(r0, min(r0 + chunk, n_queries))
-            q = q_all[rows]
-            n_rows = q.shape[0]
-            row_ids = torch.arange(n_rows, device=q.device)
+    for r0 in range(0, n_queries, chunk):
+        rows = slice(r0, min(r0 + chunk, n_queries))
+        n_rows = rows.stop - rows.start
+        row_ids = torch.arange(n_rows, device=queries.device)
+        positive_ids = positive_index[rows]
+        tile = _chunk_tile(rules, rows, positives, n_docs, scale, guide_cols, acc)
+        teacher_probs = None
+        if distill is not None:
+            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1].to(acc), segments,
+                                      inv_q[-1, rows, -1] * inv_q_scaled_factor,
+                                      inv_k[-1, :, -1] if normalised else None, tile)
+            teacher_probs = teacher.sub_(row_offset[-1, rows, -1, None]).sub_(row_log_sum[-1, rows, -1, None]).exp_()
+        for layer, layer_active in enumerate(active):
+            last = lasts[layer]
+            if last is None:
+                continue
+            q = queries[layer, rows].to(acc)
+            k_all = docs[layer].to(acc)
             sim = q.new_zeros(n_rows, n_docs)
             h_terms = {}
             for m, (a, b) in enumerate(segments[: last + 1]):
@@ -179,24 +330,33 @@ def _backward(ctx, grad_losses):
                 if not layer_active[m]:
                     continue
                 rq = inv_q[layer, rows, m]
-                rk = inv_k[layer, :, m]
-                scaled_rq = scale * rq
+                rk = inv_k[layer, :, m] if normalised else None
                 # grad_cos / coef = P - onehot, with P = exp((z - offset) - log_sum); built in place.
-                grad = sim * scaled_rq[:, None]
-                grad.mul_(rk[None, :]).sub_(row_offset[layer, rows, m, None])
+                grad, _ = _logits(sim, inv_q_scaled_factor * rq, rk, tile)
+                grad.sub_(row_offset[layer, rows, m, None])
                 grad.sub_(row_log_sum[layer, rows, m, None]).exp_()
-                grad[row_ids, positive_index[rows]] -= 1.0
+                if teacher_probs is None:
+                    grad[row_ids, positive_ids] -= 1.0 if onehot is None else onehot[rows]
+                    row_coef = coef[layer, m] * rq
+                else:
+                    # dz = (coef + distill) P - coef onehot - distill P_T, already times coef.
+                    grad.mul_(coef[layer, m] + distill[layer, m]).addcmul_(teacher_probs, -distill[layer, m])
+                    grad[row_ids, positive_ids] -= coef[layer, m] if onehot is None else coef[layer, m] * onehot[rows]
+                    row_coef = rq
                 if symmetric:
-                    column_logits = sim[:, positive_index] * scaled_rq[:, None] * rk[positive_index][None, :]
+                    column_logits = sim[:, positive_index] * (scale * rq)[:, None] * rk[positive_index][None, :]
                     column_probs = column_logits.sub_(col_offset[layer, None, :, m])
                     column_probs = column_probs.sub_(col_log_sum[layer, None, :, m]).exp_()
                     column_probs[row_ids, row_ids + r0] -= 1.0
                     grad.index_add_(1, positive_index, column_probs)
                 # H = coef * grad * rq * rk; then sum_j H S = rq * sum_j G cos gives alpha, sum_i H S beta.
-                h = grad.mul_((coef[layer, m] * rq)[:, None]).mul_(rk[None, :])
-                h_times_sim = h * sim
-                alpha = norm_factor_q[layer, rows, m] * h_times_sim.sum(1)
-                gc_colsum[:, m] += h_times_sim.sum(0)
+                h = grad.mul_(row_coef[:, None])
+                alpha = None
+                if normalised:
+                    h.mul_(rk[None, :])
+                    h_times_sim = h * sim
+                    alpha = norm_factor_q[layer, rows, m] * h_times_sim.sum(1)
+                    gc_colsum[layer, :, m] += h_times_sim.sum(0)
                 h_terms[m] = (h, alpha)
             # Walk the segments from the largest dim down, keeping the suffix sums.
             h_suffix, alpha_suffix = None, None
@@ -204,13 +364,23 @@ def _backward(ctx, grad_losses):
                 if m in h_terms:
                     h_m, alpha_m = h_terms.pop(m)
                     h_suffix = h_m if h_suffix is None else h_suffix.add_(h_m)
-                    alpha_suffix = alpha_m if alpha_suffix is None else alpha_suffix + alpha_m
+                    if normalised:
+                        alpha_suffix = alpha_m if alpha_suffix is None else alpha_suffix + alpha_m
                 a, b = segments[m]
-                grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b] - alpha_suffix[:, None] * q[:, a:b]
+                if normalised:
+                    grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b] - alpha_suffix[:, None] * q[:, a:b]
+                else:
+                    grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b]
                 grad_k[layer, :, a:b] += h_suffix.T @ q[:, a:b]
-        beta = (norm_factor_k[layer] * gc_colsum).flip(-1).cumsum(-1).flip(-1)
-        for m, (a, b) in enumerate(segments[: last + 1]):
-            grad_k[layer, :, a:b] -= beta[:, m, None] * k_all[:, a:b]
+
+    if normalised:
+        for layer, last in enumerate(lasts):
+            if last is None:
+                continue
+            beta = (norm_factor_k[layer] * gc_colsum[layer]).flip(-1).cumsum(-1).flip(-1)
+            k_all = docs[layer].to(acc)
+            for m, (a, b) in enumerate(segments[: last + 1]):
+                grad_k[layer, :, a:b] -= beta[:, m, None] * k_all[:, a:b]
 
     return grad_q.to(queries.dtype), grad_k.to(docs.dtype)
 
@@ -241,11 +411,19 @@ def first_order_only(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _partial_stats(logits: torch.Tensor, dim: int, fixed_max: float | None, with_logit_sum: bool):
-    """Softmax statistics along ``dim`` relative to an offset (``fixed_max``, or the maximum along
-    ``dim``): ``(offset, sum exp(z - offset), sum exp(z - offset) * z)`` (the last None unless
-    ``with_logit_sum``). Consumes ``logits`` when they are a fresh tensor."""
-    offset = logits.amax(dim) if fixed_max is None else logits.new_full(logits.shape[1 - dim: 2 - dim], fixed_max)
+def _offset(logits: torch.Tensor, fixed_max: float | None, may_be_empty: bool = False, dim: int = 1):
+    """``fixed_max``, or the maximum along ``dim``; 0 where every logit is -inf (``may_be_empty``: exclusion)."""
+    if fixed_max is not None:
+        return logits.new_full(logits.shape[1 - dim: 2 - dim], fixed_max)
+    offset = logits.amax(dim)
+    return offset.nan_to_num_(neginf=0.0) if may_be_empty else offset
+
+
+def _partial_stats(logits: torch.Tensor, dim: int, fixed_max: float | None, with_logit_sum: bool,
+                   may_be_empty: bool = False):
+    """Softmax statistics along ``dim`` relative to an offset (``_offset``): ``(offset, sum exp(z - offset),
+    sum exp(z - offset) * z)`` (the last None unless ``with_logit_sum``)."""
+    offset = _offset(logits, fixed_max, may_be_empty, dim)
     exps = (logits - offset.unsqueeze(dim)).exp_()
     exp_logit_sum = (exps * logits).sum(dim) if with_logit_sum else None
     return offset, exps.sum(dim), exp_logit_sum
@@ -307,40 +485,65 @@ def positive_logits(rows, cols, dims, active, scale, positives) -> torch.Tensor:
     return torch.where(keep, logits, 0.0)
 
 
-def row_statistics(rows, cols, dims, active, scale, positives):
-    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` of rows against this block of columns."""
-    saved = _Saved()
+def _check_pass(rules, rows, cols, dims, active, positives, distill_coef=None):
+    """ValueError/TypeError naming the argument for rules a pass cannot apply (cheap: shapes only)."""
+    if not isinstance(rules, Rules):
+        raise TypeError(f"rules must be a m2d_kernels.rules.Rules, got {type(rules).__name__}")
+    if rules.similarity not in SIMILARITIES:
+        raise ValueError(f"rules.similarity must be one of {SIMILARITIES}, got {rules.similarity!r}")
+    if rules.penalty is not None and rules.penalty not in PENALTIES:
+        raise ValueError(f"rules.penalty must be None or one of {PENALTIES}, got {rules.penalty!r}")
+    n_rows, n_cols = rows.shape[1], cols.shape[1]
+    if rules.exclude_own_group or rules.penalty is not None:
+        if rules.group_period <= 0:
+            raise ValueError(f"rules.group_period must be > 0 with exclude_own_group or a penalty, "
+                             f"got {rules.group_period}")
+        if rules.row_group is None or rules.row_group.shape != (n_rows,):
+            raise ValueError(f"rules.row_group must be a [{n_rows}] tensor with exclude_own_group or a penalty")
+    if rules.guided:
+        if rules.guide_cols is None or rules.guide_cols.shape[0] != n_cols or rules.guide_rows.shape[0] != n_rows:
+            raise ValueError(f"rules.guide_rows / guide_cols must be [{n_rows}, Dg] / [{n_cols}, Dg]")
+        if rules.guide_threshold is None or rules.guide_threshold.shape != (n_rows,):
+            raise ValueError(f"rules.guide_threshold must be a [{n_rows}] tensor with a guide")
+    if (rules.teacher or distill_coef is not None) and not active[-1][-1]:
+        raise ValueError("the teacher pair (last layer, largest dim) must be active with rules.teacher or "
+                         "distill_coef")
+
+
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
+    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` of rows against this block of columns,
+    and with ``rules.teacher`` the teacher-weighted logit sums (backends/__init__.py, rules.py)."""
+    _check_pass(rules, rows, cols, dims, active, positives)
+    acc = accumulator_dtype(rows.dtype)
+    n_extra = _extra_working_sets(rules)
     with torch.no_grad():
-        # The statistics do not depend on the positives; the forward only needs valid ones for its (unused) loss.
-        Matryoshka2dInfoNCEFunction.forward(saved, rows, cols, dims, active, scale, positives.clamp_min(0), False,
-                                            False)
-        offset, log_sum = saved.saved_tensors[7:9]
-        return offset, log_sum, positive_logits(rows, cols, dims, active, scale, positives)
+        inv_rows = _prefix_tables(rows, dims, acc, rules.similarity)[0]
+        inv_cols = _prefix_tables(cols, dims, acc, rules.similarity)[0] if rules.similarity == "cos" else None
+        _, _, offset, log_sum, _, _, positive, teacher_sum = _statistics(
+            rows, cols, dims, active, scale, positives.clamp_min(0), False, False, inv_rows, inv_cols,
+            _chunk_rows(rows.shape[1], cols.shape[1], len(dims), n_extra), rules, positives)
+        positive = torch.where((positives >= 0)[None, :, None], positive, 0.0)
+        return (offset, log_sum, positive, teacher_sum) if rules.teacher else (offset, log_sum, positive)
 
 
-def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef):
-    """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype (backends/__init__.py)."""
+def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
+                   distill_coef=None):
+    """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype (backends/__init__.py); ``distill_coef``
+    ``[L, M]`` (None: zeros) weighs the score-distillation terms towards the teacher pair (L - 1, M - 1)."""
+    _check_pass(rules, rows, cols, dims, active, positives, distill_coef)
     acc = accumulator_dtype(rows.dtype)
     n_rows, n_cols = rows.shape[1], cols.shape[1]
     saved = _Saved()
-    anchors = positives.clamp_min(0)
-    # Inputs in the accumulator dtype (_backward converts them layer by layer anyway; a copy only for
-    # fp16/bf16): the gradients come back unrounded, so the one-hot taken back below cancels exactly and
-    # the caller rounds the sum over blocks once.
+    # Inputs in the accumulator dtype (_backward converts them chunk by chunk anyway; a copy only for
+    # fp16/bf16): the gradients come back unrounded and the caller rounds the sum over blocks once.
     rows, cols = rows.to(acc), cols.to(acc)
-    saved.save_for_backward(rows, cols, anchors, *inverse_prefix_norms(rows, dims, acc),
-                            *inverse_prefix_norms(cols, dims, acc), offset, log_sum, None, None)
-    saved.config = (dims, active, scale, False, _chunk_rows(n_rows, n_cols, len(dims)))
+    saved.save_for_backward(rows, cols, positives.clamp_min(0), *_prefix_tables(rows, dims, acc, rules.similarity),
+                            *(_prefix_tables(cols, dims, acc, "cos") if rules.similarity == "cos" else (None, None)),
+                            offset, log_sum, None, None)
+    saved.config = (dims, active, scale, False, _chunk_rows(n_rows, n_cols, len(dims), _extra_working_sets(rules)),
+                    rules, None if distill_coef is None else distill_coef * n_rows,
+                    positives)
     with torch.no_grad():
         # _backward's coefficient is grad_losses * scale / R per cosine; ours is per row loss.
         d_rows, d_cols = (g.to(acc) for g in _backward(saved, coef * n_rows))
-    # _backward subtracts a one-hot at column `anchors_i` from every row: rows without a positive in this
-    # block (anchor 0) take it back with the gradient of + coef * z(i, 0), O(L * R * D).
-    with torch.enable_grad():
-        x, y = rows.detach().requires_grad_(), cols[:, :1].detach().requires_grad_()
-        taken_back = torch.where(positives < 0, 0, -1)
-        logits = positive_logits(x, y, dims, active, scale, taken_back)
-        d_x, d_y = torch.autograd.grad((logits * coef.to(acc)[:, None, :]).sum(), (x, y), materialize_grads=True)
-    d_rows += d_x
-    d_cols[:, :1] += d_y
     return d_rows, d_cols

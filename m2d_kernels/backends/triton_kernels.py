@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from m2d_kernels.backends.torch_prefix import SECOND_DERIVATIVE_ERROR, inverse_prefix_norms
+from m2d_kernels.rules import PENALTIES, PLAIN, SIMILARITIES, Rules
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -61,6 +62,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCRATCH_BUDGET = 32 << 20
 # Opt-in autotuning; otherwise `_heuristic_config` picks the tile without a single trial run.
 AUTOTUNE_ENV = "M2D_TRITON_AUTOTUNE"
+# The rules of a pass (m2d_kernels.rules) as compile-time flags of both kernels; all off = the plain pass.
+RULE_FLAGS = ("SIMILARITY_DOT", "EXCLUDE_GROUP", "PENALTY_MODE", "GUIDED", "TEACHER")
+PENALTY_MODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
+BLOCK_DG = 32  # chunk of the guide embeddings' width in the per-tile guide product
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -186,9 +191,23 @@ def _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mas
 
 
 @triton.jit
-def _logits(acc, rx, ry, scale_log2):
-    """scale * cos in log2 units; one expression for forward and backward (bit-identical logits)."""
-    return acc * (rx * scale_log2)[:, None] * ry[None, :]
+def _logits(acc, rx, ry, scale_log2, penalised, penalty_log2, SIMILARITY_DOT: tl.constexpr,
+            PENALTY_MODE: tl.constexpr):
+    """z = scale * s (+ penalty_strength * s on the penalised columns) in log2 units, s = cos or
+    (SIMILARITY_DOT) the plain dot product; one expression for forward and backward (bit-identical
+    logits). The penalty is stop-grad: it changes z, never the factor d z / d s = scale."""
+    if PENALTY_MODE == 0:
+        if SIMILARITY_DOT:
+            z = acc * scale_log2
+        else:
+            z = acc * (rx * scale_log2)[:, None] * ry[None, :]
+    else:
+        if SIMILARITY_DOT:
+            s = acc
+        else:
+            s = acc * rx[:, None] * ry[None, :]
+        z = s * tl.where(penalised, scale_log2 + penalty_log2, scale_log2)
+    return z
 
 
 @triton.jit
@@ -197,89 +216,279 @@ def _column(table, m, m_ids):
     return tl.sum(tl.where(m_ids[None, :] == m, table, 0.0), axis=1)
 
 
-def _m2d_fwd_kernel(
-    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
-    max_ptr, logsum_ptr, row_loss_ptr, dscale_ptr, R, C, D, scale_log2, R_CLASS, C_CLASS,
+@triton.jit
+def _guide_similarity(guide_rows_ptr, guide_cols_ptr, r, c, r_mask, c_mask, DG,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DG: tl.constexpr):
+    """guide_rows[r] . guide_cols[c] for one tile: fp32 operands, full fp32 products (the threshold
+    test must not move with tf32 rounding). Computed once per tile, shared by every (layer, dim)."""
+    sim = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for k0 in range(0, DG, BLOCK_DG):
+        k = k0 + tl.arange(0, BLOCK_DG)
+        a = tl.load(guide_rows_ptr + (r * DG)[:, None] + k[None, :], mask=r_mask[:, None] & (k < DG)[None, :],
+                    other=0.0)
+        b = tl.load(guide_cols_ptr + (c * DG)[:, None] + k[None, :], mask=c_mask[:, None] & (k < DG)[None, :],
+                    other=0.0)
+        sim = tl.dot(a, tl.trans(b), sim, input_precision="ieee")
+    return sim
+
+
+@triton.jit
+def _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr, G, DG,
+                EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DG: tl.constexpr):
+    """(keep, penalised) of one tile, shared by all (layer, dim) pairs (rules.py): keep is c_mask
+    [1, BLOCK_C] for the plain pass, else [BLOCK_R, BLOCK_C] without the excluded columns;
+    penalised is a [BLOCK_R, BLOCK_C] mask (PENALTY_MODE 1/2/3: in_batch/hard/all negatives) or 0."""
+    keep = c_mask[None, :]
+    penalised = 0
+    if EXCLUDE_GROUP or PENALTY_MODE != 0:
+        group = tl.load(row_group_ptr + r, mask=r_mask, other=-1)
+        own = (c % G)[None, :] == group[:, None]
+        if EXCLUDE_GROUP:
+            keep = keep & ~own
+        if PENALTY_MODE == 1:
+            penalised = ~own
+        elif PENALTY_MODE == 2:
+            penalised = own & (c >= G)[None, :]
+        elif PENALTY_MODE == 3:
+            penalised = c[None, :] != group[:, None]
+    if GUIDED:
+        sim = _guide_similarity(guide_rows_ptr, guide_cols_ptr, r, c, r_mask, c_mask, DG, BLOCK_R, BLOCK_C, BLOCK_DG)
+        threshold = tl.load(guide_thr_ptr + r, mask=r_mask, other=0.0)
+        keep = keep & (~(sim > threshold[:, None]) | (c[None, :] == row_pos[:, None]))
+    return keep, penalised
+
+
+@triton.jit
+def _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr, inv_cols_ptr, R, C,
+                 scale_log2, penalty_log2, M: tl.constexpr, SIMILARITY_DOT: tl.constexpr,
+                 PENALTY_MODE: tl.constexpr):
+    """Logits of pair (layer, m) for S_m = acc, -inf on the columns that are not kept."""
+    if SIMILARITY_DOT:  # no normalisation: the inverse norms are not read
+        rx = 1.0
+        ry = 1.0
+    else:
+        rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+        ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+    return tl.where(keep, _logits(acc, rx, ry, scale_log2, penalised, penalty_log2, SIMILARITY_DOT, PENALTY_MODE),
+                    float("-inf"))
+
+
+@triton.jit
+def _accumulate_layer(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, bounds_ptr, n_seg,
+                      ALIGNED: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      DOT_IN_FP32: tl.constexpr):
+    """acc += X[:, :top] Y[:, :top]^T segment by segment, in the same chunks and order as the pairs'
+    loops (the teacher's logits are bit-identical to those of its pair)."""
+    for m in range(0, n_seg):
+        lo, hi = _segment(bounds_ptr, m, ALIGNED)
+        acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, lo, hi, ALIGNED,
+                                  BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+    return acc
+
+
+@triton.jit
+def _forward_tile(
+    run_max, run_sum, run_wsum, pos_logit, t_sum, t_weight, t_rescale,
+    x_base, x_offsets, y_base, y_offsets, r, c, r_mask, c_mask, keep, penalised, is_pos, has_pos, layer, n_seg,
+    bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C, scale_log2, penalty_log2,
     M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, ALIGNED: tl.constexpr,
     SCALE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    SIMILARITY_DOT: tl.constexpr, EXCLUDES: tl.constexpr, PENALTY_MODE: tl.constexpr, TEACHER: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (row block, layer); 2 * R * C * top FLOPs per layer. Per row and active pair, in log2
-    units: the row maximum, log2 sum_j exp2(z_j - max), the row loss (max - z_p) + log2 sum, and
-    (SCALE_GRAD) d row loss / d scale = (sum_j p_j (z_j - max) + max - z_p) / scale_log2, from one
-    accumulator over [0, top) with the (layer, dim) epilogue at every nested-dim boundary."""
+    """One [rows, cols] tile of one layer: one accumulator over [0, top) with the (layer, dim)
+    epilogue at every active boundary, updating the per-row statistics [BLOCK_R, M_PAD]."""
+    m_ids = tl.arange(0, M_PAD)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for m in range(0, n_seg):
+        lo, hi = _segment(bounds_ptr, m, ALIGNED)
+        acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask,
+                                  lo, hi, ALIGNED, BLOCK_D,
+                                  DOT_PRECISION, DOT_IN_FP32)
+        if tl.load(active_ptr + layer * M + m) != 0:
+            z = _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr, inv_cols_ptr, R, C,
+                             scale_log2, penalty_log2, M, SIMILARITY_DOT, PENALTY_MODE)
+            is_m = m_ids[None, :] == m
+            if has_pos:
+                hit = tl.sum(tl.where(is_pos, z, 0.0), axis=1)
+                pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
+            if TEACHER:  # sum_j w_T(j) z_j over the kept columns (w_T is 0 elsewhere, z -inf: no 0 * inf)
+                tile_t = tl.sum(t_weight * tl.where(keep, z, 0.0), axis=1)
+                t_sum = tl.where(is_m, t_sum * t_rescale[:, None] + tile_t[:, None], t_sum)
+            if FIXED_MAX:
+                if PENALTY_MODE == 0:
+                    shifted = z - scale_log2
+                else:
+                    shifted = z - (scale_log2 + penalty_log2)
+                e = tl.exp2(shifted)
+                run_sum = tl.where(is_m, run_sum + tl.sum(e, axis=1)[:, None], run_sum)
+                if SCALE_GRAD:
+                    tile_wsum = tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
+                    run_wsum = tl.where(is_m, run_wsum + tile_wsum[:, None], run_wsum)
+            else:
+                old_max = _column(run_max, m, m_ids)
+                new_max = tl.maximum(old_max, tl.max(z, axis=1))
+                # The first tile has old_max = -inf and nothing to rescale (and inf * 0 is NaN).
+                delta = tl.where(old_max == float("-inf"), 0.0, old_max - new_max)
+                rescale = tl.exp2(delta)
+                old_sum = _column(run_sum, m, m_ids)
+                if EXCLUDES:  # every column so far excluded: shift by 0, not by -inf (-inf - -inf is NaN)
+                    shifted = z - tl.where(new_max == float("-inf"), 0.0, new_max)[:, None]
+                else:
+                    shifted = z - new_max[:, None]
+                e = tl.exp2(shifted)
+                new_sum = old_sum * rescale + tl.sum(e, axis=1)
+                if SCALE_GRAD:
+                    # sum_j e_j (z_j - old) -> sum_j e_j 2^delta (z_j - new) = (. + delta * sum) 2^delta
+                    new_wsum = (_column(run_wsum, m, m_ids) + delta * old_sum) * rescale
+                    new_wsum += tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
+                    run_wsum = tl.where(is_m, new_wsum[:, None], run_wsum)
+                run_max = tl.where(is_m, new_max[:, None], run_max)
+                run_sum = tl.where(is_m, new_sum[:, None], run_sum)
+    return run_max, run_sum, run_wsum, pos_logit, t_sum
+
+
+@triton.jit
+def _initial_statistics(active_ptr, layer, m_ids, FIXED_MAX: tl.constexpr, fixed_max, M: tl.constexpr,
+                        BLOCK_R: tl.constexpr, M_PAD: tl.constexpr):
+    """(run_max, run_sum) before the first tile. Inactive pairs keep max 0 and sum 1 so that their
+    (unused) statistics stay finite."""
+    inactive = (tl.load(active_ptr + layer * M + m_ids, mask=m_ids < M, other=0) == 0)[None, :]
+    if FIXED_MAX:
+        run_max = tl.zeros([BLOCK_R, M_PAD], tl.float32) + fixed_max
+    else:
+        run_max = tl.where(inactive, 0.0, tl.full([BLOCK_R, M_PAD], float("-inf"), tl.float32))
+    return run_max, tl.zeros([BLOCK_R, M_PAD], tl.float32) + inactive.to(tl.float32)
+
+
+def _m2d_fwd_kernel(
+    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
+    max_ptr, logsum_ptr, row_loss_ptr, dscale_ptr, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr,
+    teacher_sum_ptr, L, R, C, D, DG, G, scale_log2, penalty_log2, R_CLASS, C_CLASS,
+    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, ALIGNED: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
+    TEACHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DG: tl.constexpr,
+):
+    """Grid (row block, layer), or (row block, 1) with TEACHER; 2 * R * C * top FLOPs per layer (plus
+    one teacher product per tile with TEACHER, plus the guide product per tile when GUIDED). Per row
+    and active pair, in log2 units: the row maximum (or the fixed one), log2 sum_j exp2(z_j - max), the
+    row loss (max - z_p) + log2 sum, (SCALE_GRAD) d row loss / d scale = (sum_j p_j (z_j - max) + max -
+    z_p) / scale_log2 and (TEACHER) sum_j exp2(z_T,j - max_T) z_j, from one accumulator over [0, top)
+    with the (layer, dim) epilogue at every nested-dim boundary. The rules (rules.py) are compile-time:
+    the plain pass compiles to the same code as without them. With TEACHER a program walks every layer
+    for each column tile (the teacher tile, layer L - 1 at its top dim, is computed once per tile and
+    shared), keeping the running statistics in the output tables between tiles."""
     pid_r = tl.program_id(0)
-    layer = tl.program_id(1).to(tl.int64)
-    n_seg = tl.load(n_seg_ptr + layer)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < R
     row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
     m_ids = tl.arange(0, M_PAD)
-    x_base = rows_ptr + layer * R * D
-    x_offsets = r * D
-    stat_offsets = (layer * R + r)[:, None] * M + m_ids[None, :]
     stat_mask = r_mask[:, None] & (m_ids < M)[None, :]
-
-    # Inactive pairs keep max 0 and sum 1 so that their (unused) statistics stay finite.
-    inactive = (tl.load(active_ptr + layer * M + m_ids, mask=m_ids < M, other=0) == 0)[None, :]
-    if FIXED_MAX:
-        run_max = tl.zeros([BLOCK_R, M_PAD], tl.float32) + scale_log2
+    EXCLUDES: tl.constexpr = EXCLUDE_GROUP or GUIDED
+    if PENALTY_MODE == 0:
+        fixed_max = scale_log2
     else:
-        run_max = tl.where(inactive, 0.0, tl.full([BLOCK_R, M_PAD], float("-inf"), tl.float32))
-    run_sum = tl.zeros([BLOCK_R, M_PAD], tl.float32) + inactive.to(tl.float32)
-    run_wsum = tl.zeros([BLOCK_R, M_PAD], tl.float32)  # sum_j e_j (z_j - max), SCALE_GRAD only
-    pos_logit = tl.zeros([BLOCK_R, M_PAD], tl.float32)
-    n_streamed = tl.where(n_seg > 0, C, 0)  # a layer without active pairs streams nothing
-    for c0 in range(0, n_streamed, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
-        y_offsets = c * D
-        is_pos = c[None, :] == row_pos[:, None]
-        has_pos = tl.sum(is_pos.to(tl.int32)) > 0  # most tiles hold no positive: skip the extraction
-        acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        for m in range(0, n_seg):
-            lo, hi = _segment(bounds_ptr, m, ALIGNED)
-            acc = _accumulate_segment(acc, x_base, x_offsets, cols_ptr + layer * C * D, y_offsets, r_mask, c_mask,
-                                      lo, hi, ALIGNED, BLOCK_D,
-                                      DOT_PRECISION, DOT_IN_FP32)
-            if tl.load(active_ptr + layer * M + m) != 0:
-                rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-                ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-                z = tl.where(c_mask[None, :], _logits(acc, rx, ry, scale_log2), float("-inf"))
-                is_m = m_ids[None, :] == m
-                if has_pos:
-                    hit = tl.sum(tl.where(is_pos, z, 0.0), axis=1)
-                    pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
-                if FIXED_MAX:
-                    shifted = z - scale_log2
-                    e = tl.exp2(shifted)
-                    run_sum = tl.where(is_m, run_sum + tl.sum(e, axis=1)[:, None], run_sum)
-                    if SCALE_GRAD:
-                        tile_wsum = tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
-                        run_wsum = tl.where(is_m, run_wsum + tile_wsum[:, None], run_wsum)
-                else:
-                    old_max = _column(run_max, m, m_ids)
-                    new_max = tl.maximum(old_max, tl.max(z, axis=1))
-                    # The first tile has old_max = -inf and nothing to rescale (and inf * 0 is NaN).
-                    delta = tl.where(old_max == float("-inf"), 0.0, old_max - new_max)
-                    rescale = tl.exp2(delta)
-                    old_sum = _column(run_sum, m, m_ids)
-                    shifted = z - new_max[:, None]
-                    e = tl.exp2(shifted)
-                    new_sum = old_sum * rescale + tl.sum(e, axis=1)
-                    if SCALE_GRAD:
-                        # sum_j e_j (z_j - old) -> sum_j e_j 2^delta (z_j - new) = (. + delta * sum) 2^delta
-                        new_wsum = (_column(run_wsum, m, m_ids) + delta * old_sum) * rescale
-                        new_wsum += tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
-                        run_wsum = tl.where(is_m, new_wsum[:, None], run_wsum)
-                    run_max = tl.where(is_m, new_max[:, None], run_max)
-                    run_sum = tl.where(is_m, new_sum[:, None], run_sum)
-    tl.store(max_ptr + stat_offsets, run_max, mask=stat_mask)
-    tl.store(logsum_ptr + stat_offsets, tl.log2(run_sum), mask=stat_mask)
-    tl.store(row_loss_ptr + stat_offsets, (run_max - pos_logit) + tl.log2(run_sum), mask=stat_mask)
-    if SCALE_GRAD:
-        dscale = (run_wsum / run_sum + (run_max - pos_logit)) / scale_log2
-        tl.store(dscale_ptr + stat_offsets, dscale, mask=stat_mask)
+        fixed_max = scale_log2 + penalty_log2
+    if TEACHER:
+        for layer_i in range(0, L):
+            layer = (layer_i + tl.zeros([], tl.int64))
+            stat_offsets = (layer * R + r)[:, None] * M + m_ids[None, :]
+            run_max, run_sum = _initial_statistics(active_ptr, layer, m_ids, FIXED_MAX, fixed_max, M, BLOCK_R, M_PAD)
+            tl.store(max_ptr + stat_offsets, run_max, mask=stat_mask)
+            tl.store(logsum_ptr + stat_offsets, run_sum, mask=stat_mask)  # the sum itself until the end
+            tl.store(row_loss_ptr + stat_offsets, tl.zeros([BLOCK_R, M_PAD], tl.float32), mask=stat_mask)
+            tl.store(teacher_sum_ptr + stat_offsets, tl.zeros([BLOCK_R, M_PAD], tl.float32), mask=stat_mask)
+        t_layer = (L - 1).to(tl.int64)
+        t_seg = tl.load(n_seg_ptr + t_layer)  # the caller guarantees pair (L - 1, M - 1) is active
+        t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_mask = c < C
+            y_offsets = c * D
+            is_pos = c[None, :] == row_pos[:, None]
+            has_pos = tl.sum(is_pos.to(tl.int32)) > 0
+            keep, penalised = _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr,
+                                          guide_cols_ptr, guide_thr_ptr, G, DG, EXCLUDE_GROUP, PENALTY_MODE, GUIDED,
+                                          BLOCK_R, BLOCK_C, BLOCK_DG)
+            acc = _accumulate_layer(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), rows_ptr + t_layer * R * D, r * D,
+                                    cols_ptr + t_layer * C * D, y_offsets, r_mask, c_mask, bounds_ptr, t_seg, ALIGNED,
+                                    BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+            z_t = _pair_logits(acc, t_layer, M - 1, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr,
+                               inv_cols_ptr, R, C, scale_log2, penalty_log2, M, SIMILARITY_DOT, PENALTY_MODE)
+            if FIXED_MAX:
+                t_weight = tl.exp2(z_t - fixed_max)
+                t_rescale = tl.full([BLOCK_R], 1.0, tl.float32)
+            else:  # the same running maximum as pair (L - 1, M - 1): the offset it returns
+                new_max = tl.maximum(t_max, tl.max(z_t, axis=1))
+                t_rescale = tl.where(t_max == float("-inf"), 1.0, tl.exp2(t_max - new_max))
+                t_weight = tl.exp2(z_t - tl.where(new_max == float("-inf"), 0.0, new_max)[:, None])
+                t_max = new_max
+            for layer_i in range(0, L):
+                layer = (layer_i + tl.zeros([], tl.int64))
+                n_seg = tl.load(n_seg_ptr + layer)
+                stat_offsets = (layer * R + r)[:, None] * M + m_ids[None, :]
+                tl.debug_barrier()  # the tables were written in another register layout
+                run_max = tl.load(max_ptr + stat_offsets, mask=stat_mask, other=0.0)
+                run_sum = tl.load(logsum_ptr + stat_offsets, mask=stat_mask, other=1.0)
+                pos_logit = tl.load(row_loss_ptr + stat_offsets, mask=stat_mask, other=0.0)
+                t_sum = tl.load(teacher_sum_ptr + stat_offsets, mask=stat_mask, other=0.0)
+                run_max, run_sum, _, pos_logit, t_sum = _forward_tile(
+                    run_max, run_sum, 0.0, pos_logit, t_sum, t_weight, t_rescale,
+                    rows_ptr + layer * R * D, r * D, cols_ptr + layer * C * D, y_offsets, r, c, r_mask, c_mask, keep,
+                    penalised, is_pos, has_pos, layer, n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr,
+                    R, C, scale_log2, penalty_log2, M, M_PAD, FIXED_MAX, ALIGNED, False, DOT_PRECISION, DOT_IN_FP32,
+                    SIMILARITY_DOT, EXCLUDES, PENALTY_MODE, TEACHER, BLOCK_R, BLOCK_C, BLOCK_D)
+                tl.store(max_ptr + stat_offsets, run_max, mask=stat_mask)
+                tl.store(logsum_ptr + stat_offsets, run_sum, mask=stat_mask)
+                tl.store(row_loss_ptr + stat_offsets, pos_logit, mask=stat_mask)
+                tl.store(teacher_sum_ptr + stat_offsets, t_sum, mask=stat_mask)
+        for layer_i in range(0, L):
+            stat_offsets = ((layer_i + tl.zeros([], tl.int64)) * R + r)[:, None] * M + m_ids[None, :]
+            tl.debug_barrier()
+            run_max = tl.load(max_ptr + stat_offsets, mask=stat_mask, other=0.0)
+            run_sum = tl.load(logsum_ptr + stat_offsets, mask=stat_mask, other=1.0)
+            pos_logit = tl.load(row_loss_ptr + stat_offsets, mask=stat_mask, other=0.0)
+            # A row whose every column is excluded: offset 0 (finite), log2 sum -inf.
+            run_max = tl.where(run_max == float("-inf"), 0.0, run_max)
+            tl.store(max_ptr + stat_offsets, run_max, mask=stat_mask)
+            tl.store(logsum_ptr + stat_offsets, tl.log2(run_sum), mask=stat_mask)
+            tl.store(row_loss_ptr + stat_offsets, (run_max - pos_logit) + tl.log2(run_sum), mask=stat_mask)
+    else:
+        layer = tl.program_id(1).to(tl.int64)
+        n_seg = tl.load(n_seg_ptr + layer)
+        x_base = rows_ptr + layer * R * D
+        x_offsets = r * D
+        stat_offsets = (layer * R + r)[:, None] * M + m_ids[None, :]
+        run_max, run_sum = _initial_statistics(active_ptr, layer, m_ids, FIXED_MAX, fixed_max, M, BLOCK_R, M_PAD)
+        run_wsum = tl.zeros([BLOCK_R, M_PAD], tl.float32)  # sum_j e_j (z_j - max), SCALE_GRAD only
+        pos_logit = tl.zeros([BLOCK_R, M_PAD], tl.float32)
+        n_streamed = tl.where(n_seg > 0, C, 0)  # a layer without active pairs streams nothing
+        for c0 in range(0, n_streamed, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_mask = c < C
+            y_offsets = c * D
+            is_pos = c[None, :] == row_pos[:, None]
+            has_pos = tl.sum(is_pos.to(tl.int32)) > 0  # most tiles hold no positive: skip the extraction
+            keep, penalised = _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr,
+                                          guide_cols_ptr, guide_thr_ptr, G, DG, EXCLUDE_GROUP, PENALTY_MODE, GUIDED,
+                                          BLOCK_R, BLOCK_C, BLOCK_DG)
+            run_max, run_sum, run_wsum, pos_logit, _ = _forward_tile(
+                run_max, run_sum, run_wsum, pos_logit, 0.0, 0.0, 0.0,
+                x_base, x_offsets, cols_ptr + layer * C * D, y_offsets, r, c, r_mask, c_mask, keep, penalised,
+                is_pos, has_pos, layer, n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C, scale_log2,
+                penalty_log2, M, M_PAD, FIXED_MAX, ALIGNED, SCALE_GRAD, DOT_PRECISION, DOT_IN_FP32, SIMILARITY_DOT,
+                EXCLUDES, PENALTY_MODE, TEACHER, BLOCK_R, BLOCK_C, BLOCK_D)
+        if EXCLUDES:  # a row whose every column is excluded: offset 0 (finite), log2 sum -inf
+            run_max = tl.where(run_max == float("-inf"), 0.0, run_max)
+        tl.store(max_ptr + stat_offsets, run_max, mask=stat_mask)
+        tl.store(logsum_ptr + stat_offsets, tl.log2(run_sum), mask=stat_mask)
+        tl.store(row_loss_ptr + stat_offsets, (run_max - pos_logit) + tl.log2(run_sum), mask=stat_mask)
+        if SCALE_GRAD:
+            dscale = (run_wsum / run_sum + (run_max - pos_logit)) / scale_log2
+            tl.store(dscale_ptr + stat_offsets, dscale, mask=stat_mask)
 
 
 @triton.jit
@@ -291,47 +500,83 @@ def _zero_columns(ptrs, mask, lo, hi, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr
 
 
 @triton.jit
-def _weighted_gradient(acc, r, c, r_mask, c_mask, row_pos, norm_sums, layer, m, m_ids,
-                       inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, R, C, scale_log2,
-                       M: tl.constexpr, FOR_COLS: tl.constexpr):
-    """(W_m, norm_sums + norm * sum(G_m * cos_m) along the owner's axis in column m) for S_m = acc."""
-    rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-    ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+def _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos, norm_sums, layer, m, m_ids,
+                       inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, distill_ptr, R, C,
+                       scale_log2, penalty_log2, M: tl.constexpr, FOR_COLS: tl.constexpr, SIMILARITY_DOT: tl.constexpr,
+                       PENALTY_MODE: tl.constexpr, TEACHER: tl.constexpr):
+    """(W_m, norm_sums + norm * sum(G_m * cos_m) along the owner's axis in column m) for S_m = acc.
+    G_m = coef * (p - onehot) (+ distill * (p - p_teacher) with TEACHER), 0 where not kept; with
+    SIMILARITY_DOT, W_m = G_m and there is no norm term."""
+    if SIMILARITY_DOT:
+        rx = 1.0
+        ry = 1.0
+    else:
+        rx = tl.load(inv_rows_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+        ry = tl.load(inv_cols_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
     row_max = tl.load(max_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
     row_logsum = tl.load(logsum_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
     coef = tl.load(coef_ptr + layer * M + m)
-    z = _logits(acc, rx, ry, scale_log2)
+    z = _logits(acc, rx, ry, scale_log2, penalised, penalty_log2, SIMILARITY_DOT, PENALTY_MODE)
     prob = tl.exp2((z - row_max[:, None]) - row_logsum[:, None])
     # The one-hot and the validity mask are rebuilt here rather than kept live as [rows, cols] tiles.
     onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
-    grad_cos = tl.where(r_mask[:, None] & c_mask[None, :], coef * (prob - onehot), 0.0)
-    cos = acc * rx[:, None] * ry[None, :]
-    if FOR_COLS:
-        norm = tl.load(norm_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
-        norm_sum = norm * tl.sum(grad_cos * cos, axis=0)
+    if TEACHER:
+        distill = tl.load(distill_ptr + layer * M + m)
+        grad = (coef + distill) * prob - coef * onehot - distill * p_teacher
     else:
-        norm = tl.load(norm_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
-        norm_sum = norm * tl.sum(grad_cos * cos, axis=1)
-    norm_sums += tl.where(m_ids[None, :] == m, norm_sum[:, None], 0.0)
-    return grad_cos * rx[:, None] * ry[None, :], norm_sums
+        grad = coef * (prob - onehot)
+    # where, not a product: the excluded columns' probabilities may be inf or NaN.
+    grad_cos = tl.where(r_mask[:, None] & keep, grad, 0.0)
+    if SIMILARITY_DOT:
+        w = grad_cos
+    else:
+        cos = acc * rx[:, None] * ry[None, :]
+        if FOR_COLS:
+            norm = tl.load(norm_ptr + (layer * C + c) * M + m, mask=c_mask, other=0.0)
+            norm_sum = norm * tl.sum(grad_cos * cos, axis=0)
+        else:
+            norm = tl.load(norm_ptr + (layer * R + r) * M + m, mask=r_mask, other=0.0)
+            norm_sum = norm * tl.sum(grad_cos * cos, axis=1)
+        norm_sums += tl.where(m_ids[None, :] == m, norm_sum[:, None], 0.0)
+        w = grad_cos * rx[:, None] * ry[None, :]
+    return w, norm_sums
 
 
 @triton.jit
 def _backward_tile(
     x_base, x_offsets, y_base, y_offsets, work_base, work_offsets, slot_ptr, r, c, r_mask, c_mask, row_pos,
     norm_sums, layer, n_seg,
-    bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, R, C, scale_log2,
+    bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, R, C,
+    scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr, distill_ptr, L, D,
+    DG, G, penalty_log2,
     M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, ELEMENT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
+    TEACHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DG: tl.constexpr,
 ):
     """One [rows, cols] tile: 2 * BLOCK_R * BLOCK_C * top FLOPs to recompute S (upwards, the
     forward's order) writing W_m to slot m at each active boundary below the top one (the top W
     stays in registers as the first H), then 2 * BLOCK_R * BLOCK_C * top for the product, walking
     the segments downwards with H = sum of the W so far: H Y[:, seg] (rows) or H^T X[:, seg] (cols)
     into the owner's fp32 work rows.
+    The rules' masks (and the guide product) are computed once per tile for all dims; with TEACHER
+    the teacher's probabilities take one more product over layer L - 1's [0, top) per tile.
     Returns norm_sums + norm * sum(G_m * cos_m) along the owner's axis, per dim."""
     m_ids = tl.arange(0, M_PAD)
+    keep, penalised = _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr, guide_cols_ptr,
+                                  guide_thr_ptr, G, DG, EXCLUDE_GROUP, PENALTY_MODE, GUIDED, BLOCK_R, BLOCK_C, BLOCK_DG)
+    p_teacher = 0.0
+    if TEACHER:
+        t_layer = (L - 1).to(tl.int64)
+        acc = _accumulate_layer(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), rows_ptr + t_layer * R * D, x_offsets,
+                                cols_ptr + t_layer * C * D, y_offsets, r_mask, c_mask, bounds_ptr,
+                                tl.load(n_seg_ptr + t_layer), ALIGNED, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+        z_t = _pair_logits(acc, t_layer, M - 1, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr, inv_cols_ptr,
+                           R, C, scale_log2, penalty_log2, M, SIMILARITY_DOT, PENALTY_MODE)
+        t_max = tl.load(max_ptr + (t_layer * R + r) * M + M - 1, mask=r_mask, other=0.0)
+        t_logsum = tl.load(logsum_ptr + (t_layer * R + r) * M + M - 1, mask=r_mask, other=0.0)
+        p_teacher = tl.exp2((z_t - t_max[:, None]) - t_logsum[:, None])
     # int32 offsets from a scalar base: a [rows, cols] tile of 64-bit pointers would hold twice the registers.
     slot_offsets = tl.arange(0, BLOCK_R)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
@@ -342,15 +587,17 @@ def _backward_tile(
                                   BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
         if m < top_m:
             if tl.load(active_ptr + layer * M + m) != 0:
-                w, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, row_pos, norm_sums, layer, m, m_ids,
-                                                  inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
-                                                  coef_ptr, R, C, scale_log2, M, FOR_COLS)
+                w, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos,
+                                                  norm_sums, layer, m, m_ids, inv_rows_ptr, inv_cols_ptr, norm_ptr,
+                                                  max_ptr, logsum_ptr, coef_ptr, distill_ptr, R, C, scale_log2,
+                                                  penalty_log2, M, FOR_COLS, SIMILARITY_DOT, PENALTY_MODE, TEACHER)
                 tl.store(slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets, w)
     # The top segment (always active: n_seg ends at the last active dim) needs no slot: its W is
     # the first H. One k-loop for all segments (no peeled copy), so acc here is S_top.
-    h, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, row_pos, norm_sums, layer, top_m, m_ids,
-                                      inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr,
-                                      R, C, scale_log2, M, FOR_COLS)
+    h, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos, norm_sums,
+                                      layer, top_m, m_ids, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
+                                      coef_ptr, distill_ptr, R, C, scale_log2, penalty_log2, M, FOR_COLS,
+                                      SIMILARITY_DOT, PENALTY_MODE, TEACHER)
     tl.debug_barrier()  # the slots are read back in another register layout (other threads)
     for step in range(0, n_seg):
         m = n_seg - 1 - step
@@ -404,10 +651,13 @@ def _store_gradient(grad_ptrs, work_ptrs, own_ptrs, mask, norm_sums, bounds_ptr,
 
 def _m2d_bwd_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
-    norm_ptr, max_ptr, logsum_ptr, coef_ptr, grad_ptr, work_ptr, slots_ptr, L, R, C, D, scale_log2, R_CLASS, C_CLASS,
+    norm_ptr, max_ptr, logsum_ptr, coef_ptr, grad_ptr, work_ptr, slots_ptr, row_group_ptr, guide_rows_ptr,
+    guide_cols_ptr, guide_thr_ptr, distill_ptr, L, R, C, D, DG, G, scale_log2, penalty_log2, R_CLASS, C_CLASS,
     M: tl.constexpr, M_PAD: tl.constexpr, ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, FOR_COLS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
+    TEACHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DG: tl.constexpr,
 ):
     """Persistent grid over work items (layer, owner block): dX of a row block streaming over column
     tiles, or (FOR_COLS) dY of a column block streaming over row tiles; 4 * R * C * top FLOPs per
@@ -445,9 +695,11 @@ def _m2d_bwd_kernel(
                 norm_sums = _backward_tile(
                     rows_ptr + layer * R * D, x_offsets, y_base, y_offsets, work_base, work_offsets, slot_ptr, r,
                     own, r_mask, own_mask, row_pos, norm_sums, layer,
-                    n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
-                    coef_ptr, R, C, scale_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT,
-                    BLOCK_R, BLOCK_C, BLOCK_D,
+                    n_seg, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr,
+                    logsum_ptr, coef_ptr, R, C, scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr,
+                    guide_cols_ptr, guide_thr_ptr, distill_ptr, L, D, DG, G, penalty_log2, M, M_PAD, FOR_COLS,
+                    ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT, SIMILARITY_DOT, EXCLUDE_GROUP, PENALTY_MODE, GUIDED,
+                    TEACHER, BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_DG,
                 )
         else:
             x_base = rows_ptr + layer * R * D
@@ -462,9 +714,11 @@ def _m2d_bwd_kernel(
                 norm_sums = _backward_tile(
                     x_base, x_offsets, cols_ptr + layer * C * D, y_offsets, work_base, work_offsets, slot_ptr, own,
                     c, own_mask, c_mask, row_pos, norm_sums, layer,
-                    n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
-                    coef_ptr, R, C, scale_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT,
-                    BLOCK_R, BLOCK_C, BLOCK_D,
+                    n_seg, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr,
+                    logsum_ptr, coef_ptr, R, C, scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr,
+                    guide_cols_ptr, guide_thr_ptr, distill_ptr, L, D, DG, G, penalty_log2, M, M_PAD, FOR_COLS,
+                    ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT, SIMILARITY_DOT, EXCLUDE_GROUP, PENALTY_MODE, GUIDED,
+                    TEACHER, BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_DG,
                 )
         _store_gradient(grad_ptr + (layer * (C if FOR_COLS else R) + own)[:, None] * D, work_ptrs, own_ptrs,
                         own_mask, norm_sums, bounds_ptr, n_seg, top, D, ALIGNED, DOT_IN_FP32, own_block, M_PAD, BLOCK_D)
@@ -476,9 +730,10 @@ _m2d_bwd_kernel = triton.jit(_m2d_bwd_kernel)
 # Autotuned variants of the same kernels (opt-in). Every kernel overwrites its outputs (the
 # backward zeroes its work rows first), so autotuning's repeated runs are harmless.
 _m2d_fwd_tuned = _autotuned(_m2d_fwd_kernel, FORWARD_CONFIGS,
-                            ("R_CLASS", "C_CLASS", "D", "M", "FIXED_MAX", "ALIGNED", "SCALE_GRAD", "BLOCK_D"))
+                            ("R_CLASS", "C_CLASS", "D", "M", "FIXED_MAX", "ALIGNED", "SCALE_GRAD", "BLOCK_D",
+                             *RULE_FLAGS))
 _m2d_bwd_tuned = _autotuned(_m2d_bwd_kernel, BACKWARD_CONFIGS,
-                            ("R_CLASS", "C_CLASS", "D", "M", "ALIGNED", "FOR_COLS", "BLOCK_D"))
+                            ("R_CLASS", "C_CLASS", "D", "M", "ALIGNED", "FOR_COLS", "BLOCK_D", *RULE_FLAGS))
 
 
 # ---------------------------------------------------------------------------------------
@@ -573,15 +828,32 @@ def _positives(positives: torch.Tensor) -> torch.Tensor:
     return positives.to(torch.int32, memory_format=torch.contiguous_format).contiguous()
 
 
-@torch.library.custom_op("m2d_kernels::infonce_forward", mutates_args=())
-def m2d_forward(
-    rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, dims: list[int], active: list[bool], scale: float,
-    scale_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
-    """Per-pair losses ``[L, M]`` (input dtype), d loss / d scale ``[L, M]`` fp32 (empty unless
-    ``scale_grad``), and what backward needs: row maxima and log2 sums ``[L, R, M]`` (log2 units)
-    and the inverse-norm / norm-factor tables of rows and columns."""
+def _rule_arguments(rules: Rules, rows: torch.Tensor, distill_coef=None):
+    """(pointer tensors, scalars, flags) of the rules for either kernel: row groups (int32), guide
+    embeddings and thresholds (fp32), per-pair distillation coefficients; unused pointers get a dummy."""
+    dummy = rows.new_zeros(1, dtype=torch.float32)
+    group = dummy.int()
+    if rules.exclude_own_group or rules.penalty is not None:
+        group = rules.row_group.to(device=rows.device, dtype=torch.int32).contiguous()
+    guide_rows = guide_cols = threshold = dummy
+    if rules.guided:
+        guide_rows, guide_cols, threshold = (t.to(device=rows.device, dtype=torch.float32).contiguous()
+                                             for t in (rules.guide_rows, rules.guide_cols, rules.guide_threshold))
+    distill = dummy if distill_coef is None else distill_coef.float().contiguous()
+    pointers = {"row_group_ptr": group, "guide_rows_ptr": guide_rows, "guide_cols_ptr": guide_cols,
+                "guide_thr_ptr": threshold, "distill_ptr": distill}
+    scalars = {"DG": guide_rows.shape[-1] if rules.guided else 0, "G": rules.group_period,
+               "penalty_log2": rules.penalty_strength * LOG2E if rules.penalty is not None else 0.0}
+    flags = {"SIMILARITY_DOT": rules.similarity == "dot", "EXCLUDE_GROUP": rules.exclude_own_group,
+             "PENALTY_MODE": PENALTY_MODES[rules.penalty], "GUIDED": rules.guided, "BLOCK_DG": BLOCK_DG}
+    return pointers, scalars, flags
+
+
+def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rules=PLAIN):
+    """Row statistics of rows against cols under ``rules`` (flat ``active``): the row maxima (or fixed
+    maximum), log2 sums, row losses [L, R, M] (log2 units, fp32), d row loss / d scale (or the loss table
+    itself without ``scale_grad``), the inverse-norm / norm-factor tables, and with ``rules.teacher`` the
+    teacher sums (log2 units; else None)."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
     rows, cols = rows.contiguous(), cols.contiguous()
@@ -594,16 +866,40 @@ def m2d_forward(
     row_max, row_logsum, row_loss = (rows.new_empty(n_layers, n_rows, len(dims), dtype=torch.float32)
                                      for _ in range(3))
     row_dscale = torch.empty_like(row_loss) if scale_grad else row_loss  # not written without SCALE_GRAD
+    teacher_sum = torch.empty_like(row_loss) if rules.teacher else row_loss  # not written without TEACHER
     scale_log2 = scale * LOG2E
+    pointers, scalars, rule_flags = _rule_arguments(rules, rows)
     args = (rows, cols, _positives(positives), bounds, flags, n_seg, inv_rows, inv_cols, row_max, row_logsum,
-            row_loss, row_dscale, n_rows, n_cols, n_features, scale_log2)
-    options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols),
-                   FIXED_MAX=2 * scale_log2 <= FIXED_MAX_LIMIT, SCALE_GRAD=scale_grad)
+            row_loss, row_dscale, pointers["row_group_ptr"], pointers["guide_rows_ptr"], pointers["guide_cols_ptr"],
+            pointers["guide_thr_ptr"], teacher_sum, n_layers, n_rows, n_cols, n_features, scalars["DG"],
+            scalars["G"], scale_log2, scalars["penalty_log2"])
+    max_logit = rules.max_logit(scale)
+    options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols), **rule_flags,
+                   FIXED_MAX=max_logit is not None and 2 * max_logit * LOG2E <= FIXED_MAX_LIMIT,
+                   SCALE_GRAD=scale_grad, TEACHER=rules.teacher)
+    # With TEACHER one program walks every layer (the teacher tile is shared), else one per layer.
+    layer_programs = 1 if rules.teacher else n_layers
     tiles = _tile_kwargs("forward", rows, n_rows, n_cols)
     if tiles is None:
-        _m2d_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_layers)](*args, **options)
+        _m2d_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), layer_programs)](*args, **options)
     else:
-        _m2d_fwd_kernel[(triton.cdiv(n_rows, tiles["BLOCK_R"]), n_layers)](*args, **options, **tiles)
+        _m2d_fwd_kernel[(triton.cdiv(n_rows, tiles["BLOCK_R"]), layer_programs)](*args, **options, **tiles)
+    return (row_max, row_logsum, row_loss, row_dscale, inv_rows, norm_rows, inv_cols, norm_cols,
+            teacher_sum if rules.teacher else None)
+
+
+@torch.library.custom_op("m2d_kernels::infonce_forward", mutates_args=())
+def m2d_forward(
+    rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, dims: list[int], active: list[bool], scale: float,
+    scale_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Per-pair losses ``[L, M]`` (input dtype), d loss / d scale ``[L, M]`` fp32 (empty unless
+    ``scale_grad``), and what backward needs: row maxima and log2 sums ``[L, R, M]`` (log2 units)
+    and the inverse-norm / norm-factor tables of rows and columns."""
+    row_max, row_logsum, row_loss, row_dscale, inv_rows, norm_rows, inv_cols, norm_cols, _ = _launch_forward(
+        rows, cols, positives, dims, active, scale, scale_grad)
+    _, flags, _ = _segment_tables(tuple(dims), tuple(active), rows.device)
     active_pairs = flags.bool()
     losses = torch.where(active_pairs, row_loss.mean(1) * LN2, 0.0).to(rows.dtype)
     dscale = torch.where(active_pairs, row_dscale.mean(1), 0.0) if scale_grad else row_loss.new_empty(0)
@@ -620,23 +916,21 @@ def _(rows, cols, positives, dims, active, scale, scale_grad):
     return losses, dscale, table, table.clone(), table.clone(), table.clone(), col_table, col_table.clone()
 
 
-@torch.library.custom_op("m2d_kernels::infonce_backward", mutates_args=())
-def m2d_backward(
-    grad_losses: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, row_max: torch.Tensor,
-    row_logsum: torch.Tensor, inv_rows: torch.Tensor, norm_rows: torch.Tensor, inv_cols: torch.Tensor,
-    norm_cols: torch.Tensor, dims: list[int], active: list[bool], scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum(grad_losses * losses)`` with respect to rows and cols: two launches of
-    4 * L * R * C * top FLOPs each."""
+def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows, norm_rows, inv_cols, norm_cols,
+                     dims, active, scale, rules=PLAIN, distill_coef=None):
+    """Gradients with respect to rows and cols for the fp32 per-pair coefficients ``coef [L, M]`` of
+    ``p - onehot`` and, when given, ``distill_coef`` of ``p - p_teacher``, both per row and times ``scale``
+    (d / d s = scale * d / d z)."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
     rows, cols = rows.contiguous(), cols.contiguous()
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
-    coef = (grad_losses.float() * (scale / n_rows)).contiguous()
     positives = _positives(positives)
-    options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols))
+    pointers, scalars, rule_flags = _rule_arguments(rules, rows, distill_coef)
+    options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols), **rule_flags,
+                   TEACHER=distill_coef is not None)
     tiles = _tile_kwargs("backward", rows, n_rows, n_cols)
     configs = (BACKWARD_CONFIGS if tiles is None else [(tiles["BLOCK_R"], tiles["BLOCK_C"])])
     largest_own = max(max(config[0], config[1]) for config in configs)
@@ -650,7 +944,8 @@ def m2d_backward(
     for for_cols, n_own, block, norm in ((False, n_rows, "BLOCK_R", norm_rows), (True, n_cols, "BLOCK_C", norm_cols)):
         grad = torch.empty_like(cols if for_cols else rows)
         args = (rows, cols, positives, bounds, flags, n_seg, inv_rows, inv_cols, norm, row_max, row_logsum, coef,
-                grad, work, slots, n_layers, n_rows, n_cols, n_features, scale * LOG2E)
+                grad, work, slots, *pointers.values(), n_layers, n_rows, n_cols, n_features, scalars["DG"],
+                scalars["G"], scale * LOG2E, scalars["penalty_log2"])
         if tiles is None:
             grid = lambda meta, n_own=n_own, block=block: (min(n_layers * triton.cdiv(n_own, meta[block]), programs),)
             _m2d_bwd_tuned[grid](*args, FOR_COLS=for_cols, **options)
@@ -659,6 +954,19 @@ def m2d_backward(
             _m2d_bwd_kernel[grid](*args, FOR_COLS=for_cols, **options, **tiles)
         grads.append(grad)
     return grads[0], grads[1]
+
+
+@torch.library.custom_op("m2d_kernels::infonce_backward", mutates_args=())
+def m2d_backward(
+    grad_losses: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, row_max: torch.Tensor,
+    row_logsum: torch.Tensor, inv_rows: torch.Tensor, norm_rows: torch.Tensor, inv_cols: torch.Tensor,
+    norm_cols: torch.Tensor, dims: list[int], active: list[bool], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum(grad_losses * losses)`` with respect to rows and cols: two launches of
+    4 * L * R * C * top FLOPs each."""
+    coef = (grad_losses.float() * (scale / rows.shape[1])).contiguous()
+    return _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
+                            norm_rows, inv_cols, norm_cols, dims, active, scale)
 
 
 @m2d_backward.register_fake
@@ -726,25 +1034,91 @@ def pair_losses(
 # ---------------------------------------------------------------------------------------
 
 
-def row_statistics(rows, cols, dims, active, scale, positives):
-    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, natural-log units. The kernels keep
-    log2 units: the tables are fp64 so that the round trip ln <-> log2 gives back the kernels' fp32 values
-    (an fp32 round trip costs ulp(scale * log2(e)) in every probability)."""
+def _check_rules(rules: Rules, rows: torch.Tensor, cols: torch.Tensor, active) -> None:
+    """ValueError/TypeError naming the field of ``rules`` that the pass cannot take."""
+    if not isinstance(rules, Rules):
+        raise TypeError(f"rules must be a m2d_kernels.rules.Rules, got {type(rules).__name__}")
+    if rules.similarity not in SIMILARITIES:
+        raise ValueError(f"rules.similarity must be one of {SIMILARITIES}, got {rules.similarity!r}")
+    if rules.penalty is not None and rules.penalty not in PENALTIES:
+        raise ValueError(f"rules.penalty must be None or one of {PENALTIES}, got {rules.penalty!r}")
+    n_rows, n_cols = rows.shape[1], cols.shape[1]
+    if rules.exclude_own_group or rules.penalty is not None:
+        if rules.group_period <= 0:
+            raise ValueError(f"rules.group_period must be > 0 with exclusion or a penalty, got {rules.group_period}")
+        if rules.row_group is None or rules.row_group.shape != (n_rows,):
+            raise ValueError(f"rules.row_group must have shape ({n_rows},)")
+    if rules.guided:
+        guide_rows, guide_cols, threshold = rules.guide_rows, rules.guide_cols, rules.guide_threshold
+        if guide_cols is None or threshold is None:
+            raise ValueError("rules.guide_cols and rules.guide_threshold are required with rules.guide_rows")
+        if (guide_rows.dim() != 2 or guide_rows.shape[0] != n_rows or guide_cols.shape != (n_cols, guide_rows.shape[1])
+                or threshold.shape != (n_rows,)):
+            raise ValueError(f"rules.guide_rows/guide_cols/guide_threshold must have shapes ({n_rows}, Dg), "
+                             f"({n_cols}, Dg), ({n_rows},)")
+    if rules.teacher and not active[-1][-1]:
+        raise ValueError("rules.teacher needs the teacher pair (L - 1, M - 1) to be active")
+
+
+def _positive_logits(rows, cols, dims, active, scale, positives, rules):
+    """``[L, R, M]`` ``z(i, positives_i)`` under ``rules`` in float64 (the kernels keep the positive logit of
+    a row to themselves): the penalty where the positive's column is penalised, -inf where it is excluded,
+    0 where ``positives_i == -1`` or the pair is inactive. ``O(L * R * D)``."""
     from m2d_kernels.backends.torch_prefix import positive_logits
 
+    if rules.similarity == "cos" and rules.penalty is None and not rules.exclude_own_group:
+        return positive_logits(rows, cols, dims, active, scale, positives).double()
+    column = positives.clamp_min(0)
+    x, y = rows.double(), cols.index_select(1, column).double()
+    bounds = (0,) + tuple(dims)
+    logits = torch.stack([(x[..., a:b] * y[..., a:b]).sum(-1) for a, b in zip(bounds, bounds[1:])], -1).cumsum(-1)
+    if rules.similarity == "cos":
+        logits = logits * inverse_prefix_norms(x, tuple(dims), torch.float64)[0]
+        logits = logits * inverse_prefix_norms(y, tuple(dims), torch.float64)[0]
+    factor = torch.full_like(column, scale, dtype=torch.float64)
+    if rules.penalty is not None or rules.exclude_own_group:
+        group = rules.row_group.to(column.device)
+        own = column % rules.group_period == group
+        penalised = {None: torch.zeros_like(own), "in_batch_negatives": ~own,
+                     "hard_negatives": own & (column >= rules.group_period),
+                     "all_negatives": column != group}[rules.penalty]
+        factor = torch.where(penalised, scale + rules.penalty_strength, factor)
+        if rules.exclude_own_group:
+            factor = torch.where(own, torch.inf, factor)  # -inf below: the positive itself is excluded
+    logits = logits * factor[None, :, None]
+    if rules.exclude_own_group:
+        logits = torch.where(torch.isinf(factor)[None, :, None], -torch.inf, logits)
+    keep = (positives >= 0)[None, :, None] & torch.tensor(active, device=rows.device)[:, None, :]
+    return torch.where(keep, logits, 0.0)
+
+
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
+    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, natural-log units, and with
+    ``rules.teacher`` the teacher sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor. The kernels
+    keep log2 units: the tables are fp64 so that the round trip ln <-> log2 gives back the kernels' fp32
+    values (an fp32 round trip costs ulp(scale * log2(e)) in every probability)."""
     _check_dtype(rows)
+    _check_rules(rules, rows, cols, active)
     flat_active = [on for row in active for on in row]
-    row_max, row_logsum = m2d_forward(rows, cols, positives, list(dims), flat_active, scale, False)[2:4]
-    positive = positive_logits(rows, cols, dims, active, scale, positives).double()
-    return row_max.double() * LN2, row_logsum.double() * LN2, positive
+    out = _launch_forward(rows, cols, positives, list(dims), flat_active, scale, False, rules)
+    positive = _positive_logits(rows, cols, dims, active, scale, positives, rules)
+    stats = (out[0].double() * LN2, out[1].double() * LN2, positive)
+    return stats + (out[-1].double() * LN2,) if rules.teacher else stats
 
 
-def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef):
-    """Pass API: ``(d_rows, d_cols)`` from m2d_backward with the given (combined) statistics."""
+def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
+                   distill_coef=None):
+    """Pass API: ``(d_rows, d_cols)`` in the input dtype with the given (combined) statistics; the
+    teacher term when ``distill_coef`` is given."""
+    _check_dtype(rows)
+    _check_rules(rules, rows, cols, active)
+    if distill_coef is not None and not active[-1][-1]:
+        raise ValueError("distill_coef needs the teacher pair (L - 1, M - 1) to be active")
     flat_active = [on for row in active for on in row]
     inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
     inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
-    # m2d_backward's coefficient is grad_losses * scale / R per cosine; ours is per row loss.
-    return m2d_backward(coef.float() * rows.shape[1], rows, cols, positives, (offset * LOG2E).float().contiguous(),
-                        (log_sum * LOG2E).float().contiguous(), inv_rows, norm_rows, inv_cols, norm_cols,
-                        list(dims), flat_active, scale)
+    # The kernels' coefficients multiply d / d z per row loss by scale (d z / d s).
+    distill = None if distill_coef is None else (distill_coef * scale).float()
+    return _launch_backward((coef * scale).float(), rows, cols, positives, (offset * LOG2E).float().contiguous(),
+                            (log_sum * LOG2E).float().contiguous(), inv_rows, norm_rows, inv_cols, norm_cols,
+                            list(dims), flat_active, scale, rules, distill)

@@ -21,12 +21,31 @@ and one fused :func:`m2d_kernels.matryoshka_2d_infonce` call computes every (lay
 ``[L, M]`` weight matrix.
 
 The encoder always runs through ``loss.model``, the object sentence-transformers' trainer places there
-(DDP, torch.compile), so DDP synchronises the gradients. Arguments the kernels do not cover (another base
-loss, a negative weight, ...) run sentence-transformers' own loss instead, with one warning.
+(DDP, torch.compile), so DDP synchronises the gradients.
 
-``mini_batch_size`` turns on gradient caching (GradCache): embed without grad in mini-batches, compute
-the fused loss on the full batch, then, in backward, re-embed each mini-batch with grad under the
-recorded RNG state and back-propagate the cached embedding gradients.
+Fused base losses (``SUPPORTED_BASE_LOSS``), each mapped to one fused call with its own options:
+
+- ``MultipleNegativesRankingLoss`` and ``MultipleNegativesSymmetricRankingLoss``: ``scale``, ``directions``,
+  ``partition_mode``, ``hardness_mode`` / ``hardness_strength``, ``similarity_fct`` ``cos_sim`` or
+  ``dot_score``, ``gather_across_devices``, hard-negative columns. sentence-transformers' Matryoshka losses
+  re-normalise every truncated embedding, so there ``dot_score`` is the cosine; only
+  :class:`FusedAdaptiveLayerLoss` (no truncation) computes plain dot products.
+- ``CachedMultipleNegativesRankingLoss`` and ``CachedMultipleNegativesSymmetricRankingLoss``: the same
+  options; their ``mini_batch_size`` and ``mini_batch_num_tokens`` become this loss's gradient caching.
+- ``GISTEmbedLoss`` and ``CachedGISTEmbedLoss``: the guide model embeds every column once per step without
+  grad (re-tokenised as GIST does when the tokenizers differ), and the fused call drops the candidates the
+  guide scores above the positive (``margin``, ``margin_strategy``); ``contrast_anchors`` and
+  ``contrast_positives`` add GIST's anchor-anchor and positive-positive blocks to one joint softmax;
+  ``temperature`` is ``1 / scale``. The guide runs once per step, where sentence-transformers re-runs it
+  for every (layer, dim) pair: the same in eval mode, the way a guide is used.
+
+An option of these classes the kernels cannot express (a custom ``similarity_fct``, ...) is a ValueError
+naming it. Other base losses, and negative or non-finite weights, run sentence-transformers' own loss
+instead, with one warning.
+
+``mini_batch_size`` (or a cached base loss's) turns on gradient caching (GradCache): embed without grad
+in mini-batches, compute the fused loss on the full batch, then, in backward, re-embed each mini-batch
+with grad under the recorded RNG state and back-propagate the cached embedding gradients.
 """
 
 from __future__ import annotations
@@ -43,15 +62,18 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from sentence_transformers.base.losses.gradcache import RandContext, _create_minibatch, _minibatch_ranges
-from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.base.losses.merged_forward import column_merging_disabled, embed_columns
 from sentence_transformers.base.model import BaseModel
 from sentence_transformers.sentence_transformer.losses import (
     AdaptiveLayerLoss,
+    CachedGISTEmbedLoss,
+    CachedMultipleNegativesRankingLoss,
+    GISTEmbedLoss,
     Matryoshka2dLoss,
     MatryoshkaLoss,
     MultipleNegativesRankingLoss,
 )
-from sentence_transformers.util import cos_sim
+from sentence_transformers.util import cos_sim, dot_score
 from torch import Tensor, nn
 
 from m2d_kernels.functional import matryoshka_2d_infonce
@@ -59,8 +81,9 @@ from m2d_kernels.functional import matryoshka_2d_infonce
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BASE_LOSS = (
-    "MultipleNegativesRankingLoss with similarity_fct=cos_sim, no hardness weighting, and directions "
-    "('query_to_doc',) or ('query_to_doc', 'doc_to_query') with partition_mode='per_direction'"
+    "MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss, CachedMultipleNegativesRankingLoss, "
+    "CachedMultipleNegativesSymmetricRankingLoss (similarity_fct cos_sim or dot_score, any directions, "
+    "partition_mode, hardness_mode), GISTEmbedLoss and CachedGISTEmbedLoss"
 )
 
 MATRYOSHKA_CITATION = """
@@ -97,25 +120,75 @@ class _Plan:
     weights: Tensor
 
 
-def _unfused_reason(loss: nn.Module) -> str | None:
-    """Why the fused kernels cannot compute ``loss`` as the base loss, or None when they can."""
-    name = type(loss).__name__
-    if not isinstance(loss, MultipleNegativesRankingLoss) or any(
-        getattr(type(loss), method) is not getattr(MultipleNegativesRankingLoss, method)
-        for method in ("forward", "compute_loss_from_embeddings")
-    ):
-        return f"the base loss {name} (only {SUPPORTED_BASE_LOSS} is fused)"
-    if loss.similarity_fct is not cos_sim:
-        similarity = getattr(loss.similarity_fct, "__name__", type(loss.similarity_fct).__name__)
-        return f"{name}(similarity_fct={similarity}) (the fused kernels compute cosines)"
-    if loss.hardness_mode is not None and loss.hardness_strength > 0:
-        return f"{name}(hardness_mode={loss.hardness_mode!r}, hardness_strength > 0)"
-    directions = tuple(loss.directions)
-    if directions != ("query_to_doc",) and not (
-        sorted(directions) == ["doc_to_query", "query_to_doc"] and loss.partition_mode == "per_direction"
-    ):
-        return f"{name}(directions={directions}, partition_mode={loss.partition_mode!r})"
+# The methods that define each fused base loss's computation: a subclass overriding one is another loss.
+_FUSED_CLASSES = {
+    MultipleNegativesRankingLoss: ("forward", "compute_loss_from_embeddings"),
+    CachedMultipleNegativesRankingLoss: ("forward", "forward_cached", "calculate_loss", "embed_minibatch"),
+    GISTEmbedLoss: ("forward", "sim_matrix"),
+    CachedGISTEmbedLoss: ("forward", "calculate_loss", "embed_minibatch", "sim_matrix"),
+}
+
+
+def _fused_class(loss: nn.Module) -> type | None:
+    """The fused base-loss class ``loss`` is an instance of (its computation unchanged), or None."""
+    for cls, methods in _FUSED_CLASSES.items():
+        if isinstance(loss, cls) and all(getattr(type(loss), m) is getattr(cls, m) for m in methods):
+            return cls
     return None
+
+
+@dataclass(frozen=True)
+class _BaseLossOptions:
+    """What one fused call takes from the base loss (:func:`_base_loss_options`)."""
+
+    scale: float
+    gather_across_devices: bool
+    options: dict[str, Any]  # keyword arguments of matryoshka_2d_infonce beyond scale and gather
+    guide: nn.Module | None = None  # GIST's guide model
+    mini_batch_size: int | None = None  # a cached base loss's gradient caching
+    mini_batch_num_tokens: int | None = None
+
+
+def _base_loss_options(loss: nn.Module, cls: type, renormalises: bool) -> _BaseLossOptions:
+    """Map a fused base loss to the options of :func:`matryoshka_2d_infonce`.
+
+    ``renormalises``: the wrapper truncates and re-normalises every embedding (sentence-transformers'
+    Matryoshka losses), so ``dot_score`` is the cosine there. Raises ValueError naming an option the
+    kernels cannot express.
+    """
+    name = type(loss).__name__
+    cached = {"mini_batch_size": None, "mini_batch_num_tokens": None}
+    if cls in (CachedMultipleNegativesRankingLoss, CachedGISTEmbedLoss):
+        cached = {"mini_batch_size": int(loss.mini_batch_size), "mini_batch_num_tokens": loss.mini_batch_num_tokens}
+    gather = bool(loss.gather_across_devices)
+    if cls in (GISTEmbedLoss, CachedGISTEmbedLoss):
+        similarity = loss.similarity_fct
+        if not isinstance(similarity, nn.CosineSimilarity) or similarity.dim not in (-1, 1):
+            raise ValueError(f"{name}(similarity_fct={similarity!r}) is not fused: the kernels compute "
+                             "GIST's nn.CosineSimilarity(dim=-1)")
+        temperature = float(loss.temperature)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"{name}(temperature={loss.temperature!r}): the fused loss needs a finite positive "
+                             "temperature (its scale is 1 / temperature)")
+        directions = ("query_to_doc",) + ("query_to_query",) * bool(loss.contrast_anchors) \
+            + ("doc_to_doc",) * bool(loss.contrast_positives)
+        options = dict(directions=directions, partition_mode="joint", guide_margin=float(loss.margin),
+                       guide_margin_strategy=loss.margin_strategy)
+        return _BaseLossOptions(1.0 / temperature, gather, options, guide=loss.guide, **cached)
+    if loss.similarity_fct is cos_sim or (loss.similarity_fct is dot_score and renormalises):
+        similarity = "cos"
+    elif loss.similarity_fct is dot_score:
+        similarity = "dot"
+    else:
+        function = getattr(loss.similarity_fct, "__name__", type(loss.similarity_fct).__name__)
+        raise ValueError(f"{name}(similarity_fct={function}) is not fused: the kernels compute "
+                         "sentence_transformers.util.cos_sim or dot_score")
+    hardness = loss.hardness_mode is not None and loss.hardness_strength > 0
+    # A repeated direction is one similarity block in sentence-transformers (a dict key).
+    options = dict(directions=tuple(dict.fromkeys(loss.directions)), partition_mode=loss.partition_mode,
+                   similarity=similarity, hardness_mode=loss.hardness_mode if hardness else None,
+                   hardness_strength=float(loss.hardness_strength) if hardness else 0.0)
+    return _BaseLossOptions(float(loss.scale), gather, options, **cached)
 
 
 def _weights_reason(**weights: Any) -> str | None:
@@ -130,11 +203,6 @@ def _weights_reason(**weights: Any) -> str | None:
         except (TypeError, ValueError):
             bad.append(name)
     return f"negative or non-finite {', '.join(bad)}" if bad else None
-
-
-def _mnrl_settings(loss: MultipleNegativesRankingLoss) -> tuple[float, bool, bool]:
-    """``(scale, symmetric, gather_across_devices)`` of a base loss that :func:`_unfused_reason` accepts."""
-    return float(loss.scale), len(loss.directions) == 2, bool(loss.gather_across_devices)
 
 
 def _unwrap(model: nn.Module, owner: str) -> BaseModel:
@@ -171,16 +239,27 @@ class _FusedMatryoshkaBase(nn.Module):
     """
 
     _st_class: type[nn.Module]
+    # Whether sentence-transformers' loss truncates and re-normalises every embedding (MatryoshkaLoss),
+    # and whether it embeds the columns in one merged forward (AdaptiveLayerLoss disables merging).
+    _renormalises = True
+    _merges_columns = True
 
     def __init__(self, model, loss, st_args: dict[str, Any], weights: dict[str, Any], mini_batch_size, backend):
         super().__init__()
-        reason = _unfused_reason(loss) or _weights_reason(**weights)
-        unfused = self._st_class(model, loss, **st_args)  # sentence-transformers' validation, verbatim
+        cls = _fused_class(loss)
+        reason = (None if cls is not None else f"the base loss {type(loss).__name__} (only {SUPPORTED_BASE_LOSS} "
+                  "are fused)") or _weights_reason(**weights)
+        own_calculate_loss = vars(loss).get("calculate_loss")
+        with warnings.catch_warnings():
+            if reason is None:  # AdaptiveLayerLoss warns it cannot use a cached base loss; the fused loss can
+                warnings.filterwarnings("ignore", message="AdaptiveLayerLoss is not compatible", category=UserWarning)
+            unfused = self._st_class(model, loss, **st_args)  # sentence-transformers' validation, verbatim
         if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or int(mini_batch_size) < 1):
             raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
         self.model = model
         self.loss = loss
         self.mini_batch_size = None if mini_batch_size is None else int(mini_batch_size)
+        self.mini_batch_num_tokens = None
         self.backend = backend
         self.unfused_reason = reason
         self._warned = False
@@ -193,7 +272,23 @@ class _FusedMatryoshkaBase(nn.Module):
             self.unfused = unfused
             return
         self.unfused = None
-        self.scale, self.symmetric, self.gather_across_devices = _mnrl_settings(loss)
+        # MatryoshkaLoss replaced a cached base loss's calculate_loss by its decorator: undo it, the
+        # fused loss never calls it and the caller's base loss must stay as it was.
+        if own_calculate_loss is None:
+            vars(loss).pop("calculate_loss", None)
+        else:
+            loss.calculate_loss = own_calculate_loss
+        base = _base_loss_options(loss, cls, self._renormalises)
+        if base.mini_batch_size is not None:
+            if self.mini_batch_size is not None and self.mini_batch_size != base.mini_batch_size:
+                raise ValueError(f"mini_batch_size={self.mini_batch_size} disagrees with the base loss "
+                                 f"{type(loss).__name__}(mini_batch_size={base.mini_batch_size}); give it once")
+            self.mini_batch_size = base.mini_batch_size
+            self.mini_batch_num_tokens = base.mini_batch_num_tokens
+        self.scale, self.gather_across_devices = base.scale, base.gather_across_devices
+        self._options = base.options
+        self._guided = base.guide is not None
+        self._max_columns = 3 if cls is GISTEmbedLoss else None  # GISTEmbedLoss takes one negative column
         # The fused call wants strictly increasing dims: repeated dims share one slot, weights add up.
         # No dims (AdaptiveLayerLoss): one slot, the full embedding width seen in forward.
         self._dims = tuple(sorted(set(self.matryoshka_dims))) or None
@@ -231,13 +326,30 @@ class _FusedMatryoshkaBase(nn.Module):
         """Terms beyond the contrastive pairs, from the ``[L, rows of all columns, D]`` embeddings."""
         return None
 
-    def _loss(self, columns: list[Tensor], plan: _Plan) -> Tensor:
+    def _embed_guide(self, columns: list[dict[str, Any]]) -> list[Tensor]:
+        """GIST's guide embeddings of ``columns`` (or of one mini-batch), without grad, as GIST computes them."""
+        gist = self.loss
+        with torch.no_grad():
+            if gist.must_retokenize:  # decode the model's tokens, re-tokenise with the guide's tokenizer
+                device = gist.guide.device
+                columns = [gist.guide.preprocess(gist.tokenizer.batch_decode(f["input_ids"], skip_special_tokens=True))
+                           for f in columns]
+                columns = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in f.items()} for f in columns]
+            if self._merges_columns:
+                return embed_columns(gist.guide, columns)
+            with column_merging_disabled():  # AdaptiveLayerLoss embeds every column on its own
+                return embed_columns(gist.guide, columns)
+
+    def _loss(self, columns: list[Tensor], plan: _Plan, guide: list[Tensor] | None = None) -> Tensor:
         # Query rows are column 0; the candidates are the positives then every hard-negative column,
-        # the same layout as MultipleNegativesRankingLoss's torch.cat(docs).
+        # the same layout as MultipleNegativesRankingLoss's torch.cat(docs) (and GIST's blocks).
         extra = {"gather_across_devices": True} if self.gather_across_devices else {}
+        if guide is not None:
+            device = columns[0].device
+            extra["guide"] = (guide[0].to(device), torch.cat(guide[1:]).to(device))
         loss = matryoshka_2d_infonce(
             columns[0], torch.cat(columns[1:], dim=1), self._dims or (columns[0].shape[-1],), plan.weights,
-            scale=self.scale, symmetric=self.symmetric, backend=self.backend, **extra,
+            scale=self.scale, backend=self.backend, **self._options, **extra,
         )
         kl = self._extra_loss(torch.cat(columns, dim=1))
         return loss if kl is None else loss + kl
@@ -255,28 +367,39 @@ class _FusedMatryoshkaBase(nn.Module):
         columns = list(sentence_features)
         if len(columns) < 2:
             raise ValueError(f"sentence_features must hold at least 2 columns (anchor, positive), got {len(columns)}")
-        if self.mini_batch_size is None:
-            return self._loss(*self._embed_columns(columns))
-        return self._forward_cached(columns)
+        if self._max_columns is not None and len(columns) > self._max_columns:
+            raise ValueError(f"{type(self.loss).__name__} expects 2 or 3 columns (anchor, positive, optional "
+                             f"negative), got {len(columns)} sentence_features")
+        if self.mini_batch_size is not None:
+            return self._forward_cached(columns)
+        # GIST copies the features before the model runs (modules may change them in place).
+        guide_columns = [dict(features) for features in columns] if self._guided else None
+        embeddings, plan = self._embed_columns(columns)
+        return self._loss(embeddings, plan, None if guide_columns is None else self._embed_guide(guide_columns))
 
     def _forward_cached(self, columns: list[dict[str, Any]]) -> Tensor:
         grad_enabled = torch.is_grad_enabled()
-        ranges = [_minibatch_ranges(features, self.mini_batch_size) for features in columns]
+        ranges = [_minibatch_ranges(features, self.mini_batch_size, self.mini_batch_num_tokens) for features in columns]
         plan, embeddings, states = None, [], []
+        guide = [] if self._guided else None
         with torch.no_grad():
             for features, column_ranges in zip(columns, ranges, strict=True):
-                parts, column_states = [], []
+                parts, guide_parts, column_states = [], [], []
                 for begin, end in column_ranges:
                     minibatch = _create_minibatch(features, begin, end)
                     column_states.append(RandContext(*minibatch.values()) if grad_enabled else None)
                     part, plan = self._embed_minibatch(minibatch, plan)
                     parts.append(part)
+                    if guide is not None:  # right after the model's mini-batch, as CachedGISTEmbedLoss
+                        guide_parts.extend(self._embed_guide([minibatch]))
                 embeddings.append(torch.cat(parts, dim=1))
+                if guide is not None:
+                    guide.append(torch.cat(guide_parts))
                 states.append(column_states)
         if not grad_enabled:
-            return self._loss(embeddings, plan)
+            return self._loss(embeddings, plan, guide)
         leaves = [column.requires_grad_() for column in embeddings]
-        loss = self._loss(leaves, plan)
+        loss = self._loss(leaves, plan, guide)
         cached_grads = torch.autograd.grad(loss, leaves)
         loss = loss.detach().requires_grad_()
         loss.register_hook(partial(self._replay, columns=columns, ranges=ranges, states=states,
@@ -307,12 +430,13 @@ class _FusedMatryoshkaBase(nn.Module):
 class FusedMatryoshkaLoss(_FusedMatryoshkaBase):
     """Fused ``MatryoshkaLoss(model, MultipleNegativesRankingLoss, ...)``: all dims in one call.
 
-    Args match sentence-transformers' ``MatryoshkaLoss`` (same validation). A base loss the kernels
-    cover (``MultipleNegativesRankingLoss`` with ``cos_sim``: its scale, hard-negative columns,
-    symmetric directions and ``gather_across_devices`` are honoured) with finite non-negative weights
-    is fused; anything else runs sentence-transformers' ``MatryoshkaLoss``, with one warning at the
-    first forward naming what was not fused. ``mini_batch_size`` enables gradient caching (fused
-    path only); ``backend`` is passed to :func:`m2d_kernels.matryoshka_2d_infonce`.
+    Args match sentence-transformers' ``MatryoshkaLoss`` (same validation). A base loss of
+    ``SUPPORTED_BASE_LOSS`` with finite non-negative weights is fused with all its options (module
+    docstring); an option of those classes the kernels cannot express is a ValueError naming it; any
+    other base loss runs sentence-transformers' ``MatryoshkaLoss``, with one warning at the first
+    forward naming what was not fused. ``mini_batch_size`` enables gradient caching (fused path only;
+    a cached base loss's ``mini_batch_size`` does the same, and both must agree when given);
+    ``backend`` is passed to :func:`m2d_kernels.matryoshka_2d_infonce`.
     """
 
     _st_class = MatryoshkaLoss
@@ -366,6 +490,8 @@ class FusedAdaptiveLayerLoss(_FusedMatryoshkaBase):
     """
 
     _st_class = AdaptiveLayerLoss
+    _renormalises = False
+    _merges_columns = False
 
     def __init__(
         self,
@@ -475,6 +601,7 @@ class FusedMatryoshka2dLoss(FusedAdaptiveLayerLoss):
     """
 
     _st_class = Matryoshka2dLoss
+    _renormalises = True
 
     def __init__(
         self,

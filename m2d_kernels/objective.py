@@ -1,0 +1,247 @@
+"""The loss family as passes with rules: MultipleNegativesRankingLoss's directions and partitions,
+hardness weighting, dot similarity, guided false-negative filtering and score distillation.
+
+Each direction is one rows-vs-columns pass (:mod:`m2d_kernels.rules`) of the backend's kernels:
+
+    query_to_doc    rows: local queries    columns: all docs         positives; hardness penalty
+    query_to_query  rows: local queries    columns: all queries      the row itself excluded
+    doc_to_query    rows: local positives  columns: all queries
+    doc_to_doc      rows: local positives  columns: all docs         the row's own documents excluded
+
+(with a guide, GISTEmbedLoss's blocks: query_to_query against the local queries and doc_to_doc against
+all positives, each without structural exclusion: the guide drops near-duplicates). A pass returns
+per-row statistics relative to an offset; a ``"joint"`` partition combines them into one softmax per row
+(``o = max o_p``, ``log_sum = log sum_p exp(l_p + o_p - o)``), ``"per_direction"`` averages the
+per-pass log-sum-exps. The backward calls every pass's ``pass_gradients`` with the statistics its
+softmax had (combined or its own), so nothing of size ``B x N`` is stored: only ``[L, B, M]`` tables.
+
+Score distillation (Starbucks): the teacher is the pair (L - 1, M - 1) of the same call, detached; every
+pass accumulates ``sum_j exp(z_T - o_T) z_lm`` beside its log-sum-exp, which gives
+``KL_lm(i) = (E_pT[z_T] - LSE_T) - (E_pT[z_lm] - LSE_lm)`` without a second pass; its gradient is
+``p_lm - p_T`` per logit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only
+from m2d_kernels.rules import Rules
+
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+PARTITION_MODES = ("joint", "per_direction")
+HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+MARGIN_STRATEGIES = ("absolute", "relative")
+
+
+@dataclass(frozen=True, eq=False)
+class Objective:
+    """The options of one call beyond the (layer, dim) grid (validated by ``functional``)."""
+
+    directions: tuple[str, ...] = ("query_to_doc",)
+    partition_mode: str = "joint"
+    similarity: str = "cos"
+    hardness_mode: str | None = None
+    hardness_strength: float = 0.0
+    guide_queries: torch.Tensor | None = None  # [B, Dg]
+    guide_docs: torch.Tensor | None = None  # [N, Dg]
+    guide_margin: float = 0.0
+    guide_margin_strategy: str = "absolute"
+    distill_weights: tuple[tuple[float, ...], ...] | None = None  # [L, M]
+
+    @property
+    def hardness(self) -> bool:
+        return self.hardness_mode is not None and self.hardness_strength > 0
+
+    @property
+    def symmetric(self) -> bool | None:
+        """The ``symmetric`` flag of the fused ``pair_losses`` path computing this objective, or None
+        when only passes can (an option beyond query_to_doc / per-direction doc_to_query)."""
+        if self.similarity != "cos" or self.hardness or self.guide_queries is not None or self.distill_weights:
+            return None
+        if self.directions == ("query_to_doc",):
+            return False
+        if sorted(self.directions) == ["doc_to_query", "query_to_doc"] and self.partition_mode == "per_direction":
+            return True
+        return None
+
+
+def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, positive_index, objective: Objective,
+                     gather: bool = False):
+    """``(losses, distill)`` ``[L, M]`` of ``objective`` (``distill`` None without distillation), by the
+    passes of backend ``impl``; ``gather``: against the queries and docs of all ranks (all-gather)."""
+    world_queries, world_docs, rank_offset, positives = queries, docs, 0, positive_index
+    guide_docs = objective.guide_docs
+    if gather:
+        from m2d_kernels import distributed
+
+        world_size, rank = distributed.world_size_and_rank()
+        if world_size > 1:
+            group = distributed.dist.group.WORLD
+            n_queries = queries.shape[1]
+            world_queries = distributed.gather_queries(queries, group)
+            world_docs = distributed.gather_candidates(docs, n_queries, group)
+            rank_offset = rank * n_queries
+            positives = distributed.gathered_positive_index(positive_index, n_queries, world_size, rank)
+            if guide_docs is not None:
+                with torch.no_grad():
+                    guide_docs = distributed.gather_candidates(guide_docs[None], n_queries, group)[0]
+    if getattr(impl, "objective_losses", None) is not None:  # the reference: its own naive oracle
+        if guide_docs is not objective.guide_docs:
+            objective = _replace_guide_docs(objective, guide_docs)
+        losses, distill = impl.objective_losses(queries, world_queries, world_docs, rank_offset, positives, dims,
+                                                active, scale, objective)
+        return losses, (distill if objective.distill_weights is not None else None)
+    passes = _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective,
+                     guide_docs)
+    tensors, specs = _unique_tensors(passes)
+    if objective.distill_weights is not None:  # the teacher's statistics are needed, whatever its weight
+        active = tuple(tuple(on or (layer == len(active) - 1 and m == len(dims) - 1) for m, on in enumerate(row))
+                       for layer, row in enumerate(active))
+    losses, distill = _PassesFunction.apply(impl, specs, dims, active, scale, objective.partition_mode,
+                                            objective.distill_weights is not None, *tensors)
+    return losses, (distill if objective.distill_weights is not None else None)
+
+
+def _replace_guide_docs(objective, guide_docs):
+    fields = {name: getattr(objective, name) for name in objective.__dataclass_fields__}
+    return Objective(**{**fields, "guide_docs": guide_docs})
+
+
+@dataclass(frozen=True, eq=False)
+class _Pass:
+    rows: torch.Tensor
+    cols: torch.Tensor
+    positives: torch.Tensor  # [R] long, -1 where the row's positive is not among these columns
+    rules: Rules
+
+
+def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective, guide_docs):
+    n_queries, n_world = queries.shape[1], world_queries.shape[1]
+    device = queries.device
+    acc = accumulator_dtype(queries.dtype)
+    row_group = torch.arange(n_queries, device=device) + rank_offset
+    absent = torch.full_like(row_group, -1)
+    teacher = objective.distill_weights is not None
+    common = {"similarity": objective.similarity, "teacher": teacher}
+    groups = {"group_period": n_world, "row_group": row_group}
+    guide = {}
+    if objective.guide_queries is not None:
+        guide_q = F.normalize(objective.guide_queries.detach().to(acc), dim=-1)
+        guide_d = F.normalize(guide_docs.detach().to(acc), dim=-1)
+        guide_p = guide_d[positives]
+        threshold = (guide_q * guide_p).sum(-1)
+        if objective.guide_margin_strategy == "absolute":
+            threshold = threshold - objective.guide_margin
+        else:
+            threshold = threshold - threshold.abs() * objective.guide_margin
+        guide = {"q": guide_q, "d": guide_d, "p": guide_p, "threshold": threshold}
+    local_positives = docs[:, positive_index]
+    passes = []
+    hardness = {"penalty": objective.hardness_mode, "penalty_strength": objective.hardness_strength,
+                **groups} if objective.hardness else {}
+    guided = (lambda rows, cols: {"guide_rows": guide[rows], "guide_cols": guide[cols],
+                                  "guide_threshold": guide["threshold"]}) if guide else None
+    passes.append(_Pass(queries, world_docs, positives, Rules(**common, **hardness,
+                                                              **(guided("q", "d") if guide else {}))))
+    if "query_to_query" in objective.directions:
+        if guide:
+            passes.append(_Pass(queries, queries, absent, Rules(**common, **guided("q", "q"))))
+        else:
+            passes.append(_Pass(queries, world_queries, absent, Rules(**common, **groups, exclude_own_group=True)))
+    if "doc_to_query" in objective.directions:
+        # per_direction: this direction's loss has its own positive term (the same logit as query_to_doc's).
+        own = row_group if objective.partition_mode == "per_direction" else absent
+        passes.append(_Pass(local_positives, world_queries, own, Rules(**common)))
+    if "doc_to_doc" in objective.directions:
+        if guide:
+            guide_cols = {"guide_rows": guide["p"], "guide_cols": guide["d"][:n_world],
+                          "guide_threshold": guide["threshold"]}
+            passes.append(_Pass(local_positives, world_docs[:, :n_world], absent, Rules(**common, **guide_cols)))
+        else:
+            passes.append(_Pass(local_positives, world_docs, absent, Rules(**common, **groups,
+                                                                           exclude_own_group=True)))
+    return passes
+
+
+def _unique_tensors(passes):
+    """The distinct row/column tensors (autograd inputs) and per pass ``(rows index, cols index, positives, rules)``."""
+    tensors, specs = [], []
+
+    def index(x):
+        for i, t in enumerate(tensors):
+            if t is x:
+                return i
+        tensors.append(x)
+        return len(tensors) - 1
+
+    for p in passes:
+        specs.append((index(p.rows), index(p.cols), p.positives, p.rules))
+    return tensors, specs
+
+
+def _combine(offset, log_sum, other_offset, other_log_sum):
+    """Statistics of the union of two disjoint column sets, each relative to its own offset."""
+    new = torch.maximum(offset, other_offset)
+    return new, torch.logaddexp(log_sum + (offset - new), other_log_sum + (other_offset - new))
+
+
+class _PassesFunction(torch.autograd.Function):
+    """Losses (and distillation terms) ``[L, M]`` from the passes' statistics; backward through every pass."""
+
+    @staticmethod
+    def forward(ctx, impl, specs, dims, active, scale, partition_mode, distill, *tensors):
+        stats = [impl.row_statistics(tensors[r], tensors[c], dims, active, scale, positives, rules)
+                 for r, c, positives, rules in specs]
+        positive = stats[0][2]
+        if partition_mode == "joint":
+            offset, log_sum = stats[0][:2]
+            for other in stats[1:]:
+                offset, log_sum = _combine(offset, log_sum, *other[:2])
+            log_z = offset + log_sum
+            pass_stats = [(offset, log_sum)] * len(stats)
+        else:
+            log_z = sum(s[0] + s[1] for s in stats) / len(stats)
+            pass_stats = [s[:2] for s in stats]
+        active_pairs = torch.tensor(active, device=positive.device)
+        losses = torch.where(active_pairs, (log_z - positive).mean(1), 0.0)
+        distill_terms = torch.zeros_like(losses)
+        if distill:
+            # sum_j exp(z_T - o_T) z_lm over all passes, relative to the combined teacher offset.
+            teacher_offset = offset[-1, :, -1]
+            weighted = sum(s[3] * (s[0][-1, :, -1] - teacher_offset).exp()[None, :, None] for s in stats)
+            expected = weighted * (-log_sum[-1, :, -1]).exp()[None, :, None]  # E_pT[z_lm]
+            kl = (expected[-1:, :, -1:] - log_z[-1:, :, -1:]) - (expected - log_z)
+            distill_terms = torch.where(active_pairs, kl.mean(1), 0.0)
+        ctx.save_for_backward(*tensors, *(t for s in pass_stats for t in s))
+        ctx.config = (impl, specs, dims, active, scale, len(tensors), distill, partition_mode)
+        if not distill:
+            ctx.mark_non_differentiable(distill_terms)
+        dtype = tensors[0].dtype
+        return losses.to(dtype), distill_terms.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_losses, grad_distill):
+        impl, specs, dims, active, scale, n_tensors, distill, partition_mode = ctx.config
+        saved = ctx.saved_tensors
+        tensors, flat_stats = saved[:n_tensors], saved[n_tensors:]
+        acc = flat_stats[0].dtype
+        n_queries = tensors[specs[0][0]].shape[1]
+        share = len(specs) if partition_mode == "per_direction" else 1
+        coef = grad_losses.to(acc) / n_queries / share
+        distill_coef = grad_distill.to(acc) / n_queries if distill and grad_distill is not None else None
+        grads = [None] * n_tensors
+        with torch.no_grad():
+            for k, (r, c, positives, rules) in enumerate(specs):
+                offset, log_sum = flat_stats[2 * k], flat_stats[2 * k + 1]
+                d_rows, d_cols = impl.pass_gradients(tensors[r].detach(), tensors[c].detach(), dims, active,
+                                                     scale, positives, offset, log_sum, coef, rules, distill_coef)
+                for i, g in ((r, d_rows), (c, d_cols)):
+                    grads[i] = g.to(acc) if grads[i] is None else grads[i].add_(g.to(acc))
+        grads = [first_order_only(g.to(t.dtype), t) if ctx.needs_input_grad[7 + i] else None
+                 for i, (g, t) in enumerate(zip(grads, tensors))]
+        return (None,) * 7 + tuple(grads)

@@ -1,0 +1,382 @@
+"""The loss family (m2d_kernels.objective): directions, partitions, hardness, dot, guide, distillation.
+
+Three layers of evidence, each against something independent:
+
+1. the ``reference`` oracle (``reference.objective_losses``) against sentence-transformers' own
+   ``MultipleNegativesRankingLoss.compute_loss_from_embeddings`` and ``GISTEmbedLoss.forward`` per
+   (layer, dim) pair, and against a hand-written ``F.kl_div`` for distillation;
+2. the composition of passes (``objective.objective_losses`` driving the reference *pass* API, which
+   materialises one block per pass) against that oracle, every option;
+3. every fused backend's passes through the same composition against the oracle (float64; Triton
+   under the interpreter in float32), plus a 2-process gather test.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed_helpers import init_process_group, spawn
+from helpers import make_inputs
+from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import gist_embed as gist_module
+from sentence_transformers.util import cos_sim, dot_score
+
+import m2d_kernels as m2d
+from m2d_kernels import objective
+from m2d_kernels.backends import reference
+
+N_LAYERS, N_QUERIES, N_FEATURES = 2, 5, 24
+DIMS = (5, 16, 24)
+ACTIVE = ((True, True, True), (True, False, True))
+WEIGHTS = ((1.0, 0.5, 2.0), (0.25, 0.0, 1.0))
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+# One case per line: every direction set, both partitions, every hardness mode, both similarities.
+MNRL_CASES = [
+    dict(directions=("query_to_doc",)),
+    dict(directions=("query_to_doc",), similarity="dot"),
+    dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction", similarity="dot"),
+    dict(directions=("query_to_doc", "doc_to_query"), partition_mode="joint"),
+    dict(directions=("query_to_doc", "query_to_query"), hardness_mode="in_batch_negatives", hardness_strength=9.0),
+    dict(directions=("query_to_doc", "doc_to_doc"), similarity="dot", hardness_mode="hard_negatives",
+         hardness_strength=5.0),
+    dict(directions=("query_to_doc", "query_to_query", "doc_to_query"), hardness_mode="all_negatives",
+         hardness_strength=0.5),
+    dict(directions=ALL_DIRECTIONS),
+    dict(directions=ALL_DIRECTIONS, similarity="dot", hardness_mode="all_negatives", hardness_strength=2.0),
+]
+GUIDE_CASES = [
+    dict(directions=("query_to_doc",), guide_margin=0.0, guide_margin_strategy="absolute"),
+    dict(directions=("query_to_doc", "query_to_query"), guide_margin=0.1, guide_margin_strategy="absolute"),
+    dict(directions=("query_to_doc", "doc_to_doc"), guide_margin=0.1, guide_margin_strategy="relative"),
+    dict(directions=("query_to_doc", "query_to_query", "doc_to_doc"), guide_margin=0.0,
+         guide_margin_strategy="relative"),
+    # A wide relative margin where g_0 < 0: the threshold is 2 g_0, not 0 (|g| matters).
+    dict(directions=("query_to_doc", "query_to_query"), guide_margin=1.0, guide_margin_strategy="relative"),
+]
+DISTILL = ((0.5, 0.0, 1.0), (2.0, 0.0, 0.0))
+DISTILL_CASES = [
+    dict(directions=("query_to_doc",), distill_weights=DISTILL),
+    dict(directions=("query_to_doc",), similarity="dot", distill_weights=DISTILL),
+    dict(directions=ALL_DIRECTIONS, hardness_mode="in_batch_negatives", hardness_strength=3.0,
+         distill_weights=DISTILL),
+]
+
+
+def _scale(case):
+    return 0.3 if case.get("similarity") == "dot" else 20.0
+
+
+def _inputs(n_groups, seed, guide=False, dtype=torch.float64):
+    queries, docs = make_inputs(N_LAYERS, N_QUERIES, n_groups * N_QUERIES, N_FEATURES, seed=seed, dtype=dtype)
+    if not guide:
+        return queries, docs, None
+    generator = torch.Generator().manual_seed(seed + 7)
+    guide_queries = torch.randn(N_QUERIES, 6, generator=generator, dtype=torch.float64)
+    guide_docs = torch.randn(n_groups * N_QUERIES, 6, generator=generator, dtype=torch.float64)
+    guide_docs[:N_QUERIES] += guide_queries  # positives close: some candidates above the threshold, some below
+    guide_docs[0] -= 3 * guide_queries[0]  # g_0 < 0: "relative" margins differ from "absolute" ones in sign
+    guide_docs[(N_QUERIES + 1) % len(guide_docs)] = 3 * guide_queries[1]  # a near-duplicate candidate, dropped
+    return queries, docs, (guide_queries, guide_docs)
+
+
+def _objective(case, guide=None):
+    case = dict(case)
+    if guide is not None:
+        case["guide_queries"], case["guide_docs"] = guide
+    return objective.Objective(**case)
+
+
+# --- 1. the oracle against sentence-transformers ------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", MNRL_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("n_groups", [1, 3])
+def test_oracle_matches_sentence_transformers_mnrl(case, n_groups):
+    if n_groups == 1 and case.get("hardness_mode") == "hard_negatives":
+        pytest.skip("no hard negatives: the mode has nothing to weight (covered with n_groups=3)")
+    queries, docs, _ = _inputs(n_groups, seed=11)
+    scale = _scale(case)
+    ours = m2d.matryoshka_2d_infonce(queries, docs, DIMS, WEIGHTS, scale=scale, reduction="none",
+                                     backend="reference", **case)
+    st_loss = MultipleNegativesRankingLoss(
+        None, scale=scale, similarity_fct=dot_score if case.get("similarity") == "dot" else cos_sim,
+        directions=case["directions"], partition_mode=case.get("partition_mode", "joint"),
+        hardness_mode=case.get("hardness_mode"), hardness_strength=case.get("hardness_strength", 0.0))
+    for layer in range(N_LAYERS):
+        for m, dim in enumerate(DIMS):
+            if WEIGHTS[layer][m] == 0:
+                assert ours[layer, m] == 0
+                continue
+            columns = [queries[layer, :, :dim]] + list(docs[layer, :, :dim].split(N_QUERIES))
+            expected = st_loss.compute_loss_from_embeddings(columns, None)
+            torch.testing.assert_close(ours[layer, m], expected, rtol=1e-12, atol=1e-12)
+            got_grads = torch.autograd.grad(ours[layer, m], (queries, docs), retain_graph=True)
+            want_grads = torch.autograd.grad(expected, (queries, docs))
+            for got, want in zip(got_grads, want_grads):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", GUIDE_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_oracle_matches_sentence_transformers_gist(case, n_groups, monkeypatch):
+    queries, docs, guide = _inputs(n_groups, seed=12, guide=True)
+    scale = 20.0
+    ours = m2d.matryoshka_2d_infonce(queries, docs, DIMS, scale=scale, reduction="none", backend="reference",
+                                     guide=guide, **case)
+    # GISTEmbedLoss.forward embeds the columns itself: hand it ours (the model) and the guide's.
+    gist = GISTEmbedLoss.__new__(GISTEmbedLoss)
+    torch.nn.Module.__init__(gist)
+    model, guide_model = object(), object()
+    gist.__dict__.update(model=model, guide=guide_model, temperature=1 / scale, must_retokenize=False,
+                         similarity_fct=torch.nn.CosineSimilarity(dim=-1), margin=case["guide_margin"],
+                         margin_strategy=case["guide_margin_strategy"],
+                         contrast_anchors="query_to_query" in case["directions"],
+                         contrast_positives="doc_to_doc" in case["directions"], gather_across_devices=False,
+                         cross_entropy_loss=torch.nn.CrossEntropyLoss())
+    guide_columns = [guide[0]] + list(guide[1].split(N_QUERIES))
+    for layer in range(N_LAYERS):
+        for m, dim in enumerate(DIMS):
+            columns = [queries[layer, :, :dim]] + list(docs[layer, :, :dim].split(N_QUERIES))
+            monkeypatch.setattr(gist_module, "embed_columns",
+                                lambda who, features, columns=columns: columns if who is model else guide_columns)
+            expected = gist.forward([{}] * len(columns), None)
+            torch.testing.assert_close(ours[layer, m], expected, rtol=1e-12, atol=1e-12)
+            got_grads = torch.autograd.grad(ours[layer, m], (queries, docs), retain_graph=True)
+            want_grads = torch.autograd.grad(expected, (queries, docs))
+            for got, want in zip(got_grads, want_grads):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_oracle_distillation_matches_kl_div(similarity):
+    queries, docs, _ = _inputs(2, seed=13)
+    scale = _scale({"similarity": similarity})
+    losses, distill = m2d.matryoshka_2d_infonce(queries, docs, DIMS, WEIGHTS, scale=scale, similarity=similarity,
+                                                distill_weights=DISTILL, reduction="none", backend="reference")
+
+    def logits(layer, dim):
+        q, k = queries[layer, :, :dim], docs[layer, :, :dim]
+        if similarity == "cos":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return scale * q @ k.T
+
+    teacher = F.softmax(logits(N_LAYERS - 1, DIMS[-1]).detach(), dim=1)
+    for layer in range(N_LAYERS):
+        for m, dim in enumerate(DIMS):
+            expected = F.kl_div(F.log_softmax(logits(layer, dim), dim=1), teacher, reduction="batchmean")
+            if DISTILL[layer][m] == 0:
+                assert distill[layer, m] == 0
+                continue
+            torch.testing.assert_close(distill[layer, m], expected, rtol=1e-12, atol=1e-13)
+            got = torch.autograd.grad(distill[layer, m], (queries, docs), retain_graph=True)
+            want = torch.autograd.grad(expected, (queries, docs))
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+    total = m2d.matryoshka_2d_infonce(queries, docs, DIMS, WEIGHTS, scale=scale, similarity=similarity,
+                                      distill_weights=DISTILL, backend="reference")
+    torch.testing.assert_close(total, (losses * torch.tensor(WEIGHTS, dtype=torch.float64)).sum()
+                               + (distill * torch.tensor(DISTILL, dtype=torch.float64)).sum())
+
+
+# --- 2. and 3. passes composed, every backend, against the oracle ------------------------------------------
+
+
+def _pass_backend(name):
+    if name == "reference-passes":  # the composition over the reference's materialised passes
+        return types.SimpleNamespace(row_statistics=reference.row_statistics, pass_gradients=reference.pass_gradients)
+    reason = m2d.backends.unavailable_reason(name, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    impl = m2d.backends.resolve(name, torch.device("cpu"))
+    return impl
+
+
+def _compare(impl, case, n_groups, seed, dtype=torch.float64, guide=False):
+    queries, docs, guide_tensors = _inputs(n_groups, seed, guide=guide)
+    obj = _objective(case, guide_tensors)
+    scale = _scale(case)
+    positives = torch.arange(N_QUERIES)
+    generator = torch.Generator().manual_seed(seed + 3)
+    loss_weights = torch.rand(N_LAYERS, len(DIMS), generator=generator, dtype=torch.float64)
+    distill_weights = torch.rand(N_LAYERS, len(DIMS), generator=generator, dtype=torch.float64)
+    results = []
+    low_q, low_d = (x.detach().to(dtype).requires_grad_() for x in (queries, docs))
+    for backend, x, y in ((reference, queries, docs), (impl, low_q, low_d)):
+        losses, distill = objective.objective_losses(backend, x, y, DIMS, ACTIVE, scale, positives, obj)
+        total = (losses.double() * loss_weights).sum()
+        if distill is not None:
+            total = total + (distill.double() * distill_weights).sum()
+        grads = torch.autograd.grad(total, (x, y))
+        results.append((losses.double(), None if distill is None else distill.double(), *(g.double() for g in grads)))
+    tolerance = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for name, want, got in zip(("losses", "distill", "grad_queries", "grad_docs"), *results):
+        if want is not None:
+            torch.testing.assert_close(got, want, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# The fused backends in float64, Triton (under the interpreter on the CPU) in float32.
+PASS_BACKENDS = ["reference-passes", "torch", "cpp", "triton"]
+DTYPES = {"triton": torch.float32}
+
+
+def _supports_rules(impl):
+    return "rules" in inspect.signature(impl.row_statistics).parameters
+
+
+@pytest.mark.parametrize("backend", PASS_BACKENDS)
+@pytest.mark.parametrize("case", MNRL_CASES + DISTILL_CASES, ids=lambda c: "-".join(f"{v}"[:12] for v in c.values()))
+def test_passes_match_oracle(backend, case):
+    impl = _pass_backend(backend)
+    if not _supports_rules(impl):
+        pytest.skip(f"{backend}: pass rules not implemented")
+    _compare(impl, case, n_groups=3, seed=21, dtype=DTYPES.get(backend, torch.float64))
+
+
+@pytest.mark.parametrize("backend", PASS_BACKENDS)
+@pytest.mark.parametrize("case", GUIDE_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_guided_passes_match_oracle(backend, case):
+    impl = _pass_backend(backend)
+    if not _supports_rules(impl):
+        pytest.skip(f"{backend}: pass rules not implemented")
+    _compare(impl, case, n_groups=2, seed=22, guide=True, dtype=DTYPES.get(backend, torch.float64))
+
+
+def test_every_candidate_filtered_but_the_positive():
+    """A guide that drops every in-batch candidate: the loss of such a row is 0 (only the positive is left)."""
+    queries, docs, _ = _inputs(1, seed=23)
+    guide_queries = torch.ones(N_QUERIES, 3, dtype=torch.float64)
+    guide_docs = torch.ones(N_QUERIES, 3, dtype=torch.float64)  # every guide cosine is 1 > 1 - margin
+    for backend in ["reference"] + [b for b in ("torch", "cpp") if _supports_rules(_pass_backend(b))]:
+        losses = m2d.matryoshka_2d_infonce(queries, docs, DIMS, scale=20.0, guide=(guide_queries, guide_docs),
+                                           guide_margin=0.1, directions=("query_to_doc", "query_to_query"),
+                                           reduction="none", backend=backend)
+        torch.testing.assert_close(losses, torch.zeros_like(losses), atol=1e-12, rtol=0)
+
+
+def test_default_options_take_the_fused_path(monkeypatch):
+    """query_to_doc (and symmetric) with cosines stay on the fused pair_losses path of every backend."""
+    queries, docs, _ = _inputs(1, seed=24)
+    monkeypatch.setattr(objective, "objective_losses", lambda *a, **k: pytest.fail("took the passes path"))
+    m2d.matryoshka_2d_infonce(queries, docs, DIMS, backend="torch", directions=("query_to_doc",))
+    m2d.matryoshka_2d_infonce(queries, docs, DIMS, backend="torch", directions=("doc_to_query", "query_to_doc"),
+                              partition_mode="per_direction")
+    m2d.matryoshka_2d_infonce(queries, docs, DIMS, backend="torch", hardness_mode="all_negatives",
+                              hardness_strength=0.0)
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(directions=("doc_to_query",)), ValueError, "include 'query_to_doc'"),
+    (dict(directions=("query_to_doc", "sideways")), ValueError, "directions must be"),
+    (dict(directions="query_to_doc"), TypeError, "directions must be a sequence"),
+    (dict(directions=("query_to_doc", "query_to_doc")), ValueError, "repeat"),
+    (dict(directions=("query_to_doc", "doc_to_doc"), partition_mode="per_direction"), ValueError, "per_direction"),
+    (dict(partition_mode="both"), ValueError, "partition_mode"),
+    (dict(similarity="l2"), ValueError, "similarity"),
+    (dict(hardness_mode="hardest", hardness_strength=1.0), ValueError, "hardness_mode"),
+    (dict(hardness_mode="all_negatives", hardness_strength=-1.0), ValueError, "hardness_strength"),
+    (dict(symmetric=True, directions=("query_to_doc", "doc_to_query")), ValueError, "either symmetric"),
+    (dict(guide=(torch.ones(3, 2),)), TypeError, "guide must be a pair"),
+    (dict(guide=(torch.ones(4, 2, dtype=torch.float64), torch.ones(10, 2, dtype=torch.float64))), ValueError,
+     "guide must be"),
+    (dict(guide="G", guide_margin_strategy="square"), ValueError, "guide_margin_strategy"),
+    (dict(guide="G", directions=("query_to_doc", "doc_to_query")), ValueError, "doc_to_query"),
+    (dict(distill_weights=((1.0,),)), ValueError, "distill_weights must have shape"),
+    (dict(distill_weights=((-1.0, 0, 0), (0, 0, 0))), ValueError, "non-negative"),
+    (dict(distill_weights=DISTILL, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+     ValueError, "joint"),
+    (dict(directions=("query_to_doc", "doc_to_doc"), positive_index=torch.arange(N_QUERIES)), ValueError, "layout"),
+    (dict(similarity="dot", gather_across_devices="ring"), ValueError, "ring"),
+    (dict(similarity="dot", scale=torch.tensor(2.0, dtype=torch.float64, requires_grad=True)), ValueError,
+     "learnable scale"),
+])
+def test_bad_options_raise(kwargs, error, match):
+    queries, docs, guide = _inputs(2, seed=25, guide=True)
+    if kwargs.get("guide") == "G":
+        kwargs = {**kwargs, "guide": guide}
+    with pytest.raises(error, match=match):
+        m2d.matryoshka_2d_infonce(queries, docs, DIMS, backend="reference", **kwargs)
+
+
+# --- gather_across_devices ---------------------------------------------------------------------------------
+
+
+def _gather_worker(rank, world_size, port, queries, docs, guide, case, backends, results):
+    init_process_group(rank, world_size, port)
+    try:
+        b = N_QUERIES
+        n_groups = docs.shape[1] // (world_size * b)
+        rows = torch.arange(world_size * b * n_groups).view(n_groups, world_size, b)[:, rank].reshape(-1)
+        local_q = queries[:, rank * b:(rank + 1) * b].clone().requires_grad_()
+        local_d = docs[:, rows].clone().requires_grad_()
+        kwargs = dict(case)
+        if guide is not None:
+            kwargs["guide"] = (guide[0][rank * b:(rank + 1) * b], guide[1][rows])
+        for backend in backends:
+            local_q.grad = local_d.grad = None
+            loss = m2d.matryoshka_2d_infonce(local_q, local_d, DIMS, WEIGHTS, scale=_scale(case), backend=backend,
+                                             gather_across_devices=True, **kwargs)
+            loss.backward()
+            results[f"{rank}-{backend}"] = (loss.detach(), local_q.grad.clone(), local_d.grad.clone(), rows)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", [MNRL_CASES[-1], dict(directions=("query_to_doc", "query_to_query", "doc_to_doc"),
+                                                       guide_margin=0.05)], ids=["mnrl-all", "gist"])
+def test_gather_across_devices_matches_one_process(case):
+    """Two gloo ranks, each its shard: sum of rank losses = W x the loss of the concatenated batch; every
+    rank's gradient = W x the global gradient of its rows (the all-gather sums all ranks' losses)."""
+    world_size, n_groups = 2, 2
+    guided = "guide_margin" in case
+    generator = torch.Generator().manual_seed(31)
+    queries = torch.randn(N_LAYERS, world_size * N_QUERIES, N_FEATURES, generator=generator, dtype=torch.float64)
+    docs = torch.randn(N_LAYERS, world_size * N_QUERIES * n_groups, N_FEATURES, generator=generator,
+                       dtype=torch.float64)
+    docs[:, :world_size * N_QUERIES] += queries
+    guide = None
+    if guided:
+        guide = (torch.randn(world_size * N_QUERIES, 4, generator=generator, dtype=torch.float64),
+                 torch.randn(world_size * N_QUERIES * n_groups, 4, generator=generator, dtype=torch.float64))
+        guide[1][:world_size * N_QUERIES] += guide[0]
+    backends = ["reference"] + (["torch"] if _supports_rules(_pass_backend("torch")) else [])
+    results = torch.multiprocessing.Manager().dict()
+    spawn(_gather_worker, world_size, queries, docs, guide, case, backends, results)
+    if guided:
+        # GIST under gather scores the local anchors only in its anchor-anchor block: compare ranks with the
+        # oracle run on each rank's view instead of one global batch; the torch passes must equal the reference.
+        for rank in range(world_size * ("torch" in backends)):
+            for got, want in zip(results[f"{rank}-torch"][:3], results[f"{rank}-reference"][:3]):
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+        return
+    q, d = queries.clone().requires_grad_(), docs.clone().requires_grad_()
+    loss = m2d.matryoshka_2d_infonce(q, d, DIMS, WEIGHTS, scale=_scale(case), backend="reference", **case)
+    loss.backward()
+    for backend in backends:
+        total = sum(results[f"{r}-{backend}"][0] for r in range(world_size))
+        torch.testing.assert_close(total, world_size * loss.detach(), rtol=1e-9, atol=1e-11)
+        for rank in range(world_size):
+            _, grad_q, grad_d, rows = results[f"{rank}-{backend}"]
+            torch.testing.assert_close(grad_q, world_size * q.grad[:, rank * N_QUERIES:(rank + 1) * N_QUERIES],
+                                       rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(grad_d, world_size * d.grad[:, rows], rtol=1e-9, atol=1e-11)
+
+
+def test_module_passes_the_options_through():
+    queries, docs, guide = _inputs(2, seed=26, guide=True)
+    options = dict(directions=("query_to_doc", "query_to_query"), hardness_mode="all_negatives",
+                   hardness_strength=1.5, guide_margin=0.05, distill_weights=DISTILL)
+    module = m2d.Matryoshka2dInfoNCELoss(DIMS, WEIGHTS, scale=20.0, backend="reference", **options)
+    expected = m2d.matryoshka_2d_infonce(queries, docs, DIMS, WEIGHTS, scale=20.0, backend="reference", guide=guide,
+                                         **options)
+    torch.testing.assert_close(module(queries, docs, guide=guide), expected, rtol=0, atol=0)
+    assert "hardness_mode='all_negatives'" in repr(module)
+    with pytest.raises(TypeError, match="unknown options"):
+        m2d.Matryoshka2dInfoNCELoss(DIMS, direction=("query_to_doc",))

@@ -1,0 +1,198 @@
+"""The torch backend's pass with rules (rules.py) against the float64 reference pass.
+
+Every rule of one rows-vs-columns pass (similarity cos/dot, exclusion of the row's own column or
+group, the three penalty classes, guided filtering, teacher sums and the distillation gradient)
+on the chunked torch pass: ``row_statistics`` (the log-sum-exp ``offset + log_sum``, since offsets
+may differ legitimately; the positive logits; the teacher sums as ``E_{p_T}[z]``, since they are
+relative to the offset) and ``pass_gradients`` (both gradients, random ``coef`` and
+``distill_coef``, statistics from the reference), float64, against
+``m2d_kernels.backends.reference``, which materialises each pair's ``[R, C]`` logits.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, make_inputs
+
+from m2d_kernels.backends import reference
+from m2d_kernels.backends import torch_prefix as backend
+from m2d_kernels.rules import PLAIN, Rules
+
+SHAPES = {48: (5, 20, 48), 100: (7, 33, 100)}  # D -> nested dims, not multiples of 16
+
+
+def make_case(n_rows, n_cols, n_features, similarity="cos", exclusion=None, penalty=None, strength=0.0,
+              guided=False, teacher=False, n_layers=2, seed=0, dtype=torch.float64):
+    """Rows, columns, positives and rules in sentence-transformers' layout: G = R groups, column j in
+    group j % G, row i in group i; the positive of row i is its own column i, or with an exclusion
+    (which drops the own group) column (i + 1) % G; row 1 has its positive in another block (-1)."""
+    rows, cols = make_inputs(n_layers, n_rows, n_cols, n_features, seed=seed, requires_grad=False)
+    group_period = n_rows
+    row_group = torch.arange(n_rows)
+    if exclusion is None:
+        positives = torch.arange(n_rows)
+    else:
+        positives = (torch.arange(n_rows) + 1) % group_period if group_period > 1 else torch.full((n_rows,), -1)
+    if n_rows > 1:
+        positives[1] = -1
+    guide = {}
+    if guided:
+        generator = torch.Generator().manual_seed(seed + 1)
+        guide_rows = F.normalize(torch.randn(n_rows, 7, generator=generator, dtype=torch.float64), dim=-1)
+        guide_cols = torch.randn(n_cols, 7, generator=generator, dtype=torch.float64)
+        # The positive scores high on the guide (as in GIST): the rule must never drop it.
+        kept = positives >= 0
+        guide_cols[positives[kept]] = guide_rows[kept] + 0.3 * guide_cols[positives[kept]]
+        guide_cols = F.normalize(guide_cols, dim=-1)
+        similarities = (guide_rows @ guide_cols.T).sort(1).values
+        # Midway between two sorted guide similarities: about a third of the columns masked, no ties.
+        k = (2 * n_cols) // 3
+        threshold = (similarities[:, k - 1] + similarities[:, min(k, n_cols - 1)]) / 2 if n_cols > 1 else \
+            similarities[:, 0] + 0.5
+        if n_rows > 2:
+            threshold[-1] = -2.0  # every column of the last row masked
+            positives[-1] = -1
+        guide = dict(guide_rows=guide_rows, guide_cols=guide_cols, guide_threshold=threshold)
+    rules = Rules(similarity=similarity, group_period=group_period, row_group=row_group,
+                  exclude_own_group=exclusion is not None, penalty=penalty, penalty_strength=strength,
+                  teacher=teacher, **guide)
+    return rows.to(dtype), cols.to(dtype), positives, rules
+
+
+def check_pass(rows, cols, dims, active, scale, positives, rules, seed=0, tolerance_dtype=torch.float64):
+    """row_statistics and pass_gradients of the torch backend against the reference's."""
+    n_layers, n_dims = len(active), len(dims)
+    rows64, cols64 = rows.double(), cols.double()
+    expected = reference.row_statistics(rows64, cols64, dims, active, scale, positives, rules)
+    got = backend.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    assert len(got) == len(expected) == (4 if rules.teacher else 3)
+    on = torch.tensor(active)[:, None, :].expand(n_layers, rows.shape[1], n_dims)
+    for name, tensor in zip(("offset", "log_sum", "positive"), got):
+        assert torch.isfinite(tensor[on.logical_not()]).all(), f"{name}: inactive pairs must be finite"
+    assert torch.isfinite(got[0]).all(), "offset must be finite"
+    lse, expected_lse = (got[0] + got[1])[on], (expected[0] + expected[1])[on]
+    empty = torch.isneginf(expected_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "log_sum -inf exactly where every column is excluded"
+    assert_close(lse[~empty], expected_lse[~empty], tolerance_dtype, "log-sum-exp")
+    assert_close(got[2], expected[2], tolerance_dtype, "positive logit")
+    if rules.teacher:
+        # Relative to each backend's own teacher offset: divide by the teacher's exp(log_sum) to get E_pT[z].
+        teacher_total, expected_teacher_total = got[1][-1, :, -1].exp(), expected[1][-1, :, -1].exp()
+        kept = expected_teacher_total > 0
+        assert (got[3][:, ~kept] == 0).all(), "teacher sums of a row with no kept column"
+        assert_close((got[3] / teacher_total[None, :, None])[:, kept],
+                     (expected[3] / expected_teacher_total[None, :, None])[:, kept], tolerance_dtype, "teacher sums")
+
+    generator = torch.Generator().manual_seed(seed)
+    coef = torch.rand(n_layers, n_dims, generator=generator, dtype=torch.float64)
+    coef[0, 0] = 0.0  # a zero weight
+    distill_coef = None
+    if rules.teacher:
+        distill_coef = torch.rand(n_layers, n_dims, generator=generator, dtype=torch.float64)
+        distill_coef[0, -1] = 0.0
+    offset, log_sum = expected[0], expected[1]
+    expected_grads = reference.pass_gradients(rows64, cols64, dims, active, scale, positives, offset, log_sum, coef,
+                                              rules, distill_coef)
+    acc = backend.accumulator_dtype(rows.dtype)
+    got_grads = backend.pass_gradients(rows, cols, dims, active, scale, positives, offset.to(acc), log_sum.to(acc),
+                                       coef.to(acc), rules, None if distill_coef is None else distill_coef.to(acc))
+    for name, g, e in zip(("d rows", "d cols"), got_grads, expected_grads):
+        assert g.dtype == acc and g.shape == e.shape
+        assert torch.isfinite(g).all(), f"{name}: not finite"
+        assert_close(g, e, tolerance_dtype, name)
+
+
+# The grid of rules: similarity x exclusion x penalty x guided x teacher, R = 5, D = 48.
+RULE_GRID = list(itertools.product(("cos", "dot"), (None, "self", "groups"),
+                                   (None, "in_batch_negatives", "hard_negatives", "all_negatives"),
+                                   (False, True), (False, True)))
+
+
+@pytest.mark.parametrize("similarity,exclusion,penalty,guided,teacher", RULE_GRID)
+def test_rules_grid_matches_reference(similarity, exclusion, penalty, guided, teacher):
+    n_rows = 5
+    n_cols = n_rows if exclusion == "self" else 3 * n_rows
+    rows, cols, positives, rules = make_case(n_rows, n_cols, 48, similarity, exclusion, penalty, 9.0, guided, teacher)
+    scale = 20.0 if similarity == "cos" else 1.0
+    check_pass(rows, cols, SHAPES[48], ((True, False, True), (True, True, True)), scale, positives, rules)
+
+
+@pytest.mark.parametrize("penalty", ["in_batch_negatives", "hard_negatives", "all_negatives"])
+@pytest.mark.parametrize("strength", [0.5, 9.0])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_penalty_strengths_and_scales(penalty, strength, scale):
+    rows, cols, positives, rules = make_case(6, 18, 48, penalty=penalty, strength=strength, seed=4)
+    check_pass(rows, cols, SHAPES[48], ((True, True, True), (False, True, True)), scale, positives, rules)
+
+
+@pytest.mark.parametrize("similarity,scale", [("cos", 1.0), ("cos", 20.0), ("cos", 100.0), ("cos", 500.0),
+                                              ("dot", 1.0), ("dot", 0.05)])
+@pytest.mark.parametrize("rules_on", [False, True])
+def test_scales(similarity, scale, rules_on):
+    # 500: no fixed maximum is safe, the running row maximum.
+    options = dict(exclusion="groups", penalty="all_negatives", strength=0.5, guided=True, teacher=True) if rules_on \
+        else {}
+    rows, cols, positives, rules = make_case(4, 12, 100, similarity, seed=2, **options)
+    check_pass(rows, cols, SHAPES[100], ((True, True, True), (True, False, True)), scale, positives, rules)
+
+
+@pytest.mark.parametrize("n_rows", [1, 3, 37])
+@pytest.mark.parametrize("cols_per_row", [1, 3])
+@pytest.mark.parametrize("n_features", [48, 100])
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_shapes_and_chunks(monkeypatch, n_rows, cols_per_row, n_features, similarity):
+    # Small chunks of rows (about 8): the masks, guide products and teacher tiles are per chunk.
+    n_cols = cols_per_row * n_rows
+    monkeypatch.setattr(backend, "CHUNK_ELEMENTS", 8 * n_cols * (3 + 4 + 6))
+    exclusion = "self" if cols_per_row == 1 else "groups"
+    rows, cols, positives, rules = make_case(n_rows, n_cols, n_features, similarity, exclusion, "in_batch_negatives",
+                                             0.5, guided=n_rows > 1, teacher=True, n_layers=3, seed=n_rows)
+    scale = 20.0 if similarity == "cos" else 0.05
+    check_pass(rows, cols, SHAPES[n_features], ((True, True, False), (False, False, False), (True, True, True)),
+               scale, positives, rules)
+
+
+def test_a_row_with_every_column_excluded_has_log_sum_minus_inf_and_no_nan():
+    # R = 1 against its own column only: nothing left in the softmax.
+    rows, cols, positives, rules = make_case(1, 1, 48, "dot", "self", teacher=True, seed=9)
+    offset, log_sum, positive, teacher_sum = backend.row_statistics(rows, cols, SHAPES[48], ((True,) * 3,) * 2, 1.0,
+                                                                    positives, rules)
+    assert torch.isneginf(log_sum).all() and torch.isfinite(offset).all()
+    assert (positive == 0).all() and (teacher_sum == 0).all()
+    check_pass(rows, cols, SHAPES[48], ((True,) * 3,) * 2, 1.0, positives, rules)
+
+
+@pytest.mark.parametrize("rules", [PLAIN, Rules(similarity="dot")], ids=["plain", "dot"])
+def test_float32_inputs_at_float32_tolerance(rules):
+    rows, cols, positives, _ = make_case(9, 27, 100, dtype=torch.float32, seed=6)
+    check_pass(rows, cols, SHAPES[100], ((True, True, True),) * 2, 20.0 if rules.similarity == "cos" else 0.05,
+               positives, rules, tolerance_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(similarity="cosine"), "rules.similarity"),
+    (dict(penalty="hard"), "rules.penalty"),
+    (dict(exclude_own_group=True, group_period=0), "rules.group_period"),
+    (dict(exclude_own_group=True, group_period=3, row_group=None), "rules.row_group"),
+    (dict(guide_rows=torch.zeros(4, 3), guide_cols=torch.zeros(5, 3), guide_threshold=None), "rules.guide_threshold"),
+    (dict(guide_rows=torch.zeros(4, 3), guide_cols=torch.zeros(4, 3), guide_threshold=torch.zeros(4)),
+     "rules.guide_rows"),
+])
+def test_bad_rules_raise_naming_the_field(change, message):
+    rows, cols = make_inputs(1, 4, 5, 8, requires_grad=False)
+    rules = Rules(**change)
+    with pytest.raises(ValueError, match=message):
+        backend.row_statistics(rows, cols, (8,), ((True,),), 20.0, torch.arange(4), rules)
+
+
+def test_teacher_needs_its_pair_active_and_rules_must_be_rules():
+    rows, cols = make_inputs(2, 4, 5, 8, requires_grad=False)
+    with pytest.raises(ValueError, match="teacher pair"):
+        backend.row_statistics(rows, cols, (4, 8), ((True, True), (True, False)), 20.0, torch.arange(4),
+                               Rules(teacher=True))
+    with pytest.raises(TypeError, match="rules"):
+        backend.row_statistics(rows, cols, (4, 8), ((True, True),) * 2, 20.0, torch.arange(4), "cos")
