@@ -26,6 +26,17 @@
 // allocated: extra memory is O((B + N) x D + threads x tile). Cross-tile reductions are
 // added "in turn" (tile 0, then 1, ...; a thread waits on a condition variable, never
 // spins), so results are bitwise independent of the number of threads.
+//
+// The pass API (pass_forward / pass_backward) runs the same kernels under the rules of
+// m2d_kernels/rules.py: "dot" (unit inverse norms, running maximum, no norm term), a per-tile
+// keep mask (own group, guide similarity above the row's threshold) applied before any
+// exponential, a per-tile penalty coefficient (stop-gradient: it changes z, not d z / d s),
+// and the teacher (pair L-1, M-1) whose tile weights are formed once per tile and shared by
+// every pair. The rules become template arguments once per call (pick_forward /
+// pick_backward), so the plain pass and pair_losses run the original loops. The guide
+// product and the teacher tile are per tile for all layers, so with them a task covers every
+// layer of its row block (forward) or column tile (backward); extra memory stays
+// O(threads x M x tile).
 
 #include <torch/extension.h>
 
@@ -156,6 +167,34 @@ class Turns {
   std::vector<int64_t> next_;
 };
 
+// The rules of one rows-vs-columns pass (m2d_kernels/rules.py), runtime values: each kernel
+// call turns them into template arguments once (pick_* below), so the inner loops of the
+// plain pass are the original ones. pair_losses passes the default (plain) rules.
+enum Penalty : int64_t { kNoPenalty = 0, kInBatchNegatives = 1, kHardNegatives = 2, kAllNegatives = 3 };
+
+template <typename T>
+struct PassRules {
+  bool normalised = true;              // "cos"; false: "dot" (the caller passes unit inverse norms)
+  int64_t group_period = 0;            // column j is in group j % group_period
+  const int64_t* row_group = nullptr;  // [B] group of each row
+  bool exclude_own_group = false;
+  int64_t penalty = kNoPenalty;
+  T penalty_strength = 0;
+  const T* guide_rows = nullptr;       // [B, guide_dim], no gradient
+  const T* guide_cols = nullptr;       // [N, guide_dim]
+  const T* guide_threshold = nullptr;  // [B]
+  int64_t guide_dim = 0;
+  bool teacher = false;  // forward: teacher-weighted sums; backward: the distillation gradient
+
+  bool guided() const { return guide_rows != nullptr; }
+  bool excludes() const { return exclude_own_group || guided(); }
+  bool penalises() const { return penalty != kNoPenalty; }
+  bool masked() const { return excludes() || penalises(); }
+  // The guide product and the teacher tile are computed once per tile for every layer, so a
+  // task then covers all layers of its rows (forward) or columns (backward).
+  bool shares_tiles_across_layers() const { return guided() || teacher; }
+};
+
 // Everything a tile needs, for one call. Pointers are into contiguous tensors.
 template <typename T>
 struct Problem {
@@ -166,7 +205,9 @@ struct Problem {
   const int64_t* positive;  // [B] row of docs holding query i's positive
   int64_t L, B, N, D, M, col_tile, n_blocks, n_tiles;
   T scale;
+  T max_logit;  // bound of every cosine logit: scale, plus the penalty strength when there is one
   bool symmetric, fixed_max;
+  PassRules<T> rules;
   std::vector<int64_t> starts, ends;  // segment m is [starts[m], ends[m])
   std::vector<uint8_t> active;        // [L, M]
   std::vector<int64_t> last;          // [L] largest active m, -1 if none
@@ -181,6 +222,14 @@ struct Problem {
   T logit(T row_scale, T s, T rk) const { return row_scale * s * rk; }
 };
 
+// The logit of a row's tile entry j under the rules: Problem::logit, plus the penalty strength
+// times the (stop-gradient) cosine on penalised entries (pen_row[j] is 0 on the others).
+template <bool kPenalty, typename T>
+inline T entry_logit(const Problem<T>& p, T row_scale, T rq, T s, T rk, const T* pen_row, int64_t j) {
+  if constexpr (kPenalty) return p.logit(row_scale, s, rk) + pen_row[j] * (rq * s * rk);
+  return p.logit(row_scale, s, rk);
+}
+
 // Because |cos| <= 1, `scale` bounds every logit: when exp(-2 * scale) is still a normal
 // number, sum_j exp(logit - scale) is exact without a running maximum.
 template <typename T>
@@ -191,7 +240,7 @@ bool fixed_max_is_exact(T scale) {
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q, const at::Tensor& inv_k,
                         const at::Tensor& positive, const std::vector<int64_t>& dims, const at::Tensor& active,
-                        double scale, bool symmetric) {
+                        double scale, bool symmetric, const PassRules<T>& rules = PassRules<T>()) {
   Problem<T> p;
   p.q = q.data_ptr<T>();
   p.k = k.data_ptr<T>();
@@ -208,7 +257,10 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.n_tiles = (p.N + p.col_tile - 1) / p.col_tile;
   p.scale = static_cast<T>(scale);
   p.symmetric = symmetric;
-  p.fixed_max = fixed_max_is_exact(p.scale);
+  p.rules = rules;
+  p.max_logit = p.scale + (rules.penalises() ? rules.penalty_strength : T(0));
+  // "dot" has no bound: the running maximum.
+  p.fixed_max = rules.normalised && fixed_max_is_exact(p.max_logit);
   for (int64_t m = 0; m < p.M; ++m) {
     p.starts.push_back(m == 0 ? 0 : dims[m - 1]);
     p.ends.push_back(dims[m]);
@@ -219,6 +271,8 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   for (int64_t l = 0; l < p.L; ++l)
     for (int64_t m = 0; m < p.M; ++m)
       if (p.active[l * p.M + m]) p.last[l] = m;
+  TORCH_CHECK(!rules.teacher || p.active[p.L * p.M - 1],
+              "m2d cpp backend: the teacher pair (last layer, largest dim) must be active");
   p.queries_by_positive.resize(p.B);
   for (int64_t i = 0; i < p.B; ++i) p.queries_by_positive[i] = i;
   std::stable_sort(p.queries_by_positive.begin(), p.queries_by_positive.end(),
@@ -269,6 +323,95 @@ void accumulate_segment(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, i
   }
 }
 
+// The teacher layer's S_m of a tile, one buffer per dim (tile_size apart): the teacher pair
+// (largest dim) is needed before the layer's smaller dims. Each S_m starts as a copy of
+// S_{m-1}, so the values are bitwise those of accumulating in place.
+template <typename T>
+void teacher_layer_segments(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* s,
+                            int64_t tile_size) {
+  for (int64_t m = 0; m < p.M; ++m) {
+    T* out = s + m * tile_size;
+    if (m > 0) std::copy(out - tile_size, out - tile_size + nr * nc, out);
+    accumulate_segment(p, p.L - 1, m, r0, nr, c0, nc, out);
+  }
+}
+
+// Per-tile data of the rules, shared by every (layer, dim) pair of the tile.
+template <typename T>
+struct TileRules {
+  const T* keep = nullptr;             // [nr, nc] 1 where the column is kept, 0 where excluded
+  const T* penalty = nullptr;          // [nr, nc] penalty strength where penalised, else 0
+  const T* teacher = nullptr;          // [nr, nc] forward: exp(z_T - offset_T); backward: p_T (0 where excluded)
+  const T* teacher_rescale = nullptr;  // [nr] forward: exp(previous offset_T - offset_T)
+};
+
+// Fills keep and penalty (TileRules) for rows [r0, r0 + nr) and columns [c0, c0 + nc) with
+// rules.py's classes. The guide similarities are one small GEMM into `guide`, per tile: no
+// B x N guide matrix exists.
+template <typename T>
+void rules_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* guide, T* keep, T* pen) {
+  const PassRules<T>& r = p.rules;
+  if (r.guided()) {
+    const int64_t dg = r.guide_dim;
+    auto out = view(guide, nr, nc, nc);
+    at::mm_out(out, view(r.guide_rows + r0 * dg, nr, dg, dg), view(r.guide_cols + c0 * dg, nc, dg, dg).t());
+  }
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t group = r.row_group != nullptr ? r.row_group[r0 + i] : -1;
+    const int64_t positive = p.positive[r0 + i];
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t col = c0 + j;
+      const bool own = r.group_period > 0 && col % r.group_period == group;
+      bool excluded = r.exclude_own_group && own;
+      if (r.guided()) excluded = excluded || (guide[i * nc + j] > r.guide_threshold[r0 + i] && col != positive);
+      bool penalised = false;
+      switch (r.penalty) {
+        case kInBatchNegatives: penalised = !own; break;
+        case kHardNegatives: penalised = own && col >= r.group_period; break;
+        case kAllNegatives: penalised = col != group; break;
+        default: break;
+      }
+      keep[i * nc + j] = excluded ? T(0) : T(1);
+      pen[i * nc + j] = penalised ? r.penalty_strength : T(0);
+    }
+  }
+}
+
+// Teacher weights of a tile, out[i, j] = exp((z_T - offset[i]) - shift[i]) (0 where excluded),
+// from the teacher pair's logits s: the forward's exp(z_T - offset_T) with shift 0, the
+// backward's p_T with shift = log_sum_T. With z_sum, also sum_j out[i, j] * z_T[i, j] per row.
+template <bool kExclude, bool kPenalty, typename T>
+void teacher_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* s, T* rk,
+                  const T* offset, const T* shift, const TileRules<T>& rules, T* out, T* z_sum) {
+  const int64_t l = p.L - 1, m = p.M - 1;
+  const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
+  const T* inv_q = p.inv_q + (l * p.B + r0) * p.M + m;
+  for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
+  for (int64_t i = 0; i < nr; ++i) {
+    const T rq = inv_q[i * p.M], row_scale = p.scale * rq, base = offset[i], sh = shift[i];
+    const T* s_row = s + i * nc;
+    const T* keep_row = rules.keep + i * nc;
+    const T* pen_row = rules.penalty + i * nc;
+    T* out_row = out + i * nc;
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < nc; ++j) {
+      const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
+      T weight;
+      if constexpr (kExclude) {
+        const bool kept = keep_row[j] != 0;
+        const T e = vector_exp(kept ? (z - base) - sh : T(0));  // no exponent of an excluded logit
+        weight = kept ? e : T(0);
+      } else {
+        weight = vector_exp((z - base) - sh);
+      }
+      out_row[j] = weight;
+      total += weight * z;
+    }
+    if (z_sum != nullptr) z_sum[i] = total;
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 // (max, sum_j exp(z_j - max), sum_j exp(z_j - max) * cos_j) of a set of logits.
@@ -287,19 +430,24 @@ void merge(SoftmaxStats<T>& total, const SoftmaxStats<T>& part) {
   total.max = new_max;
 }
 
-// Row statistics of one row block over all column tiles ([M, nr] each), and the partial
-// column statistics of this row block for every positive column ([B, M], by query).
+// Row statistics of one row block over all column tiles ([layers of the task, M, nr] each:
+// slot (l - l0) * M + m), and the partial column statistics of this row block for every
+// positive column ([B, M], by query; pair_losses only, one layer per task).
 template <typename T>
 struct BlockStats {
   std::vector<SoftmaxStats<T>> rows, columns;
-  std::vector<T> positive_logit, positive_cos;
+  std::vector<T> positive_logit, positive_cos, teacher_sum;
 };
 
-// Folds one tile of pair (l, m) into the row statistics and the positive columns' partials.
-// kScaleGrad adds sum_j exp(z_j - max) * cos_j beside the sum, for d loss / d scale.
-template <bool kScaleGrad, typename T>
-void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                      const T* s, T* rk, BlockStats<T>& stats) {
+// Folds one tile of pair (l, m) into the row statistics (at `slot`) and the positive columns'
+// partials. kScaleGrad adds sum_j exp(z_j - max) * cos_j beside the sum, for d loss / d scale;
+// kExclude drops the excluded entries (before any exponential), kPenalty adds the penalty,
+// kTeacher accumulates sum_j exp(z_T - offset_T) * z_j (the tile's teacher weights).
+template <bool kScaleGrad, bool kExclude, bool kPenalty, bool kTeacher, typename T>
+void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, int64_t r0, int64_t nr, int64_t c0,
+                      int64_t nc, const T* s, T* rk, BlockStats<T>& stats, const TileRules<T>& rules) {
+  static_assert(!(kScaleGrad && (kExclude || kPenalty || kTeacher)), "d loss / d scale is for plain rules only");
+  constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   const T* inv_q = p.inv_q + (l * p.B + r0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
@@ -307,15 +455,24 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int
     const T rq = inv_q[i * p.M];
     const T row_scale = p.scale * rq;
     const T* s_row = s + i * nc;
-    SoftmaxStats<T>& row = stats.rows[m * nr + i];
-    T new_max = p.scale;
+    const T* keep_row = rules.keep + i * nc;
+    const T* pen_row = rules.penalty + i * nc;
+    const T* teacher_row = rules.teacher + i * nc;
+    SoftmaxStats<T>& row = stats.rows[slot * nr + i];
+    T new_max = p.max_logit;
     if (!p.fixed_max) {
-      T tile_max = -std::numeric_limits<T>::infinity();
+      T tile_max = kMinusInf;
 #pragma omp simd reduction(max : tile_max)
-      for (int64_t j = 0; j < nc; ++j) tile_max = std::max(tile_max, p.logit(row_scale, s_row[j], rk[j]));
+      for (int64_t j = 0; j < nc; ++j) {
+        T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
+        if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
+        tile_max = std::max(tile_max, z);
+      }
       new_max = std::max(row.max, tile_max);
     }
-    T tile_sum = 0, tile_cos_sum = 0;
+    // A row with nothing kept so far (maximum -inf) takes its (unused) exponents against 0.
+    const T base = kExclude && new_max == kMinusInf ? T(0) : new_max;
+    T tile_sum = 0, tile_cos_sum = 0, tile_teacher = 0;
     if constexpr (kScaleGrad) {
 #pragma omp simd reduction(+ : tile_sum, tile_cos_sum)
       for (int64_t j = 0; j < nc; ++j) {
@@ -324,17 +481,34 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int
         tile_cos_sum += e * (rq * s_row[j] * rk[j]);
       }
     } else {
-#pragma omp simd reduction(+ : tile_sum)
-      for (int64_t j = 0; j < nc; ++j) tile_sum += vector_exp(p.logit(row_scale, s_row[j], rk[j]) - new_max);
+#pragma omp simd reduction(+ : tile_sum, tile_teacher)
+      for (int64_t j = 0; j < nc; ++j) {
+        const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
+        if constexpr (kExclude) {
+          const bool kept = keep_row[j] != 0;
+          const T e = vector_exp(kept ? z - base : T(0));  // no exponent of an excluded logit
+          tile_sum += kept ? e : T(0);
+        } else {
+          tile_sum += vector_exp(z - new_max);
+        }
+        if constexpr (kTeacher) tile_teacher += teacher_row[j] * z;  // weight 0 where excluded, z finite
+      }
     }
-    const T rescale = vector_exp(row.max - new_max);
+    // Both maxima -inf (nothing kept yet): the sum stays 0 rather than 0 * exp(nan).
+    const T rescale = kExclude && row.max == new_max ? T(1) : vector_exp(row.max - new_max);
     row.sum = row.sum * rescale + tile_sum;
     if constexpr (kScaleGrad) row.cos_sum = row.cos_sum * rescale + tile_cos_sum;
+    if constexpr (kTeacher) {
+      T& teacher_sum = stats.teacher_sum[slot * nr + i];
+      teacher_sum = teacher_sum * rules.teacher_rescale[i] + tile_teacher;
+    }
     row.max = new_max;
     const int64_t pos = p.positive[r0 + i] - c0;
     if (pos >= 0 && pos < nc) {
-      stats.positive_logit[m * nr + i] = p.logit(row_scale, s_row[pos], rk[pos]);
-      if constexpr (kScaleGrad) stats.positive_cos[m * nr + i] = rq * s_row[pos] * rk[pos];
+      T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[pos], rk[pos], pen_row, pos);
+      if constexpr (kExclude) z = keep_row[pos] != 0 ? z : kMinusInf;
+      stats.positive_logit[slot * nr + i] = z;
+      if constexpr (kScaleGrad) stats.positive_cos[slot * nr + i] = rq * s_row[pos] * rk[pos];
     }
   }
   if (!p.symmetric) return;
@@ -357,66 +531,153 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int
   }
 }
 
+// The forward's kernels for one call's rules, chosen once (outside every loop).
+template <typename T>
+struct ForwardKernels {
+  using Epilogue = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            const T*, T*, BlockStats<T>&, const TileRules<T>&);
+  using Teacher = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, const T*, T*, const T*, const T*,
+                           const TileRules<T>&, T*, T*);
+  Epilogue epilogue;          // every pair
+  Epilogue teacher_epilogue;  // the teacher pair itself: its weights come after its maximum
+  Teacher teacher;
+};
+
+// Calls f(std::integral_constant<bool, flag>): a runtime rule becomes a template argument.
+template <typename F>
+auto with_flag(bool flag, const F& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+template <bool kScaleGrad, typename T>
+ForwardKernels<T> pick_forward(const PassRules<T>& rules) {
+  if constexpr (kScaleGrad) {
+    return {&forward_epilogue<true, false, false, false, T>, nullptr, nullptr};
+  } else {
+    return with_flag(rules.excludes(), [&](auto exclude) {
+      return with_flag(rules.penalises(), [&](auto penalty) {
+        constexpr bool kE = decltype(exclude)::value, kP = decltype(penalty)::value;
+        return ForwardKernels<T>{
+            rules.teacher ? &forward_epilogue<false, kE, kP, true, T> : &forward_epilogue<false, kE, kP, false, T>,
+            &forward_epilogue<false, kE, kP, false, T>, &teacher_tile<kE, kP, T>};
+      });
+    });
+  }
+}
+
 template <typename T, bool kScaleGrad>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
                                      const at::Tensor& inv_k, const at::Tensor& positive,
                                      const std::vector<int64_t>& dims, const at::Tensor& active, double scale,
-                                     bool symmetric, int64_t n_threads) {
-  const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric);
+                                     bool symmetric, int64_t n_threads, const PassRules<T>& rules = PassRules<T>()) {
+  const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
+  TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
+              "m2d cpp backend: the doc->query direction takes plain rules");
+  const ForwardKernels<T> kernels = pick_forward<kScaleGrad>(rules);
   auto opts = q.options();
-  const T start_max = p.fixed_max ? p.scale : -std::numeric_limits<T>::infinity();
+  const T start_max = p.fixed_max ? p.max_logit : -std::numeric_limits<T>::infinity();
   // Saved for the backward: each direction's maximum and log of the scaled sum, apart.
   at::Tensor row_max = at::zeros({p.L, p.B, p.M}, opts), row_logsum = at::zeros({p.L, p.B, p.M}, opts);
   at::Tensor col_max = at::zeros({symmetric ? p.L : 0, p.B, p.M}, opts);
   at::Tensor col_logsum = at::zeros({symmetric ? p.L : 0, p.B, p.M}, opts);
-  // Forward-only: positive logits, the rows' d/dscale terms, the columns' merged statistics.
-  std::vector<T> positive_logit(p.L * p.B * p.M, 0), row_dscale(kScaleGrad ? p.L * p.B * p.M : 0, 0);
+  at::Tensor positive_logit = at::zeros({p.L, p.B, p.M}, opts);
+  at::Tensor teacher_sum = at::zeros({rules.teacher ? p.L : 0, p.B, p.M}, opts);
+  // Forward-only: the rows' d/dscale terms, the columns' merged statistics.
+  std::vector<T> row_dscale(kScaleGrad ? p.L * p.B * p.M : 0, 0);
   std::vector<T> positive_cos(kScaleGrad ? p.L * p.B * p.M : 0, 0);
   std::vector<SoftmaxStats<T>> columns(symmetric ? p.L * p.B * p.M : 0, SoftmaxStats<T>{start_max, 0, 0});
   T* row_max_ptr = row_max.data_ptr<T>();
   T* row_logsum_ptr = row_logsum.data_ptr<T>();
   T* col_max_ptr = col_max.data_ptr<T>();
   T* col_logsum_ptr = col_logsum.data_ptr<T>();
+  T* positive_logit_ptr = positive_logit.data_ptr<T>();
+  T* teacher_sum_ptr = teacher_sum.data_ptr<T>();
   Turns turns(p.L);  // column partials merge in row-block order, per layer
+  const int64_t layers_per_task = rules.shares_tiles_across_layers() ? p.L : 1;
+  const int64_t n_tasks = p.L / layers_per_task * p.n_blocks;
+  const int64_t teacher_slot = (p.L - 1) % layers_per_task * p.M + p.M - 1;
 
-  run_tasks(threads_for(p.L * p.B * p.N * p.D, p.L * p.n_blocks, n_threads), [&] {
-    Scratch<T> s(kRowBlock * p.col_tile), rk(p.col_tile);
+  run_tasks(threads_for(p.L * p.B * p.N * p.D, n_tasks, n_threads), [&] {
+    const int64_t tile_size = kRowBlock * p.col_tile;
+    const int64_t rules_size = rules.masked() ? tile_size : 0, teacher_size = rules.teacher ? tile_size : 0;
+    Scratch<T> s(tile_size), rk(p.col_tile);
+    Scratch<T> keep(rules_size), pen(rules_size), guide(rules.guided() ? tile_size : 0);
+    // The teacher layer's logits (one tile per dim), weights, and per-row offset, shift, rescale, own sum.
+    Scratch<T> teacher_s(p.M * teacher_size), teacher_w(teacher_size), teacher_rows(rules.teacher ? 4 * kRowBlock : 0);
+    const TileRules<T> tile_rules{keep.get(), pen.get(), teacher_w.get(), teacher_rows.get() + 2 * kRowBlock};
     BlockStats<T> stats;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < p.L * p.n_blocks; ++task) {
-      const int64_t l = task / p.n_blocks, block = task % p.n_blocks;
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t l0 = task / p.n_blocks * layers_per_task, block = task % p.n_blocks;
       const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
-      if (p.last[l] < 0) continue;
-      stats.rows.assign(p.M * nr, SoftmaxStats<T>{start_max, 0, 0});
-      stats.positive_logit.assign(p.M * nr, 0);
-      stats.positive_cos.assign(kScaleGrad ? p.M * nr : 0, 0);
+      const int64_t slots = layers_per_task * p.M * nr;
+      if (layers_per_task == 1 && p.last[l0] < 0) continue;
+      stats.rows.assign(slots, SoftmaxStats<T>{start_max, 0, 0});
+      stats.positive_logit.assign(slots, 0);
+      stats.positive_cos.assign(kScaleGrad ? slots : 0, 0);
+      stats.teacher_sum.assign(rules.teacher ? slots : 0, 0);
       stats.columns.assign(symmetric ? p.B * p.M : 0, SoftmaxStats<T>{start_max, 0, 0});
       for (int64_t c0 = 0; c0 < p.N; c0 += p.col_tile) {
         const int64_t nc = std::min(p.col_tile, p.N - c0);
-        for (int64_t m = 0; m <= p.last[l]; ++m) {
-          accumulate_segment(p, l, m, r0, nr, c0, nc, s.get());
-          if (p.active[l * p.M + m]) forward_epilogue<kScaleGrad>(p, l, m, r0, nr, c0, nc, s.get(), rk.get(), stats);
+        if (rules.masked()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
+        if (rules.teacher) {
+          // The teacher pair first: its updated maximum is the offset of this tile's weights.
+          T* offset = teacher_rows.get();
+          T* shift = offset + kRowBlock;
+          T* rescale = offset + 2 * kRowBlock;
+          T* own_sum = offset + 3 * kRowBlock;
+          const T* teacher_logits = teacher_s.get() + (p.M - 1) * tile_size;
+          teacher_layer_segments(p, r0, nr, c0, nc, teacher_s.get(), tile_size);
+          for (int64_t i = 0; i < nr; ++i) rescale[i] = stats.rows[teacher_slot * nr + i].max;
+          kernels.teacher_epilogue(p, p.L - 1, p.M - 1, teacher_slot, r0, nr, c0, nc, teacher_logits, rk.get(), stats,
+                                   tile_rules);
+          for (int64_t i = 0; i < nr; ++i) {
+            const T previous = rescale[i], current = stats.rows[teacher_slot * nr + i].max;
+            offset[i] = current == -std::numeric_limits<T>::infinity() ? T(0) : current;
+            shift[i] = 0;
+            rescale[i] = previous == current ? T(1) : vector_exp(previous - current);
+          }
+          kernels.teacher(p, r0, nr, c0, nc, teacher_logits, rk.get(), offset, shift, tile_rules, teacher_w.get(),
+                          own_sum);
+          for (int64_t i = 0; i < nr; ++i) {
+            T& sum = stats.teacher_sum[teacher_slot * nr + i];
+            sum = sum * rescale[i] + own_sum[i];
+          }
+        }
+        for (int64_t l = l0; l < l0 + layers_per_task; ++l) {
+          const bool teacher_layer = rules.teacher && l == p.L - 1;
+          for (int64_t m = 0; m <= p.last[l]; ++m) {
+            const T* s_m = teacher_layer ? teacher_s.get() + m * tile_size : s.get();
+            if (!teacher_layer) accumulate_segment(p, l, m, r0, nr, c0, nc, s.get());
+            if (p.active[l * p.M + m] && !(teacher_layer && m == p.M - 1))
+              kernels.epilogue(p, l, m, (l - l0) * p.M + m, r0, nr, c0, nc, s_m, rk.get(), stats, tile_rules);
+          }
         }
       }
-      for (int64_t m = 0; m <= p.last[l]; ++m) {
-        if (!p.active[l * p.M + m]) continue;
-        for (int64_t i = 0; i < nr; ++i) {
-          const int64_t at = (l * p.B + r0 + i) * p.M + m;
-          const SoftmaxStats<T>& row = stats.rows[m * nr + i];
-          row_max_ptr[at] = row.max;
-          row_logsum_ptr[at] = std::log(row.sum);
-          positive_logit[at] = stats.positive_logit[m * nr + i];
-          if constexpr (kScaleGrad) {
-            positive_cos[at] = stats.positive_cos[m * nr + i];
-            row_dscale[at] = row.cos_sum / row.sum - positive_cos[at];
+      for (int64_t l = l0; l < l0 + layers_per_task; ++l) {
+        for (int64_t m = 0; m <= p.last[l]; ++m) {
+          if (!p.active[l * p.M + m]) continue;
+          const int64_t slot = ((l - l0) * p.M + m) * nr;
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t at = (l * p.B + r0 + i) * p.M + m;
+            const SoftmaxStats<T>& row = stats.rows[slot + i];
+            // A row whose every column is excluded: offset 0, log_sum -inf.
+            row_max_ptr[at] = row.max == -std::numeric_limits<T>::infinity() ? T(0) : row.max;
+            row_logsum_ptr[at] = std::log(row.sum);
+            positive_logit_ptr[at] = stats.positive_logit[slot + i];
+            if constexpr (kScaleGrad) {
+              positive_cos[at] = stats.positive_cos[slot + i];
+              row_dscale[at] = row.cos_sum / row.sum - positive_cos[at];
+            }
+            if (rules.teacher) teacher_sum_ptr[at] = stats.teacher_sum[slot + i];
           }
         }
       }
       if (symmetric) {
-        turns.run_in_turn(l, block, [&] {
+        turns.run_in_turn(l0, block, [&] {
           for (int64_t i = 0; i < p.B; ++i)
-            for (int64_t m = 0; m <= p.last[l]; ++m)
-              if (p.active[l * p.M + m]) merge(columns[(l * p.B + i) * p.M + m], stats.columns[i * p.M + m]);
+            for (int64_t m = 0; m <= p.last[l0]; ++m)
+              if (p.active[l0 * p.M + m]) merge(columns[(l0 * p.B + i) * p.M + m], stats.columns[i * p.M + m]);
         });
       }
     }
@@ -431,7 +692,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       T row_total = 0, column_total = 0, row_dscale_total = 0, column_dscale_total = 0;
       for (int64_t i = 0; i < p.B; ++i) {
         const int64_t at = (l * p.B + i) * p.M + m;
-        const T positive_logit_i = positive_logit[at];
+        const T positive_logit_i = positive_logit_ptr[at];
         row_total += (row_max_ptr[at] - positive_logit_i) + row_logsum_ptr[at];
         if constexpr (kScaleGrad) row_dscale_total += row_dscale[at];
         if (!symmetric) continue;
@@ -447,30 +708,51 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
             (symmetric ? (row_dscale_total + column_dscale_total) / 2 : row_dscale_total) / p.B;
     }
   }
-  return {losses, row_max, row_logsum, col_max, col_logsum, dscale};
+  return {losses, row_max, row_logsum, col_max, col_logsum, dscale, positive_logit, teacher_sum};
 }
 
 // ---------------------------------------------------------------- backward
 
-// W_m = coef * G_m * rq * rk for one tile, into w; writes rowsum(coef * G_m * cos_m) into
-// gc_row and adds the column sums to gc_col. G_m = softmax_row - onehot(p) (+ softmax_column
-// - onehot for the positive columns), softmax = exp((z - max) - logsum) with the forward's z.
-template <typename T>
+// W_m = G_m * rq * rk for one tile, into w; writes rowsum(G_m * cos_m) into gc_row and adds
+// the column sums to gc_col. G_m = coef * (softmax_row - onehot(p)) (+ softmax_column - onehot
+// for the positive columns), softmax = exp((z - max) - logsum) with the forward's z; with
+// kDistill, G_m = (coef + distill) * softmax - coef * onehot - distill * p_T. Excluded entries
+// get 0 (kExclude), penalised ones the penalty in z only (it carries no gradient).
+template <bool kExclude, bool kPenalty, bool kDistill, typename T>
 void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                   const T* s, T* w, T* rk, T coef, const T* row_max, const T* row_logsum, const T* col_max,
-                   const T* col_logsum, T* gc_row, T* gc_col) {
+                   const T* s, T* w, T* rk, T coef, T distill, const T* row_max, const T* row_logsum,
+                   const T* col_max, const T* col_logsum, T* gc_row, T* gc_col, const TileRules<T>& rules) {
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t at = (l * p.B + r0 + i) * p.M + m;
-    const T row_scale = p.scale * p.inv_q[at];
+    const T rq = p.inv_q[at];
+    const T row_scale = p.scale * rq;
     const T max = row_max[at], logsum = row_logsum[at];
     const T* s_row = s + i * nc;
+    const T* keep_row = rules.keep + i * nc;
+    const T* pen_row = rules.penalty + i * nc;
+    const T* teacher_row = rules.teacher + i * nc;
     T* w_row = w + i * nc;
 #pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) w_row[j] = vector_exp((p.logit(row_scale, s_row[j], rk[j]) - max) - logsum);
+    for (int64_t j = 0; j < nc; ++j) {
+      const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
+      T prob;
+      if constexpr (kExclude) {
+        const bool kept = keep_row[j] != 0;
+        const T e = vector_exp(kept ? (z - max) - logsum : T(0));  // no exponent of an excluded logit
+        prob = kept ? e : T(0);
+      } else {
+        prob = vector_exp((z - max) - logsum);
+      }
+      if constexpr (kDistill) {
+        w_row[j] = (coef + distill) * prob - distill * teacher_row[j];
+      } else {
+        w_row[j] = prob;
+      }
+    }
     const int64_t pos = p.positive[r0 + i] - c0;
-    if (pos >= 0 && pos < nc) w_row[pos] -= 1;
+    if (pos >= 0 && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= kDistill ? coef : T(1);
   }
   if (p.symmetric) {
     for (int64_t e = p.positives_begin(c0), end = p.positives_begin(c0 + nc); e < end; ++e) {
@@ -490,7 +772,7 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     T row_sum = 0;
 #pragma omp simd reduction(+ : row_sum)
     for (int64_t j = 0; j < nc; ++j) {
-      const T g = coef * w_row[j];
+      const T g = kDistill ? w_row[j] : coef * w_row[j];  // the distillation tile carries its coefficients
       const T g_cos = g * rq * s_row[j] * rk[j];
       row_sum += g_cos;
       gc_col[j] += g_cos;
@@ -498,6 +780,26 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     }
     gc_row[i] = row_sum;
   }
+}
+
+// The backward's kernels for one call's rules, chosen once (outside every loop).
+template <typename T>
+struct BackwardKernels {
+  using Gradient = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, T*, T*,
+                            T, T, const T*, const T*, const T*, const T*, T*, T*, const TileRules<T>&);
+  Gradient gradient;
+  typename ForwardKernels<T>::Teacher teacher;
+};
+
+template <typename T>
+BackwardKernels<T> pick_backward(const PassRules<T>& rules) {
+  return with_flag(rules.excludes(), [&](auto exclude) {
+    return with_flag(rules.penalises(), [&](auto penalty) {
+      constexpr bool kE = decltype(exclude)::value, kP = decltype(penalty)::value;
+      return BackwardKernels<T>{
+          rules.teacher ? &gradient_tile<kE, kP, true, T> : &gradient_tile<kE, kP, false, T>, &teacher_tile<kE, kP, T>};
+    });
+  });
 }
 
 // Subtracts the norm term: out[r, seg_s] -= (sum_{m >= s} a[r, m] * gc[m * gc_stride + r]) * x[r, seg_s].
@@ -513,8 +815,9 @@ void subtract_norm_term(const Problem<T>& p, int64_t last, int64_t rows, const T
   }
 }
 
-// Parallel over (layer, column tile): each task owns its rows of dK and adds its dQ rows
-// into the shared dQ in turn (column tile 0 first), one row block at a time.
+// Parallel over (layer, column tile), or over column tiles with every layer when the rules
+// share per-tile data across layers: each task owns its rows of dK and adds its dQ rows into
+// the shared dQ in turn (column tile 0 first), one (layer, row block) at a time.
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
                                       const at::Tensor& inv_k, const at::Tensor& norm_grad_q,
@@ -522,8 +825,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                                       const std::vector<int64_t>& dims, const at::Tensor& active, double scale,
                                       bool symmetric, const at::Tensor& row_max, const at::Tensor& row_logsum,
                                       const at::Tensor& col_max, const at::Tensor& col_logsum, const at::Tensor& coef,
-                                      int64_t n_threads) {
-  const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric);
+                                      int64_t n_threads, const PassRules<T>& rules = PassRules<T>(),
+                                      const T* distill_coef = nullptr) {
+  const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
+  TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
+              "m2d cpp backend: the doc->query direction takes plain rules");
+  const BackwardKernels<T> kernels = pick_backward(rules);
   at::Tensor grad_q = at::zeros_like(q);
   at::Tensor grad_k = at::zeros_like(k);
   std::vector<T> gc_row(p.L * p.M * p.B, 0);  // [L, M, B]: rowsum(coef * G_m * cos_m)
@@ -535,61 +842,93 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   T* grad_q_ptr = grad_q.data_ptr<T>();
   T* grad_k_ptr = grad_k.data_ptr<T>();
   Turns turns(p.L * p.n_blocks);  // dQ row block (l, r) takes column tiles in order
+  const int64_t layers_per_task = rules.shares_tiles_across_layers() ? p.L : 1;
+  const int64_t n_tasks = p.L / layers_per_task * p.n_tiles;
 
-  run_tasks(threads_for(p.L * p.B * p.N * p.D, p.L * p.n_tiles, n_threads), [&] {
+  run_tasks(threads_for(p.L * p.B * p.N * p.D, n_tasks, n_threads), [&] {
     const int64_t tile_size = kRowBlock * p.col_tile;
+    const int64_t rules_size = rules.masked() ? tile_size : 0, teacher_size = rules.teacher ? tile_size : 0;
     Scratch<T> s(tile_size), w(p.M * tile_size), rk(p.col_tile), dq(kRowBlock * p.D), gc_block(p.M * kRowBlock);
+    Scratch<T> keep(rules_size), pen(rules_size), guide(rules.guided() ? tile_size : 0);
+    // The teacher layer's logits (one tile per dim), p_T, and the teacher's per-row offset and log-sum.
+    Scratch<T> teacher_s(p.M * teacher_size), teacher_p(teacher_size), teacher_rows(rules.teacher ? 2 * kRowBlock : 0);
+    const TileRules<T> tile_rules{keep.get(), pen.get(), teacher_p.get(), nullptr};
     std::vector<T> gc_col;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < p.L * p.n_tiles; ++task) {
-      const int64_t l = task / p.n_tiles, tile = task % p.n_tiles, last = p.last[l];
-      if (last < 0) continue;
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t l0 = task / p.n_tiles * layers_per_task, tile = task % p.n_tiles;
+      if (layers_per_task == 1 && p.last[l0] < 0) continue;
       const int64_t c0 = tile * p.col_tile, nc = std::min(p.col_tile, p.N - c0);
-      T* dk = grad_k_ptr + (l * p.N + c0) * p.D;
-      gc_col.assign(p.M * nc, 0);
+      gc_col.assign(layers_per_task * p.M * nc, 0);
       for (int64_t block = 0; block < p.n_blocks; ++block) {
         const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
-        for (int64_t m = 0; m <= last; ++m) {
-          accumulate_segment(p, l, m, r0, nr, c0, nc, s.get());
-          if (p.active[l * p.M + m])
-            gradient_tile(p, l, m, r0, nr, c0, nc, s.get(), w.get() + m * nr * nc, rk.get(), coef_ptr[l * p.M + m],
-                          row_max_ptr, row_logsum_ptr, col_max_ptr, col_logsum_ptr, gc_block.get() + m * nr,
-                          gc_col.data() + m * nc);
-        }
-        // Walk the segments from the largest dim down; w[last] accumulates H_s.
-        T* h = w.get() + last * nr * nc;
-        auto h_view = view(h, nr, nc, nc);
-        for (int64_t m = last; m >= 0; --m) {
-          if (m < last && p.active[l * p.M + m]) {
-            const T* w_m = w.get() + m * nr * nc;
-#pragma omp simd
-            for (int64_t e = 0; e < nr * nc; ++e) h[e] += w_m[e];
+        if (rules.masked()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
+        if (rules.teacher) {
+          T* offset = teacher_rows.get();
+          T* shift = offset + kRowBlock;
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t at = ((p.L - 1) * p.B + r0 + i) * p.M + p.M - 1;
+            offset[i] = row_max_ptr[at];
+            shift[i] = row_logsum_ptr[at];
           }
-          const int64_t a = p.starts[m], width = p.ends[m] - a;
-          auto dq_seg = view(dq.get() + a, nr, width, p.D);
-          at::mm_out(dq_seg, h_view, view(p.k + (l * p.N + c0) * p.D + a, nc, width, p.D));
-          view(dk + a, nc, width, p.D).addmm_(h_view.t(), view(p.q + (l * p.B + r0) * p.D + a, nr, width, p.D));
+          teacher_layer_segments(p, r0, nr, c0, nc, teacher_s.get(), tile_size);
+          kernels.teacher(p, r0, nr, c0, nc, teacher_s.get() + (p.M - 1) * tile_size, rk.get(), offset, shift,
+                          tile_rules, teacher_p.get(), nullptr);
         }
-        turns.run_in_turn(l * p.n_blocks + block, tile, [&] {
-          // Only the features up to the largest active dim were written (and get a gradient).
-          T* out = grad_q_ptr + (l * p.B + r0) * p.D;
-          const T* in = dq.get();
-          for (int64_t i = 0; i < nr; ++i)
-            for (int64_t c = 0; c < p.ends[last]; ++c) out[i * p.D + c] += in[i * p.D + c];
+        for (int64_t l = l0; l < l0 + layers_per_task; ++l) {
+          const int64_t last = p.last[l];
+          if (last < 0) continue;
+          const bool teacher_layer = rules.teacher && l == p.L - 1;
+          T* dk = grad_k_ptr + (l * p.N + c0) * p.D;
           for (int64_t m = 0; m <= last; ++m) {
-            if (!p.active[l * p.M + m]) continue;
-            for (int64_t i = 0; i < nr; ++i) gc_row[(l * p.M + m) * p.B + r0 + i] += gc_block.get()[m * nr + i];
+            const T* s_m = teacher_layer ? teacher_s.get() + m * tile_size : s.get();
+            if (!teacher_layer) accumulate_segment(p, l, m, r0, nr, c0, nc, s.get());
+            if (p.active[l * p.M + m])
+              kernels.gradient(p, l, m, r0, nr, c0, nc, s_m, w.get() + m * nr * nc, rk.get(), coef_ptr[l * p.M + m],
+                               rules.teacher ? distill_coef[l * p.M + m] : T(0), row_max_ptr, row_logsum_ptr,
+                               col_max_ptr, col_logsum_ptr, gc_block.get() + m * nr,
+                               gc_col.data() + ((l - l0) * p.M + m) * nc, tile_rules);
           }
-        });
+          // Walk the segments from the largest dim down; w[last] accumulates H_s.
+          T* h = w.get() + last * nr * nc;
+          auto h_view = view(h, nr, nc, nc);
+          for (int64_t m = last; m >= 0; --m) {
+            if (m < last && p.active[l * p.M + m]) {
+              const T* w_m = w.get() + m * nr * nc;
+#pragma omp simd
+              for (int64_t e = 0; e < nr * nc; ++e) h[e] += w_m[e];
+            }
+            const int64_t a = p.starts[m], width = p.ends[m] - a;
+            auto dq_seg = view(dq.get() + a, nr, width, p.D);
+            at::mm_out(dq_seg, h_view, view(p.k + (l * p.N + c0) * p.D + a, nc, width, p.D));
+            view(dk + a, nc, width, p.D).addmm_(h_view.t(), view(p.q + (l * p.B + r0) * p.D + a, nr, width, p.D));
+          }
+          turns.run_in_turn(l * p.n_blocks + block, tile, [&] {
+            // Only the features up to the largest active dim were written (and get a gradient).
+            T* out = grad_q_ptr + (l * p.B + r0) * p.D;
+            const T* in = dq.get();
+            for (int64_t i = 0; i < nr; ++i)
+              for (int64_t c = 0; c < p.ends[last]; ++c) out[i * p.D + c] += in[i * p.D + c];
+            for (int64_t m = 0; m <= last; ++m) {
+              if (!p.active[l * p.M + m]) continue;
+              for (int64_t i = 0; i < nr; ++i) gc_row[(l * p.M + m) * p.B + r0 + i] += gc_block.get()[m * nr + i];
+            }
+          });
+        }
       }
-      subtract_norm_term(p, last, nc, norm_grad_k.data_ptr<T>() + (l * p.N + c0) * p.M, gc_col.data(), nc,
-                         p.k + (l * p.N + c0) * p.D, dk);
+      if (!rules.normalised) continue;  // "dot": no norm term
+      for (int64_t l = l0; l < l0 + layers_per_task; ++l) {
+        if (p.last[l] < 0) continue;
+        subtract_norm_term(p, p.last[l], nc, norm_grad_k.data_ptr<T>() + (l * p.N + c0) * p.M,
+                           gc_col.data() + (l - l0) * p.M * nc, nc, p.k + (l * p.N + c0) * p.D,
+                           grad_k_ptr + (l * p.N + c0) * p.D);
+      }
     }
     // The implicit barrier above completes every dQ sum; now its norm term, per row block.
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < p.L * p.n_blocks; ++task) {
       const int64_t l = task / p.n_blocks, r0 = task % p.n_blocks * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
-      if (p.last[l] < 0) continue;
+      if (p.last[l] < 0 || !rules.normalised) continue;
       subtract_norm_term(p, p.last[l], nr, norm_grad_q.data_ptr<T>() + (l * p.B + r0) * p.M,
                          gc_row.data() + l * p.M * p.B + r0, p.B, p.q + (l * p.B + r0) * p.D,
                          grad_q_ptr + (l * p.B + r0) * p.D);
@@ -609,6 +948,45 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
               "m2d cpp backend: positive_index must be a contiguous int64 tensor of shape [B]");
 }
 
+// A pass's rules from the extension's arguments (empty tensors: the rule is off).
+template <typename T>
+PassRules<T> make_rules(const at::Tensor& q, const at::Tensor& k, bool normalised, int64_t group_period,
+                        const at::Tensor& row_group, bool exclude_own_group, int64_t penalty, double penalty_strength,
+                        const at::Tensor& guide_rows, const at::Tensor& guide_cols, const at::Tensor& guide_threshold,
+                        bool teacher) {
+  PassRules<T> rules;
+  rules.normalised = normalised;
+  rules.exclude_own_group = exclude_own_group;
+  TORCH_CHECK(penalty >= kNoPenalty && penalty <= kAllNegatives, "m2d cpp backend: unknown penalty code ", penalty);
+  rules.penalty = penalty;
+  rules.penalty_strength = static_cast<T>(penalty_strength);
+  if (exclude_own_group || penalty != kNoPenalty) {
+    TORCH_CHECK(group_period > 0, "m2d cpp backend: rules.group_period must be positive with groups");
+    TORCH_CHECK(row_group.scalar_type() == at::kLong && row_group.is_contiguous() && row_group.dim() == 1 &&
+                    row_group.size(0) == q.size(1),
+                "m2d cpp backend: rules.row_group must be a contiguous int64 tensor of shape [R]");
+    rules.group_period = group_period;
+    rules.row_group = row_group.data_ptr<int64_t>();
+  }
+  if (guide_rows.numel() > 0) {
+    const auto dtype = q.scalar_type();
+    TORCH_CHECK(guide_rows.dim() == 2 && guide_cols.dim() == 2 && guide_rows.size(0) == q.size(1) &&
+                    guide_cols.size(0) == k.size(1) && guide_rows.size(1) == guide_cols.size(1),
+                "m2d cpp backend: guide_rows [R, Dg] and guide_cols [C, Dg] must match the rows and columns");
+    TORCH_CHECK(guide_threshold.dim() == 1 && guide_threshold.size(0) == q.size(1),
+                "m2d cpp backend: guide_threshold must have shape [R]");
+    for (const at::Tensor* t : {&guide_rows, &guide_cols, &guide_threshold})
+      TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->device().is_cpu(),
+                  "m2d cpp backend: guide tensors must be contiguous CPU tensors of the rows' dtype");
+    rules.guide_rows = guide_rows.data_ptr<T>();
+    rules.guide_cols = guide_cols.data_ptr<T>();
+    rules.guide_threshold = guide_threshold.data_ptr<T>();
+    rules.guide_dim = guide_rows.size(1);
+  }
+  rules.teacher = teacher;
+  return rules;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> m2d_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
@@ -616,11 +994,15 @@ std::vector<at::Tensor> m2d_forward(const at::Tensor& q, const at::Tensor& k, co
                                     const at::Tensor& active, double scale, bool symmetric, bool scale_grad,
                                     int64_t n_threads) {
   check_inputs(q, k, positive);
+  std::vector<at::Tensor> out;
   if (q.scalar_type() == at::kDouble)
-    return scale_grad ? forward_impl<double, true>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads)
-                      : forward_impl<double, false>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads);
-  return scale_grad ? forward_impl<float, true>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads)
-                    : forward_impl<float, false>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads);
+    out = scale_grad ? forward_impl<double, true>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads)
+                     : forward_impl<double, false>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads);
+  else
+    out = scale_grad ? forward_impl<float, true>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads)
+                     : forward_impl<float, false>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads);
+  out.resize(6);  // pair_losses: no positive logits or teacher sums
+  return out;
 }
 
 std::vector<at::Tensor> m2d_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
@@ -637,6 +1019,52 @@ std::vector<at::Tensor> m2d_backward(const at::Tensor& q, const at::Tensor& k, c
                               row_max, row_logsum, col_max, col_logsum, coef, n_threads);
 }
 
+// The pass API with rules (m2d_kernels/rules.py): rows against one block of columns.
+std::vector<at::Tensor> m2d_pass_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
+                                         const at::Tensor& inv_k, const at::Tensor& positive, std::vector<int64_t> dims,
+                                         const at::Tensor& active, double scale, bool normalised, int64_t group_period,
+                                         const at::Tensor& row_group, bool exclude_own_group, int64_t penalty,
+                                         double penalty_strength, const at::Tensor& guide_rows,
+                                         const at::Tensor& guide_cols, const at::Tensor& guide_threshold, bool teacher,
+                                         int64_t n_threads) {
+  check_inputs(q, k, positive);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const PassRules<T> rules = make_rules<T>(q, k, normalised, group_period, row_group, exclude_own_group, penalty,
+                                             penalty_strength, guide_rows, guide_cols, guide_threshold, teacher);
+    return forward_impl<T, false>(q, k, inv_q, inv_k, positive, dims, active, scale, false, n_threads, rules);
+  };
+  std::vector<at::Tensor> out = q.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
+  return {out[1], out[2], out[6], out[7]};  // offset, log_sum, positive_logit, teacher_sum (empty without teacher)
+}
+
+std::vector<at::Tensor> m2d_pass_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
+                                          const at::Tensor& inv_k, const at::Tensor& norm_grad_q,
+                                          const at::Tensor& norm_grad_k, const at::Tensor& positive,
+                                          std::vector<int64_t> dims, const at::Tensor& active, double scale,
+                                          bool normalised, int64_t group_period, const at::Tensor& row_group,
+                                          bool exclude_own_group, int64_t penalty, double penalty_strength,
+                                          const at::Tensor& guide_rows, const at::Tensor& guide_cols,
+                                          const at::Tensor& guide_threshold, const at::Tensor& offset,
+                                          const at::Tensor& log_sum, const at::Tensor& coef,
+                                          const at::Tensor& distill_coef, int64_t n_threads) {
+  check_inputs(q, k, positive);
+  const bool distill = distill_coef.numel() > 0;
+  TORCH_CHECK(!distill || (distill_coef.scalar_type() == q.scalar_type() && distill_coef.is_contiguous() &&
+                           distill_coef.numel() == coef.numel()),
+              "m2d cpp backend: distill_coef must be a contiguous [L, M] tensor of the rows' dtype");
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const PassRules<T> rules = make_rules<T>(q, k, normalised, group_period, row_group, exclude_own_group, penalty,
+                                             penalty_strength, guide_rows, guide_cols, guide_threshold, distill);
+    const at::Tensor none = offset.new_empty({0});  // no doc->query direction in a pass
+    return backward_impl<T>(q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positive, dims, active, scale, false, offset,
+                            log_sum, none, none, coef, n_threads, rules,
+                            distill ? distill_coef.data_ptr<T>() : nullptr);
+  };
+  return q.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "m2d-kernels: fused 2D Matryoshka InfoNCE for CPU tensors (OpenMP)";
   module.def("forward", &m2d_forward,
@@ -646,4 +1074,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("backward", &m2d_backward,
              "(queries, docs, inv_q, inv_k, norm_grad_q, norm_grad_k, positive_index, dims, active, scale, "
              "symmetric, row_max, row_logsum, col_max, col_logsum, coef [L, M], n_threads) -> (grad_queries, grad_docs)");
+  module.def("pass_forward", &m2d_pass_forward,
+             "(rows, cols, inv_r, inv_c, positives, dims, active, scale, normalised, group_period, row_group, "
+             "exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols, guide_threshold, teacher, "
+             "n_threads) -> (offset, log_sum, positive_logit, teacher_sum or empty) [L, R, M]");
+  module.def("pass_backward", &m2d_pass_backward,
+             "(rows, cols, inv_r, inv_c, norm_grad_r, norm_grad_c, positives, dims, active, scale, normalised, "
+             "group_period, row_group, exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols, "
+             "guide_threshold, offset, log_sum, coef [L, M], distill_coef [L, M] or empty, n_threads) -> "
+             "(grad_rows, grad_cols)");
 }

@@ -7,6 +7,8 @@ Shapes cross the kernel's tile edges (64 query rows, 512 candidate columns) on p
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from helpers import (
 import m2d_kernels as m2d
 from m2d_kernels import backends
 from m2d_kernels.backends import cpp
+from m2d_kernels.rules import Rules
 
 needs_extension = pytest.mark.skipif(
     cpp.unavailable_reason(torch.device("cpu")) is not None,
@@ -418,6 +421,166 @@ def test_missing_ninja_is_named(monkeypatch, tmp_path):
         cpp._compile()
 
 
+# ---------------------------------------------------------------- the pass with rules (rules.py)
+#
+# row_statistics / pass_gradients of the cpp pass against the float64 reference pass (the oracle of
+# every rule), for each rule alone and combined, teacher on and off, odd shapes and scales.
+
+
+def _unit(n, width, generator):
+    return torch.nn.functional.normalize(torch.randn(n, width, generator=generator, dtype=torch.float64), dim=-1)
+
+
+def _rules_case(case, n_rows, n_cols, generator):
+    """(rules, positives, n_cols) of a named case; positives -1 where a row's positive is not a column."""
+    groups = dict(group_period=n_rows, row_group=torch.arange(n_rows))
+    positives = torch.arange(n_rows)
+    similarity = "dot" if case.startswith("dot") else "cos"
+    if case in ("cos", "dot"):
+        return Rules(similarity=similarity), positives, n_cols
+    if case.endswith("self"):  # query_to_query: the row itself excluded (G = R = C)
+        return Rules(similarity=similarity, exclude_own_group=True, **groups), torch.full((n_rows,), -1), n_rows
+    if case == "groups":  # doc_to_doc: the row's whole group excluded (C = 3G)
+        return Rules(exclude_own_group=True, **groups), torch.full((n_rows,), -1), 3 * n_rows
+    if case.startswith(("penalty", "dot-penalty")):  # penalty-<mode>-<strength>
+        mode, strength = case.rsplit("-", 2)[-2:]
+        mode = {"batch": "in_batch_negatives", "hard": "hard_negatives", "all": "all_negatives"}[mode]
+        return Rules(similarity=similarity, penalty=mode, penalty_strength=float(strength), **groups), positives, \
+            3 * n_rows
+    if case.startswith(("guided", "dot-guided")):
+        guide_rows, guide_cols = _unit(n_rows, 7, generator), _unit(n_cols, 7, generator)
+        # Halfway between two middle guide similarities of the row: about half the columns masked, and no
+        # similarity within rounding of the threshold (a tie would flip with the product's summation order).
+        middle = (guide_rows @ guide_cols.T).sort(1).values[:, (n_cols - 1) // 2:(n_cols - 1) // 2 + 2]
+        threshold = middle.mean(1) if n_cols > 1 else middle[:, 0] - 0.1
+        if n_rows > 1:  # a row whose every column is masked: no positive here, threshold below any cosine
+            threshold[1] = -2.0
+            positives = positives.clone()
+            positives[1] = -1
+        extra = dict(penalty="in_batch_negatives", penalty_strength=0.5, **groups) if case.endswith("penalty") else {}
+        return Rules(similarity=similarity, guide_rows=guide_rows, guide_cols=guide_cols, guide_threshold=threshold,
+                     **extra), positives, n_cols
+    raise AssertionError(case)
+
+
+RULE_CASES = ["cos", "dot", "self", "dot-self", "groups", "guided", "dot-guided", "guided-penalty"] + [
+    f"{prefix}penalty-{mode}-{strength}" for prefix in ("", "dot-") for mode in ("batch", "hard", "all")
+    for strength in ("0.5", "9")
+]
+# (R, C, D, dims): R = 1, 3, 37, 70 (two row blocks, four column tiles at C = 3R); dims not multiples of 16.
+PASS_SHAPES = [(1, 1, 48, (10, 30, 48)), (3, 9, 100, (24, 40, 100)), (37, 37, 100, (20, 70, 100)),
+               (70, 210, 48, (10, 30, 48))]
+
+
+def _assert_pass_matches_reference(rows, cols, dims, active, scale, positives, rules, generator):
+    from m2d_kernels.backends import reference
+
+    tolerance = dict(atol=1e-9, rtol=1e-9)
+    expected = reference.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    got = cpp.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    assert len(got) == len(expected) == (4 if rules.teacher else 3)
+    # The LSE (offsets may legitimately differ); -inf on both sides where every column is excluded.
+    torch.testing.assert_close(got[0] + got[1], expected[0] + expected[1], **tolerance, msg=lambda m: f"LSE: {m}")
+    if rules.guided and rows.shape[1] > 1:
+        assert torch.isinf(expected[1][:, 1][torch.tensor(active)]).all()  # the grid's all-masked row is there
+    torch.testing.assert_close(got[2], expected[2], **tolerance, msg=lambda m: f"positive logit: {m}")
+    if rules.teacher:  # relative to each side's own teacher offset: bring ours to the reference's
+        shift = (got[0][-1, :, -1] - expected[0][-1, :, -1]).exp()[None, :, None]
+        torch.testing.assert_close(got[3] * shift, expected[3], **tolerance, msg=lambda m: f"teacher sum: {m}")
+
+    offset, log_sum = expected[:2]
+    coef = torch.rand(len(active), len(dims), generator=generator, dtype=torch.float64)
+    coef[0, -1] = 0.0  # a zero weight
+    distill = torch.rand(len(active), len(dims), generator=generator, dtype=torch.float64) if rules.teacher else None
+    want = reference.pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules, distill)
+    have = cpp.pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules, distill)
+    for name, h, w in zip(("d rows", "d cols"), have, want, strict=True):
+        torch.testing.assert_close(h, w, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# cos at scales 1, 20, 100; dot at 1 and 0.05 (its logits are unbounded: the running maximum).
+CASES_AND_SCALES = [(case, scale) for case in RULE_CASES
+                    for scale in ((1.0, 0.05) if case.startswith("dot") else (1.0, 20.0, 100.0))]
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", PASS_SHAPES, ids=lambda s: "R{}-C{}-D{}".format(*s[:3]))
+@pytest.mark.parametrize(("case", "scale"), CASES_AND_SCALES, ids=[f"{c}-scale{s:g}" for c, s in CASES_AND_SCALES])
+@pytest.mark.parametrize("teacher", [False, True], ids=["no-teacher", "teacher"])
+def test_pass_with_rules_matches_reference(shape, case, scale, teacher):
+    """Statistics (LSE, positive logit, teacher sums) and both gradients (random coef and distill_coef)."""
+    n_rows, n_cols, n_features, dims = shape
+    generator = torch.Generator().manual_seed(n_rows * 1000 + int(scale * 100))
+    rules, positives, n_cols = _rules_case(case, n_rows, n_cols, generator)
+    if teacher:
+        rules = dataclasses.replace(rules, teacher=True)
+    rows, cols = make_inputs(2, n_rows, n_cols, n_features, seed=n_rows + n_cols, requires_grad=False)
+    if rules.similarity == "dot":  # dot scores of magnitude ~ 10-100
+        rows, cols = rows * 1.5, cols * 1.5
+    active = ((True, False, True), (True, True, True))  # an inactive pair; the teacher (1, 2) is active
+    _assert_pass_matches_reference(rows, cols, dims, active, scale, positives, rules, generator)
+
+
+@needs_extension
+def test_pass_with_every_rule_independent_of_thread_count():
+    generator = torch.Generator().manual_seed(4)
+    rules, positives, n_cols = _rules_case("guided-penalty", 130, 600, generator)
+    rules = dataclasses.replace(rules, teacher=True)
+    rows, cols = make_inputs(2, 130, n_cols, 100, seed=5, requires_grad=False)
+    dims, active = (24, 40, 100), ((True, False, True), (True, True, True))
+    coef, distill = torch.rand(2, 3, generator=generator), torch.rand(2, 3, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            stats = cpp.row_statistics(rows, cols, dims, active, 50.0, positives, rules)
+            grads = cpp.pass_gradients(rows, cols, dims, active, 50.0, positives, stats[0], stats[1], coef, rules,
+                                       distill)
+            results.append((*stats, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # bitwise
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ["dot", "groups", "penalty-hard-9", "guided-penalty"])
+def test_pass_with_rules_float32_within_tolerance_of_float64_reference(case):
+    from m2d_kernels.backends import reference
+
+    generator = torch.Generator().manual_seed(6)
+    rules, positives, n_cols = _rules_case(case, 37, 111, generator)
+    rules = dataclasses.replace(rules, teacher=True)
+    rows, cols = make_inputs(2, 37, n_cols, 100, seed=7, requires_grad=False)
+    dims, active, scale = (20, 70, 100), ((True, False, True), (True, True, True)), 20.0 if case != "dot" else 1.0
+    expected = reference.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    got = cpp.row_statistics(rows.float(), cols.float(), dims, active, scale, positives, rules)
+    assert got[0].dtype == torch.float32
+    assert_close(got[0] + got[1], expected[0] + expected[1], torch.float32, "LSE")
+    coef, distill = torch.rand(2, 3, generator=generator), torch.rand(2, 3, generator=generator)
+    want = reference.pass_gradients(rows, cols, dims, active, scale, positives, *expected[:2], coef.double(), rules,
+                                    distill.double())
+    have = cpp.pass_gradients(rows.float(), cols.float(), dims, active, scale, positives, *expected[:2], coef, rules,
+                              distill)
+    # dot logits reach ~100 at scale 1: at most twice the error of the reference computed in fp32 (helpers' rule).
+    low = reference.pass_gradients(rows.float(), cols.float(), dims, active, scale, positives,
+                                   *(e.float() for e in expected[:2]), coef, rules, distill)
+    for name, h, w, r in zip(("d rows", "d cols"), have, want, low, strict=True):
+        assert h.dtype == torch.float32
+        error, reference_error = (h.double() - w).abs().max().item(), (r.double() - w).abs().max().item()
+        assert error <= 2 * reference_error + 1e-6 * w.abs().max().item(), (name, error, reference_error)
+
+
+def test_pass_rules_errors_name_the_rule():
+    with pytest.raises(ValueError, match="rules.similarity"):
+        cpp._rule_arguments(Rules(similarity="l2"), torch.float64, 3, 6)
+    with pytest.raises(ValueError, match="rules.row_group"):
+        cpp._rule_arguments(Rules(exclude_own_group=True), torch.float64, 3, 6)
+    with pytest.raises(ValueError, match="rules.guide_cols"):
+        cpp._rule_arguments(Rules(guide_rows=torch.ones(3, 2)), torch.float64, 3, 6)
+
+
 # ---------------------------------------------------------------- memory: linear in the batch
 
 
@@ -434,3 +597,47 @@ def test_extra_memory_grows_at_most_linearly_with_the_batch(monkeypatch):
     growth = large["peak_extra_bytes"] / small["peak_extra_bytes"]
     assert growth <= 4 * 1.25, f"extra memory grew {growth:.1f}x for 4x the batch: {small} -> {large}"
     assert large["peak_extra_bytes"] <= 2.5 * large["input_bytes"], large
+
+
+_PASS_MEMORY_SCRIPT = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from memory import peak_extra_bytes
+from m2d_kernels.backends import cpp
+from m2d_kernels.rules import Rules
+
+def run(b, n, d=64):
+    g = torch.Generator().manual_seed(0)
+    rows, cols = torch.randn(1, b, d, generator=g), torch.randn(1, n, d, generator=g)
+    rules = Rules(group_period=b, row_group=torch.arange(b), penalty="hard_negatives", penalty_strength=1.0,
+                  guide_rows=F.normalize(torch.randn(b, d, generator=g), dim=-1),
+                  guide_cols=F.normalize(torch.randn(n, d, generator=g), dim=-1),
+                  guide_threshold=torch.full((b,), 0.1), teacher=True)
+    positives, coef = torch.arange(b), torch.ones(1, 2)
+    def step():
+        stats = cpp.row_statistics(rows, cols, (32, d), ((True, True),), 20.0, positives, rules)
+        cpp.pass_gradients(rows, cols, (32, d), ((True, True),), 20.0, positives, stats[0], stats[1], coef, rules, coef)
+    return step, (rows.numel() + cols.numel()) * 4
+
+run(128, 256)[0]()  # extension load, thread pools, BLAS buffers: not the call's memory
+step, input_bytes = run(int(sys.argv[1]), 2 * int(sys.argv[1]))
+print(json.dumps(dict(peak=peak_extra_bytes(step, torch.device("cpu")), input_bytes=input_bytes)))
+"""
+
+
+@needs_extension
+def test_pass_with_every_rule_extra_memory_grows_at_most_linearly_with_the_batch():
+    """Guide product and teacher tile per tile: nothing of size B x N (quadruples per doubling)."""
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(benchmarks), str(benchmarks.parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    small, large = (
+        json.loads(subprocess.run([sys.executable, "-c", _PASS_MEMORY_SCRIPT, str(b)], env=env,
+                                                capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        for b in (1024, 4096)
+    )
+    assert small["peak"] is not None, "peak memory is measured on Linux only"
+    growth = large["peak"] / small["peak"]
+    assert growth <= 4 * 1.25, f"extra memory grew {growth:.1f}x for 4x the batch: {small} -> {large}"
+    assert large["peak"] <= 2.5 * large["input_bytes"], large

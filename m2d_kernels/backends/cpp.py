@@ -37,7 +37,8 @@ from types import ModuleType
 
 import torch
 
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms, positive_logits
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
+from m2d_kernels.rules import PENALTIES, PLAIN, SIMILARITIES
 
 try:
     import fcntl
@@ -273,35 +274,74 @@ def pair_losses(
 
 
 # ---------------------------------------------------------------------------------------
-# Pass API (backends/__init__.py): the extension's forward and backward on one block of columns
+# Pass API (backends/__init__.py): the extension's forward and backward on one block of columns,
+# with the rules of m2d_kernels.rules as runtime arguments that the kernels turn into template
+# arguments once per call (the plain pass runs the original loops).
 # ---------------------------------------------------------------------------------------
 
+_PENALTY_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 
-def _pass_operands(rows, cols, dims):
+
+def _pass_operands(rows, cols, dims, rules):
+    """Rows and columns in the accumulator dtype with their inverse prefix norms and norm-gradient factors;
+    with "dot", unit inverse norms (the kernels' logits become ``scale * <x, y>``; no norm term)."""
     dtype = accumulator_dtype(rows.dtype)
     q, k = rows.detach().to(dtype).contiguous(), cols.detach().to(dtype).contiguous()
+    if rules.similarity == "dot":
+        ones_q, ones_k = q.new_ones(q.shape[0], q.shape[1], len(dims)), k.new_ones(k.shape[0], k.shape[1], len(dims))
+        return q, k, (ones_q, ones_q), (ones_k, ones_k)
     return q, k, inverse_prefix_norms(q, dims, dtype), inverse_prefix_norms(k, dims, dtype)
 
 
-def row_statistics(rows, cols, dims, active, scale, positives):
-    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` (the row maximum, log sum exp(z - max))."""
-    q, k, (inv_q, _), (inv_k, _) = _pass_operands(rows, cols, dims)
-    _, row_max, row_logsum = _extension()[0].forward(
+def _rule_arguments(rules, dtype, n_rows, n_cols):
+    """The extension's rule arguments: (normalised, group_period, row_group, exclude_own_group, penalty,
+    penalty_strength, guide_rows, guide_cols, guide_threshold); empty tensors for rules that are off."""
+    if rules.similarity not in SIMILARITIES:
+        raise ValueError(f"rules.similarity must be one of {SIMILARITIES}, got {rules.similarity!r}")
+    if rules.penalty not in _PENALTY_CODES:
+        raise ValueError(f"rules.penalty must be None or one of {PENALTIES}, got {rules.penalty!r}")
+    row_group = torch.empty(0, dtype=torch.int64)
+    if rules.exclude_own_group or rules.penalty is not None:
+        if rules.group_period <= 0 or rules.row_group is None or tuple(rules.row_group.shape) != (n_rows,):
+            raise ValueError(f"rules.group_period must be positive and rules.row_group of shape [{n_rows}] "
+                             "with exclude_own_group or a penalty")
+        row_group = rules.row_group.to(torch.int64).contiguous()
+    guide = (torch.empty(0, dtype=dtype),) * 3
+    if rules.guided:
+        if rules.guide_cols is None or rules.guide_threshold is None:
+            raise ValueError("rules.guide_rows needs rules.guide_cols and rules.guide_threshold")
+        if rules.guide_rows.shape[0] != n_rows or rules.guide_cols.shape[0] != n_cols:
+            raise ValueError(f"rules.guide_rows must have {n_rows} rows and rules.guide_cols {n_cols}, got "
+                             f"{tuple(rules.guide_rows.shape)} and {tuple(rules.guide_cols.shape)}")
+        # The guide product in the accumulator dtype (fp32 at least, fp64 for fp64 rows).
+        guide = tuple(t.detach().to(dtype).contiguous() for t in (rules.guide_rows, rules.guide_cols,
+                                                                   rules.guide_threshold))
+    return (rules.similarity == "cos", rules.group_period, row_group, rules.exclude_own_group,
+            _PENALTY_CODES[rules.penalty], float(rules.penalty_strength), *guide)
+
+
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
+    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` (the row maximum, or the fixed maximum
+    ``rules.max_logit(scale)`` for cosines at moderate scales; log sum exp(z - offset)), and with
+    ``rules.teacher`` the teacher-weighted logit sums as a fourth tensor."""
+    q, k, (inv_q, _), (inv_k, _) = _pass_operands(rows, cols, dims, rules)
+    offset, log_sum, positive, teacher_sum = _extension()[0].pass_forward(
         q, k, inv_q, inv_k, positives.to(torch.int64).contiguous(), list(dims), torch.tensor(active, dtype=torch.bool),
-        scale, False, False, torch.get_num_threads(),
-    )[:3]
-    return row_max, row_logsum, positive_logits(rows, cols, dims, active, scale, positives)
+        scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1]), rules.teacher, torch.get_num_threads(),
+    )
+    return (offset, log_sum, positive, teacher_sum) if rules.teacher else (offset, log_sum, positive)
 
 
-def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef):
+def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN, distill_coef=None):
     """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype, from the extension's backward with the given
-    (combined) statistics; ``positives == -1`` subtracts no one-hot."""
-    q, k, (inv_q, norm_q), (inv_k, norm_k) = _pass_operands(rows, cols, dims)
-    no_columns = offset.new_empty(0)  # the doc-to-query statistics: not a direction of this pass
-    # The extension's coefficient multiplies (P - onehot) per cosine: scale times ours, per row loss.
-    return _extension()[0].backward(
+    (combined) statistics; ``positives == -1`` subtracts no one-hot; ``distill_coef`` adds the distillation
+    gradient (teacher = pair (L - 1, M - 1))."""
+    q, k, (inv_q, norm_q), (inv_k, norm_k) = _pass_operands(rows, cols, dims, rules)
+    # The extension's coefficients multiply d z / d s per similarity: scale times ours, per row loss.
+    distill = q.new_empty(0) if distill_coef is None else (distill_coef * scale).to(q.dtype).contiguous()
+    return _extension()[0].pass_backward(
         q, k, inv_q, inv_k, norm_q, norm_k, positives.to(torch.int64).contiguous(), list(dims),
-        torch.tensor(active, dtype=torch.bool), scale, False, offset.to(q.dtype).contiguous(),
-        log_sum.to(q.dtype).contiguous(), no_columns, no_columns, (coef * scale).to(q.dtype).contiguous(),
-        torch.get_num_threads(),
+        torch.tensor(active, dtype=torch.bool), scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1]),
+        offset.to(q.dtype).contiguous(), log_sum.to(q.dtype).contiguous(), (coef * scale).to(q.dtype).contiguous(),
+        distill, torch.get_num_threads(),
     )
