@@ -225,7 +225,7 @@ def test_config_and_citation(model):
 
 # --------------------------------------------------------------------------- retrieval: score distillation
 
-DISTILL_BACKENDS = ["reference", "torch"]
+DISTILL_BACKENDS = ["reference", "torch", "cpp"]
 
 
 def naive_distillation(queries, docs, dims, weights, distill, scale, positive_index, similarity):

@@ -15,10 +15,19 @@ The pass API (DESIGN.md section 6): ``rows [L, R, D]`` scored against one block 
 several blocks (the ring exchange of ``m2d_kernels.distributed``) is the combination of
 per-block statistics::
 
-    row_statistics(rows, cols, dims, active, scale, positives)
+    row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN)
         -> offset, log_sum, positive_logit                        # each [L, R, M]
-    pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef)
+           (+ teacher_sum with rules.teacher)
+    pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef,
+                   rules=PLAIN, distill_coef=None)
         -> d_rows [L, R, D], d_cols [L, C, D]
+
+``rules`` (:class:`m2d_kernels.rules.Rules`, whose docstring is the specification) select the
+similarity, the excluded columns, a hardness penalty and the teacher sums of score distillation;
+excluded columns are dropped before the exponentials, a row with none left has ``log_sum = -inf``.
+``teacher_sum = sum_j exp(z_T - offset_T) z_lm`` with the teacher pair (L - 1, M - 1) and its
+returned offset; ``pass_gradients`` then also differentiates ``distill_coef[l, m] * sum_i [LSE_i -
+sum_j p_T(i, j) z_ij]``. :mod:`m2d_kernels.objective` composes passes into the loss family.
 
 ``positives [R]`` (long) is the column of this block holding row ``i``'s positive, or -1
 when it lies in another block. ``offset`` and ``log_sum`` are per row and pair, natural-log
