@@ -27,7 +27,7 @@ from m2d_kernels import backends
 DIMS = (32, 64, 128, 256, 384)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (L, B, N, D): N = 2B (one hard-negative column).
-SHAPE = (4, 256, 512, 384) if DEVICE.type == "cpu" else (12, 4096, 8192, 768)
+SHAPE = (4, 512, 1024, 384) if DEVICE.type == "cpu" else (12, 4096, 8192, 768)
 PROVIDERS = ["torch", "cpp", "triton"]
 CASES = {
     "query_to_doc": {},
