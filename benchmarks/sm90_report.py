@@ -108,11 +108,11 @@ def inspect_cubin(cubin: bytes, shared: int) -> dict:
     }
 
 
-def candidate_configs(kind: str, dtype: str):
+def candidate_configs(kind: str, dtype: str, rules=()):
     """(config, selected): every config the launcher can choose; `selected` marks the heuristic's."""
     listed = tk.FORWARD_CONFIGS if kind == "forward" else tk.BACKWARD_CONFIGS
     ex = WORKED_EXAMPLE
-    chosen = tk._heuristic_config(kind, TORCH_DTYPES[dtype], ex["B"], ex["N"])
+    chosen = tk._heuristic_config(kind, TORCH_DTYPES[dtype], ex["B"], ex["N"], plain=not rules)
     return [(config, config == chosen) for config in dict.fromkeys((*listed, chosen))]
 
 
@@ -120,7 +120,7 @@ def report(kinds=("forward", "backward_dX", "backward_dY"), dtypes=("bf16", "fp3
     rows = []
     for kind in kinds:
         for dtype in dtypes:
-            for config, selected in candidate_configs(kind, dtype):
+            for config, selected in candidate_configs(kind, dtype, rules):
                 if only_selected and not selected:
                     continue
                 stats = inspect_cubin(*compile_kernel(kind, DTYPES[dtype], config, rules=rules))

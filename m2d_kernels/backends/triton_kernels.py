@@ -94,14 +94,22 @@ BACKWARD_CONFIGS = ((64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8,
                     (64, 128, 8, 3), (128, 128, 8, 3))
 # tf32x3 holds hi and lo halves of both operands in registers: fp32's spill-free forward tile is narrower.
 FP32_FORWARD_CONFIG = (64, 64, 4, 3)
+# With rules on (mask, penalty and teacher tiles live across the dim loop) the forward spills at the plain
+# tiles (up to 1 KB per thread at 64x128/4w); 64x64 over 8 warps is spill-free for each rule and for
+# dot+penalty+guided in bf16 (sm90_report.py --rules), 40 B with all four of exclude+penalty+guided+teacher.
+RULES_FORWARD_CONFIG = (64, 64, 8, 3)
 INTERPRETER_CONFIG = (16, 16, 1, 1)  # tl.dot needs tiles >= 16; the CPU interpreter wants few ops
 
 
-def _heuristic_config(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
+def _heuristic_config(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int,
+                      plain: bool = True) -> tuple[int, int, int, int]:
     """The config a launch uses when autotuning is off: the first of the kind's list that the
-    problem fills (small batches take the 64-wide tiles); fp32's forward takes FP32_FORWARD_CONFIG."""
+    problem fills (small batches take the 64-wide tiles); fp32's forward takes FP32_FORWARD_CONFIG,
+    a forward with rules (``plain=False``) RULES_FORWARD_CONFIG."""
     if _interpreting():
         return INTERPRETER_CONFIG
+    if kind == "forward" and not plain:
+        return RULES_FORWARD_CONFIG
     if kind == "forward" and dtype == torch.float32:
         return FP32_FORWARD_CONFIG
     for config in FORWARD_CONFIGS if kind == "forward" else BACKWARD_CONFIGS:
@@ -791,11 +799,11 @@ def _size_classes(n_rows: int, n_cols: int) -> dict:
     return {"R_CLASS": triton.next_power_of_2(n_rows), "C_CLASS": triton.next_power_of_2(n_cols)}
 
 
-def _tile_kwargs(kind, x, n_rows, n_cols):
+def _tile_kwargs(kind, x, n_rows, n_cols, plain=True):
     """Launch meta-parameters when autotuning is off (None when on: the autotuner chooses)."""
     if os.environ.get(AUTOTUNE_ENV) == "1" and not _interpreting():
         return None
-    block_r, block_c, warps, stages = _heuristic_config(kind, x.dtype, n_rows, n_cols)
+    block_r, block_c, warps, stages = _heuristic_config(kind, x.dtype, n_rows, n_cols, plain)
     return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": warps, "num_stages": stages}
 
 
@@ -879,7 +887,7 @@ def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rule
                    SCALE_GRAD=scale_grad, TEACHER=rules.teacher)
     # With TEACHER one program walks every layer (the teacher tile is shared), else one per layer.
     layer_programs = 1 if rules.teacher else n_layers
-    tiles = _tile_kwargs("forward", rows, n_rows, n_cols)
+    tiles = _tile_kwargs("forward", rows, n_rows, n_cols, rules.is_plain)
     if tiles is None:
         _m2d_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), layer_programs)](*args, **options)
     else:
