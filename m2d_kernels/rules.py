@@ -76,6 +76,35 @@ class Rules:
 PLAIN = Rules()
 
 
+def check_rules(rules: Rules, n_rows: int, n_cols: int, active=None, distill: bool = False) -> None:
+    """ValueError/TypeError naming the field of ``rules`` that a pass of ``n_rows`` x ``n_cols`` cannot apply
+    (shapes only, no device sync). Every backend's pass calls it. With ``active`` (the ``[L][M]`` flags), the
+    teacher pair must be active when ``rules.teacher`` or ``distill`` (a distillation gradient) asks for it."""
+    if not isinstance(rules, Rules):
+        raise TypeError(f"rules must be a m2d_kernels.rules.Rules, got {type(rules).__name__}")
+    if rules.similarity not in SIMILARITIES:
+        raise ValueError(f"rules.similarity must be one of {SIMILARITIES}, got {rules.similarity!r}")
+    if rules.penalty is not None and rules.penalty not in PENALTIES:
+        raise ValueError(f"rules.penalty must be None or one of {PENALTIES}, got {rules.penalty!r}")
+    if rules.exclude_own_group or rules.penalty is not None:
+        if rules.group_period <= 0 or rules.row_group is None or tuple(rules.row_group.shape) != (n_rows,):
+            raise ValueError(f"rules.group_period must be > 0 and rules.row_group a [{n_rows}] tensor with "
+                             f"exclude_own_group or a penalty, got group_period={rules.group_period}, row_group "
+                             f"{None if rules.row_group is None else tuple(rules.row_group.shape)}")
+    if rules.guided:
+        guide_rows, guide_cols, threshold = rules.guide_rows, rules.guide_cols, rules.guide_threshold
+        if guide_cols is None or threshold is None:
+            raise ValueError("rules.guide_cols and rules.guide_threshold are required with rules.guide_rows")
+        if (guide_rows.dim() != 2 or guide_rows.shape[0] != n_rows or guide_cols.shape != (n_cols, guide_rows.shape[1])
+                or tuple(threshold.shape) != (n_rows,)):
+            raise ValueError(f"rules.guide_rows/guide_cols/guide_threshold must have shapes ({n_rows}, Dg), "
+                             f"({n_cols}, Dg), ({n_rows},), got {tuple(guide_rows.shape)}, {tuple(guide_cols.shape)}, "
+                             f"{tuple(threshold.shape)}")
+    if active is not None and (rules.teacher or distill) and not active[-1][-1]:
+        raise ValueError("the teacher pair (last layer, largest dim) must be active with rules.teacher or "
+                         "distill_coef")
+
+
 def column_masks(rules: Rules, n_cols: int, positives: torch.Tensor, guide_similarity: torch.Tensor | None = None):
     """``(excluded, penalised)`` ``[R, C]`` bool masks of a whole pass (either may be None: nothing).
 

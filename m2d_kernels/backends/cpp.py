@@ -38,7 +38,7 @@ from types import ModuleType
 import torch
 
 from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
-from m2d_kernels.rules import PENALTIES, PLAIN, SIMILARITIES
+from m2d_kernels.rules import PLAIN, check_rules
 
 try:
     import fcntl
@@ -293,26 +293,16 @@ def _pass_operands(rows, cols, dims, rules):
     return q, k, inverse_prefix_norms(q, dims, dtype), inverse_prefix_norms(k, dims, dtype)
 
 
-def _rule_arguments(rules, dtype, n_rows, n_cols):
-    """The extension's rule arguments: (normalised, group_period, row_group, exclude_own_group, penalty,
-    penalty_strength, guide_rows, guide_cols, guide_threshold); empty tensors for rules that are off."""
-    if rules.similarity not in SIMILARITIES:
-        raise ValueError(f"rules.similarity must be one of {SIMILARITIES}, got {rules.similarity!r}")
-    if rules.penalty not in _PENALTY_CODES:
-        raise ValueError(f"rules.penalty must be None or one of {PENALTIES}, got {rules.penalty!r}")
+def _rule_arguments(rules, dtype, n_rows, n_cols, active=None, distill=False):
+    """The extension's rule arguments, once ``rules`` are checked (``rules.check_rules``): (normalised,
+    group_period, row_group, exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols,
+    guide_threshold); empty tensors for rules that are off."""
+    check_rules(rules, n_rows, n_cols, active, distill)
     row_group = torch.empty(0, dtype=torch.int64)
     if rules.exclude_own_group or rules.penalty is not None:
-        if rules.group_period <= 0 or rules.row_group is None or tuple(rules.row_group.shape) != (n_rows,):
-            raise ValueError(f"rules.group_period must be positive and rules.row_group of shape [{n_rows}] "
-                             "with exclude_own_group or a penalty")
         row_group = rules.row_group.to(torch.int64).contiguous()
     guide = (torch.empty(0, dtype=dtype),) * 3
     if rules.guided:
-        if rules.guide_cols is None or rules.guide_threshold is None:
-            raise ValueError("rules.guide_rows needs rules.guide_cols and rules.guide_threshold")
-        if rules.guide_rows.shape[0] != n_rows or rules.guide_cols.shape[0] != n_cols:
-            raise ValueError(f"rules.guide_rows must have {n_rows} rows and rules.guide_cols {n_cols}, got "
-                             f"{tuple(rules.guide_rows.shape)} and {tuple(rules.guide_cols.shape)}")
         # The guide product in the accumulator dtype (fp32 at least, fp64 for fp64 rows).
         guide = tuple(t.detach().to(dtype).contiguous() for t in (rules.guide_rows, rules.guide_cols,
                                                                    rules.guide_threshold))
@@ -327,7 +317,7 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
     q, k, (inv_q, _), (inv_k, _) = _pass_operands(rows, cols, dims, rules)
     offset, log_sum, positive, teacher_sum = _extension()[0].pass_forward(
         q, k, inv_q, inv_k, positives.to(torch.int64).contiguous(), list(dims), torch.tensor(active, dtype=torch.bool),
-        scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1]), rules.teacher, torch.get_num_threads(),
+        scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active), rules.teacher, torch.get_num_threads(),
     )
     return (offset, log_sum, positive, teacher_sum) if rules.teacher else (offset, log_sum, positive)
 
@@ -341,7 +331,8 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
     distill = q.new_empty(0) if distill_coef is None else (distill_coef * scale).to(q.dtype).contiguous()
     return _extension()[0].pass_backward(
         q, k, inv_q, inv_k, norm_q, norm_k, positives.to(torch.int64).contiguous(), list(dims),
-        torch.tensor(active, dtype=torch.bool), scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1]),
+        torch.tensor(active, dtype=torch.bool), scale,
+        *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active, distill_coef is not None),
         offset.to(q.dtype).contiguous(), log_sum.to(q.dtype).contiguous(), (coef * scale).to(q.dtype).contiguous(),
         distill, torch.get_num_threads(),
     )

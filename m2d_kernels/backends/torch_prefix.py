@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from m2d_kernels.rules import PENALTIES, PLAIN, SIMILARITIES, Rules, column_masks
+from m2d_kernels.rules import PLAIN, Rules, check_rules, column_masks
 
 EPS = 1e-12  # F.normalize's default
 # Elements of one [chunk, N] working set; the backward keeps about (M + 4) of them.
@@ -485,35 +485,10 @@ def positive_logits(rows, cols, dims, active, scale, positives) -> torch.Tensor:
     return torch.where(keep, logits, 0.0)
 
 
-def _check_pass(rules, rows, cols, dims, active, positives, distill_coef=None):
-    """ValueError/TypeError naming the argument for rules a pass cannot apply (cheap: shapes only)."""
-    if not isinstance(rules, Rules):
-        raise TypeError(f"rules must be a m2d_kernels.rules.Rules, got {type(rules).__name__}")
-    if rules.similarity not in SIMILARITIES:
-        raise ValueError(f"rules.similarity must be one of {SIMILARITIES}, got {rules.similarity!r}")
-    if rules.penalty is not None and rules.penalty not in PENALTIES:
-        raise ValueError(f"rules.penalty must be None or one of {PENALTIES}, got {rules.penalty!r}")
-    n_rows, n_cols = rows.shape[1], cols.shape[1]
-    if rules.exclude_own_group or rules.penalty is not None:
-        if rules.group_period <= 0:
-            raise ValueError(f"rules.group_period must be > 0 with exclude_own_group or a penalty, "
-                             f"got {rules.group_period}")
-        if rules.row_group is None or rules.row_group.shape != (n_rows,):
-            raise ValueError(f"rules.row_group must be a [{n_rows}] tensor with exclude_own_group or a penalty")
-    if rules.guided:
-        if rules.guide_cols is None or rules.guide_cols.shape[0] != n_cols or rules.guide_rows.shape[0] != n_rows:
-            raise ValueError(f"rules.guide_rows / guide_cols must be [{n_rows}, Dg] / [{n_cols}, Dg]")
-        if rules.guide_threshold is None or rules.guide_threshold.shape != (n_rows,):
-            raise ValueError(f"rules.guide_threshold must be a [{n_rows}] tensor with a guide")
-    if (rules.teacher or distill_coef is not None) and not active[-1][-1]:
-        raise ValueError("the teacher pair (last layer, largest dim) must be active with rules.teacher or "
-                         "distill_coef")
-
-
 def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` of rows against this block of columns,
     and with ``rules.teacher`` the teacher-weighted logit sums (backends/__init__.py, rules.py)."""
-    _check_pass(rules, rows, cols, dims, active, positives)
+    check_rules(rules, rows.shape[1], cols.shape[1], active)
     acc = accumulator_dtype(rows.dtype)
     n_extra = _extra_working_sets(rules)
     with torch.no_grad():
@@ -530,7 +505,7 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
                    distill_coef=None):
     """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype (backends/__init__.py); ``distill_coef``
     ``[L, M]`` (None: zeros) weighs the score-distillation terms towards the teacher pair (L - 1, M - 1)."""
-    _check_pass(rules, rows, cols, dims, active, positives, distill_coef)
+    check_rules(rules, rows.shape[1], cols.shape[1], active, distill_coef is not None)
     acc = accumulator_dtype(rows.dtype)
     n_rows, n_cols = rows.shape[1], cols.shape[1]
     saved = _Saved()

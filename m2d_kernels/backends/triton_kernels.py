@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from m2d_kernels.backends.torch_prefix import SECOND_DERIVATIVE_ERROR, inverse_prefix_norms
-from m2d_kernels.rules import PENALTIES, PLAIN, SIMILARITIES, Rules
+from m2d_kernels.rules import PLAIN, Rules, check_rules
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1042,32 +1042,6 @@ def pair_losses(
 # ---------------------------------------------------------------------------------------
 
 
-def _check_rules(rules: Rules, rows: torch.Tensor, cols: torch.Tensor, active) -> None:
-    """ValueError/TypeError naming the field of ``rules`` that the pass cannot take."""
-    if not isinstance(rules, Rules):
-        raise TypeError(f"rules must be a m2d_kernels.rules.Rules, got {type(rules).__name__}")
-    if rules.similarity not in SIMILARITIES:
-        raise ValueError(f"rules.similarity must be one of {SIMILARITIES}, got {rules.similarity!r}")
-    if rules.penalty is not None and rules.penalty not in PENALTIES:
-        raise ValueError(f"rules.penalty must be None or one of {PENALTIES}, got {rules.penalty!r}")
-    n_rows, n_cols = rows.shape[1], cols.shape[1]
-    if rules.exclude_own_group or rules.penalty is not None:
-        if rules.group_period <= 0:
-            raise ValueError(f"rules.group_period must be > 0 with exclusion or a penalty, got {rules.group_period}")
-        if rules.row_group is None or rules.row_group.shape != (n_rows,):
-            raise ValueError(f"rules.row_group must have shape ({n_rows},)")
-    if rules.guided:
-        guide_rows, guide_cols, threshold = rules.guide_rows, rules.guide_cols, rules.guide_threshold
-        if guide_cols is None or threshold is None:
-            raise ValueError("rules.guide_cols and rules.guide_threshold are required with rules.guide_rows")
-        if (guide_rows.dim() != 2 or guide_rows.shape[0] != n_rows or guide_cols.shape != (n_cols, guide_rows.shape[1])
-                or threshold.shape != (n_rows,)):
-            raise ValueError(f"rules.guide_rows/guide_cols/guide_threshold must have shapes ({n_rows}, Dg), "
-                             f"({n_cols}, Dg), ({n_rows},)")
-    if rules.teacher and not active[-1][-1]:
-        raise ValueError("rules.teacher needs the teacher pair (L - 1, M - 1) to be active")
-
-
 def _positive_logits(rows, cols, dims, active, scale, positives, rules):
     """``[L, R, M]`` ``z(i, positives_i)`` under ``rules`` in float64 (the kernels keep the positive logit of
     a row to themselves): the penalty where the positive's column is penalised, -inf where it is excluded,
@@ -1106,7 +1080,7 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
     keep log2 units: the tables are fp64 so that the round trip ln <-> log2 gives back the kernels' fp32
     values (an fp32 round trip costs ulp(scale * log2(e)) in every probability)."""
     _check_dtype(rows)
-    _check_rules(rules, rows, cols, active)
+    check_rules(rules, rows.shape[1], cols.shape[1], active)
     flat_active = [on for row in active for on in row]
     out = _launch_forward(rows, cols, positives, list(dims), flat_active, scale, False, rules)
     positive = _positive_logits(rows, cols, dims, active, scale, positives, rules)
@@ -1119,9 +1093,7 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
     """Pass API: ``(d_rows, d_cols)`` in the input dtype with the given (combined) statistics; the
     teacher term when ``distill_coef`` is given."""
     _check_dtype(rows)
-    _check_rules(rules, rows, cols, active)
-    if distill_coef is not None and not active[-1][-1]:
-        raise ValueError("distill_coef needs the teacher pair (L - 1, M - 1) to be active")
+    check_rules(rules, rows.shape[1], cols.shape[1], active, distill_coef is not None)
     flat_active = [on for row in active for on in row]
     inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
     inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
