@@ -47,3 +47,15 @@ def tiny_model(bert_dir: str, head: bool = True, pooler: bool = True, seed: int 
 def sentences(n: int, seed: int, words=WORDS) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(2, 9))) for _ in range(n)]
+
+
+def st_step(model, loss_fn, features, labels=None, seed: int = 0):
+    """Loss, parameter gradients and the next Python random draw of one step, Python and torch RNGs seeded
+    alike for every loss compared (the same selections, the same dropout)."""
+    model.zero_grad(set_to_none=True)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    loss = loss_fn([dict(column) for column in features], labels)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, random.random()

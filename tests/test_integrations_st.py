@@ -21,6 +21,7 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer import losses  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer  # noqa: E402
 from sentence_transformers.util import dot_score  # noqa: E402
+from st_helpers import st_step  # noqa: E402
 from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: E402
 
 from m2d_kernels.integrations.sentence_transformers import FusedMatryoshka2dLoss, FusedMatryoshkaLoss  # noqa: E402
@@ -99,17 +100,6 @@ def _features(model, words, n_columns, seed=0):
     return [model.preprocess(column) for column in columns]
 
 
-def _loss_and_grads(model, loss_fn, features, seed=0):
-    """Loss and parameter gradients of one step; Python and torch RNGs seeded identically for each loss."""
-    model.zero_grad(set_to_none=True)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    loss = loss_fn([dict(column) for column in features], None)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, random.random()
-
-
 def _assert_same_step(expected, actual):
     (loss_e, grads_e, rng_e), (loss_a, grads_a, rng_a) = expected, actual
     torch.testing.assert_close(loss_a, loss_e, rtol=RTOL, atol=0)
@@ -138,8 +128,8 @@ def test_2d_full_grid_matches_sentence_transformers(model, words, n_columns, sym
                   last_layer_weight=1.5, prior_layers_weight=0.7, kl_div_weight=2.0, kl_temperature=0.5,
                   layer_weighting=layer_weighting)
     features = _features(model, words, n_columns)
-    expected = _loss_and_grads(model, losses.Matryoshka2dLoss(model, base, DIMS, **kwargs), features)
-    actual = _loss_and_grads(model, FusedMatryoshka2dLoss(model, base, DIMS, **kwargs, backend="torch"), features)
+    expected = st_step(model, losses.Matryoshka2dLoss(model, base, DIMS, **kwargs), features)
+    actual = st_step(model, FusedMatryoshka2dLoss(model, base, DIMS, **kwargs, backend="torch"), features)
     _assert_same_step(expected, actual)
 
 
@@ -150,8 +140,8 @@ def test_2d_sampling_same_seed_same_selection(model, words, n_layers, n_dims):
     kwargs = dict(matryoshka_weights=WEIGHTS, n_layers_per_step=n_layers, n_dims_per_step=n_dims)
     features = _features(model, words, 3, seed=1)
     for seed in range(3):
-        expected = _loss_and_grads(model, losses.Matryoshka2dLoss(model, base, DIMS, **kwargs), features, seed)
-        actual = _loss_and_grads(model, FusedMatryoshka2dLoss(model, base, DIMS, **kwargs), features, seed)
+        expected = st_step(model, losses.Matryoshka2dLoss(model, base, DIMS, **kwargs), features, seed=seed)
+        actual = st_step(model, FusedMatryoshka2dLoss(model, base, DIMS, **kwargs), features, seed=seed)
         _assert_same_step(expected, actual)
 
 
@@ -163,8 +153,8 @@ def test_1d_matches_sentence_transformers(bert_dir, words, n_columns, symmetric,
     dims = [48, 24, 24, 10]  # a repeated dim counts twice in both
     weights = [1.0, 0.5, 0.25, 3.0]
     features = _features(model, words, n_columns, seed=2)
-    expected = _loss_and_grads(model, losses.MatryoshkaLoss(model, base, dims, weights, n_dims), features)
-    actual = _loss_and_grads(model, FusedMatryoshkaLoss(model, base, dims, weights, n_dims), features)
+    expected = st_step(model, losses.MatryoshkaLoss(model, base, dims, weights, n_dims), features)
+    actual = st_step(model, FusedMatryoshkaLoss(model, base, dims, weights, n_dims), features)
     _assert_same_step(expected, actual)
 
 
@@ -178,8 +168,8 @@ def test_gradient_cache_matches_uncached(model, words, loss_class):
     else:
         make = lambda **extra: FusedMatryoshkaLoss(model, base, DIMS, WEIGHTS, **extra)
     features = _features(model, words, 3, seed=3)
-    expected = _loss_and_grads(model, make(), features, seed=4)
-    actual = _loss_and_grads(model, make(mini_batch_size=2), features, seed=4)
+    expected = st_step(model, make(), features, seed=4)
+    actual = st_step(model, make(mini_batch_size=2), features, seed=4)
     _assert_same_step(expected, actual)
     with torch.no_grad():  # evaluation: the cached path returns the plain loss
         random.seed(4)
@@ -208,7 +198,7 @@ def test_unfused_arguments_run_sentence_transformers_with_one_warning(model, wor
                              else (FusedMatryoshkaLoss, losses.MatryoshkaLoss))
     features = _features(model, words, 2, seed=6)
     labels = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0])  # CoSENT's scores; MNRL ignores them
-    step = lambda loss_fn: _loss_and_grads(model, lambda f, _: loss_fn(f, labels), features, seed=7)
+    step = lambda loss_fn: st_step(model, lambda f, _: loss_fn(f, labels), features, seed=7)
     expected = step(st_class(model, base, DIMS, **extra))
     fused = fused_class(model, base, DIMS, **extra, mini_batch_size=2)
     with pytest.warns(UserWarning, match=f"{named}.*not fused.*{st_class.__name__}.*mini_batch_size is ignored"):

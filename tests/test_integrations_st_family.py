@@ -14,8 +14,6 @@ on and off, with and without a negative, cached or not, and a guide whose tokeni
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -24,7 +22,7 @@ pytest.importorskip("sentence_transformers")
 from sentence_transformers.sentence_transformer import losses  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import Dense  # noqa: E402
 from sentence_transformers.util import cos_sim, dot_score, euclidean_sim  # noqa: E402
-from st_helpers import HIDDEN, WORDS, sentences, tiny_model, write_tiny_bert  # noqa: E402
+from st_helpers import HIDDEN, WORDS, sentences, st_step, tiny_model, write_tiny_bert  # noqa: E402
 
 from m2d_kernels.integrations.sentence_transformers import (  # noqa: E402
     FusedAdaptiveLayerLoss,
@@ -98,17 +96,6 @@ def _features(model, n_columns, seed):
     return [model.preprocess(sentences(BATCH, seed=seed * 10 + column)) for column in range(n_columns)]
 
 
-def _step(model, loss_fn, features, seed=0):
-    """Loss, parameter gradients and the next Python random draw of one step, RNGs seeded alike."""
-    model.zero_grad(set_to_none=True)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    loss = loss_fn([dict(column) for column in features], None)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, random.random()
-
-
 def _assert_same_step(expected, actual, rtol=RTOL):
     (loss_e, grads_e, rng_e), (loss_a, grads_a, rng_a) = expected, actual
     torch.testing.assert_close(loss_a, loss_e, rtol=rtol, atol=0)
@@ -145,8 +132,8 @@ def _compare(models, kind, make_base, cached, n_columns, seed, rtol=RTOL, refere
     st_base = make_base(model, reference_cached)
     model.train(not cached or reference_cached)
     features = _features(model, n_columns, seed)
-    expected = _step(model, st_class(model, st_base, **args), features, seed)
-    actual = _step(model, fused_class(model, make_base(model, cached), **args, backend=BACKEND), features, seed)
+    expected = st_step(model, st_class(model, st_base, **args), features, seed=seed)
+    actual = st_step(model, fused_class(model, make_base(model, cached), **args, backend=BACKEND), features, seed=seed)
     _assert_same_step(expected, actual, rtol)
 
 

@@ -24,7 +24,7 @@ pytest.importorskip("sentence_transformers")
 
 from sentence_transformers.sentence_transformer import losses  # noqa: E402
 from sentence_transformers.util import dot_score  # noqa: E402
-from st_helpers import sentences, tiny_model, write_tiny_bert  # noqa: E402
+from st_helpers import sentences, st_step, tiny_model, write_tiny_bert  # noqa: E402
 
 import m2d_kernels as m2d  # noqa: E402
 from m2d_kernels.integrations.starbucks import FusedStarbucksLoss  # noqa: E402
@@ -93,13 +93,7 @@ def naive_starbucks(model, base, features, labels, matryoshka_layers, matryoshka
     return loss
 
 
-def _step(model, loss_fn, features, labels=None, seed=0):
-    model.zero_grad(set_to_none=True)
-    random.seed(seed)
-    loss = loss_fn([dict(f) for f in features], labels)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, random.random()
+
 
 
 def _assert_same(expected, actual):
@@ -137,8 +131,8 @@ def test_fused_matches_the_original(any_model, n_columns, mnrl, last_layer_weigh
     args = dict(last_layer_weight=last_layer_weight, kl_div_weight=1.5, kl_temperature=kl_temperature)
     features = _features(model, n_columns)
     fused = FusedStarbucksLoss(model, base, layers, dims, backend=backend, **args)
-    expected = _step(model, lambda f, lab: naive_starbucks(model, base, f, lab, layers, dims, **args), features)
-    _assert_same(expected, _step(model, fused, features))
+    expected = st_step(model, lambda f, lab: naive_starbucks(model, base, f, lab, layers, dims, **args), features)
+    _assert_same(expected, st_step(model, fused, features))
 
 
 @pytest.mark.parametrize(("n_selections_per_step", "seed"), [(1, 0), (2, 1), (2, 2), (3, 0)])
@@ -149,9 +143,9 @@ def test_sampled_selections_match_the_original(model, n_selections_per_step, see
     features = _features(model, 2, seed=seed)
     fused = FusedStarbucksLoss(model, base, layers, dims, n_selections_per_step=n_selections_per_step,
                                backend="torch")
-    expected = _step(model, lambda f, lab: naive_starbucks(model, base, f, lab, layers, dims, n_selections_per_step),
+    expected = st_step(model, lambda f, lab: naive_starbucks(model, base, f, lab, layers, dims, n_selections_per_step),
                      features, seed=seed)
-    _assert_same(expected, _step(model, fused, features, seed=seed))
+    _assert_same(expected, st_step(model, fused, features, seed=seed))
 
 
 def test_unfused_base_loss_is_computed_per_pair(model):
@@ -160,14 +154,14 @@ def test_unfused_base_loss_is_computed_per_pair(model):
     features = _features(model, 2)
     labels = torch.rand(BATCH, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     fused = FusedStarbucksLoss(model, base, layers, dims, kl_div_weight=0.5)
-    expected = _step(model, lambda f, lab: naive_starbucks(model, base, f, lab, layers, dims, kl_div_weight=0.5),
+    expected = st_step(model, lambda f, lab: naive_starbucks(model, base, f, lab, layers, dims, kl_div_weight=0.5),
                      features, labels)
     with pytest.warns(UserWarning, match="CoSENTLoss is not fused"):
-        actual = _step(model, fused, features, labels)
+        actual = st_step(model, fused, features, labels)
     _assert_same(expected, actual)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
-        _step(model, fused, features, labels)
+        st_step(model, fused, features, labels)
 
 
 def test_gradient_cache_matches_the_original(model):
@@ -175,8 +169,8 @@ def test_gradient_cache_matches_the_original(model):
     layers, dims = [1, 3], [8, 32]
     features = _features(model, 3)
     fused = FusedStarbucksLoss(model, base, layers, dims, mini_batch_size=2, backend="torch")
-    expected = _step(model, lambda f, lab: naive_starbucks(model, base, f, lab, layers, dims), features)
-    _assert_same(expected, _step(model, fused, features))
+    expected = st_step(model, lambda f, lab: naive_starbucks(model, base, f, lab, layers, dims), features)
+    _assert_same(expected, st_step(model, fused, features))
 
 
 def test_matryoshka_weights_do_not_change_the_loss_as_in_the_original(model):
@@ -185,7 +179,7 @@ def test_matryoshka_weights_do_not_change_the_loss_as_in_the_original(model):
     with pytest.warns(UserWarning, match="matryoshka_weights does not change the loss"):
         weighted = FusedStarbucksLoss(model, base, [1, 2], [8, 16], matryoshka_weights=[3.0, 0.5], backend="torch")
     plain = FusedStarbucksLoss(model, base, [1, 2], [8, 16], backend="torch")
-    assert _step(model, weighted, features)[0] == _step(model, plain, features)[0]
+    assert st_step(model, weighted, features)[0] == st_step(model, plain, features)[0]
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
