@@ -23,6 +23,7 @@ pass accumulates ``sum_j exp(z_T - o_T) z_lm`` beside its log-sum-exp, which giv
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -92,7 +93,7 @@ def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, posit
                     guide_docs = distributed.gather_candidates(guide_docs[None], n_queries, group)[0]
     if getattr(impl, "objective_losses", None) is not None:  # the reference: its own naive oracle
         if guide_docs is not objective.guide_docs:
-            objective = _replace_guide_docs(objective, guide_docs)
+            objective = dataclasses.replace(objective, guide_docs=guide_docs)
         losses, distill = impl.objective_losses(queries, world_queries, world_docs, rank_offset, positives, dims,
                                                 active, scale, objective)
         return losses, (distill if objective.distill_weights is not None else None)
@@ -105,11 +106,6 @@ def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, posit
     losses, distill = _PassesFunction.apply(impl, specs, dims, active, scale, objective.partition_mode,
                                             objective.distill_weights is not None, *tensors)
     return losses, (distill if objective.distill_weights is not None else None)
-
-
-def _replace_guide_docs(objective, guide_docs):
-    fields = {name: getattr(objective, name) for name in objective.__dataclass_fields__}
-    return Objective(**{**fields, "guide_docs": guide_docs})
 
 
 @dataclass(frozen=True, eq=False)
