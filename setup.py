@@ -35,7 +35,7 @@ def extension_options():
         "m2d_kernels._C",
         ["csrc/m2d_cpu.cpp"],
         # Portable flags, as for the JIT build (which adds -march=native only under M2D_NATIVE=1).
-        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],  # see cpp.build_flags
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],  # see cpp.build_flags
         extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [extension], "cmdclass": {"build_py": BuildPyWithSources, "build_ext": BuildExtension}}

@@ -12,7 +12,9 @@
 // the backward recomputes every logit with the same tiles, GEMM calls and expression as
 // the forward, so exp(z - max - logsum) carries no ulp(scale) error at large scales. This
 // needs -ffp-contract=off (both build paths pass it): a fused multiply-add would compute
-// z - max from the unrounded z, differently in different loops.
+// z - max from the unrounded z, differently in different loops. Both also pass
+// -fno-trapping-math, without which GCC keeps vector_exp's clamps as branches and no epilogue
+// loop vectorises.
 //
 // Backward, with G_m = dLoss/dcos_m and W_m = diag(rq_m) G_m diag(rk_m):
 //
