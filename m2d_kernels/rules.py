@@ -23,6 +23,16 @@ column; ``own(i, j) = j % G == g_i``)::
                     = own(i, j) and j >= G                penalty "hard_negatives" (the row's own hard negatives)
                     = j != g_i                            penalty "all_negatives" (all but the positive)
 
+Shared tiles (the joint partition of several directions reuses one block's products):
+
+    triangle            rows are cols[:R] (the same vectors): only (i, j) with j > i or j >= R is scored,
+                        so a symmetric Gram block (query_to_query, positives against positives) is
+                        computed once; tiles wholly below the diagonal are skipped
+    column_statistics   K > 0: the forward also returns, for each of the first K columns, the softmax
+                        statistics of that column over the rows, with z_col(i, j) = scale * s(i, j)
+                        (no penalty: the penalty belongs to the rows' softmax) and the same exclusions;
+                        e.g. doc_to_query's rows are query_to_doc's positive columns
+
 Exclusion never depends on (l, m), so every pair of a row sees the same columns. With ``teacher``
 the pass also accumulates, per pair, ``sum_j exp(z_T(i, j) - offset_T(i)) * z_lm(i, j)`` where the
 teacher ``z_T`` is the pair (L - 1, M - 1) of the same pass (score distillation).
@@ -55,6 +65,9 @@ class Rules:
     guide_cols: torch.Tensor | None = None  # [C, Dg]
     guide_threshold: torch.Tensor | None = None  # [R]
     teacher: bool = False  # accumulate the teacher-weighted logits (score distillation)
+    # Shared tiles (module docstring): score only j > i or j >= R; return the first K columns' statistics.
+    triangle: bool = False
+    column_statistics: int = 0
 
     @property
     def guided(self) -> bool:
@@ -64,7 +77,7 @@ class Rules:
     def is_plain(self) -> bool:
         """Whether the pass is the plain cosine InfoNCE pass of the original kernels."""
         return (self.similarity == "cos" and not self.exclude_own_group and self.penalty is None
-                and not self.guided and not self.teacher)
+                and not self.guided and not self.teacher and not self.triangle and not self.column_statistics)
 
     def max_logit(self, scale: float) -> float | None:
         """A fixed maximum of every logit (cosine similarity), or None (dot: use the running maximum)."""
@@ -100,16 +113,24 @@ def check_rules(rules: Rules, n_rows: int, n_cols: int, active=None, distill: bo
             raise ValueError(f"rules.guide_rows/guide_cols/guide_threshold must have shapes ({n_rows}, Dg), "
                              f"({n_cols}, Dg), ({n_rows},), got {tuple(guide_rows.shape)}, {tuple(guide_cols.shape)}, "
                              f"{tuple(threshold.shape)}")
+    if rules.triangle and n_rows > n_cols:
+        raise ValueError(f"rules.triangle needs the rows to be the first columns (R <= C), got R={n_rows}, C={n_cols}")
+    if not isinstance(rules.column_statistics, int) or not 0 <= rules.column_statistics <= n_cols:
+        raise ValueError(f"rules.column_statistics must be an int in [0, {n_cols}], got {rules.column_statistics!r}")
+    if rules.column_statistics and (rules.guided or rules.teacher or distill):
+        raise ValueError("rules.column_statistics does not combine with a guide or a teacher (distillation)")
     if active is not None and (rules.teacher or distill) and not active[-1][-1]:
         raise ValueError("the teacher pair (last layer, largest dim) must be active with rules.teacher or "
                          "distill_coef")
 
 
-def column_masks(rules: Rules, n_cols: int, positives: torch.Tensor, guide_similarity: torch.Tensor | None = None):
+def column_masks(rules: Rules, n_cols: int, positives: torch.Tensor, guide_similarity: torch.Tensor | None = None,
+                 row_start: int = 0):
     """``(excluded, penalised)`` ``[R, C]`` bool masks of a whole pass (either may be None: nothing).
 
     Plain torch, ``O(R x C)``: the oracle and the chunked ``torch`` backend call it on a chunk of rows
-    (``rules.row_group`` / ``positives`` / ``guide_similarity`` restricted to those rows).
+    (``rules.row_group`` / ``positives`` / ``guide_similarity`` restricted to those rows, which start at
+    row ``row_start`` of the pass: the triangle needs it).
     ``guide_similarity`` is ``guide_rows @ guide_cols.T`` for those rows.
     """
     device = positives.device
@@ -118,6 +139,10 @@ def column_masks(rules: Rules, n_cols: int, positives: torch.Tensor, guide_simil
     if rules.exclude_own_group or rules.penalty is not None:
         own = cols % rules.group_period == rules.row_group[:, None]
     excluded = own if rules.exclude_own_group else None
+    if rules.triangle:
+        rows = torch.arange(row_start, row_start + len(positives), device=device)[:, None]
+        below = cols <= rows  # j <= i < R: in the square part, on or below the diagonal
+        excluded = below if excluded is None else excluded | below
     if rules.guided:
         guided = (guide_similarity > rules.guide_threshold[:, None]) & (cols != positives[:, None])
         excluded = guided if excluded is None else excluded | guided

@@ -18,8 +18,9 @@ per-block statistics::
     row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN)
         -> offset, log_sum, positive_logit                        # each [L, R, M]
            (+ teacher_sum with rules.teacher)
+           (+ col_offset, col_log_sum [L, K, M] with rules.column_statistics = K)
     pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef,
-                   rules=PLAIN, distill_coef=None)
+                   rules=PLAIN, distill_coef=None, col_offset=None, col_log_sum=None)
         -> d_rows [L, R, D], d_cols [L, C, D]
 
 ``rules`` (:class:`m2d_kernels.rules.Rules`, whose docstring is the specification) select the
@@ -39,7 +40,12 @@ maximum); ``positive_logit`` is ``z_i,positives_i`` (0 for -1). Two blocks combi
 block's columns, of ``sum_lm coef[l, m] * sum_i (LSE_i - z_i,positives_i)`` where the softmax
 behind ``LSE`` has the given (combined) statistics, so summing it over the blocks gives the
 gradient of the whole softmax (``coef [L, M]`` per row loss: ``d total / d loss_lm / R`` for
-a mean over rows). Inactive pairs have finite statistics and no gradient. Gradients are in
+a mean over rows). With ``rules.column_statistics = K`` the first K columns are softmaxes of their
+own over the rows (``rules.triangle`` / ``column_statistics``: the shared tiles of the joint
+directions): the forward returns their statistics and ``pass_gradients`` adds the gradient of
+``sum_lm coef[l, m] * sum_{j < K} LSE_col_j`` with the given (combined) column statistics.
+Backends that implement these two rules set ``SHARED_TILES = True``; the others get one pass per
+direction from :mod:`m2d_kernels.objective`. Inactive pairs have finite statistics and no gradient. Gradients are in
 the accumulator dtype where the backend computes them unrounded (torch, cpp), else in the
 input dtype (triton; reference: the input dtype, which is its accumulator).
 """

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from m2d_kernels.rules import PLAIN, column_masks
 
+SHARED_TILES = True  # the pass applies rules.triangle and rules.column_statistics (backends/__init__.py)
+
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None
@@ -77,12 +79,13 @@ def _similarity(x, y, dim, similarity):
     return x @ y.T
 
 
-def _pass_logits(rows, cols, layer, dim, scale, rules, masks):
-    """``[R, C]`` logits of one pair under ``rules`` (-inf where excluded), differentiable through ``scale * s``."""
+def _pass_logits(rows, cols, layer, dim, scale, rules, masks, penalty=True):
+    """``[R, C]`` logits of one pair under ``rules`` (-inf where excluded), differentiable through ``scale * s``;
+    ``penalty=False``: the columns' logits (rules.column_statistics), which carry no penalty."""
     sim = _similarity(rows[layer], cols[layer], dim, rules.similarity)
     logits = scale * sim
     excluded, penalised = masks
-    if penalised is not None:
+    if penalised is not None and penalty:
         logits = logits + torch.where(penalised, rules.penalty_strength * sim.detach(), 0.0)
     if excluded is not None:
         logits = logits.masked_fill(excluded, -torch.inf)
@@ -98,9 +101,9 @@ def _positive(logits, positives):
     return torch.where(positives >= 0, logits.gather(1, positives.clamp_min(0)[:, None])[:, 0], 0.0)
 
 
-def _offset(logits):
-    """Row maximum, 0 for a row whose every column is excluded (its log_sum is then -inf)."""
-    top = logits.amax(1)
+def _offset(logits, dim=1):
+    """Row maximum (``dim=0``: column maximum), 0 where every entry is excluded (log_sum is then -inf)."""
+    top = logits.amax(dim)
     return torch.where(torch.isfinite(top), top, 0.0)
 
 
@@ -111,10 +114,13 @@ def _kept(values, logits):
 
 def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, and with ``rules.teacher`` the
-    teacher-weighted logit sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor."""
-    n_layers, n_rows = len(active), rows.shape[1]
+    teacher-weighted logit sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor; with
+    ``rules.column_statistics = K`` instead ``(col_offset, col_log_sum)`` ``[L, K, M]`` as fourth and fifth."""
+    n_layers, n_rows, n_stat_cols = len(active), rows.shape[1], rules.column_statistics
     offset = rows.new_zeros(n_layers, n_rows, len(dims))
     log_sum, positive, teacher_sum = torch.zeros_like(offset), torch.zeros_like(offset), torch.zeros_like(offset)
+    col_offset = rows.new_zeros(n_layers, n_stat_cols, len(dims))
+    col_log_sum = torch.zeros_like(col_offset)
     with torch.no_grad():
         masks = _masks(rows, cols, positives, rules)
         teacher_weight = None
@@ -130,15 +136,26 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
                     positive[layer, :, m] = _positive(logits, positives)
                     if teacher_weight is not None:
                         teacher_sum[layer, :, m] = _kept(teacher_weight * logits, logits).sum(1)
-    return (offset, log_sum, positive, teacher_sum) if rules.teacher else (offset, log_sum, positive)
+                    if n_stat_cols:
+                        col_logits = _pass_logits(rows, cols, layer, dim, scale, rules, masks, penalty=False)
+                        col_logits = col_logits[:, :n_stat_cols]
+                        col_offset[layer, :, m] = _offset(col_logits, dim=0)
+                        col_log_sum[layer, :, m] = (col_logits - col_offset[layer, None, :, m]).exp().sum(0).log()
+    if rules.teacher:
+        return offset, log_sum, positive, teacher_sum
+    return (offset, log_sum, positive, col_offset, col_log_sum) if n_stat_cols else (offset, log_sum, positive)
 
 
 def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None):
+                   distill_coef=None, col_offset=None, col_log_sum=None):
     """Pass API: gradients of ``sum_lm coef_lm sum_i [LSE_i - z_i,p(i)]
     + distill_coef_lm sum_i [LSE_i - sum_j p_T(i, j) z_ij]`` where the softmaxes of LSE and of the teacher
-    ``p_T`` (pair (L - 1, M - 1)) have the given statistics, from this block's columns."""
-    n_layers = len(active)
+    ``p_T`` (pair (L - 1, M - 1)) have the given statistics, from this block's columns; with
+    ``rules.column_statistics = K`` also of ``sum_lm coef_lm sum_{j < K} LSE_col_j`` (the columns' softmaxes
+    over these rows, with the given ``col_offset`` / ``col_log_sum`` ``[L, K, M]``; no positive term)."""
+    n_layers, n_stat_cols = len(active), rules.column_statistics
+    if n_stat_cols and (col_offset is None or col_log_sum is None):
+        raise ValueError("col_offset and col_log_sum are required with rules.column_statistics")
     with torch.enable_grad():
         x, y = rows.detach().requires_grad_(), cols.detach().requires_grad_()
         masks = _masks(x, y, positives, rules)
@@ -156,6 +173,12 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
                                                       - _positive(logits, positives).sum())
                     if teacher_probs is not None:
                         total = total + distill_coef[layer, m] * _kept((probs - teacher_probs) * logits, logits).sum()
+                    if n_stat_cols:
+                        col_logits = _pass_logits(x, y, layer, dim, scale, rules, masks, penalty=False)
+                        col_logits = col_logits[:, :n_stat_cols]
+                        col_probs = (col_logits.detach() - col_offset[layer, None, :, m]
+                                     - col_log_sum[layer, None, :, m]).exp()
+                        total = total + coef[layer, m] * _kept(col_probs * col_logits, col_logits).sum()
         return torch.autograd.grad(total, (x, y), allow_unused=True, materialize_grads=True)
 
 
