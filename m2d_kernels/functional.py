@@ -140,7 +140,7 @@ def matryoshka_2d_infonce(
                                     guide_margin_strategy, distill_weights)
     if objective.symmetric is None:
         return _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, objective,
-                          reduction, backend, gather_across_devices)
+                          reduction, backend, gather_across_devices, leading_positives=not positive_index_given)
     symmetric = objective.symmetric
     # Learned weights need every pair's loss (d total / d weights[l, m] = loss_lm, also where w = 0).
     active = tuple(tuple(weights_param is not None or w > 0 for w in row) for row in weights)
@@ -172,7 +172,7 @@ def matryoshka_2d_infonce(
 
 
 def _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, objective, reduction,
-               backend, gather_across_devices):
+               backend, gather_across_devices, leading_positives=False):
     """The options beyond the fused defaults: passes with rules (m2d_kernels.objective)."""
     if scale_param is not None and torch.is_grad_enabled():
         raise ValueError("a learnable scale (a tensor that requires grad) is supported only with the default "
@@ -186,7 +186,7 @@ def _objective(queries, docs, dims, weights, weights_param, scale, scale_param, 
                    for layer, row in enumerate(weights))
     impl = backends.resolve(backend, queries.device, queries.dtype)
     losses, distill_terms = objective_losses(impl, queries, docs, dims, active, scale, positive_index, objective,
-                                             gather=bool(gather_across_devices))
+                                             gather=bool(gather_across_devices), leading_positives=leading_positives)
     weight_tensor = (weights_param.to(device=losses.device, dtype=losses.dtype) if weights_param is not None
                      else torch.tensor(weights, device=losses.device, dtype=losses.dtype))
     if weights_param is None:  # pairs computed only for the distillation report 0, as documented

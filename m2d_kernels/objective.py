@@ -72,9 +72,11 @@ class Objective:
 
 
 def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, positive_index, objective: Objective,
-                     gather: bool = False):
+                     gather: bool = False, leading_positives: bool = False):
     """``(losses, distill)`` ``[L, M]`` of ``objective`` (``distill`` None without distillation), by the
-    passes of backend ``impl``; ``gather``: against the queries and docs of all ranks (all-gather)."""
+    passes of backend ``impl``; ``gather``: against the queries and docs of all ranks (all-gather).
+    ``leading_positives``: ``positive_index`` is ``arange(B)`` (the default layout), which lets a joint
+    partition share tiles between directions (``_shared_passes``)."""
     world_queries, world_docs, rank_offset, positives = queries, docs, 0, positive_index
     guide_docs = objective.guide_docs
     if gather:
@@ -97,8 +99,11 @@ def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, posit
         losses, distill = impl.objective_losses(queries, world_queries, world_docs, rank_offset, positives, dims,
                                                 active, scale, objective)
         return losses, (distill if objective.distill_weights is not None else None)
-    passes = _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective,
-                     guide_docs)
+    if _shares_tiles(impl, objective, leading_positives, world_queries is queries):
+        passes = _shared_passes(queries, docs, objective)
+    else:
+        passes = _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective,
+                         guide_docs)
     tensors, specs = _unique_tensors(passes)
     if objective.distill_weights is not None:  # the teacher's statistics are needed, whatever its weight
         active = tuple(tuple(on or (layer == len(active) - 1 and m == len(dims) - 1) for m, on in enumerate(row))
@@ -164,6 +169,38 @@ def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_inde
     return passes
 
 
+def _shares_tiles(impl, objective, leading_positives, local):
+    """Whether the joint directions can share tiles: a backend with the rules, the default layout, one
+    process's columns, and no guide or teacher (whose per-tile data the column side would also need)."""
+    return (getattr(impl, "SHARED_TILES", False) and leading_positives and local and len(objective.directions) > 1
+            and objective.partition_mode == "joint" and objective.guide_queries is None
+            and objective.distill_weights is None)
+
+
+def _shared_passes(queries, docs, objective):
+    """The joint directions as at most three passes, about 2x query_to_doc's FLOPs at N = 2B instead of 3x:
+
+    query_to_doc   Q vs D_all; its first B columns' statistics are doc_to_query's rows (d_j . q_i = s(i, j))
+    query_to_query Q vs Q, triangle: each unordered pair once; row i's part is row_i (+) column_i
+    doc_to_doc     D+ vs D_all, triangle on the positives' square, own group excluded on the negatives
+    """
+    n_queries = queries.shape[1]
+    row_group = torch.arange(n_queries, device=queries.device)
+    absent = torch.full_like(row_group, -1)
+    common = {"similarity": objective.similarity}
+    hardness = {"penalty": objective.hardness_mode, "penalty_strength": objective.hardness_strength,
+                "group_period": n_queries, "row_group": row_group} if objective.hardness else {}
+    doc_to_query = n_queries if "doc_to_query" in objective.directions else 0
+    passes = [_Pass(queries, docs, row_group, Rules(**common, **hardness, column_statistics=doc_to_query))]
+    if "query_to_query" in objective.directions:
+        passes.append(_Pass(queries, queries, absent, Rules(**common, triangle=True, column_statistics=n_queries)))
+    if "doc_to_doc" in objective.directions:
+        passes.append(_Pass(docs[:, :n_queries], docs, absent,
+                            Rules(**common, triangle=True, column_statistics=n_queries, group_period=n_queries,
+                                  row_group=row_group, exclude_own_group=True)))
+    return passes
+
+
 def _unique_tensors(passes):
     """The distinct row/column tensors (autograd inputs) and per pass ``(rows index, cols index, positives, rules)``."""
     tensors, specs = [], []
@@ -195,9 +232,13 @@ class _PassesFunction(torch.autograd.Function):
                  for r, c, positives, rules in specs]
         positive = stats[0][2]
         if partition_mode == "joint":
-            offset, log_sum = stats[0][:2]
-            for other in stats[1:]:
-                offset, log_sum = _combine(offset, log_sum, *other[:2])
+            # Every part of row i's softmax: each pass's rows, and the column statistics of column i
+            # (rules.column_statistics: those columns' softmaxes are the rows').
+            parts = [s[:2] for s in stats]
+            parts += [s[3:5] for s, (_, _, _, rules) in zip(stats, specs) if rules.column_statistics]
+            offset, log_sum = parts[0]
+            for other in parts[1:]:
+                offset, log_sum = _combine(offset, log_sum, *other)
             log_z = offset + log_sum
             pass_stats = [(offset, log_sum)] * len(stats)
         else:
@@ -234,8 +275,11 @@ class _PassesFunction(torch.autograd.Function):
         with torch.no_grad():
             for k, (r, c, positives, rules) in enumerate(specs):
                 offset, log_sum = flat_stats[2 * k], flat_stats[2 * k + 1]
+                # Shared tiles: column j's softmax is row j's (joint), with the same statistics.
+                columns = dict(col_offset=offset, col_log_sum=log_sum) if rules.column_statistics else {}
                 d_rows, d_cols = impl.pass_gradients(tensors[r].detach(), tensors[c].detach(), dims, active,
-                                                     scale, positives, offset, log_sum, coef, rules, distill_coef)
+                                                     scale, positives, offset, log_sum, coef, rules, distill_coef,
+                                                     **columns)
                 for i, g in ((r, d_rows), (c, d_cols)):
                     grads[i] = g.to(acc) if grads[i] is None else grads[i].add_(g.to(acc))
         grads = [first_order_only(g.to(t.dtype), t) if ctx.needs_input_grad[7 + i] else None

@@ -187,8 +187,9 @@ def test_oracle_distillation_matches_kl_div(similarity):
 
 
 def _pass_backend(name):
-    if name == "reference-passes":  # the composition over the reference's materialised passes
-        return types.SimpleNamespace(row_statistics=reference.row_statistics, pass_gradients=reference.pass_gradients)
+    if name in ("reference-passes", "reference-shared"):  # the composition over the reference's materialised passes
+        return types.SimpleNamespace(row_statistics=reference.row_statistics, pass_gradients=reference.pass_gradients,
+                                     SHARED_TILES=name == "reference-shared")
     reason = m2d.backends.unavailable_reason(name, torch.device("cpu"))
     if reason is not None:
         pytest.skip(reason)
@@ -207,7 +208,9 @@ def _compare(impl, case, n_groups, seed, dtype=torch.float64, guide=False):
     results = []
     low_q, low_d = (x.detach().to(dtype).requires_grad_() for x in (queries, docs))
     for backend, x, y in ((reference, queries, docs), (impl, low_q, low_d)):
-        losses, distill = objective.objective_losses(backend, x, y, DIMS, ACTIVE, scale, positives, obj)
+        # The default layout: a backend with SHARED_TILES composes the joint directions from shared tiles.
+        losses, distill = objective.objective_losses(backend, x, y, DIMS, ACTIVE, scale, positives, obj,
+                                                     leading_positives=True)
         total = (losses.double() * loss_weights).sum()
         if distill is not None:
             total = total + (distill.double() * distill_weights).sum()
@@ -220,7 +223,7 @@ def _compare(impl, case, n_groups, seed, dtype=torch.float64, guide=False):
 
 
 # The fused backends in float64, Triton (under the interpreter on the CPU) in float32.
-PASS_BACKENDS = ["reference-passes", "torch", "cpp", "triton"]
+PASS_BACKENDS = ["reference-passes", "reference-shared", "torch", "cpp", "triton"]
 DTYPES = {"triton": torch.float32}
 
 
@@ -244,6 +247,36 @@ def test_guided_passes_match_oracle(backend, case):
     if not _supports_rules(impl):
         pytest.skip(f"{backend}: pass rules not implemented")
     _compare(impl, case, n_groups=2, seed=22, guide=True, dtype=DTYPES.get(backend, torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["reference-shared", "torch", "cpp"])
+@pytest.mark.parametrize("case", [
+    dict(directions=ALL_DIRECTIONS),
+    dict(directions=ALL_DIRECTIONS, similarity="dot", hardness_mode="hard_negatives", hardness_strength=2.0),
+    dict(directions=("query_to_doc", "doc_to_query"), hardness_mode="in_batch_negatives", hardness_strength=1.0),
+    dict(directions=("query_to_doc", "query_to_query", "doc_to_doc")),
+], ids=lambda c: "-".join(f"{v}"[:12] for v in c.values()))
+@pytest.mark.parametrize("n_queries, n_groups", [(133, 2), (70, 1)])
+def test_shared_tiles_across_blocks_match_oracle(backend, case, n_queries, n_groups, monkeypatch):
+    """Joint directions from shared tiles (triangle Gram blocks, column statistics) at batches that cross the
+    backends' row blocks and chunks, through the public function, against the oracle; the shared composition
+    must be the one taken."""
+    impl = _pass_backend(backend)
+    if not getattr(impl, "SHARED_TILES", False):
+        pytest.skip(f"{backend}: no shared tiles")
+    monkeypatch.setattr(objective, "_passes", lambda *a, **k: pytest.fail("took one pass per direction"))
+    queries, docs = make_inputs(1, n_queries, n_groups * n_queries, 16, seed=31, dtype=torch.float64)
+    scale = _scale(case)
+    obj = objective.Objective(**case)
+    results = []
+    for backend_impl in (reference, impl):
+        x, y = queries.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
+        losses, _ = objective.objective_losses(backend_impl, x, y, (8, 16), ((True, True),), scale,
+                                               torch.arange(n_queries), obj, leading_positives=True)
+        grads = torch.autograd.grad((losses * torch.tensor([[0.7, 1.3]], dtype=torch.float64)).sum(), (x, y))
+        results.append((losses, *grads))
+    for name, got, want in zip(("losses", "grad_queries", "grad_docs"), results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_every_candidate_filtered_but_the_positive():
