@@ -68,7 +68,7 @@ def compile_kernel(kind: str, dtype: str, config, example=WORKED_EXAMPLE, rules=
     dynamic shared bytes."""
     block_r, block_c, warps, stages = config
     dims = example["dims"]
-    block_d, aligned = tk._block_d(dims, example["D"])
+    block_d, aligned = tk._block_d(dims, example["D"], TORCH_DTYPES[dtype])
     constexprs = {"M": len(dims), "M_PAD": max(2, triton.next_power_of_2(len(dims))), "ALIGNED": aligned,
                   "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32", "DOT_IN_FP32": False,
                   "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_D": block_d, "BLOCK_DG": tk.BLOCK_DG, **PLAIN_FLAGS}
@@ -130,7 +130,8 @@ def report(kinds=("forward", "backward_dX", "backward_dY"), dtypes=("bf16", "fp3
                 print(_format(rows[-1]), flush=True)
     forward, backward = flops()
     return {"forward_flops": forward, "backward_flops": backward, "example": {**WORKED_EXAMPLE,
-            "dims": list(WORKED_EXAMPLE["dims"]), "block_d": tk._block_d(WORKED_EXAMPLE["dims"], 768)[0]},
+            "dims": list(WORKED_EXAMPLE["dims"]),
+            "block_d": {dtype: tk._block_d(WORKED_EXAMPLE["dims"], 768, TORCH_DTYPES[dtype])[0] for dtype in dtypes}},
             "kernels": rows}
 
 

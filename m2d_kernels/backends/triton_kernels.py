@@ -92,8 +92,12 @@ FORWARD_CONFIGS = ((64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 
                    (128, 64, 4, 3), (128, 128, 8, 4))
 BACKWARD_CONFIGS = ((64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3),
                     (64, 128, 8, 3), (128, 128, 8, 3))
-# tf32x3 holds hi and lo halves of both operands in registers: fp32's spill-free forward tile is narrower.
+# tf32x3 holds hi and lo halves of both operands in registers: fp32's spill-free forward tile is narrower,
+# its k-chunk is 16 (`_block_d`), and its dY launch streams 32-row tiles (sm_90, worked example: dX 0 B and
+# dY 0 B of spill; with 32-wide k-chunks and 64x64 tiles they spilled 40 and 56 B, with 16-wide chunks
+# and a 64x64 dY, 8 B).
 FP32_FORWARD_CONFIG = (64, 64, 4, 3)
+FP32_BACKWARD_CONFIGS = {"backward_dX": (64, 64, 8, 2), "backward_dY": (32, 64, 8, 2)}
 # With rules on (mask, penalty and teacher tiles live across the dim loop) the forward spills at the plain
 # tiles (up to 1 KB per thread at 64x128/4w); 64x64 over 8 warps is spill-free for each rule and for
 # dot+penalty+guided in bf16 (sm90_report.py --rules), 40 B with all four of exclude+penalty+guided+teacher.
@@ -103,15 +107,17 @@ INTERPRETER_CONFIG = (16, 16, 1, 1)  # tl.dot needs tiles >= 16; the CPU interpr
 
 def _heuristic_config(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int,
                       plain: bool = True) -> tuple[int, int, int, int]:
-    """The config a launch uses when autotuning is off: the first of the kind's list that the
-    problem fills (small batches take the 64-wide tiles); fp32's forward takes FP32_FORWARD_CONFIG,
-    a forward with rules (``plain=False``) RULES_FORWARD_CONFIG."""
+    """The config a launch (``kind``: forward, backward_dX or backward_dY) uses when autotuning is off: the
+    first of the kind's list that the problem fills (small batches take the 64-wide tiles); fp32 takes
+    FP32_FORWARD_CONFIG / FP32_BACKWARD_CONFIGS, a forward with rules (``plain=False``) RULES_FORWARD_CONFIG."""
     if _interpreting():
         return INTERPRETER_CONFIG
     if kind == "forward" and not plain:
         return RULES_FORWARD_CONFIG
     if kind == "forward" and dtype == torch.float32:
         return FP32_FORWARD_CONFIG
+    if kind in FP32_BACKWARD_CONFIGS and dtype == torch.float32:
+        return FP32_BACKWARD_CONFIGS[kind]
     for config in FORWARD_CONFIGS if kind == "forward" else BACKWARD_CONFIGS:
         classes = _size_classes(n_rows, n_cols)
         if config[0] <= max(64, classes["R_CLASS"]) and config[1] <= max(64, classes["C_CLASS"]):
@@ -769,19 +775,21 @@ def _multiprocessors(device: torch.device) -> int:
     return 2
 
 
-def _block_d(dims, n_features: int) -> tuple[int, bool]:
+def _block_d(dims, n_features: int, dtype: torch.dtype | None = None) -> tuple[int, bool]:
     """(BLOCK_D, ALIGNED): the widest chunk of 64, 32 or 16 that divides every dim, so that no chunk
     straddles a boundary and the loads need no k mask; 32 with masks when the dims are not multiples
-    of 16 (or the rows' stride D is not)."""
+    of 16 (or the rows' stride D is not). fp32 (tf32x3: hi and lo halves of both operands live in
+    registers) always takes 16, which keeps its backward spill-free on sm_90."""
     common = math.gcd(*dims)
-    for block in (64, 32, 16):
+    fp32 = dtype == torch.float32
+    for block in (16,) if fp32 else (64, 32, 16):
         if common % block == 0 and n_features % 16 == 0:
             return block, True
-    return 32, False
+    return (16 if fp32 else 32), False
 
 
 def _kernel_options(x: torch.Tensor, dims, scale: float) -> dict:
-    block_d, aligned = _block_d(dims, x.shape[-1])
+    block_d, aligned = _block_d(dims, x.shape[-1], x.dtype)
     return {
         "M": len(dims),
         "M_PAD": max(2, triton.next_power_of_2(len(dims))),
@@ -939,8 +947,9 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
     pointers, scalars, rule_flags = _rule_arguments(rules, rows, distill_coef)
     options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols), **rule_flags,
                    TEACHER=distill_coef is not None)
-    tiles = _tile_kwargs("backward", rows, n_rows, n_cols)
-    configs = (BACKWARD_CONFIGS if tiles is None else [(tiles["BLOCK_R"], tiles["BLOCK_C"])])
+    launch_tiles = {kind: _tile_kwargs(kind, rows, n_rows, n_cols) for kind in ("backward_dX", "backward_dY")}
+    configs = (BACKWARD_CONFIGS if launch_tiles["backward_dX"] is None
+               else [(tiles["BLOCK_R"], tiles["BLOCK_C"]) for tiles in launch_tiles.values()])
     largest_own = max(max(config[0], config[1]) for config in configs)
     largest_tile = max(config[0] * config[1] for config in configs)
     # Programs: one per SM, fewer if their scratch would not fit the L2 budget (at least one).
@@ -950,6 +959,7 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
     slots = rows.new_empty(max(1, programs * (len(dims) - 1) * largest_tile), dtype=torch.float32)
     grads = []
     for for_cols, n_own, block, norm in ((False, n_rows, "BLOCK_R", norm_rows), (True, n_cols, "BLOCK_C", norm_cols)):
+        tiles = launch_tiles["backward_dY" if for_cols else "backward_dX"]
         grad = torch.empty_like(cols if for_cols else rows)
         args = (rows, cols, positives, bounds, flags, n_seg, inv_rows, inv_cols, norm, row_max, row_logsum, coef,
                 grad, work, slots, *pointers.values(), n_layers, n_rows, n_cols, n_features, scalars["DG"],
