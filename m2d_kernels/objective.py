@@ -172,7 +172,10 @@ def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_inde
 def _shares_tiles(impl, objective, leading_positives, local):
     """Whether the joint directions can share tiles: a backend with the rules, the default layout, one
     process's columns, and no guide or teacher (whose per-tile data the column side would also need)."""
-    return (getattr(impl, "SHARED_TILES", False) and leading_positives and local and len(objective.directions) > 1
+    backend_can = getattr(impl, "shares_tiles", None)  # a backend whose support depends on the similarity
+    backend_can = backend_can(objective.similarity) if backend_can is not None else getattr(impl, "SHARED_TILES",
+                                                                                             False)
+    return (backend_can and leading_positives and local and len(objective.directions) > 1
             and objective.partition_mode == "joint" and objective.guide_queries is None
             and objective.distill_weights is None)
 
