@@ -44,7 +44,8 @@ a mean over rows). With ``rules.column_statistics = K`` the first K columns are 
 own over the rows (``rules.triangle`` / ``column_statistics``: the shared tiles of the joint
 directions): the forward returns their statistics and ``pass_gradients`` adds the gradient of
 ``sum_lm coef[l, m] * sum_{j < K} LSE_col_j`` with the given (combined) column statistics.
-Backends that implement these two rules set ``SHARED_TILES = True``; the others get one pass per
+Backends that implement these two rules set ``SHARED_TILES = True`` (or define
+``shares_tiles(similarity) -> bool`` when it depends on the similarity); the others get one pass per
 direction from :mod:`m2d_kernels.objective`. Inactive pairs have finite statistics and no gradient. Gradients are in
 the accumulator dtype where the backend computes them unrounded (torch, cpp), else in the
 input dtype (triton; reference: the input dtype, which is its accumulator).
