@@ -253,10 +253,10 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
     mask_positives = positive_index if positives is None else positives
     # Per-row softmax statistics of both directions, the only ones backward needs, kept relative to
     # the row's maximum (offset) so that no number of magnitude `scale` is ever rounded into them.
-    row_offset = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc)
+    row_offset = queries.new_full((n_layers, n_queries, n_dims), 0.0 if fixed_max is None else fixed_max, dtype=acc)
     row_log_sum = torch.zeros_like(row_offset)
-    row_positive = None if positives is None else torch.zeros_like(row_offset)
-    teacher_sum = torch.zeros_like(row_offset) if rules.teacher else None
+    row_positive = None if positives is None else torch.zeros_like(row_log_sum)
+    teacher_sum = torch.zeros_like(row_log_sum) if rules.teacher else None
     losses = queries.new_zeros(n_layers, n_dims, dtype=acc)
     dloss_dscale = torch.zeros_like(losses)
     lasts = [_last_active(layer_active) for layer_active in active]
@@ -299,16 +299,20 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
                 positive = logits.gather(1, local_positives.clamp_min(0)[:, None])[:, 0]
                 if start:  # a positive before the chunk's columns is excluded by the triangle
                     positive = torch.where(local_positives >= 0, positive, -torch.inf)
-                offset, exp_sum, exp_logit_sum = _partial_stats(logits, 1, fixed_max, scale_grad, may_be_empty)
-                row_offset[layer, rows, m] = offset
-                row_log_sum[layer, rows, m] = exp_sum.log()
-                if row_positive is not None:
-                    row_positive[layer, rows, m] = positive
+                offset, exps = _exponentials(logits, 1, fixed_max, may_be_empty)
+                exp_sum = exps.sum(1)
+                log_sum = exp_sum.log()
+                if fixed_max is None:  # else row_offset holds it already
+                    row_offset[layer, rows, m] = offset
+                row_log_sum[layer, rows, m] = log_sum
                 if weighted is not None:
                     teacher_sum[layer, rows, m] = weighted
-                losses[layer, m] += ((offset - positive) + exp_sum.log()).sum()
+                if row_positive is not None:  # the pass API: statistics only
+                    row_positive[layer, rows, m] = positive
+                else:
+                    losses[layer, m] += ((offset - positive) + log_sum).sum()
                 if scale_grad:
-                    dloss_dscale[layer, m] += (exp_logit_sum / exp_sum - positive).sum() / scale
+                    dloss_dscale[layer, m] += (torch.linalg.vecdot(exps, logits) / exp_sum - positive).sum() / scale
                 if symmetric:
                     # This chunk of queries against the B positives (rules=PLAIN: the row logits).
                     _merge_partial_stats(col_stats, layer, m, slice(None),
@@ -316,14 +320,22 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
                     col_positive[layer][m].append(positive)
                 elif n_stat:
                     # The chunk's rows against its columns among the first K: no penalty, the same exclusions.
+                    columns = slice(start, start + n_stat)
                     column = logits[:, :n_stat] if rules.penalty is None else _column_logits(
                         sim[:, :n_stat], scale * inv_q[layer, rows, m], None if rk is None else rk[:n_stat], tile)
-                    _merge_partial_stats(col_stats, layer, m, slice(start, start + n_stat),
-                                         _partial_stats(column, 0, fixed_max, False, may_be_empty))
+                    if fixed_max is not None:
+                        # One fixed maximum: plain sums over the chunks, and without a penalty the rows' exponentials.
+                        column_exps = exps[:, :n_stat] if rules.penalty is None else column.sub_(fixed_max).exp_()
+                        col_stats[1][layer, columns, m] += column_exps.sum(0)
+                    else:
+                        _merge_partial_stats(col_stats, layer, m, columns,
+                                             _partial_stats(column, 0, fixed_max, False, may_be_empty))
 
     col_offset = col_log_sum = None
     if col_stats is not None:
         col_offset, col_exp_sum, col_exp_logit_sum = col_stats
+        if fixed_max is not None and not symmetric:  # summed above: offset fixed_max, 0 for an empty column
+            col_offset = torch.where(col_exp_sum > 0, fixed_max, 0.0)
         col_log_sum = col_exp_sum.log()
         for layer, layer_active in enumerate(active):
             for m, on in enumerate(layer_active):
@@ -362,7 +374,16 @@ def _backward(ctx, grad_losses):
     distill = None if distill_grad is None else distill_grad.to(acc) * (scale / n_queries)
     inv_q_scaled_factor = scale if rules.penalty is None else 1.0
     guide_cols = None if not rules.guided else rules.guide_cols.to(_guide_dtype(rules, acc))
-    if rules.exclude_own_group or rules.guided or rules.triangle:
+    max_logit = rules.max_logit(scale)
+    fixed_max = None
+    if max_logit is not None and _fixed_max_is_safe(max_logit, acc) and distill is None and not symmetric:
+        # P = exp(z - fixed_max) * exp(fixed_max - offset - log_sum): one exponential of the tile serves the
+        # rows' and the columns' softmaxes. The weights are at most exp(2 * fixed_max) (log_sum covers the
+        # row's maximum, at least -fixed_max), 0 for a row or column with every entry excluded.
+        fixed_max = max_logit
+        row_weight = _softmax_weights(fixed_max, row_offset, row_log_sum)
+        col_weight = None if col_log_sum is None else _softmax_weights(fixed_max, col_offset, col_log_sum)
+    elif rules.exclude_own_group or rules.guided or rules.triangle:
         # A row (column) whose every entry is excluded has log_sum -inf and all logits -inf: P = 0, not NaN.
         row_log_sum = row_log_sum.nan_to_num(neginf=0.0)
         col_log_sum = None if col_log_sum is None else col_log_sum.nan_to_num(neginf=0.0)
@@ -413,8 +434,24 @@ def _backward(ctx, grad_losses):
                 rk = inv_k[layer, start:, m] if normalised else None
                 # grad_cos / coef = P - onehot, with P = exp((z - offset) - log_sum); built in place.
                 grad, _ = _logits(sim, inv_q_scaled_factor * rq, rk, tile)
-                grad.sub_(row_offset[layer, rows, m, None])
-                grad.sub_(row_log_sum[layer, rows, m, None]).exp_()
+                if fixed_max is not None:
+                    grad.sub_(fixed_max).exp_()
+                    if n_stat:  # + the columns' P_col (below); without a penalty the same exponentials
+                        columns = slice(start, start + n_stat)
+                        column_weight = col_weight[layer, columns, m]
+                        if rules.penalty is None:
+                            grad[:, :n_stat].mul_(row_weight[layer, rows, m, None] + column_weight[None, :])
+                            grad[:, n_stat:].mul_(row_weight[layer, rows, m, None])
+                        else:
+                            column_exps = _column_logits(sim[:, :n_stat], scale * rq,
+                                                         None if rk is None else rk[:n_stat], tile)
+                            grad.mul_(row_weight[layer, rows, m, None])
+                            grad[:, :n_stat].addcmul_(column_exps.sub_(fixed_max).exp_(), column_weight[None, :])
+                    else:
+                        grad.mul_(row_weight[layer, rows, m, None])
+                else:
+                    grad.sub_(row_offset[layer, rows, m, None])
+                    grad.sub_(row_log_sum[layer, rows, m, None]).exp_()
                 if teacher_probs is None:
                     grad[row_ids, positive_ids] -= 1.0 if chunk_onehot is None else chunk_onehot
                     row_coef = coef[layer, m] * rq
@@ -431,7 +468,7 @@ def _backward(ctx, grad_losses):
                                                  col_offset[layer, :, m], col_log_sum[layer, :, m])
                     column_probs[row_ids, row_ids + r0] -= 1.0
                     grad.index_add_(1, positive_index, column_probs)
-                elif n_stat:
+                elif n_stat and fixed_max is None:
                     columns = slice(start, start + n_stat)
                     grad[:, :n_stat] += _column_probs(
                         sim[:, :n_stat], scale * rq, None if rk is None else rk[:n_stat], tile,
@@ -506,14 +543,24 @@ def _offset(logits: torch.Tensor, fixed_max: float | None, may_be_empty: bool = 
     return offset.nan_to_num_(neginf=0.0) if may_be_empty else offset
 
 
+def _exponentials(logits: torch.Tensor, dim: int, fixed_max: float | None, may_be_empty: bool = False):
+    """``(offset, exp(z - offset))`` with the offset of ``_offset`` along ``dim``."""
+    offset = _offset(logits, fixed_max, may_be_empty, dim)
+    return offset, (logits - offset.unsqueeze(dim) if fixed_max is None else logits - fixed_max).exp_()
+
+
 def _partial_stats(logits: torch.Tensor, dim: int, fixed_max: float | None, with_logit_sum: bool,
                    may_be_empty: bool = False):
     """Softmax statistics along ``dim`` relative to an offset (``_offset``): ``(offset, sum exp(z - offset),
     sum exp(z - offset) * z)`` (the last None unless ``with_logit_sum``)."""
-    offset = _offset(logits, fixed_max, may_be_empty, dim)
-    exps = (logits - offset.unsqueeze(dim)).exp_()
+    offset, exps = _exponentials(logits, dim, fixed_max, may_be_empty)
     exp_logit_sum = (exps * logits).sum(dim) if with_logit_sum else None
     return offset, exps.sum(dim), exp_logit_sum
+
+
+def _softmax_weights(fixed_max: float, offset: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
+    """``exp(fixed_max - offset - log_sum)``, 0 where ``log_sum`` is -inf (every entry excluded)."""
+    return torch.where(torch.isneginf(log_sum), 0.0, (fixed_max - offset - log_sum).exp())
 
 
 def _merge_partial_stats(stats, layer, m, columns, part):
