@@ -286,7 +286,10 @@ SHARED_GRID = [(mode, similarity, variant, n_rows)
 
 
 @pytest.mark.parametrize("mode,similarity,variant,n_rows", SHARED_GRID)
-def test_shared_tiles_grid_matches_reference(mode, similarity, variant, n_rows):
+def test_shared_tiles_grid_matches_reference(monkeypatch, mode, similarity, variant, n_rows):
+    # Triangle chunks of 16 rows (3 and 9 chunks; the last one short): a diagonal block per chunk.
+    monkeypatch.setattr(backend, "MIN_TRIANGLE_CHUNK", 16)
+    monkeypatch.setattr(backend, "TRIANGLE_CHUNKS", 16)
     rows, cols, positives, rules = make_shared_case(mode, n_rows, similarity, variant, seed=n_rows)
     check_shared_pass(rows, cols, SHAPES[48], SHARED_ACTIVE, 20.0 if similarity == "cos" else 1.0, positives, rules)
 
@@ -372,7 +375,8 @@ def _count_products(monkeypatch):
 def test_triangle_skips_the_columns_below_each_chunk(monkeypatch, with_columns):
     # R = C = 128 in chunks of 16 rows: chunk c scores only the columns j > 16 c, so the products of the pass
     # (forward and backward) are exactly sum_c 16 * (127 - 16 c) / (8 * 16 * 128) = 0.555 of the plain pass's.
-    monkeypatch.setattr(backend, "CHUNK_ELEMENTS", 16 * 128 * (3 + 4 + 3))
+    monkeypatch.setattr(backend, "MIN_TRIANGLE_CHUNK", 16)
+    monkeypatch.setattr(backend, "TRIANGLE_CHUNKS", 8)
     dims, active, n = SHAPES[48], ((True, True, True),) * 2, 128
     _, cols = make_inputs(2, n, n, 48, seed=2, requires_grad=False)
     rows, positives = cols.clone(), torch.full((n,), -1)

@@ -38,9 +38,12 @@ from m2d_kernels.rules import PLAIN, Rules, check_rules, column_masks
 EPS = 1e-12  # F.normalize's default
 # Elements of one [chunk, N] working set; the backward keeps about (M + 4) of them.
 CHUNK_ELEMENTS = 1 << 22
-# A triangle pass (rules.triangle) splits its rows into at least this many chunks, of at least this many rows.
-TRIANGLE_CHUNKS = 16
-MIN_TRIANGLE_CHUNK = 16
+# A triangle pass (rules.triangle) splits its rows into up to this many chunks, of at least this many rows:
+# more chunks skip more of the square, but every chunk costs each (layer, dim) pair ~100 small ops, which
+# dominate below ~128 rows (2-core CPU, L=4, D=384: at B=2048 8 chunks cost 0.58x the plain pass, at B=512
+# nothing is saved whatever the count).
+TRIANGLE_CHUNKS = 8
+MIN_TRIANGLE_CHUNK = 128
 SHARED_TILES = True  # the pass applies rules.triangle and rules.column_statistics (backends/__init__.py)
 
 
@@ -111,11 +114,14 @@ class _Tile(NamedTuple):
     ``cols[start:]`` (``start`` > 0 only with the triangle: every earlier column is excluded for the chunk):
     ``bias`` ``[c, w]``, -inf where excluded and 0 elsewhere, on the first ``w`` of those columns (None:
     nothing excluded; an add is several times faster than masked_fill_; with only the triangle ``w`` is the
-    diagonal block) and ``factor`` ``[c, C - start]``, the logit scale of each column (``scale``, or
-    ``scale + penalty_strength`` where penalised; None: no penalty, ``scale`` is in the row factors)."""
+    diagonal block), ``keep`` the same columns' 1 / 0 (kept / excluded: with a fixed maximum the exponentials
+    are taken unmasked, then multiplied by it, since exp(-inf) takes a slow path on the CPU) and ``factor``
+    ``[c, C - start]``, the logit scale of each column (``scale``, or ``scale + penalty_strength`` where
+    penalised; None: no penalty, ``scale`` is in the row factors)."""
 
     start: int
     bias: torch.Tensor | None
+    keep: torch.Tensor | None
     factor: torch.Tensor | None
 
 
@@ -142,20 +148,22 @@ def _chunk_tile(rules: Rules, rows: slice, positives: torch.Tensor, n_cols: int,
         guide_threshold=None if guide is None else rules.guide_threshold[rows],
     )
     excluded, penalised = column_masks(chunk_rules, n_cols, positives[rows], guide, row_start=rows.start)
-    bias = None
+    bias = keep = None
     if excluded is not None:
         # The triangle alone excludes only j <= i < r1 among the chunk's columns: the diagonal block.
         width = n_cols - start if rules.exclude_own_group or rules.guided else max(0, rows.stop - start)
         excluded = excluded[:, start:start + width]
         bias = torch.zeros(excluded.shape, dtype=acc, device=excluded.device).masked_fill_(excluded, -torch.inf)
+        keep = excluded.logical_not().to(acc)
     factor = None if penalised is None else penalised[:, start:].to(acc).mul_(rules.penalty_strength).add_(scale)
-    return _Tile(start, bias, factor)
+    return _Tile(start, bias, keep, factor)
 
 
-def _logits(sim, rq_scaled, rk, tile, teacher_weight=None):
+def _logits(sim, rq_scaled, rk, tile, teacher_weight=None, exclude=True):
     """``z = rq_scaled_i * rk_j * S_ij`` (times the chunk's penalty factors; ``rk`` None: dot similarity)
-    with the excluded columns -inf, and with ``teacher_weight`` also ``sum_j teacher_weight_ij * z_ij``,
-    taken before the mask (an excluded column has weight 0 and a finite logit there: no 0 * inf)."""
+    with the excluded columns -inf (``exclude``; else unmasked: see ``_exponentials_kept``), and with
+    ``teacher_weight`` also ``sum_j teacher_weight_ij * z_ij``, taken before the mask (an excluded column has
+    weight 0 and a finite logit there: no 0 * inf)."""
     logits = sim * rq_scaled[:, None]
     if rk is not None:
         logits.mul_(rk[None, :])
@@ -164,8 +172,18 @@ def _logits(sim, rq_scaled, rk, tile, teacher_weight=None):
         logits.mul_(tile.factor)
     if teacher_weight is not None:
         weighted = torch.linalg.vecdot(teacher_weight, logits)
-    _exclude(logits, tile)
+    if exclude:
+        _exclude(logits, tile)
     return logits, weighted
+
+
+def _exponentials_kept(logits, fixed_max, tile):
+    """``exp(z - fixed_max)`` of unmasked logits, in place, times the tile's keep mask: 0 where excluded."""
+    exps = logits.sub_(fixed_max).exp_()
+    if tile is not None and tile.keep is not None:
+        width = min(tile.keep.shape[1], exps.shape[1])
+        exps[:, :width].mul_(tile.keep[:, :width])
+    return exps
 
 
 def _exclude(logits, tile):
@@ -176,14 +194,14 @@ def _exclude(logits, tile):
     return logits
 
 
-def _column_logits(sim, scale_rq, rk, tile):
+def _column_logits(sim, scale_rq, rk, tile, exclude=True):
     """The column softmaxes' logits ``scale * s`` of some columns (``sim``, ``rk`` the leading columns of the
     chunk's, or gathered ones with ``tile`` None): no penalty, the chunk's exclusions. The same operations
-    in the same order in forward and backward: bit-identical."""
+    in the same order in forward and backward: bit-identical. ``exclude`` False: unmasked."""
     logits = sim * scale_rq[:, None]
     if rk is not None:
         logits.mul_(rk[None, :])
-    return _exclude(logits, tile)
+    return _exclude(logits, tile) if exclude else logits
 
 
 def _column_probs(sim, scale_rq, rk, tile, col_offset, col_log_sum):
@@ -271,12 +289,25 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
     for r0 in range(0, n_queries, chunk):
         rows = slice(r0, min(r0 + chunk, n_queries))
         start = _column_start(rules, rows, n_docs)
-        if start == n_docs:  # triangle, R = C: the last row scores no column
-            row_log_sum[:, rows] = -torch.inf
+        if start == n_docs:  # triangle, R = C: the last row scores no column (inactive pairs stay finite)
+            for layer, layer_active in enumerate(active):
+                for m, on in enumerate(layer_active):
+                    if on:
+                        row_log_sum[layer, rows, m] = -torch.inf
             continue
         tile = _chunk_tile(rules, rows, mask_positives, n_docs, scale, guide_cols, acc)
         n_stat = max(0, rules.column_statistics - start)  # the chunk's columns among the first K
         local_positives = positive_index[rows] - start
+        positive_bias = None
+        if start or (tile is not None and tile.bias is not None):
+            # The positive's -inf where it is excluded (before the chunk's columns with the triangle, or in the
+            # bias): the unmasked logits (fixed maximum) do not carry it.
+            positive_bias = torch.where(local_positives >= 0, 0.0, -torch.inf).to(acc)
+            if tile is not None and tile.bias is not None:
+                in_bias = local_positives.clamp(0, tile.bias.shape[1] - 1)[:, None]
+                positive_bias += torch.where(local_positives < tile.bias.shape[1],
+                                             tile.bias.gather(1, in_bias)[:, 0], 0.0)
+            local_positives = local_positives.clamp_min(0)
         teacher_weight = None
         if rules.teacher:
             teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1, start:].to(acc), segments,
@@ -295,11 +326,16 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
                 if not layer_active[m]:
                     continue
                 rk = None if inv_k is None else inv_k[layer, start:, m]
-                logits, weighted = _logits(sim, inv_q_scaled[layer, rows, m], rk, tile, teacher_weight)
-                positive = logits.gather(1, local_positives.clamp_min(0)[:, None])[:, 0]
-                if start:  # a positive before the chunk's columns is excluded by the triangle
-                    positive = torch.where(local_positives >= 0, positive, -torch.inf)
-                offset, exps = _exponentials(logits, 1, fixed_max, may_be_empty)
+                logits, weighted = _logits(sim, inv_q_scaled[layer, rows, m], rk, tile, teacher_weight,
+                                           exclude=fixed_max is None)
+                positive = logits.gather(1, local_positives[:, None])[:, 0]
+                if positive_bias is not None:  # -inf where the positive is excluded
+                    positive = positive + positive_bias
+                if fixed_max is None:
+                    offset, exps = _exponentials(logits, 1, None, may_be_empty)
+                else:
+                    offset, exps = fixed_max, _exponentials_kept(logits.clone() if scale_grad else logits,
+                                                                 fixed_max, tile)
                 exp_sum = exps.sum(1)
                 log_sum = exp_sum.log()
                 if fixed_max is None:  # else row_offset holds it already
@@ -322,10 +358,12 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
                     # The chunk's rows against its columns among the first K: no penalty, the same exclusions.
                     columns = slice(start, start + n_stat)
                     column = logits[:, :n_stat] if rules.penalty is None else _column_logits(
-                        sim[:, :n_stat], scale * inv_q[layer, rows, m], None if rk is None else rk[:n_stat], tile)
+                        sim[:, :n_stat], scale * inv_q[layer, rows, m], None if rk is None else rk[:n_stat], tile,
+                        exclude=fixed_max is None)
                     if fixed_max is not None:
                         # One fixed maximum: plain sums over the chunks, and without a penalty the rows' exponentials.
-                        column_exps = exps[:, :n_stat] if rules.penalty is None else column.sub_(fixed_max).exp_()
+                        column_exps = exps[:, :n_stat] if rules.penalty is None else _exponentials_kept(
+                            column, fixed_max, tile)
                         col_stats[1][layer, columns, m] += column_exps.sum(0)
                     else:
                         _merge_partial_stats(col_stats, layer, m, columns,
@@ -433,9 +471,9 @@ def _backward(ctx, grad_losses):
                 rq = inv_q[layer, rows, m]
                 rk = inv_k[layer, start:, m] if normalised else None
                 # grad_cos / coef = P - onehot, with P = exp((z - offset) - log_sum); built in place.
-                grad, _ = _logits(sim, inv_q_scaled_factor * rq, rk, tile)
+                grad, _ = _logits(sim, inv_q_scaled_factor * rq, rk, tile, exclude=fixed_max is None)
                 if fixed_max is not None:
-                    grad.sub_(fixed_max).exp_()
+                    _exponentials_kept(grad, fixed_max, tile)
                     if n_stat:  # + the columns' P_col (below); without a penalty the same exponentials
                         columns = slice(start, start + n_stat)
                         column_weight = col_weight[layer, columns, m]
@@ -443,10 +481,11 @@ def _backward(ctx, grad_losses):
                             grad[:, :n_stat].mul_(row_weight[layer, rows, m, None] + column_weight[None, :])
                             grad[:, n_stat:].mul_(row_weight[layer, rows, m, None])
                         else:
-                            column_exps = _column_logits(sim[:, :n_stat], scale * rq,
-                                                         None if rk is None else rk[:n_stat], tile)
+                            column_exps = _exponentials_kept(_column_logits(
+                                sim[:, :n_stat], scale * rq, None if rk is None else rk[:n_stat], tile, exclude=False),
+                                fixed_max, tile)
                             grad.mul_(row_weight[layer, rows, m, None])
-                            grad[:, :n_stat].addcmul_(column_exps.sub_(fixed_max).exp_(), column_weight[None, :])
+                            grad[:, :n_stat].addcmul_(column_exps, column_weight[None, :])
                     else:
                         grad.mul_(row_weight[layer, rows, m, None])
                 else:
@@ -625,7 +664,7 @@ def positive_logits(rows, cols, dims, active, scale, positives) -> torch.Tensor:
 
 
 def _pass_chunk(rules: Rules, n_rows: int, n_cols: int, n_dims: int) -> int:
-    """Rows per chunk of a pass; a triangle pass takes at least ``TRIANGLE_CHUNKS`` chunks (of at least
+    """Rows per chunk of a pass; a triangle pass takes up to ``TRIANGLE_CHUNKS`` chunks (of at least
     ``MIN_TRIANGLE_CHUNK`` rows), since it skips, per chunk, only the columns before the chunk's first row:
     with n chunks it computes ``(n + 1) / 2n`` of the square block."""
     chunk = _chunk_rows(n_rows, n_cols, n_dims, _extra_working_sets(rules))
