@@ -1,8 +1,8 @@
 """Shared-tile passes (rules.triangle, rules.column_statistics) against the passes they replace, fwd + bwd.
 
-    python benchmarks/pass_shared_tiles.py [--backend torch] [--repeats 7]
+    python benchmarks/pass_shared_tiles.py [--backend torch] [--repeats 7] [--queries 512] [--threads T]
 
-One pass's ``row_statistics`` + ``pass_gradients``, fp32, L = 4, B = 512 queries, N = 1024 documents,
+One pass's ``row_statistics`` + ``pass_gradients``, fp32, L = 4, B = 512 queries, N = 2B documents,
 D = 384, dims 32..384, cos, scale 20; the cases run round-robin (side by side) and the medians print:
 
     qq_self        Q vs Q, own row excluded (query_to_query today)
@@ -27,8 +27,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--queries", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
-    n_layers, n_queries, n_docs, n_features, dims, scale = 4, 512, 1024, 384, (32, 64, 128, 256, 384), 20.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_layers, n_features, dims, scale = 4, 384, (32, 64, 128, 256, 384), 20.0
+    n_queries, n_docs = args.queries, 2 * args.queries
     backend = resolve(args.backend, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     queries = torch.randn(n_layers, n_queries, n_features, generator=generator)
@@ -58,7 +63,8 @@ def main() -> None:
             step(*case)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"backend {args.backend}, torch threads {torch.get_num_threads()}, medians of {args.repeats}")
+    print(f"backend {args.backend}, B={n_queries}, N={n_docs}, torch threads {torch.get_num_threads()}, "
+          f"wall-clock medians of {args.repeats}")
     for name, median in medians.items():
         base = medians["qq_self"] if name.startswith("qq") else medians["qd_plain"]
         print(f"  {name:12s} {median * 1e3:8.1f} ms  {median / base:5.2f}x")

@@ -334,7 +334,8 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
                 if fixed_max is None:
                     offset, exps = _exponentials(logits, 1, None, may_be_empty)
                 else:
-                    offset, exps = fixed_max, _exponentials_kept(logits.clone() if scale_grad else logits,
+                    # In place unless the logits serve again (the scale's slope, the symmetric columns).
+                    offset, exps = fixed_max, _exponentials_kept(logits.clone() if scale_grad or symmetric else logits,
                                                                  fixed_max, tile)
                 exp_sum = exps.sum(1)
                 log_sum = exp_sum.log()
