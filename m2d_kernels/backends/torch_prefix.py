@@ -24,6 +24,10 @@ being stop-grad: the gradient keeps ``scale``), an additive -inf bias on the exc
 (rules.column_masks on the chunk, guide similarities one ``[chunk, Dg] x [Dg, C]`` product) and,
 for distillation, the teacher pair's tile (one extra product over D per chunk). The loops are
 chunk-major (every layer of a chunk, then the next chunk) so that these are shared by the layers.
+Shared tiles: with ``rules.triangle`` a chunk of rows ``[r0, r1)`` is scored against ``cols[r0 + 1:]`` only
+(the skipped columns are the speed-up); with ``rules.column_statistics`` each chunk also yields partial
+statistics of the first K columns over its rows, merged over the chunks in order (with a fixed maximum the
+rows' exponentials serve them: plain sums), and the backward adds the columns' probabilities to the tile.
 """
 
 from __future__ import annotations
