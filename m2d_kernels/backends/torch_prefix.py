@@ -24,6 +24,10 @@ being stop-grad: the gradient keeps ``scale``), an additive -inf bias on the exc
 (rules.column_masks on the chunk, guide similarities one ``[chunk, Dg] x [Dg, C]`` product) and,
 for distillation, the teacher pair's tile (one extra product over D per chunk). The loops are
 chunk-major (every layer of a chunk, then the next chunk) so that these are shared by the layers.
+Shared tiles: with ``rules.triangle`` a chunk of rows ``[r0, r1)`` is scored against ``cols[r0 + 1:]`` only
+(the skipped columns are the speed-up); with ``rules.column_statistics`` each chunk also yields partial
+statistics of the first K columns over its rows, merged over the chunks in order (with a fixed maximum the
+rows' exponentials serve them: plain sums), and the backward adds the columns' probabilities to the tile.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ from m2d_kernels.rules import PLAIN, Rules, check_rules, column_masks
 EPS = 1e-12  # F.normalize's default
 # Elements of one [chunk, N] working set; the backward keeps about (M + 4) of them.
 CHUNK_ELEMENTS = 1 << 22
+# A triangle pass (rules.triangle) splits its rows into up to this many chunks, of at least this many rows:
+# more chunks skip more of the square, but every chunk costs each (layer, dim) pair ~100 small ops, which
+# dominate below ~128 rows (2-core CPU, L=4, D=384: at B=2048 8 chunks cost 0.58x the plain pass, at B=512
+# nothing is saved whatever the count).
+TRIANGLE_CHUNKS = 8
+MIN_TRIANGLE_CHUNK = 128
+SHARED_TILES = True  # the pass applies rules.triangle and rules.column_statistics (backends/__init__.py)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -96,27 +107,41 @@ def _last_active(layer_active: tuple[bool, ...]) -> int | None:
 
 def _extra_working_sets(rules: Rules) -> int:
     """``[chunk, C]`` tensors the rules keep beside the plain pass's: the exclusion bias, the penalty
-    factors, the guide similarities while the masks are built, the teacher tile and its weights."""
-    return (int(rules.exclude_own_group or rules.guided) + int(rules.penalty is not None) + int(rules.guided)
-            + 2 * int(rules.teacher))
+    factors, the guide similarities while the masks are built, the teacher tile and its weights, the
+    column softmaxes' probabilities."""
+    return (int(rules.exclude_own_group or rules.guided or rules.triangle) + int(rules.penalty is not None)
+            + int(rules.guided) + 2 * int(rules.teacher) + int(rules.column_statistics > 0))
 
 
 class _Tile(NamedTuple):
-    """The rules of one chunk of rows, shared by every (layer, dim) pair: ``bias`` ``[c, C]``, -inf where
-    excluded and 0 elsewhere (None: nothing excluded; an add is several times faster than masked_fill_)
-    and ``factor`` ``[c, C]``, the logit scale of each column (``scale``, or ``scale + penalty_strength``
-    where penalised; None: no penalty, ``scale`` is in the row factors)."""
+    """The rules of one chunk of rows, shared by every (layer, dim) pair, over the chunk's columns
+    ``cols[start:]`` (``start`` > 0 only with the triangle: every earlier column is excluded for the chunk):
+    ``bias`` ``[c, w]``, -inf where excluded and 0 elsewhere, on the first ``w`` of those columns (None:
+    nothing excluded; an add is several times faster than masked_fill_; with only the triangle ``w`` is the
+    diagonal block), ``keep`` the same columns' 1 / 0 (kept / excluded: with a fixed maximum the exponentials
+    are taken unmasked, then multiplied by it, since exp(-inf) takes a slow path on the CPU) and ``factor``
+    ``[c, C - start]``, the logit scale of each column (``scale``, or ``scale + penalty_strength`` where
+    penalised; None: no penalty, ``scale`` is in the row factors)."""
 
+    start: int
     bias: torch.Tensor | None
+    keep: torch.Tensor | None
     factor: torch.Tensor | None
+
+
+def _column_start(rules: Rules, rows: slice, n_cols: int) -> int:
+    """The chunk's first scored column: with the triangle, row ``i`` scores only ``j > i``, so the chunk's
+    rows ``[r0, r1)`` none of ``[0, r0 + 1)`` (skipped: no product, no exponential)."""
+    return min(rows.start + 1, n_cols) if rules.triangle else 0
 
 
 def _chunk_tile(rules: Rules, rows: slice, positives: torch.Tensor, n_cols: int, scale: float,
                 guide_cols: torch.Tensor | None, acc: torch.dtype) -> _Tile | None:
-    """The chunk's masks (None for rules that need none): rules.column_masks on the chunk's rows, the
-    guide similarities one ``[c, Dg] x [Dg, C]`` product."""
-    if not (rules.exclude_own_group or rules.guided or rules.penalty is not None):
+    """The chunk's masks (None for rules that need none): rules.column_masks on the chunk's rows, restricted
+    to its columns (``_column_start``), the guide similarities one ``[c, Dg] x [Dg, C]`` product."""
+    if not (rules.exclude_own_group or rules.guided or rules.penalty is not None or rules.triangle):
         return None
+    start = _column_start(rules, rows, n_cols)
     guide = None
     if rules.guided:
         guide = rules.guide_rows[rows].to(guide_cols.dtype) @ guide_cols.T
@@ -126,17 +151,23 @@ def _chunk_tile(rules: Rules, rows: slice, positives: torch.Tensor, n_cols: int,
         guide_rows=None if guide is None else rules.guide_rows[rows],
         guide_threshold=None if guide is None else rules.guide_threshold[rows],
     )
-    excluded, penalised = column_masks(chunk_rules, n_cols, positives[rows], guide)
-    bias = None if excluded is None else torch.zeros(excluded.shape, dtype=acc, device=excluded.device).masked_fill_(
-        excluded, -torch.inf)
-    factor = None if penalised is None else penalised.to(acc).mul_(rules.penalty_strength).add_(scale)
-    return _Tile(bias, factor)
+    excluded, penalised = column_masks(chunk_rules, n_cols, positives[rows], guide, row_start=rows.start)
+    bias = keep = None
+    if excluded is not None:
+        # The triangle alone excludes only j <= i < r1 among the chunk's columns: the diagonal block.
+        width = n_cols - start if rules.exclude_own_group or rules.guided else max(0, rows.stop - start)
+        excluded = excluded[:, start:start + width]
+        bias = torch.zeros(excluded.shape, dtype=acc, device=excluded.device).masked_fill_(excluded, -torch.inf)
+        keep = excluded.logical_not().to(acc)
+    factor = None if penalised is None else penalised[:, start:].to(acc).mul_(rules.penalty_strength).add_(scale)
+    return _Tile(start, bias, keep, factor)
 
 
-def _logits(sim, rq_scaled, rk, tile, teacher_weight=None):
+def _logits(sim, rq_scaled, rk, tile, teacher_weight=None, exclude=True):
     """``z = rq_scaled_i * rk_j * S_ij`` (times the chunk's penalty factors; ``rk`` None: dot similarity)
-    with the excluded columns -inf, and with ``teacher_weight`` also ``sum_j teacher_weight_ij * z_ij``,
-    taken before the mask (an excluded column has weight 0 and a finite logit there: no 0 * inf)."""
+    with the excluded columns -inf (``exclude``; else unmasked: see ``_exponentials_kept``), and with
+    ``teacher_weight`` also ``sum_j teacher_weight_ij * z_ij``, taken before the mask (an excluded column has
+    weight 0 and a finite logit there: no 0 * inf)."""
     logits = sim * rq_scaled[:, None]
     if rk is not None:
         logits.mul_(rk[None, :])
@@ -145,9 +176,42 @@ def _logits(sim, rq_scaled, rk, tile, teacher_weight=None):
         logits.mul_(tile.factor)
     if teacher_weight is not None:
         weighted = torch.linalg.vecdot(teacher_weight, logits)
-    if tile is not None and tile.bias is not None:
-        logits.add_(tile.bias)
+    if exclude:
+        _exclude(logits, tile)
     return logits, weighted
+
+
+def _exponentials_kept(logits, fixed_max, tile):
+    """``exp(z - fixed_max)`` of unmasked logits, in place, times the tile's keep mask: 0 where excluded."""
+    exps = logits.sub_(fixed_max).exp_()
+    if tile is not None and tile.keep is not None:
+        width = min(tile.keep.shape[1], exps.shape[1])
+        exps[:, :width].mul_(tile.keep[:, :width])
+    return exps
+
+
+def _exclude(logits, tile):
+    """Adds the tile's -inf bias to the leading columns of ``logits`` it covers (in place)."""
+    if tile is not None and tile.bias is not None:
+        width = min(tile.bias.shape[1], logits.shape[1])
+        logits[:, :width].add_(tile.bias[:, :width])
+    return logits
+
+
+def _column_logits(sim, scale_rq, rk, tile, exclude=True):
+    """The column softmaxes' logits ``scale * s`` of some columns (``sim``, ``rk`` the leading columns of the
+    chunk's, or gathered ones with ``tile`` None): no penalty, the chunk's exclusions. The same operations
+    in the same order in forward and backward: bit-identical. ``exclude`` False: unmasked."""
+    logits = sim * scale_rq[:, None]
+    if rk is not None:
+        logits.mul_(rk[None, :])
+    return _exclude(logits, tile) if exclude else logits
+
+
+def _column_probs(sim, scale_rq, rk, tile, col_offset, col_log_sum):
+    """``exp(z_col - col_offset - col_log_sum)`` (``_column_logits``; 0 where excluded), in place."""
+    probs = _column_logits(sim, scale_rq, rk, tile).sub_(col_offset[None, :])
+    return probs.sub_(col_log_sum[None, :]).exp_()
 
 
 def _teacher_logits(q, k, segments, rq_scaled, rk, tile):
@@ -190,12 +254,13 @@ class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
 def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad, inv_q, inv_k, chunk,
                 rules=PLAIN, positives=None):
     """The forward loop: ``(losses [L, M] summed over rows, d losses / d scale, row offset, row log_sum,
-    column offset, column log_sum, positive logits, teacher sums)``, the statistics ``[L, B, M]`` (column
-    ones None unless ``symmetric``, positive logits None unless ``positives`` is given, teacher sums None
-    unless ``rules.teacher``). ``inv_k`` None: dot similarity (``inv_q`` then ones). ``positives`` (the pass
-    API's) may hold -1 (positive in another block; ``positive_index`` is then any valid column): the guide
-    exempts no column of that row. Chunk-major, so that a chunk's masks and teacher tile serve every layer;
-    ``rules`` only without ``symmetric``."""
+    column offset, column log_sum, positive logits, teacher sums)``, the row statistics ``[L, B, M]``, the
+    column ones ``[L, K, M]`` of the B positives with ``symmetric`` (K = B) or of the first
+    ``rules.column_statistics`` columns (else None), positive logits None unless ``positives`` is given,
+    teacher sums None unless ``rules.teacher``. ``inv_k`` None: dot similarity (``inv_q`` then ones).
+    ``positives`` (the pass API's) may hold -1 (positive in another block; ``positive_index`` is then any
+    valid column): the guide exempts no column of that row. Chunk-major, so that a chunk's masks and teacher
+    tile serve every layer; ``rules`` only without ``symmetric``."""
     acc = inv_q.dtype
     n_layers, n_queries, _ = queries.shape
     n_docs = docs.shape[1]
@@ -205,81 +270,140 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
     fixed_max = max_logit if max_logit is not None and _fixed_max_is_safe(max_logit, acc) else None
     # With a penalty the chunk's factor matrix carries the scale.
     inv_q_scaled = inv_q * (scale if rules.penalty is None else 1.0)
-    may_be_empty = rules.exclude_own_group or rules.guided
+    may_be_empty = rules.exclude_own_group or rules.guided or rules.triangle
     guide_cols = None if not rules.guided else rules.guide_cols.to(_guide_dtype(rules, acc))
     mask_positives = positive_index if positives is None else positives
     # Per-row softmax statistics of both directions, the only ones backward needs, kept relative to
     # the row's maximum (offset) so that no number of magnitude `scale` is ever rounded into them.
-    row_offset = queries.new_zeros(n_layers, n_queries, n_dims, dtype=acc)
+    row_offset = queries.new_full((n_layers, n_queries, n_dims), 0.0 if fixed_max is None else fixed_max, dtype=acc)
     row_log_sum = torch.zeros_like(row_offset)
-    col_offset = torch.zeros_like(row_offset) if symmetric else None
-    col_log_sum = torch.zeros_like(row_offset) if symmetric else None
-    row_positive = None if positives is None else torch.zeros_like(row_offset)
-    teacher_sum = torch.zeros_like(row_offset) if rules.teacher else None
+    row_positive = None if positives is None else torch.zeros_like(row_log_sum)
+    teacher_sum = torch.zeros_like(row_log_sum) if rules.teacher else None
     losses = queries.new_zeros(n_layers, n_dims, dtype=acc)
     dloss_dscale = torch.zeros_like(losses)
     lasts = [_last_active(layer_active) for layer_active in active]
-    col_parts = [[[] for _ in range(n_dims)] for _ in active]  # per query chunk: column stats of the B positives
+    # Column statistics (offset, sum exp, sum exp * z), merged over the chunks of rows in chunk order.
+    n_stat_cols = n_queries if symmetric else rules.column_statistics
+    col_stats = None
+    if n_stat_cols:
+        col_offset = queries.new_zeros(n_layers, n_stat_cols, n_dims, dtype=acc)
+        col_stats = (col_offset, torch.zeros_like(col_offset), torch.zeros_like(col_offset) if scale_grad else None)
     col_positive = [[[] for _ in range(n_dims)] for _ in active]
 
     for r0 in range(0, n_queries, chunk):
         rows = slice(r0, min(r0 + chunk, n_queries))
+        start = _column_start(rules, rows, n_docs)
+        if start == n_docs:  # triangle, R = C: the last row scores no column (inactive pairs stay finite)
+            for layer, layer_active in enumerate(active):
+                for m, on in enumerate(layer_active):
+                    if on:
+                        row_log_sum[layer, rows, m] = -torch.inf
+            continue
         tile = _chunk_tile(rules, rows, mask_positives, n_docs, scale, guide_cols, acc)
+        n_stat = max(0, rules.column_statistics - start)  # the chunk's columns among the first K
+        local_positives = positive_index[rows] - start
+        positive_bias = None
+        if start or (tile is not None and tile.bias is not None):
+            # The positive's -inf where it is excluded (before the chunk's columns with the triangle, or in the
+            # bias): the unmasked logits (fixed maximum) do not carry it.
+            positive_bias = torch.where(local_positives >= 0, 0.0, -torch.inf).to(acc)
+            if tile is not None and tile.bias is not None:
+                in_bias = local_positives.clamp(0, tile.bias.shape[1] - 1)[:, None]
+                positive_bias += torch.where(local_positives < tile.bias.shape[1],
+                                             tile.bias.gather(1, in_bias)[:, 0], 0.0)
+            local_positives = local_positives.clamp_min(0)
         teacher_weight = None
         if rules.teacher:
-            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1].to(acc), segments, inv_q_scaled[-1, rows, -1],
-                                      None if inv_k is None else inv_k[-1, :, -1], tile)
+            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1, start:].to(acc), segments,
+                                      inv_q_scaled[-1, rows, -1], None if inv_k is None else inv_k[-1, start:, -1],
+                                      tile)
             teacher_weight = teacher.sub_(_offset(teacher, fixed_max, may_be_empty)[:, None]).exp_()
         for layer, layer_active in enumerate(active):
             last = lasts[layer]
             if last is None:
                 continue
             q = queries[layer, rows].to(acc)
-            k_all = docs[layer].to(acc)  # a copy only for fp16/bf16, one layer at a time
-            sim = q.new_zeros(q.shape[0], n_docs)
+            k_all = docs[layer, start:].to(acc)  # a copy only for fp16/bf16, one layer at a time
+            sim = q.new_zeros(q.shape[0], n_docs - start)
             for m, (a, b) in enumerate(segments[: last + 1]):
                 sim.addmm_(q[:, a:b], k_all[:, a:b].T)
                 if not layer_active[m]:
                     continue
-                rk = None if inv_k is None else inv_k[layer, :, m]
-                logits, weighted = _logits(sim, inv_q_scaled[layer, rows, m], rk, tile, teacher_weight)
-                positive = logits.gather(1, positive_index[rows, None])[:, 0]
-                offset, exp_sum, exp_logit_sum = _partial_stats(logits, 1, fixed_max, scale_grad, may_be_empty)
-                row_offset[layer, rows, m] = offset
-                row_log_sum[layer, rows, m] = exp_sum.log()
-                if row_positive is not None:
-                    row_positive[layer, rows, m] = positive
+                rk = None if inv_k is None else inv_k[layer, start:, m]
+                logits, weighted = _logits(sim, inv_q_scaled[layer, rows, m], rk, tile, teacher_weight,
+                                           exclude=fixed_max is None)
+                positive = logits.gather(1, local_positives[:, None])[:, 0]
+                if positive_bias is not None:  # -inf where the positive is excluded
+                    positive = positive + positive_bias
+                if fixed_max is None:
+                    offset, exps = _exponentials(logits, 1, None, may_be_empty)
+                else:
+                    # In place unless the logits serve again (the scale's slope, the symmetric columns).
+                    offset, exps = fixed_max, _exponentials_kept(logits.clone() if scale_grad or symmetric else logits,
+                                                                 fixed_max, tile)
+                exp_sum = exps.sum(1)
+                log_sum = exp_sum.log()
+                if fixed_max is None:  # else row_offset holds it already
+                    row_offset[layer, rows, m] = offset
+                row_log_sum[layer, rows, m] = log_sum
                 if weighted is not None:
                     teacher_sum[layer, rows, m] = weighted
-                losses[layer, m] += ((offset - positive) + exp_sum.log()).sum()
+                if row_positive is not None:  # the pass API: statistics only
+                    row_positive[layer, rows, m] = positive
+                else:
+                    losses[layer, m] += ((offset - positive) + log_sum).sum()
                 if scale_grad:
-                    dloss_dscale[layer, m] += (exp_logit_sum / exp_sum - positive).sum() / scale
+                    dloss_dscale[layer, m] += (torch.linalg.vecdot(exps, logits) / exp_sum - positive).sum() / scale
                 if symmetric:
-                    # This chunk of queries against the B positives; combined over chunks below.
-                    col_parts[layer][m].append(_partial_stats(logits[:, positive_index], 0, fixed_max, scale_grad))
+                    # This chunk of queries against the B positives (rules=PLAIN: the row logits).
+                    _merge_partial_stats(col_stats, layer, m, slice(None),
+                                         _partial_stats(logits[:, positive_index], 0, fixed_max, scale_grad))
                     col_positive[layer][m].append(positive)
+                elif n_stat:
+                    # The chunk's rows against its columns among the first K: no penalty, the same exclusions.
+                    columns = slice(start, start + n_stat)
+                    column = logits[:, :n_stat] if rules.penalty is None else _column_logits(
+                        sim[:, :n_stat], scale * inv_q[layer, rows, m], None if rk is None else rk[:n_stat], tile,
+                        exclude=fixed_max is None)
+                    if fixed_max is not None:
+                        # One fixed maximum: plain sums over the chunks, and without a penalty the rows' exponentials.
+                        column_exps = exps[:, :n_stat] if rules.penalty is None else _exponentials_kept(
+                            column, fixed_max, tile)
+                        col_stats[1][layer, columns, m] += column_exps.sum(0)
+                    else:
+                        _merge_partial_stats(col_stats, layer, m, columns,
+                                             _partial_stats(column, 0, fixed_max, False, may_be_empty))
 
+    col_offset = col_log_sum = None
+    if col_stats is not None:
+        col_offset, col_exp_sum, col_exp_logit_sum = col_stats
+        if fixed_max is not None and not symmetric:  # summed above: offset fixed_max, 0 for an empty column
+            col_offset = torch.where(col_exp_sum > 0, fixed_max, 0.0)
+        col_log_sum = col_exp_sum.log()
+        for layer, layer_active in enumerate(active):
+            for m, on in enumerate(layer_active):
+                if not on:
+                    col_log_sum[layer, :, m] = 0.0  # inactive pairs have finite statistics
     if symmetric:
         for layer, layer_active in enumerate(active):
             for m, on in enumerate(layer_active):
                 if not on:
                     continue
-                offset, exp_sum, exp_logit_sum = _combine_partial_stats(col_parts[layer][m])
                 positive = torch.cat(col_positive[layer][m])  # query i's positive logit is column i's too
-                col_offset[layer, :, m] = offset
-                col_log_sum[layer, :, m] = exp_sum.log()
-                losses[layer, m] = (losses[layer, m] + ((offset - positive) + exp_sum.log()).sum()) / 2
+                column_lse = (col_offset[layer, :, m] - positive) + col_log_sum[layer, :, m]
+                losses[layer, m] = (losses[layer, m] + column_lse.sum()) / 2
                 if scale_grad:
-                    column = (exp_logit_sum / exp_sum - positive).sum() / scale
+                    column = (col_exp_logit_sum[layer, :, m] / col_exp_sum[layer, :, m] - positive).sum() / scale
                     dloss_dscale[layer, m] = (dloss_dscale[layer, m] + column) / 2
     return losses, dloss_dscale, row_offset, row_log_sum, col_offset, col_log_sum, row_positive, teacher_sum
 
 
 def _backward(ctx, grad_losses):
     """Gradients of ``sum_lm grad_losses[l, m] * loss_lm`` (a mean over rows) and, with ``distill_grad``
-    ``[L, M]``, of ``distill_grad[l, m] * mean_i [LSE_lm(i) - sum_j p_T(i, j) z_lm(i, j)]``. ``positives``
-    (None: ``positive_index``) holds -1 for a row without a positive term (``positive_index`` is then any
-    valid column). Chunk-major like the forward."""
+    ``[L, M]``, of ``distill_grad[l, m] * mean_i [LSE_lm(i) - sum_j p_T(i, j) z_lm(i, j)]``; with
+    ``rules.column_statistics = K`` also of ``grad_losses[l, m] * mean_i sum_{j<K} LSE_col_lm(j)`` (the saved
+    column statistics). ``positives`` (None: ``positive_index``) holds -1 for a row without a positive term
+    (``positive_index`` is then any valid column). Chunk-major like the forward."""
     (queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_offset, row_log_sum,
      col_offset, col_log_sum) = ctx.saved_tensors
     dims, active, scale, symmetric, chunk, rules, distill_grad, positives = ctx.config
@@ -293,9 +417,19 @@ def _backward(ctx, grad_losses):
     distill = None if distill_grad is None else distill_grad.to(acc) * (scale / n_queries)
     inv_q_scaled_factor = scale if rules.penalty is None else 1.0
     guide_cols = None if not rules.guided else rules.guide_cols.to(_guide_dtype(rules, acc))
-    if rules.exclude_own_group or rules.guided:
-        # A row whose every column is excluded has log_sum -inf and all logits -inf: P = 0, not NaN.
+    max_logit = rules.max_logit(scale)
+    fixed_max = None
+    if max_logit is not None and _fixed_max_is_safe(max_logit, acc) and distill is None and not symmetric:
+        # P = exp(z - fixed_max) * exp(fixed_max - offset - log_sum): one exponential of the tile serves the
+        # rows' and the columns' softmaxes. The weights are at most exp(2 * fixed_max) (log_sum covers the
+        # row's maximum, at least -fixed_max), 0 for a row or column with every entry excluded.
+        fixed_max = max_logit
+        row_weight = _softmax_weights(fixed_max, row_offset, row_log_sum)
+        col_weight = None if col_log_sum is None else _softmax_weights(fixed_max, col_offset, col_log_sum)
+    elif rules.exclude_own_group or rules.guided or rules.triangle:
+        # A row (column) whose every entry is excluded has log_sum -inf and all logits -inf: P = 0, not NaN.
         row_log_sum = row_log_sum.nan_to_num(neginf=0.0)
+        col_log_sum = None if col_log_sum is None else col_log_sum.nan_to_num(neginf=0.0)
     onehot = None if positives is None else (positives >= 0).to(acc)
     positives = positive_index if positives is None else positives
     grad_q = torch.zeros_like(queries, dtype=acc)
@@ -306,23 +440,33 @@ def _backward(ctx, grad_losses):
 
     for r0 in range(0, n_queries, chunk):
         rows = slice(r0, min(r0 + chunk, n_queries))
+        start = _column_start(rules, rows, n_docs)
+        if start == n_docs:  # triangle, R = C: the last row scores no column
+            continue
         n_rows = rows.stop - rows.start
+        n_stat = max(0, rules.column_statistics - start)
         row_ids = torch.arange(n_rows, device=queries.device)
-        positive_ids = positive_index[rows]
+        positive_ids = positive_index[rows] - start
+        chunk_onehot = None if onehot is None else onehot[rows]
+        if rules.triangle:
+            # A positive at j <= i is excluded: no one-hot term (and none before the chunk's columns).
+            kept = positive_index[rows] > row_ids + r0
+            chunk_onehot = kept.to(acc) if chunk_onehot is None else chunk_onehot * kept
+            positive_ids = positive_ids.clamp_min(0)
         tile = _chunk_tile(rules, rows, positives, n_docs, scale, guide_cols, acc)
         teacher_probs = None
         if distill is not None:
-            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1].to(acc), segments,
+            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1, start:].to(acc), segments,
                                       inv_q[-1, rows, -1] * inv_q_scaled_factor,
-                                      inv_k[-1, :, -1] if normalised else None, tile)
+                                      inv_k[-1, start:, -1] if normalised else None, tile)
             teacher_probs = teacher.sub_(row_offset[-1, rows, -1, None]).sub_(row_log_sum[-1, rows, -1, None]).exp_()
         for layer, layer_active in enumerate(active):
             last = lasts[layer]
             if last is None:
                 continue
             q = queries[layer, rows].to(acc)
-            k_all = docs[layer].to(acc)
-            sim = q.new_zeros(n_rows, n_docs)
+            k_all = docs[layer, start:].to(acc)
+            sim = q.new_zeros(n_rows, n_docs - start)
             h_terms = {}
             for m, (a, b) in enumerate(segments[: last + 1]):
                 # The same operations in the same order as the forward: bit-identical logits.
@@ -330,25 +474,49 @@ def _backward(ctx, grad_losses):
                 if not layer_active[m]:
                     continue
                 rq = inv_q[layer, rows, m]
-                rk = inv_k[layer, :, m] if normalised else None
+                rk = inv_k[layer, start:, m] if normalised else None
                 # grad_cos / coef = P - onehot, with P = exp((z - offset) - log_sum); built in place.
-                grad, _ = _logits(sim, inv_q_scaled_factor * rq, rk, tile)
-                grad.sub_(row_offset[layer, rows, m, None])
-                grad.sub_(row_log_sum[layer, rows, m, None]).exp_()
+                grad, _ = _logits(sim, inv_q_scaled_factor * rq, rk, tile, exclude=fixed_max is None)
+                if fixed_max is not None:
+                    _exponentials_kept(grad, fixed_max, tile)
+                    if n_stat:  # + the columns' P_col (below); without a penalty the same exponentials
+                        columns = slice(start, start + n_stat)
+                        column_weight = col_weight[layer, columns, m]
+                        if rules.penalty is None:
+                            grad[:, :n_stat].mul_(row_weight[layer, rows, m, None] + column_weight[None, :])
+                            grad[:, n_stat:].mul_(row_weight[layer, rows, m, None])
+                        else:
+                            column_exps = _exponentials_kept(_column_logits(
+                                sim[:, :n_stat], scale * rq, None if rk is None else rk[:n_stat], tile, exclude=False),
+                                fixed_max, tile)
+                            grad.mul_(row_weight[layer, rows, m, None])
+                            grad[:, :n_stat].addcmul_(column_exps, column_weight[None, :])
+                    else:
+                        grad.mul_(row_weight[layer, rows, m, None])
+                else:
+                    grad.sub_(row_offset[layer, rows, m, None])
+                    grad.sub_(row_log_sum[layer, rows, m, None]).exp_()
                 if teacher_probs is None:
-                    grad[row_ids, positive_ids] -= 1.0 if onehot is None else onehot[rows]
+                    grad[row_ids, positive_ids] -= 1.0 if chunk_onehot is None else chunk_onehot
                     row_coef = coef[layer, m] * rq
                 else:
                     # dz = (coef + distill) P - coef onehot - distill P_T, already times coef.
                     grad.mul_(coef[layer, m] + distill[layer, m]).addcmul_(teacher_probs, -distill[layer, m])
-                    grad[row_ids, positive_ids] -= coef[layer, m] if onehot is None else coef[layer, m] * onehot[rows]
+                    grad[row_ids, positive_ids] -= (coef[layer, m] if chunk_onehot is None
+                                                    else coef[layer, m] * chunk_onehot)
                     row_coef = rq
+                # The columns' softmaxes: + P_col (d LSE_col / d z_col; z_col has z's gradient, the penalty
+                # being stop-grad), minus the one-hot of the symmetric loss's positives.
                 if symmetric:
-                    column_logits = sim[:, positive_index] * (scale * rq)[:, None] * rk[positive_index][None, :]
-                    column_probs = column_logits.sub_(col_offset[layer, None, :, m])
-                    column_probs = column_probs.sub_(col_log_sum[layer, None, :, m]).exp_()
+                    column_probs = _column_probs(sim[:, positive_index], scale * rq, rk[positive_index], None,
+                                                 col_offset[layer, :, m], col_log_sum[layer, :, m])
                     column_probs[row_ids, row_ids + r0] -= 1.0
                     grad.index_add_(1, positive_index, column_probs)
+                elif n_stat and fixed_max is None:
+                    columns = slice(start, start + n_stat)
+                    grad[:, :n_stat] += _column_probs(
+                        sim[:, :n_stat], scale * rq, None if rk is None else rk[:n_stat], tile,
+                        col_offset[layer, columns, m], col_log_sum[layer, columns, m])
                 # H = coef * grad * rq * rk; then sum_j H S = rq * sum_j G cos gives alpha, sum_i H S beta.
                 h = grad.mul_(row_coef[:, None])
                 alpha = None
@@ -356,7 +524,7 @@ def _backward(ctx, grad_losses):
                     h.mul_(rk[None, :])
                     h_times_sim = h * sim
                     alpha = norm_factor_q[layer, rows, m] * h_times_sim.sum(1)
-                    gc_colsum[layer, :, m] += h_times_sim.sum(0)
+                    gc_colsum[layer, start:, m] += h_times_sim.sum(0)
                 h_terms[m] = (h, alpha)
             # Walk the segments from the largest dim down, keeping the suffix sums.
             h_suffix, alpha_suffix = None, None
@@ -371,7 +539,7 @@ def _backward(ctx, grad_losses):
                     grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b] - alpha_suffix[:, None] * q[:, a:b]
                 else:
                     grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b]
-                grad_k[layer, :, a:b] += h_suffix.T @ q[:, a:b]
+                grad_k[layer, start:, a:b] += h_suffix.T @ q[:, a:b]
 
     if normalised:
         for layer, last in enumerate(lasts):
@@ -419,25 +587,40 @@ def _offset(logits: torch.Tensor, fixed_max: float | None, may_be_empty: bool = 
     return offset.nan_to_num_(neginf=0.0) if may_be_empty else offset
 
 
+def _exponentials(logits: torch.Tensor, dim: int, fixed_max: float | None, may_be_empty: bool = False):
+    """``(offset, exp(z - offset))`` with the offset of ``_offset`` along ``dim``."""
+    offset = _offset(logits, fixed_max, may_be_empty, dim)
+    return offset, (logits - offset.unsqueeze(dim) if fixed_max is None else logits - fixed_max).exp_()
+
+
 def _partial_stats(logits: torch.Tensor, dim: int, fixed_max: float | None, with_logit_sum: bool,
                    may_be_empty: bool = False):
     """Softmax statistics along ``dim`` relative to an offset (``_offset``): ``(offset, sum exp(z - offset),
     sum exp(z - offset) * z)`` (the last None unless ``with_logit_sum``)."""
-    offset = _offset(logits, fixed_max, may_be_empty, dim)
-    exps = (logits - offset.unsqueeze(dim)).exp_()
+    offset, exps = _exponentials(logits, dim, fixed_max, may_be_empty)
     exp_logit_sum = (exps * logits).sum(dim) if with_logit_sum else None
     return offset, exps.sum(dim), exp_logit_sum
 
 
-def _combine_partial_stats(parts):
-    """One set of statistics from per-chunk ``_partial_stats`` of the same columns."""
-    offsets = torch.stack([offset for offset, _, _ in parts])
-    offset = offsets.amax(0)
-    rescale = (offsets - offset).exp_()  # all ones with a fixed maximum
-    exp_sum = (torch.stack([s for _, s, _ in parts]) * rescale).sum(0)
-    if parts[0][2] is None:
-        return offset, exp_sum, None
-    return offset, exp_sum, (torch.stack([z for _, _, z in parts]) * rescale).sum(0)
+def _softmax_weights(fixed_max: float, offset: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
+    """``exp(fixed_max - offset - log_sum)``, 0 where ``log_sum`` is -inf (every entry excluded)."""
+    return torch.where(torch.isneginf(log_sum), 0.0, (fixed_max - offset - log_sum).exp())
+
+
+def _merge_partial_stats(stats, layer, m, columns, part):
+    """Merges one chunk's statistics of some columns over its rows (``part``, ``_partial_stats`` along dim 0)
+    into the running ``stats`` ``(offset, sum exp(z - offset), sum exp(z - offset) z or None)`` ``[L, K, M]``
+    at ``[layer, columns, m]``, in place; the chunks merge in their fixed order. A zero sum (every entry so
+    far excluded) counts as empty whatever its offset: an empty chunk's offset 0 must not stand in for a
+    maximum far below it (dot). A column empty over every chunk ends with offset 0 and sum 0."""
+    offsets = [torch.where(exp_sum > 0, offset, -torch.inf)
+               for offset, exp_sum in ((stats[0][layer, columns, m], stats[1][layer, columns, m]), part[:2])]
+    offset = torch.maximum(*offsets).nan_to_num_(neginf=0.0)
+    rescale = [(o - offset).exp_() for o in offsets]  # ones with a fixed maximum
+    stats[0][layer, columns, m] = offset
+    for total, chunk_value in zip(stats[1:], part[1:]):
+        if total is not None:
+            total[layer, columns, m] = total[layer, columns, m] * rescale[0] + chunk_value * rescale[1]
 
 
 def pair_losses(
@@ -485,37 +668,62 @@ def positive_logits(rows, cols, dims, active, scale, positives) -> torch.Tensor:
     return torch.where(keep, logits, 0.0)
 
 
+def _pass_chunk(rules: Rules, n_rows: int, n_cols: int, n_dims: int) -> int:
+    """Rows per chunk of a pass; a triangle pass takes up to ``TRIANGLE_CHUNKS`` chunks (of at least
+    ``MIN_TRIANGLE_CHUNK`` rows), since it skips, per chunk, only the columns before the chunk's first row:
+    with n chunks it computes ``(n + 1) / 2n`` of the square block."""
+    chunk = _chunk_rows(n_rows, n_cols, n_dims, _extra_working_sets(rules))
+    if rules.triangle:
+        chunk = min(chunk, max(MIN_TRIANGLE_CHUNK, -(-n_rows // TRIANGLE_CHUNKS)))
+    return chunk
+
+
 def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` of rows against this block of columns,
-    and with ``rules.teacher`` the teacher-weighted logit sums (backends/__init__.py, rules.py)."""
+    with ``rules.teacher`` the teacher-weighted logit sums, with ``rules.column_statistics = K`` the first K
+    columns' ``(col_offset, col_log_sum)`` ``[L, K, M]`` (backends/__init__.py, rules.py)."""
     check_rules(rules, rows.shape[1], cols.shape[1], active)
     acc = accumulator_dtype(rows.dtype)
-    n_extra = _extra_working_sets(rules)
     with torch.no_grad():
         inv_rows = _prefix_tables(rows, dims, acc, rules.similarity)[0]
         inv_cols = _prefix_tables(cols, dims, acc, rules.similarity)[0] if rules.similarity == "cos" else None
-        _, _, offset, log_sum, _, _, positive, teacher_sum = _statistics(
+        _, _, offset, log_sum, col_offset, col_log_sum, positive, teacher_sum = _statistics(
             rows, cols, dims, active, scale, positives.clamp_min(0), False, False, inv_rows, inv_cols,
-            _chunk_rows(rows.shape[1], cols.shape[1], len(dims), n_extra), rules, positives)
+            _pass_chunk(rules, rows.shape[1], cols.shape[1], len(dims)), rules, positives)
         positive = torch.where((positives >= 0)[None, :, None], positive, 0.0)
-        return (offset, log_sum, positive, teacher_sum) if rules.teacher else (offset, log_sum, positive)
+        if rules.teacher:
+            return offset, log_sum, positive, teacher_sum
+        if rules.column_statistics:
+            return offset, log_sum, positive, col_offset, col_log_sum
+        return offset, log_sum, positive
 
 
 def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None):
+                   distill_coef=None, col_offset=None, col_log_sum=None):
     """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype (backends/__init__.py); ``distill_coef``
-    ``[L, M]`` (None: zeros) weighs the score-distillation terms towards the teacher pair (L - 1, M - 1)."""
+    ``[L, M]`` (None: zeros) weighs the score-distillation terms towards the teacher pair (L - 1, M - 1);
+    ``col_offset`` / ``col_log_sum`` ``[L, K, M]``: the (combined) column statistics, required with
+    ``rules.column_statistics = K``."""
     check_rules(rules, rows.shape[1], cols.shape[1], active, distill_coef is not None)
+    n_stat_cols = rules.column_statistics
+    if n_stat_cols:
+        if col_offset is None or col_log_sum is None:
+            raise ValueError("col_offset and col_log_sum are required with rules.column_statistics")
+        expected = (len(active), n_stat_cols, len(dims))
+        if tuple(col_offset.shape) != expected or tuple(col_log_sum.shape) != expected:
+            raise ValueError(f"col_offset and col_log_sum must have shape {expected}, got "
+                             f"{tuple(col_offset.shape)} and {tuple(col_log_sum.shape)}")
     acc = accumulator_dtype(rows.dtype)
     n_rows, n_cols = rows.shape[1], cols.shape[1]
     saved = _Saved()
     # Inputs in the accumulator dtype (_backward converts them chunk by chunk anyway; a copy only for
     # fp16/bf16): the gradients come back unrounded and the caller rounds the sum over blocks once.
     rows, cols = rows.to(acc), cols.to(acc)
+    col_stats = (col_offset.to(acc), col_log_sum.to(acc)) if n_stat_cols else (None, None)
     saved.save_for_backward(rows, cols, positives.clamp_min(0), *_prefix_tables(rows, dims, acc, rules.similarity),
                             *(_prefix_tables(cols, dims, acc, "cos") if rules.similarity == "cos" else (None, None)),
-                            offset, log_sum, None, None)
-    saved.config = (dims, active, scale, False, _chunk_rows(n_rows, n_cols, len(dims), _extra_working_sets(rules)),
+                            offset, log_sum, *col_stats)
+    saved.config = (dims, active, scale, False, _pass_chunk(rules, n_rows, n_cols, len(dims)),
                     rules, None if distill_coef is None else distill_coef * n_rows,
                     positives)
     with torch.no_grad():
