@@ -564,24 +564,22 @@ def _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, ro
     prob = tl.exp2((z - row_max[:, None]) - row_logsum[:, None])
     # The one-hot and the validity mask are rebuilt here rather than kept live as [rows, cols] tiles.
     onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
+    if COLUMN_STATS:
+        # The first K columns' softmaxes over the rows with the given (combined) statistics: z_col carries no
+        # penalty, there is no one-hot on the column side, and log_sum = +inf beyond K makes the term 0 there.
+        col_mask = c < K
+        col_offset = tl.load(col_offset_ptr + (layer * K + c) * M + m, mask=col_mask, other=0.0)
+        col_logsum = tl.load(col_logsum_ptr + (layer * K + c) * M + m, mask=col_mask, other=float("inf"))
+        if PENALTY_MODE == 0:
+            z_col = z
+        else:
+            z_col = _logits(acc, rx, ry, scale_log2, 0, 0.0, SIMILARITY_DOT, 0)
+        prob += tl.exp2((z_col - col_offset[None, :]) - col_logsum[None, :])
     if TEACHER:
         distill = tl.load(distill_ptr + layer * M + m)
         grad = (coef + distill) * prob - coef * onehot - distill * p_teacher
     else:
         grad = coef * (prob - onehot)
-    if COLUMN_STATS:
-        if tl.min(c, axis=0) < K:
-            # The first K columns' softmaxes over the rows with the given (combined) statistics: z_col carries
-            # no penalty and there is no one-hot on the column side.
-            col_mask = c < K
-            col_offset = tl.load(col_offset_ptr + (layer * K + c) * M + m, mask=col_mask, other=0.0)
-            col_logsum = tl.load(col_logsum_ptr + (layer * K + c) * M + m, mask=col_mask, other=0.0)
-            if PENALTY_MODE == 0:
-                z_col = z
-            else:
-                z_col = _logits(acc, rx, ry, scale_log2, 0, 0.0, SIMILARITY_DOT, 0)
-            prob_col = tl.exp2((z_col - col_offset[None, :]) - col_logsum[None, :])
-            grad += coef * tl.where(col_mask[None, :], prob_col, 0.0)
     # where, not a product: the excluded columns' probabilities may be inf or NaN.
     grad_cos = tl.where(r_mask[:, None] & keep, grad, 0.0)
     if SIMILARITY_DOT:
