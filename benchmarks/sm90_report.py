@@ -34,12 +34,15 @@ from m2d_kernels.backends import triton_kernels as tk  # noqa: E402
 WORKED_EXAMPLE = {"L": 12, "B": 8192, "N": 8192, "D": 768, "dims": (32, 64, 128, 256, 512, 768)}
 INT_POINTERS = {"positives_ptr", "bounds_ptr", "active_ptr", "n_seg_ptr", "row_group_ptr"}
 INPUT_POINTERS = {"rows_ptr", "cols_ptr", "grad_ptr"}
-SCALARS = {"L": "i32", "R": "i32", "C": "i32", "D": "i32", "DG": "i32", "G": "i32", "R_CLASS": "i32", "C_CLASS": "i32",
+SCALARS = {"L": "i32", "R": "i32", "C": "i32", "D": "i32", "DG": "i32", "G": "i32", "K": "i32", "R_CLASS": "i32",
+           "C_CLASS": "i32",
            "scale_log2": "fp32", "penalty_log2": "fp32"}
 # --rules names -> the kernels' compile-time rule flags (m2d_kernels.rules); none given = the plain pass.
 RULES = {"dot": {"SIMILARITY_DOT": True}, "exclude": {"EXCLUDE_GROUP": True}, "penalty": {"PENALTY_MODE": 1},
-         "guided": {"GUIDED": True}, "teacher": {"TEACHER": True}}
-PLAIN_FLAGS = {"SIMILARITY_DOT": False, "EXCLUDE_GROUP": False, "PENALTY_MODE": 0, "GUIDED": False, "TEACHER": False}
+         "guided": {"GUIDED": True}, "teacher": {"TEACHER": True}, "triangle": {"TRIANGLE": True},
+         "column_statistics": {"COLUMN_STATS": True}}
+PLAIN_FLAGS = {"SIMILARITY_DOT": False, "EXCLUDE_GROUP": False, "PENALTY_MODE": 0, "GUIDED": False, "TEACHER": False,
+               "TRIANGLE": False, "COLUMN_STATS": False}
 DTYPES = {"bf16": "bf16", "fp32": "fp32"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -447,3 +447,212 @@ def test_pass_rules_errors_name_the_field():
                           Rules(group_period=3, exclude_own_group=True))
     with pytest.raises(ValueError, match="teacher"):
         tk.row_statistics(rows, cols, (16, 48), ((True, False),), 20.0, positives, Rules(teacher=True))
+
+
+# ---------------------------------------------------------------------------------------
+# Shared tiles (rules.triangle, rules.column_statistics) against the float64 reference pass
+# ---------------------------------------------------------------------------------------
+
+# (id, L, R, C, dims, similarity, scale, fields): R = 33, 37 and C = R or 2R + 5 cross the interpreter's 16 x 16
+# tiles; dims (8, 20, 48) are not multiples of 16; L = 2 has an inactive pair. "K" is rules.column_statistics,
+# "G" the group period of exclude_own_group / penalty (row i in group i). Triangle passes have rows = cols[:R]
+# and no positives (query_to_query, doc_to_doc); column-statistics passes without a triangle have the positive of
+# row i in column i (query_to_doc with doc_to_query's columns). Scale 40 is near the largest fixed maximum
+# (shares_tiles), 1e4 keeps the rows' running maximum. "forward": False = only the backward runs (the forward
+# refuses dot / a large scale with column statistics, the backward takes any given statistics). The backward
+# gets the float64 statistics (any combined statistics must do), except at 1e4 where an fp32 logit is off the
+# float64 one by ~1e-3: there each side gets its own forward's (the recompute is bit-identical to the forward).
+SHARED_CASES = [
+    ("tri-square-cos-s20", 2, 33, 33, "cos", 20.0, {"triangle": True}),
+    ("tri-wide-dot-s1", 2, 37, 79, "dot", 1.0, {"triangle": True}),
+    ("tri-square-cos-s1e4", 1, 33, 33, "cos", 1e4, {"triangle": True}),
+    ("tri-exclude-wide-dot", 2, 37, 79, "dot", 0.05, {"triangle": True, "exclude_own_group": True}),
+    ("col-K=R-cos-s20", 2, 37, 79, "cos", 20.0, {"K": 37}),
+    ("col-K=C-cos-s1", 2, 33, 33, "cos", 1.0, {"K": 33}),
+    ("col-exclude-cos-s20", 1, 37, 79, "cos", 20.0, {"K": 79, "exclude_own_group": True}),
+    ("col-in_batch-0.5-s20", 2, 37, 79, "cos", 20.0, {"K": 37, "penalty": "in_batch_negatives", "alpha": 0.5}),
+    ("col-hard-9-s20", 2, 37, 79, "cos", 20.0, {"K": 37, "penalty": "hard_negatives", "alpha": 9.0}),
+    ("col-all-9-s1", 1, 37, 79, "cos", 1.0, {"K": 37, "penalty": "all_negatives", "alpha": 9.0}),
+    ("both-square-cos-s1", 2, 33, 33, "cos", 1.0, {"triangle": True, "K": 33}),
+    ("both-exclude-cos-s20", 2, 37, 79, "cos", 20.0, {"triangle": True, "K": 37, "exclude_own_group": True}),
+    ("both-exclude-cos-s40", 1, 37, 79, "cos", 40.0, {"triangle": True, "K": 37, "exclude_own_group": True}),
+    ("both-exclude-dot-bwd", 2, 37, 79, "dot", 0.05, {"triangle": True, "K": 37, "exclude_own_group": True,
+                                                      "forward": False}),
+    ("col-in_batch-s100-bwd", 1, 37, 79, "cos", 100.0, {"K": 37, "penalty": "in_batch_negatives", "alpha": 0.5,
+                                                        "forward": False}),
+]
+SHARED_DIMS = (8, 20, 48)
+
+
+def _shared_inputs(n_layers, n_rows, n_cols, similarity, fields, seed):
+    from m2d_kernels.rules import Rules
+
+    rows, cols = make_inputs(n_layers, n_rows, n_cols, 48, dtype=FP32, device=DEVICE, seed=seed, requires_grad=False)
+    if fields.get("triangle"):
+        cols[:, :n_rows] = rows  # the rule's premise: rows are cols[:R]
+        positives = torch.full((n_rows,), -1)
+    else:
+        positives = torch.arange(n_rows)
+    kwargs = {"similarity": similarity, "triangle": fields.get("triangle", False),
+              "column_statistics": fields.get("K", 0)}
+    if fields.get("exclude_own_group") or "penalty" in fields:
+        kwargs.update(group_period=n_rows, row_group=torch.arange(n_rows, device=DEVICE),
+                      exclude_own_group=fields.get("exclude_own_group", False), penalty=fields.get("penalty"),
+                      penalty_strength=fields.get("alpha", 0.0))
+    if fields.get("exclude_own_group"):
+        positives = torch.full((n_rows,), -1)
+    active = tuple(tuple(not (layer == 0 and m == 0 and n_layers > 1) for m in range(len(SHARED_DIMS)))
+                   for layer in range(n_layers))
+    return rows, cols, positives.to(DEVICE), active, Rules(**kwargs)
+
+
+def _assert_same_lse(got, expected, on, name):
+    """offset + log_sum where the pair is active: the same infinities (rows / columns with nothing kept), the
+    finite ones at the fp32 tolerance (the offsets themselves may differ: fixed or running maximum)."""
+    lse, lse_expected = (got[0] + got[1]).double().cpu()[on], (expected[0] + expected[1])[on]
+    assert torch.isfinite(got[0]).all() and not torch.isnan(got[1]).any(), name
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_expected)), name
+    finite = torch.isfinite(lse_expected)
+    assert finite.any(), name
+    assert_close(lse[finite], lse_expected[finite], FP32, name)
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=[case[0] for case in SHARED_CASES])
+def test_shared_tile_pass_matches_reference(case):
+    from m2d_kernels.backends import reference
+    from m2d_kernels.backends import triton_kernels as tk
+
+    _, n_layers, n_rows, n_cols, similarity, scale, fields = case
+    rows, cols, positives, active, rules = _shared_inputs(n_layers, n_rows, n_cols, similarity, fields, seed=31)
+    rows64, cols64, positives64 = rows.double().cpu(), cols.double().cpu(), positives.cpu()
+    expected = reference.row_statistics(rows64, cols64, SHARED_DIMS, active, scale, positives64, rules)
+    n_stats = 5 if rules.column_statistics else 3
+    assert len(expected) == n_stats
+    if rules.triangle and n_rows == n_cols:  # the last row of a square keeps nothing, the others something
+        lse = expected[0] + expected[1]
+        assert torch.isinf(lse).any() and torch.isfinite(lse).any()
+    if fields.get("forward", True):
+        got = tk.row_statistics(rows, cols, SHARED_DIMS, active, scale, positives, rules)
+        assert len(got) == n_stats
+        on = torch.tensor(active)[:, None, :]
+        _assert_same_lse(got[:2], expected[:2], on.expand_as(expected[0]), "rows' log-sum-exp")
+        assert_close(got[2].cpu()[on.expand_as(expected[2])], expected[2][on.expand_as(expected[2])], FP32,
+                     "positive logit")
+        if rules.column_statistics:
+            assert got[3].shape == got[4].shape == (n_layers, rules.column_statistics, len(SHARED_DIMS))
+            _assert_same_lse(got[3:], expected[3:], on.expand_as(expected[3]), "columns' log-sum-exp")
+    else:
+        with pytest.raises(ValueError, match="column_statistics"):
+            tk.row_statistics(rows, cols, SHARED_DIMS, active, scale, positives, rules)
+    generator = torch.Generator().manual_seed(32)
+    coef = torch.rand(n_layers, len(SHARED_DIMS), generator=generator, dtype=torch.float64)
+    coef[0, -1] = 0.0  # a zero weight
+    columns = {}
+    if rules.column_statistics:
+        columns = {"col_offset": expected[3], "col_log_sum": expected[4]}
+    given = got if scale > 1e3 else expected
+    grads = tk.pass_gradients(rows, cols, SHARED_DIMS, active, scale, positives, given[0].to(DEVICE),
+                              given[1].to(DEVICE), coef.to(DEVICE), rules,
+                              **{k: v.to(DEVICE) for k, v in columns.items()})
+    grads_expected = reference.pass_gradients(rows64, cols64, SHARED_DIMS, active, scale, positives64, expected[0],
+                                              expected[1], coef, rules, **columns)
+    for name, g, t in zip(("d_rows", "d_cols"), grads, grads_expected, strict=True):
+        assert g.dtype == FP32 and torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double().cpu(), t, rtol=1e-4, atol=1e-5 * max(1.0, t.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("n_cols", [37, 79])
+def test_triangle_rows_and_columns_combine_to_the_excluded_pass(n_cols):
+    """query_to_query (C = R) and doc_to_doc (C = 2R + 5, own group excluded): row i's statistic over every other
+    row is the triangle pass's row_i (+) column_i, equal to the float64 pass scoring each pair twice."""
+    from m2d_kernels.backends import reference
+    from m2d_kernels.backends import triton_kernels as tk
+    from m2d_kernels.rules import Rules
+
+    n_rows = 37
+    rows, cols = make_inputs(2, n_rows, n_cols, 48, dtype=FP32, device=DEVICE, seed=33, requires_grad=False)
+    cols[:, :n_rows] = rows
+    absent = torch.full((n_rows,), -1, device=DEVICE)
+    active = ((False, True, True), (True, True, True))
+    groups = {"group_period": n_rows, "row_group": torch.arange(n_rows, device=DEVICE), "exclude_own_group": True}
+    shared = Rules(triangle=True, column_statistics=n_rows, **(groups if n_cols > n_rows else {}))
+    offset, log_sum, _, col_offset, col_log_sum = tk.row_statistics(rows, cols, SHARED_DIMS, active, 20.0, absent,
+                                                                    shared)
+    combined = torch.logaddexp(offset + log_sum, col_offset + col_log_sum).cpu()
+    expected = reference.row_statistics(rows.double().cpu(), cols.double().cpu(), SHARED_DIMS, active, 20.0,
+                                        absent.cpu(), Rules(**groups))
+    on = torch.tensor(active)[:, None, :].expand_as(combined)
+    assert_close(combined[on], (expected[0] + expected[1])[on], FP32, "row (+) column")
+
+
+def test_triangle_skips_tiles_below_the_diagonal(monkeypatch):
+    """Time-independent: the interpreter's products and exponentials are counted. R = C = 64 is 4 x 4 tiles of
+    16, 6 of them wholly below the diagonal: the triangle pass (forward and both backward launches) issues
+    10/16 of the plain pass's products, and (forward) no more exponentials than 10 tiles need."""
+    if not tk_interpreting():
+        pytest.skip("counts the interpreter's operations")
+    import triton.runtime.interpreter as interpreter
+
+    from m2d_kernels.backends import triton_kernels as tk
+    from m2d_kernels.rules import Rules
+
+    counts = {"dot": 0, "exp2": 0}
+    create_dot, create_exp2 = interpreter.InterpreterBuilder.create_dot, interpreter.InterpreterBuilder.create_exp2
+
+    def counting_dot(self, *args):
+        counts["dot"] += 1
+        return create_dot(self, *args)
+
+    def counting_exp2(self, arg):
+        counts["exp2"] += 1
+        return create_exp2(self, arg)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_exp2", counting_exp2)
+    rows, cols = make_inputs(1, 64, 64, 32, dtype=FP32, device=DEVICE, seed=34, requires_grad=False)
+    cols[:] = rows
+    absent = torch.full((64,), -1, device=DEVICE)
+    active, dims = ((True, True),), (16, 32)
+    work = {}
+    for name, rules in (("plain", Rules()), ("triangle", Rules(triangle=True))):
+        counts.update(dot=0, exp2=0)
+        offset, log_sum, _ = tk.row_statistics(rows, cols, dims, active, 20.0, absent, rules)
+        forward = dict(counts)
+        counts.update(dot=0, exp2=0)
+        tk.pass_gradients(rows, cols, dims, active, 20.0, absent, offset, log_sum, torch.ones(1, 2), rules)
+        work[name] = (forward, dict(counts))
+    (plain_fwd, plain_bwd), (tri_fwd, tri_bwd) = work["plain"], work["triangle"]
+    assert plain_fwd["dot"] > 0 and plain_bwd["dot"] > 0
+    assert tri_fwd["dot"] * 16 == plain_fwd["dot"] * 10
+    assert tri_bwd["dot"] * 16 == plain_bwd["dot"] * 10
+    assert tri_fwd["exp2"] * 16 <= plain_fwd["exp2"] * 10
+
+
+def tk_interpreting() -> bool:
+    from m2d_kernels.backends import triton_kernels as tk
+
+    return tk._interpreting()
+
+
+def test_column_statistics_errors():
+    from m2d_kernels.backends import triton_kernels as tk
+    from m2d_kernels.rules import Rules
+
+    rows, cols = make_inputs(1, 3, 6, 48, dtype=FP32, device=DEVICE, seed=35, requires_grad=False)
+    positives = torch.arange(3, device=DEVICE)
+    dims, active = (16, 48), ((True, True),)
+    assert tk.SHARED_TILES and tk.shares_tiles("cos") and tk.shares_tiles("cos", 20.0)
+    assert not tk.shares_tiles("dot") and not tk.shares_tiles("cos", 100.0)
+    with pytest.raises(ValueError, match="column_statistics needs similarity 'cos' on the triton backend"):
+        tk.row_statistics(rows, cols, dims, active, 1.0, positives, Rules(similarity="dot", column_statistics=3))
+    with pytest.raises(ValueError, match="rules.column_statistics needs scale"):
+        tk.row_statistics(rows, cols, dims, active, 100.0, positives, Rules(column_statistics=3))
+    stats = tk.row_statistics(rows, cols, dims, active, 20.0, positives, Rules(column_statistics=3))
+    coef = torch.ones(1, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="col_offset and col_log_sum are required"):
+        tk.pass_gradients(rows, cols, dims, active, 20.0, positives, stats[0], stats[1], coef,
+                          Rules(column_statistics=3))
+    with pytest.raises(ValueError, match=r"col_offset and col_log_sum must have shape \(1, 3, 2\)"):
+        tk.pass_gradients(rows, cols, dims, active, 20.0, positives, stats[0], stats[1], coef,
+                          Rules(column_statistics=3), col_offset=stats[3][:, :2], col_log_sum=stats[4][:, :2])

@@ -58,12 +58,15 @@ LN2 = 0.6931471805599453
 # exp2 of anything down to -FIXED_MAX_LIMIT is a normal fp32 number (2^-126 is the smallest).
 FIXED_MAX_LIMIT = 120.0
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The pass applies rules.triangle and rules.column_statistics (backends/__init__.py); column statistics only
+# where `shares_tiles(similarity, scale)` (a fixed maximum), which the composer asks per call.
+SHARED_TILES = True
 # Bytes of fp32 scratch all backward programs may hold together: stays resident in L2 (50 MB on H100).
 SCRATCH_BUDGET = 32 << 20
 # Opt-in autotuning; otherwise `_heuristic_config` picks the tile without a single trial run.
 AUTOTUNE_ENV = "M2D_TRITON_AUTOTUNE"
 # The rules of a pass (m2d_kernels.rules) as compile-time flags of both kernels; all off = the plain pass.
-RULE_FLAGS = ("SIMILARITY_DOT", "EXCLUDE_GROUP", "PENALTY_MODE", "GUIDED", "TEACHER")
+RULE_FLAGS = ("SIMILARITY_DOT", "EXCLUDE_GROUP", "PENALTY_MODE", "GUIDED", "TEACHER", "TRIANGLE", "COLUMN_STATS")
 PENALTY_MODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 BLOCK_DG = 32  # chunk of the guide embeddings' width in the per-tile guide product
 
@@ -247,13 +250,16 @@ def _guide_similarity(guide_rows_ptr, guide_cols_ptr, r, c, r_mask, c_mask, DG,
 
 
 @triton.jit
-def _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr, G, DG,
-                EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
+def _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr, G, DG, R,
+                EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr, TRIANGLE: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DG: tl.constexpr):
     """(keep, penalised) of one tile, shared by all (layer, dim) pairs (rules.py): keep is c_mask
-    [1, BLOCK_C] for the plain pass, else [BLOCK_R, BLOCK_C] without the excluded columns;
-    penalised is a [BLOCK_R, BLOCK_C] mask (PENALTY_MODE 1/2/3: in_batch/hard/all negatives) or 0."""
+    [1, BLOCK_C] for the plain pass, else [BLOCK_R, BLOCK_C] without the excluded columns (TRIANGLE:
+    only j > i or j >= R); penalised is a [BLOCK_R, BLOCK_C] mask (PENALTY_MODE 1/2/3: in_batch/hard/all
+    negatives) or 0."""
     keep = c_mask[None, :]
+    if TRIANGLE:
+        keep = keep & ((c[None, :] > r[:, None]) | (c >= R)[None, :])
     penalised = 0
     if EXCLUDE_GROUP or PENALTY_MODE != 0:
         group = tl.load(row_group_ptr + r, mask=r_mask, other=-1)
@@ -305,14 +311,16 @@ def _accumulate_layer(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask,
 def _forward_tile(
     run_max, run_sum, run_wsum, pos_logit, t_sum, t_weight, t_rescale,
     x_base, x_offsets, y_base, y_offsets, r, c, r_mask, c_mask, keep, penalised, is_pos, has_pos, layer, n_seg,
-    bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C, scale_log2, penalty_log2,
+    bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C, scale_log2, penalty_log2, col_sum_ptr, K, stat_cols,
     M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, ALIGNED: tl.constexpr,
     SCALE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     SIMILARITY_DOT: tl.constexpr, EXCLUDES: tl.constexpr, PENALTY_MODE: tl.constexpr, TEACHER: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    COLUMN_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One [rows, cols] tile of one layer: one accumulator over [0, top) with the (layer, dim)
-    epilogue at every active boundary, updating the per-row statistics [BLOCK_R, M_PAD]."""
+    epilogue at every active boundary, updating the per-row statistics [BLOCK_R, M_PAD] and (COLUMN_STATS,
+    on a tile with columns j < K: ``stat_cols``) adding the columns' sums of exp2(z_col - scale_log2) to
+    col_sum [L, K, M]."""
     m_ids = tl.arange(0, M_PAD)
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for m in range(0, n_seg):
@@ -324,6 +332,18 @@ def _forward_tile(
             z = _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr, inv_cols_ptr, R, C,
                              scale_log2, penalty_log2, M, SIMILARITY_DOT, PENALTY_MODE)
             is_m = m_ids[None, :] == m
+            if COLUMN_STATS:
+                if stat_cols:
+                    # The columns' softmaxes: no penalty, the same exclusions (-inf), the fixed maximum scale
+                    # (cos only). Atomics: the row blocks add to the same columns in no fixed order.
+                    if PENALTY_MODE == 0:
+                        z_col = z
+                    else:
+                        z_col = _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, 0, inv_rows_ptr,
+                                             inv_cols_ptr, R, C, scale_log2, 0.0, M, SIMILARITY_DOT, 0)
+                    e_col = tl.where(r_mask[:, None], tl.exp2(z_col - scale_log2), 0.0)
+                    tl.atomic_add(col_sum_ptr + (layer * K + c) * M + m, tl.sum(e_col, axis=0), mask=c < K,
+                                  sem="relaxed")
             if has_pos:
                 hit = tl.sum(tl.where(is_pos, z, 0.0), axis=1)
                 pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
@@ -379,12 +399,12 @@ def _initial_statistics(active_ptr, layer, m_ids, FIXED_MAX: tl.constexpr, fixed
 def _m2d_fwd_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
     max_ptr, logsum_ptr, row_loss_ptr, dscale_ptr, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr,
-    teacher_sum_ptr, L, R, C, D, DG, G, scale_log2, penalty_log2, R_CLASS, C_CLASS,
+    teacher_sum_ptr, col_sum_ptr, L, R, C, D, DG, G, K, scale_log2, penalty_log2, R_CLASS, C_CLASS,
     M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, ALIGNED: tl.constexpr,
     SCALE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
-    TEACHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DG: tl.constexpr,
+    TEACHER: tl.constexpr, TRIANGLE: tl.constexpr, COLUMN_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DG: tl.constexpr,
 ):
     """Grid (row block, layer), or (row block, 1) with TEACHER; 2 * R * C * top FLOPs per layer (plus
     one teacher product per tile with TEACHER, plus the guide product per tile when GUIDED). Per row
@@ -394,14 +414,22 @@ def _m2d_fwd_kernel(
     with the (layer, dim) epilogue at every nested-dim boundary. The rules (rules.py) are compile-time:
     the plain pass compiles to the same code as without them. With TEACHER a program walks every layer
     for each column tile (the teacher tile, layer L - 1 at its top dim, is computed once per tile and
-    shared), keeping the running statistics in the output tables between tiles."""
+    shared), keeping the running statistics in the output tables between tiles.
+    TRIANGLE: the column loop starts at the first tile holding an entry j > i (tiles wholly at or below the
+    diagonal are skipped: no product, no exp). COLUMN_STATS (K > 0, never with TEACHER): also
+    col_sum[l, j, m] += sum_i exp2(z_col(i, j) - scale_log2) for j < K, z_col without the penalty, by
+    atomic adds (the order of the row blocks' adds is not fixed: the last bits vary from run to run)."""
     pid_r = tl.program_id(0)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < R
     row_pos = tl.load(positives_ptr + r, mask=r_mask, other=-1)
     m_ids = tl.arange(0, M_PAD)
     stat_mask = r_mask[:, None] & (m_ids < M)[None, :]
-    EXCLUDES: tl.constexpr = EXCLUDE_GROUP or GUIDED
+    EXCLUDES: tl.constexpr = EXCLUDE_GROUP or GUIDED or TRIANGLE
+    if TRIANGLE:  # the first column tile holding column i + 1 of the block's first row i
+        c_start = (pid_r * BLOCK_R + 1) // BLOCK_C * BLOCK_C
+    else:
+        c_start = 0
     if PENALTY_MODE == 0:
         fixed_max = scale_log2
     else:
@@ -418,15 +446,15 @@ def _m2d_fwd_kernel(
         t_layer = (L - 1).to(tl.int64)
         t_seg = tl.load(n_seg_ptr + t_layer)  # the caller guarantees pair (L - 1, M - 1) is active
         t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_start, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = c < C
             y_offsets = c * D
             is_pos = c[None, :] == row_pos[:, None]
             has_pos = tl.sum(is_pos.to(tl.int32)) > 0
             keep, penalised = _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr,
-                                          guide_cols_ptr, guide_thr_ptr, G, DG, EXCLUDE_GROUP, PENALTY_MODE, GUIDED,
-                                          BLOCK_R, BLOCK_C, BLOCK_DG)
+                                          guide_cols_ptr, guide_thr_ptr, G, DG, R, EXCLUDE_GROUP, PENALTY_MODE,
+                                          GUIDED, TRIANGLE, BLOCK_R, BLOCK_C, BLOCK_DG)
             acc = _accumulate_layer(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), rows_ptr + t_layer * R * D, r * D,
                                     cols_ptr + t_layer * C * D, y_offsets, r_mask, c_mask, bounds_ptr, t_seg, ALIGNED,
                                     BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
@@ -453,8 +481,9 @@ def _m2d_fwd_kernel(
                     run_max, run_sum, 0.0, pos_logit, t_sum, t_weight, t_rescale,
                     rows_ptr + layer * R * D, r * D, cols_ptr + layer * C * D, y_offsets, r, c, r_mask, c_mask, keep,
                     penalised, is_pos, has_pos, layer, n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr,
-                    R, C, scale_log2, penalty_log2, M, M_PAD, FIXED_MAX, ALIGNED, False, DOT_PRECISION, DOT_IN_FP32,
-                    SIMILARITY_DOT, EXCLUDES, PENALTY_MODE, TEACHER, BLOCK_R, BLOCK_C, BLOCK_D)
+                    R, C, scale_log2, penalty_log2, col_sum_ptr, K, False, M, M_PAD, FIXED_MAX, ALIGNED, False,
+                    DOT_PRECISION, DOT_IN_FP32, SIMILARITY_DOT, EXCLUDES, PENALTY_MODE, TEACHER, False, BLOCK_R,
+                    BLOCK_C, BLOCK_D)
                 tl.store(max_ptr + stat_offsets, run_max, mask=stat_mask)
                 tl.store(logsum_ptr + stat_offsets, run_sum, mask=stat_mask)
                 tl.store(row_loss_ptr + stat_offsets, pos_logit, mask=stat_mask)
@@ -480,21 +509,21 @@ def _m2d_fwd_kernel(
         run_wsum = tl.zeros([BLOCK_R, M_PAD], tl.float32)  # sum_j e_j (z_j - max), SCALE_GRAD only
         pos_logit = tl.zeros([BLOCK_R, M_PAD], tl.float32)
         n_streamed = tl.where(n_seg > 0, C, 0)  # a layer without active pairs streams nothing
-        for c0 in range(0, n_streamed, BLOCK_C):
+        for c0 in range(c_start, n_streamed, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = c < C
             y_offsets = c * D
             is_pos = c[None, :] == row_pos[:, None]
             has_pos = tl.sum(is_pos.to(tl.int32)) > 0  # most tiles hold no positive: skip the extraction
             keep, penalised = _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr,
-                                          guide_cols_ptr, guide_thr_ptr, G, DG, EXCLUDE_GROUP, PENALTY_MODE, GUIDED,
-                                          BLOCK_R, BLOCK_C, BLOCK_DG)
+                                          guide_cols_ptr, guide_thr_ptr, G, DG, R, EXCLUDE_GROUP, PENALTY_MODE,
+                                          GUIDED, TRIANGLE, BLOCK_R, BLOCK_C, BLOCK_DG)
             run_max, run_sum, run_wsum, pos_logit, _ = _forward_tile(
                 run_max, run_sum, run_wsum, pos_logit, 0.0, 0.0, 0.0,
                 x_base, x_offsets, cols_ptr + layer * C * D, y_offsets, r, c, r_mask, c_mask, keep, penalised,
                 is_pos, has_pos, layer, n_seg, bounds_ptr, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C, scale_log2,
-                penalty_log2, M, M_PAD, FIXED_MAX, ALIGNED, SCALE_GRAD, DOT_PRECISION, DOT_IN_FP32, SIMILARITY_DOT,
-                EXCLUDES, PENALTY_MODE, TEACHER, BLOCK_R, BLOCK_C, BLOCK_D)
+                penalty_log2, col_sum_ptr, K, c0 < K, M, M_PAD, FIXED_MAX, ALIGNED, SCALE_GRAD, DOT_PRECISION,
+                DOT_IN_FP32, SIMILARITY_DOT, EXCLUDES, PENALTY_MODE, TEACHER, COLUMN_STATS, BLOCK_R, BLOCK_C, BLOCK_D)
         if EXCLUDES:  # a row whose every column is excluded: offset 0 (finite), log2 sum -inf
             run_max = tl.where(run_max == float("-inf"), 0.0, run_max)
         tl.store(max_ptr + stat_offsets, run_max, mask=stat_mask)
@@ -515,12 +544,13 @@ def _zero_columns(ptrs, mask, lo, hi, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr
 
 @triton.jit
 def _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos, norm_sums, layer, m, m_ids,
-                       inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, distill_ptr, R, C,
-                       scale_log2, penalty_log2, M: tl.constexpr, FOR_COLS: tl.constexpr, SIMILARITY_DOT: tl.constexpr,
-                       PENALTY_MODE: tl.constexpr, TEACHER: tl.constexpr):
+                       inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, distill_ptr,
+                       col_offset_ptr, col_logsum_ptr, R, C, K, scale_log2, penalty_log2, M: tl.constexpr,
+                       FOR_COLS: tl.constexpr, SIMILARITY_DOT: tl.constexpr, PENALTY_MODE: tl.constexpr,
+                       TEACHER: tl.constexpr, COLUMN_STATS: tl.constexpr):
     """(W_m, norm_sums + norm * sum(G_m * cos_m) along the owner's axis in column m) for S_m = acc.
-    G_m = coef * (p - onehot) (+ distill * (p - p_teacher) with TEACHER), 0 where not kept; with
-    SIMILARITY_DOT, W_m = G_m and there is no norm term."""
+    G_m = coef * (p - onehot) (+ distill * (p - p_teacher) with TEACHER) (+ coef * p_col on the columns
+    j < K with COLUMN_STATS), 0 where not kept; with SIMILARITY_DOT, W_m = G_m and there is no norm term."""
     if SIMILARITY_DOT:
         rx = 1.0
         ry = 1.0
@@ -534,6 +564,17 @@ def _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, ro
     prob = tl.exp2((z - row_max[:, None]) - row_logsum[:, None])
     # The one-hot and the validity mask are rebuilt here rather than kept live as [rows, cols] tiles.
     onehot = (c[None, :] == row_pos[:, None]).to(tl.float32)
+    if COLUMN_STATS:
+        # The first K columns' softmaxes over the rows with the given (combined) statistics: z_col carries no
+        # penalty, there is no one-hot on the column side, and log_sum = +inf beyond K makes the term 0 there.
+        col_mask = c < K
+        col_offset = tl.load(col_offset_ptr + (layer * K + c) * M + m, mask=col_mask, other=0.0)
+        col_logsum = tl.load(col_logsum_ptr + (layer * K + c) * M + m, mask=col_mask, other=float("inf"))
+        if PENALTY_MODE == 0:
+            z_col = z
+        else:
+            z_col = _logits(acc, rx, ry, scale_log2, 0, 0.0, SIMILARITY_DOT, 0)
+        prob += tl.exp2((z_col - col_offset[None, :]) - col_logsum[None, :])
     if TEACHER:
         distill = tl.load(distill_ptr + layer * M + m)
         grad = (coef + distill) * prob - coef * onehot - distill * p_teacher
@@ -561,13 +602,13 @@ def _backward_tile(
     x_base, x_offsets, y_base, y_offsets, work_base, work_offsets, slot_ptr, r, c, r_mask, c_mask, row_pos,
     norm_sums, layer, n_seg,
     bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, R, C,
-    scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr, distill_ptr, L, D,
-    DG, G, penalty_log2,
+    scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr, distill_ptr,
+    col_offset_ptr, col_logsum_ptr, L, D, DG, G, K, penalty_log2,
     M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, ELEMENT: tl.constexpr,
     SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
-    TEACHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DG: tl.constexpr,
+    TEACHER: tl.constexpr, TRIANGLE: tl.constexpr, COLUMN_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DG: tl.constexpr,
 ):
     """One [rows, cols] tile: 2 * BLOCK_R * BLOCK_C * top FLOPs to recompute S (upwards, the
     forward's order) writing W_m to slot m at each active boundary below the top one (the top W
@@ -579,7 +620,8 @@ def _backward_tile(
     Returns norm_sums + norm * sum(G_m * cos_m) along the owner's axis, per dim."""
     m_ids = tl.arange(0, M_PAD)
     keep, penalised = _tile_rules(r, c, r_mask, c_mask, row_pos, row_group_ptr, guide_rows_ptr, guide_cols_ptr,
-                                  guide_thr_ptr, G, DG, EXCLUDE_GROUP, PENALTY_MODE, GUIDED, BLOCK_R, BLOCK_C, BLOCK_DG)
+                                  guide_thr_ptr, G, DG, R, EXCLUDE_GROUP, PENALTY_MODE, GUIDED, TRIANGLE, BLOCK_R,
+                                  BLOCK_C, BLOCK_DG)
     p_teacher = 0.0
     if TEACHER:
         t_layer = (L - 1).to(tl.int64)
@@ -603,15 +645,16 @@ def _backward_tile(
             if tl.load(active_ptr + layer * M + m) != 0:
                 w, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos,
                                                   norm_sums, layer, m, m_ids, inv_rows_ptr, inv_cols_ptr, norm_ptr,
-                                                  max_ptr, logsum_ptr, coef_ptr, distill_ptr, R, C, scale_log2,
-                                                  penalty_log2, M, FOR_COLS, SIMILARITY_DOT, PENALTY_MODE, TEACHER)
+                                                  max_ptr, logsum_ptr, coef_ptr, distill_ptr, col_offset_ptr,
+                                                  col_logsum_ptr, R, C, K, scale_log2, penalty_log2, M, FOR_COLS,
+                                                  SIMILARITY_DOT, PENALTY_MODE, TEACHER, COLUMN_STATS)
                 tl.store(slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets, w)
     # The top segment (always active: n_seg ends at the last active dim) needs no slot: its W is
     # the first H. One k-loop for all segments (no peeled copy), so acc here is S_top.
     h, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos, norm_sums,
                                       layer, top_m, m_ids, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
-                                      coef_ptr, distill_ptr, R, C, scale_log2, penalty_log2, M, FOR_COLS,
-                                      SIMILARITY_DOT, PENALTY_MODE, TEACHER)
+                                      coef_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, R, C, K, scale_log2,
+                                      penalty_log2, M, FOR_COLS, SIMILARITY_DOT, PENALTY_MODE, TEACHER, COLUMN_STATS)
     tl.debug_barrier()  # the slots are read back in another register layout (other threads)
     for step in range(0, n_seg):
         m = n_seg - 1 - step
@@ -666,18 +709,21 @@ def _store_gradient(grad_ptrs, work_ptrs, own_ptrs, mask, norm_sums, bounds_ptr,
 def _m2d_bwd_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
     norm_ptr, max_ptr, logsum_ptr, coef_ptr, grad_ptr, work_ptr, slots_ptr, row_group_ptr, guide_rows_ptr,
-    guide_cols_ptr, guide_thr_ptr, distill_ptr, L, R, C, D, DG, G, scale_log2, penalty_log2, R_CLASS, C_CLASS,
+    guide_cols_ptr, guide_thr_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, L, R, C, D, DG, G, K, scale_log2,
+    penalty_log2, R_CLASS, C_CLASS,
     M: tl.constexpr, M_PAD: tl.constexpr, ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, FOR_COLS: tl.constexpr,
     SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
-    TEACHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DG: tl.constexpr,
+    TEACHER: tl.constexpr, TRIANGLE: tl.constexpr, COLUMN_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DG: tl.constexpr,
 ):
     """Persistent grid over work items (layer, owner block): dX of a row block streaming over column
     tiles, or (FOR_COLS) dY of a column block streaming over row tiles; 4 * R * C * top FLOPs per
     layer per launch. Each program owns its fp32 work rows (block x D) and M - 1 tile slots
     (BLOCK_R x BLOCK_C), so the scratch is bounded by the number of programs, not the batch.
-    norm_ptr is rx^2 (or ry^2) where the norm was not clamped to eps, else 0."""
+    norm_ptr is rx^2 (or ry^2) where the norm was not clamped to eps, else 0. TRIANGLE: dX's column loop
+    starts, and dY's row loop stops, at the tiles wholly at or below the diagonal (skipped). COLUMN_STATS:
+    the first K columns' softmaxes (col_offset / col_logsum [L, K, M], log2 units) join G."""
     pid = tl.program_id(0)
     ELEMENT: tl.constexpr = rows_ptr.dtype.element_ty
     own_block: tl.constexpr = BLOCK_C if FOR_COLS else BLOCK_R
@@ -701,6 +747,8 @@ def _m2d_bwd_kernel(
             y_offsets = own * D
             own_ptrs = y_base + y_offsets[:, None]
             n_streamed = tl.where(n_seg > 0, R, 0)
+            if TRIANGLE:  # row tiles from the block's last column on hold only j <= i
+                n_streamed = tl.minimum(n_streamed, tl.minimum(block * own_block + own_block, C) - 1)
             for r0 in range(0, n_streamed, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_mask = r < R
@@ -711,9 +759,10 @@ def _m2d_bwd_kernel(
                     own, r_mask, own_mask, row_pos, norm_sums, layer,
                     n_seg, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr,
                     logsum_ptr, coef_ptr, R, C, scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr,
-                    guide_cols_ptr, guide_thr_ptr, distill_ptr, L, D, DG, G, penalty_log2, M, M_PAD, FOR_COLS,
-                    ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT, SIMILARITY_DOT, EXCLUDE_GROUP, PENALTY_MODE, GUIDED,
-                    TEACHER, BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_DG,
+                    guide_cols_ptr, guide_thr_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, L, D, DG, G, K,
+                    penalty_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT, SIMILARITY_DOT,
+                    EXCLUDE_GROUP, PENALTY_MODE, GUIDED, TEACHER, TRIANGLE, COLUMN_STATS, BLOCK_R, BLOCK_C, BLOCK_D,
+                    BLOCK_DG,
                 )
         else:
             x_base = rows_ptr + layer * R * D
@@ -721,7 +770,11 @@ def _m2d_bwd_kernel(
             own_ptrs = x_base + x_offsets[:, None]
             row_pos = tl.load(positives_ptr + own, mask=own_mask, other=-1)
             n_streamed = tl.where(n_seg > 0, C, 0)
-            for c0 in range(0, n_streamed, BLOCK_C):
+            if TRIANGLE:  # the first column tile holding column i + 1 of the block's first row i
+                c_start = (block * own_block + 1) // BLOCK_C * BLOCK_C
+            else:
+                c_start = 0
+            for c0 in range(c_start, n_streamed, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 c_mask = c < C
                 y_offsets = c * D
@@ -730,9 +783,10 @@ def _m2d_bwd_kernel(
                     c, own_mask, c_mask, row_pos, norm_sums, layer,
                     n_seg, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr,
                     logsum_ptr, coef_ptr, R, C, scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr,
-                    guide_cols_ptr, guide_thr_ptr, distill_ptr, L, D, DG, G, penalty_log2, M, M_PAD, FOR_COLS,
-                    ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT, SIMILARITY_DOT, EXCLUDE_GROUP, PENALTY_MODE, GUIDED,
-                    TEACHER, BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_DG,
+                    guide_cols_ptr, guide_thr_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, L, D, DG, G, K,
+                    penalty_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT, SIMILARITY_DOT,
+                    EXCLUDE_GROUP, PENALTY_MODE, GUIDED, TEACHER, TRIANGLE, COLUMN_STATS, BLOCK_R, BLOCK_C, BLOCK_D,
+                    BLOCK_DG,
                 )
         _store_gradient(grad_ptr + (layer * (C if FOR_COLS else R) + own)[:, None] * D, work_ptrs, own_ptrs,
                         own_mask, norm_sums, bounds_ptr, n_seg, top, D, ALIGNED, DOT_IN_FP32, own_block, M_PAD, BLOCK_D)
@@ -844,9 +898,10 @@ def _positives(positives: torch.Tensor) -> torch.Tensor:
     return positives.to(torch.int32, memory_format=torch.contiguous_format).contiguous()
 
 
-def _rule_arguments(rules: Rules, rows: torch.Tensor, distill_coef=None):
+def _rule_arguments(rules: Rules, rows: torch.Tensor, distill_coef=None, col_offset=None, col_log_sum=None):
     """(pointer tensors, scalars, flags) of the rules for either kernel: row groups (int32), guide
-    embeddings and thresholds (fp32), per-pair distillation coefficients; unused pointers get a dummy."""
+    embeddings and thresholds (fp32), per-pair distillation coefficients, the columns' statistics (natural
+    log in, log2 units out); unused pointers get a dummy."""
     dummy = rows.new_zeros(1, dtype=torch.float32)
     group = dummy.int()
     if rules.exclude_own_group or rules.penalty is not None:
@@ -856,20 +911,27 @@ def _rule_arguments(rules: Rules, rows: torch.Tensor, distill_coef=None):
         guide_rows, guide_cols, threshold = (t.to(device=rows.device, dtype=torch.float32).contiguous()
                                              for t in (rules.guide_rows, rules.guide_cols, rules.guide_threshold))
     distill = dummy if distill_coef is None else distill_coef.float().contiguous()
+    # fp64 -> log2 units -> fp32: gives back the forward's fp32 values (as for the rows' statistics).
+    col_offset, col_log_sum = (dummy if t is None else (t.to(rows.device) * LOG2E).float().contiguous()
+                               for t in (col_offset, col_log_sum))
     pointers = {"row_group_ptr": group, "guide_rows_ptr": guide_rows, "guide_cols_ptr": guide_cols,
-                "guide_thr_ptr": threshold, "distill_ptr": distill}
+                "guide_thr_ptr": threshold, "distill_ptr": distill, "col_offset_ptr": col_offset,
+                "col_logsum_ptr": col_log_sum}
     scalars = {"DG": guide_rows.shape[-1] if rules.guided else 0, "G": rules.group_period,
+               "K": rules.column_statistics,
                "penalty_log2": rules.penalty_strength * LOG2E if rules.penalty is not None else 0.0}
     flags = {"SIMILARITY_DOT": rules.similarity == "dot", "EXCLUDE_GROUP": rules.exclude_own_group,
-             "PENALTY_MODE": PENALTY_MODES[rules.penalty], "GUIDED": rules.guided, "BLOCK_DG": BLOCK_DG}
+             "PENALTY_MODE": PENALTY_MODES[rules.penalty], "GUIDED": rules.guided, "TRIANGLE": rules.triangle,
+             "COLUMN_STATS": rules.column_statistics > 0, "BLOCK_DG": BLOCK_DG}
     return pointers, scalars, flags
 
 
 def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rules=PLAIN):
     """Row statistics of rows against cols under ``rules`` (flat ``active``): the row maxima (or fixed
     maximum), log2 sums, row losses [L, R, M] (log2 units, fp32), d row loss / d scale (or the loss table
-    itself without ``scale_grad``), the inverse-norm / norm-factor tables, and with ``rules.teacher`` the
-    teacher sums (log2 units; else None)."""
+    itself without ``scale_grad``), the inverse-norm / norm-factor tables, with ``rules.teacher`` the
+    teacher sums (log2 units; else None) and with ``rules.column_statistics = K`` the columns' sums
+    ``sum_i exp(z_col(i, j) - scale)`` ``[L, K, M]`` (fp32; else None)."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
     rows, cols = rows.contiguous(), cols.contiguous()
@@ -883,12 +945,15 @@ def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rule
                                      for _ in range(3))
     row_dscale = torch.empty_like(row_loss) if scale_grad else row_loss  # not written without SCALE_GRAD
     teacher_sum = torch.empty_like(row_loss) if rules.teacher else row_loss  # not written without TEACHER
+    # Added to by every row block (atomics): starts at 0. Not touched without COLUMN_STATS.
+    col_sum = (rows.new_zeros(n_layers, rules.column_statistics, len(dims), dtype=torch.float32)
+               if rules.column_statistics else row_loss)
     scale_log2 = scale * LOG2E
     pointers, scalars, rule_flags = _rule_arguments(rules, rows)
     args = (rows, cols, _positives(positives), bounds, flags, n_seg, inv_rows, inv_cols, row_max, row_logsum,
             row_loss, row_dscale, pointers["row_group_ptr"], pointers["guide_rows_ptr"], pointers["guide_cols_ptr"],
-            pointers["guide_thr_ptr"], teacher_sum, n_layers, n_rows, n_cols, n_features, scalars["DG"],
-            scalars["G"], scale_log2, scalars["penalty_log2"])
+            pointers["guide_thr_ptr"], teacher_sum, col_sum, n_layers, n_rows, n_cols, n_features, scalars["DG"],
+            scalars["G"], scalars["K"], scale_log2, scalars["penalty_log2"])
     max_logit = rules.max_logit(scale)
     options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols), **rule_flags,
                    FIXED_MAX=max_logit is not None and 2 * max_logit * LOG2E <= FIXED_MAX_LIMIT,
@@ -901,7 +966,7 @@ def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rule
     else:
         _m2d_fwd_kernel[(triton.cdiv(n_rows, tiles["BLOCK_R"]), layer_programs)](*args, **options, **tiles)
     return (row_max, row_logsum, row_loss, row_dscale, inv_rows, norm_rows, inv_cols, norm_cols,
-            teacher_sum if rules.teacher else None)
+            teacher_sum if rules.teacher else None, col_sum if rules.column_statistics else None)
 
 
 @torch.library.custom_op("m2d_kernels::infonce_forward", mutates_args=())
@@ -913,7 +978,7 @@ def m2d_forward(
     """Per-pair losses ``[L, M]`` (input dtype), d loss / d scale ``[L, M]`` fp32 (empty unless
     ``scale_grad``), and what backward needs: row maxima and log2 sums ``[L, R, M]`` (log2 units)
     and the inverse-norm / norm-factor tables of rows and columns."""
-    row_max, row_logsum, row_loss, row_dscale, inv_rows, norm_rows, inv_cols, norm_cols, _ = _launch_forward(
+    row_max, row_logsum, row_loss, row_dscale, inv_rows, norm_rows, inv_cols, norm_cols, _, _ = _launch_forward(
         rows, cols, positives, dims, active, scale, scale_grad)
     _, flags, _ = _segment_tables(tuple(dims), tuple(active), rows.device)
     active_pairs = flags.bool()
@@ -933,10 +998,11 @@ def _(rows, cols, positives, dims, active, scale, scale_grad):
 
 
 def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows, norm_rows, inv_cols, norm_cols,
-                     dims, active, scale, rules=PLAIN, distill_coef=None):
+                     dims, active, scale, rules=PLAIN, distill_coef=None, col_offset=None, col_log_sum=None):
     """Gradients with respect to rows and cols for the fp32 per-pair coefficients ``coef [L, M]`` of
-    ``p - onehot`` and, when given, ``distill_coef`` of ``p - p_teacher``, both per row and times ``scale``
-    (d / d s = scale * d / d z)."""
+    ``p - onehot`` (+ ``p_col`` on the first ``rules.column_statistics`` columns, with the natural-log
+    ``col_offset`` / ``col_log_sum``) and, when given, ``distill_coef`` of ``p - p_teacher``, both per row
+    and times ``scale`` (d / d s = scale * d / d z)."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
     rows, cols = rows.contiguous(), cols.contiguous()
@@ -944,7 +1010,7 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
     n_cols = cols.shape[1]
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
     positives = _positives(positives)
-    pointers, scalars, rule_flags = _rule_arguments(rules, rows, distill_coef)
+    pointers, scalars, rule_flags = _rule_arguments(rules, rows, distill_coef, col_offset, col_log_sum)
     options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols), **rule_flags,
                    TEACHER=distill_coef is not None)
     launch_tiles = {kind: _tile_kwargs(kind, rows, n_rows, n_cols) for kind in ("backward_dX", "backward_dY")}
@@ -963,7 +1029,7 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
         grad = torch.empty_like(cols if for_cols else rows)
         args = (rows, cols, positives, bounds, flags, n_seg, inv_rows, inv_cols, norm, row_max, row_logsum, coef,
                 grad, work, slots, *pointers.values(), n_layers, n_rows, n_cols, n_features, scalars["DG"],
-                scalars["G"], scale * LOG2E, scalars["penalty_log2"])
+                scalars["G"], scalars["K"], scale * LOG2E, scalars["penalty_log2"])
         if tiles is None:
             grid = lambda meta, n_own=n_own, block=block: (min(n_layers * triton.cdiv(n_own, meta[block]), programs),)
             _m2d_bwd_tuned[grid](*args, FOR_COLS=for_cols, **options)
@@ -1084,26 +1150,68 @@ def _positive_logits(rows, cols, dims, active, scale, positives, rules):
     return torch.where(keep, logits, 0.0)
 
 
+def shares_tiles(similarity: str, scale: float | None = None) -> bool:
+    """Whether this backend's forward returns ``rules.column_statistics`` for ``similarity`` (and ``scale``,
+    when given): the columns' sums are atomic adds relative to a fixed maximum, so cosine only, with
+    ``exp(-2 * scale)`` a normal fp32 number (scale <= FIXED_MAX_LIMIT / (2 * log2(e)), about 41.6).
+    ``SHARED_TILES`` says the rules exist at all; the composer asks this per call."""
+    return similarity == "cos" and (scale is None or 2 * scale * LOG2E <= FIXED_MAX_LIMIT)
+
+
+def _check_column_statistics(rules: Rules, scale: float) -> None:
+    if not rules.column_statistics:
+        return
+    if rules.similarity != "cos":
+        raise ValueError("rules.column_statistics needs similarity 'cos' on the triton backend (a fixed maximum "
+                         f"for the columns' atomic sums), got similarity={rules.similarity!r}")
+    if not shares_tiles(rules.similarity, scale):
+        raise ValueError(f"rules.column_statistics needs scale <= {FIXED_MAX_LIMIT / (2 * LOG2E):.1f} on the triton "
+                         f"backend (a fixed maximum whose exp(-2 * scale) stays a normal fp32 number), got "
+                         f"scale={scale}")
+
+
 def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, natural-log units, and with
-    ``rules.teacher`` the teacher sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor. The kernels
+    ``rules.teacher`` the teacher sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor; with
+    ``rules.column_statistics = K`` (``shares_tiles``: cosine, scale <= 41.6, else ValueError) the first K
+    columns' ``(col_offset, col_log_sum)`` ``[L, K, M]`` as fourth and fifth, with the fixed offset ``scale``
+    (0 and -inf for a column with every entry excluded, 0 and 0 for an inactive pair). The column sums are
+    fp32 atomic adds of the row blocks: their last bits depend on the order the blocks ran in. The kernels
     keep log2 units: the tables are fp64 so that the round trip ln <-> log2 gives back the kernels' fp32
     values (an fp32 round trip costs ulp(scale * log2(e)) in every probability)."""
     _check_dtype(rows)
     check_rules(rules, rows.shape[1], cols.shape[1], active)
+    _check_column_statistics(rules, scale)
     flat_active = [on for row in active for on in row]
     out = _launch_forward(rows, cols, positives, list(dims), flat_active, scale, False, rules)
     positive = _positive_logits(rows, cols, dims, active, scale, positives, rules)
     stats = (out[0].double() * LN2, out[1].double() * LN2, positive)
-    return stats + (out[-1].double() * LN2,) if rules.teacher else stats
+    if rules.teacher:
+        return stats + (out[-2].double() * LN2,)
+    if rules.column_statistics:
+        col_sum = out[-1].double()
+        pair_active = _segment_tables(tuple(dims), tuple(flat_active), rows.device)[1].bool()[:, None, :]
+        col_offset = torch.where(pair_active & (col_sum > 0), float(scale), 0.0)
+        col_log_sum = torch.where(pair_active, col_sum.log(), 0.0)
+        return stats + (col_offset, col_log_sum)
+    return stats
 
 
 def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None):
+                   distill_coef=None, col_offset=None, col_log_sum=None):
     """Pass API: ``(d_rows, d_cols)`` in the input dtype with the given (combined) statistics; the
-    teacher term when ``distill_coef`` is given."""
+    teacher term when ``distill_coef`` is given; with ``rules.column_statistics = K`` also the first K
+    columns' softmaxes with the given ``col_offset`` / ``col_log_sum`` ``[L, K, M]`` (any similarity and
+    scale: the backward needs no fixed maximum)."""
     _check_dtype(rows)
     check_rules(rules, rows.shape[1], cols.shape[1], active, distill_coef is not None)
+    if rules.column_statistics:
+        expected = (len(active), rules.column_statistics, len(dims))
+        if col_offset is None or col_log_sum is None:
+            raise ValueError("col_offset and col_log_sum are required with rules.column_statistics")
+        if tuple(col_offset.shape) != expected or tuple(col_log_sum.shape) != expected:
+            raise ValueError(f"col_offset and col_log_sum must have shape {expected} ([L, K, M]), got "
+                             f"{tuple(col_offset.shape)} and {tuple(col_log_sum.shape)}")
     flat_active = [on for row in active for on in row]
     inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
     inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
@@ -1111,4 +1219,4 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
     distill = None if distill_coef is None else (distill_coef * scale).float()
     return _launch_backward((coef * scale).float(), rows, cols, positives, (offset * LOG2E).float().contiguous(),
                             (log_sum * LOG2E).float().contiguous(), inv_rows, norm_rows, inv_cols, norm_cols,
-                            list(dims), flat_active, scale, rules, distill)
+                            list(dims), flat_active, scale, rules, distill, col_offset, col_log_sum)
