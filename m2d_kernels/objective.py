@@ -99,7 +99,7 @@ def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, posit
         losses, distill = impl.objective_losses(queries, world_queries, world_docs, rank_offset, positives, dims,
                                                 active, scale, objective)
         return losses, (distill if objective.distill_weights is not None else None)
-    if _shares_tiles(impl, objective, leading_positives, world_queries is queries):
+    if _shares_tiles(impl, objective, leading_positives, world_queries is queries, scale):
         passes = _shared_passes(queries, docs, objective)
     else:
         passes = _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective,
@@ -169,12 +169,12 @@ def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_inde
     return passes
 
 
-def _shares_tiles(impl, objective, leading_positives, local):
+def _shares_tiles(impl, objective, leading_positives, local, scale):
     """Whether the joint directions can share tiles: a backend with the rules, the default layout, one
     process's columns, and no guide or teacher (whose per-tile data the column side would also need)."""
-    backend_can = getattr(impl, "shares_tiles", None)  # a backend whose support depends on the similarity
-    backend_can = backend_can(objective.similarity) if backend_can is not None else getattr(impl, "SHARED_TILES",
-                                                                                             False)
+    backend_can = getattr(impl, "shares_tiles", None)  # support that depends on the similarity and scale
+    backend_can = (backend_can(objective.similarity, scale) if backend_can is not None
+                   else getattr(impl, "SHARED_TILES", False))
     return (backend_can and leading_positives and local and len(objective.directions) > 1
             and objective.partition_mode == "joint" and objective.guide_queries is None
             and objective.distill_weights is None)

@@ -45,7 +45,7 @@ own over the rows (``rules.triangle`` / ``column_statistics``: the shared tiles 
 directions): the forward returns their statistics and ``pass_gradients`` adds the gradient of
 ``sum_lm coef[l, m] * sum_{j < K} LSE_col_j`` with the given (combined) column statistics.
 Backends that implement these two rules set ``SHARED_TILES = True`` (or define
-``shares_tiles(similarity) -> bool`` when it depends on the similarity); the others get one pass per
+``shares_tiles(similarity, scale) -> bool`` when it depends on them); the others get one pass per
 direction from :mod:`m2d_kernels.objective`. Inactive pairs have finite statistics and no gradient. Gradients are in
 the accumulator dtype where the backend computes them unrounded (torch, cpp), else in the
 input dtype (triton; reference: the input dtype, which is its accumulator).
