@@ -4,7 +4,9 @@ Cases (m2d_kernels.objective), with the FLOPs of the passes they run (prefix tri
 D per layer and pass; forward 2 x rows x cols x D per layer, backward 3x that)::
 
     query_to_doc   the fused default                       8 L B N D
-    joint4         all four directions, joint partition    8 L (B N + B^2 + B^2 + B N) D
+    joint4         all four directions, joint partition    8 L (B N + B^2/2 + B^2/2 + B (N - B)) D = 16 L B N D
+                   (shared tiles: doc_to_query from query_to_doc's column statistics, triangle Gram blocks;
+                   backends without them, or dot on triton: 8 L (2 B N + 2 B^2) D)
     hardness       query_to_doc + in_batch_negatives       8 L B N D
     dot            query_to_doc, dot similarity            8 L B N D
     guided         query_to_doc + guide, Dg = D            8 L B N D + 2 x 2 B N Dg   (guide products, fwd + bwd)
@@ -41,8 +43,8 @@ CASES = {
 
 def case_flop(case, n_layers, n_queries, n_docs, n_features):
     flop = 8 * n_layers * n_queries * n_docs * n_features
-    if case == "joint4":
-        flop += 2 * 8 * n_layers * n_queries * n_queries * n_features + 8 * n_layers * n_queries * n_docs * n_features
+    if case == "joint4":  # the shared-tile count (every backend shares tiles for cosine at these scales)
+        flop += 8 * n_layers * n_queries * n_docs * n_features
     if case == "guided":
         flop += 2 * 2 * n_queries * n_docs * n_features
     return flop
