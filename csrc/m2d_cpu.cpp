@@ -245,6 +245,12 @@ struct Problem {
   bool skipped(int64_t r0, int64_t c0, int64_t nc) const { return rules.triangle && c0 + nc - 1 <= r0; }
   // Triangle: a pair that is not skipped but holds some j <= i entry (needs the keep mask).
   bool on_diagonal(int64_t r0, int64_t nr, int64_t c0) const { return rules.triangle && c0 <= r0 + nr - 1; }
+  // Triangle: the first column of the tile [c0, c0 + nc) that row `row` scores (j > row), else 0. The
+  // epilogues start there: on a diagonal tile the keep mask would zero the columns before it anyway,
+  // so skipping them halves the tile's exponentials without changing a result.
+  int64_t first_scored(int64_t row, int64_t c0, int64_t nc) const {
+    return rules.triangle ? std::clamp<int64_t>(row + 1 - c0, 0, nc) : 0;
+  }
   // The skipped tiles of a row block are its first ones: the dQ turns of the block start after them.
   int64_t first_tile(int64_t r0) const {
     int64_t tile = 0;
@@ -409,25 +415,34 @@ void rules_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t
     auto out = view(guide, nr, nc, nc);
     at::mm_out(out, view(r.guide_rows + r0 * dg, nr, dg, dg), view(r.guide_cols + c0 * dg, nc, dg, dg).t());
   }
+  // Fills, then the few special columns: the own group's (every group_period-th column, no modulo per
+  // entry), the positive, the triangle's first columns.
+  const int64_t period = r.group_period;
+  const T other_penalty = r.penalty == kInBatchNegatives || r.penalty == kAllNegatives ? r.penalty_strength : T(0);
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t group = r.row_group != nullptr ? r.row_group[r0 + i] : -1;
-    const int64_t positive = p.positive[r0 + i];
-    for (int64_t j = 0; j < nc; ++j) {
-      const int64_t col = c0 + j;
-      const bool own = r.group_period > 0 && col % r.group_period == group;
-      bool excluded = r.exclude_own_group && own;
-      if (r.guided()) excluded = excluded || (guide[i * nc + j] > r.guide_threshold[r0 + i] && col != positive);
-      if (r.triangle) excluded = excluded || col <= r0 + i;
-      bool penalised = false;
-      switch (r.penalty) {
-        case kInBatchNegatives: penalised = !own; break;
-        case kHardNegatives: penalised = own && col >= r.group_period; break;
-        case kAllNegatives: penalised = col != group; break;
-        default: break;
-      }
-      keep[i * nc + j] = excluded ? T(0) : T(1);
-      pen[i * nc + j] = penalised ? r.penalty_strength : T(0);
+    T* keep_row = keep + i * nc;
+    T* pen_row = pen + i * nc;
+    std::fill(pen_row, pen_row + nc, other_penalty);
+    if (r.guided()) {
+      const T threshold = r.guide_threshold[r0 + i];
+      const T* guide_row = guide + i * nc;
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) keep_row[j] = guide_row[j] > threshold ? T(0) : T(1);
+      const int64_t positive = p.positive[r0 + i] - c0;  // never guided out
+      if (positive >= 0 && positive < nc) keep_row[positive] = T(1);
+    } else {
+      std::fill(keep_row, keep_row + nc, T(1));
     }
+    if (period > 0 && group >= 0 && group < period) {
+      for (int64_t col = c0 + ((group - c0) % period + period) % period; col < c0 + nc; col += period) {
+        if (r.exclude_own_group) keep_row[col - c0] = T(0);
+        if (r.penalty == kInBatchNegatives) pen_row[col - c0] = T(0);
+        if (r.penalty == kHardNegatives && col >= period) pen_row[col - c0] = r.penalty_strength;
+      }
+    }
+    if (r.penalty == kAllNegatives && group >= c0 && group < c0 + nc) pen_row[group - c0] = T(0);
+    if (r.triangle) std::fill(keep_row, keep_row + p.first_scored(r0 + i, c0, nc), T(0));
   }
 }
 
@@ -518,12 +533,13 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
     const T* keep_row = rules.keep + i * nc;
     const T* pen_row = rules.penalty + i * nc;
     const T* teacher_row = rules.teacher + i * nc;
+    const int64_t first = p.first_scored(r0 + i, c0, nc);
     SoftmaxStats<T>& row = stats.rows[slot * nr + i];
     T new_max = p.max_logit;
     if (!p.fixed_max) {
       T tile_max = kMinusInf;
 #pragma omp simd reduction(max : tile_max)
-      for (int64_t j = 0; j < nc; ++j) {
+      for (int64_t j = first; j < nc; ++j) {
         T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
         if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
         tile_max = std::max(tile_max, z);
@@ -542,7 +558,7 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
       }
     } else {
 #pragma omp simd reduction(+ : tile_sum, tile_teacher)
-      for (int64_t j = 0; j < nc; ++j) {
+      for (int64_t j = first; j < nc; ++j) {
         const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
         if constexpr (kExclude) {
           const bool kept = keep_row[j] != 0;
@@ -564,7 +580,7 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
     }
     row.max = new_max;
     const int64_t pos = p.positive[r0 + i] - c0;
-    if (pos >= 0 && pos < nc) {
+    if (pos >= first && pos < nc) {  // one before `first` is excluded: -inf (forward_impl)
       T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[pos], rk[pos], pen_row, pos);
       if constexpr (kExclude) z = keep_row[pos] != 0 ? z : kMinusInf;
       stats.positive_logit[slot * nr + i] = z;
@@ -602,13 +618,18 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
     col_sum[e] = 0;
     col_cos_sum[e] = 0;
   }
+  // The triangle's rows score only j > i: the first entry row i reaches (contiguous columns only).
+  const auto first_entry = [&](int64_t i) -> int64_t {
+    if constexpr (kContiguous) return std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n);
+    return 0;
+  };
   if (!p.fixed_max) {
     for (int64_t i = 0; i < nr; ++i) {
       const T row_scale = p.scale * inv_q[i * p.M];
       const T* s_row = s + i * nc;
       const T* keep_row = rules.keep + i * nc;
 #pragma omp simd
-      for (int64_t e = 0; e < n; ++e) {
+      for (int64_t e = first_entry(i); e < n; ++e) {
         const int64_t j = column(e);
         T z = p.logit(row_scale, s_row[j], rk[j]);
         if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
@@ -622,7 +643,7 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
     const T* s_row = s + i * nc;
     const T* keep_row = rules.keep + i * nc;
 #pragma omp simd
-    for (int64_t e = 0; e < n; ++e) {
+    for (int64_t e = first_entry(i); e < n; ++e) {
       const int64_t j = column(e);
       const T z = p.logit(row_scale, s_row[j], rk[j]);
       if constexpr (kExclude) {
@@ -879,8 +900,10 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     const T* pen_row = rules.penalty + i * nc;
     const T* teacher_row = rules.teacher + i * nc;
     T* w_row = w + i * nc;
+    const int64_t first = p.first_scored(r0 + i, c0, nc);
+    std::fill(w_row, w_row + first, T(0));
 #pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) {
+    for (int64_t j = first; j < nc; ++j) {
       const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
       T prob;
       if constexpr (kExclude) {
@@ -931,8 +954,9 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
         }
       };
       if constexpr (kColumns == kContiguousColumns) {
+        const int64_t first = std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n);
 #pragma omp simd
-        for (int64_t e = 0; e < n; ++e) add_column_prob(e);
+        for (int64_t e = first; e < n; ++e) add_column_prob(e);
       } else {  // a column repeats when queries share a positive: no vector scatter
         for (int64_t e = 0; e < n; ++e) add_column_prob(e);
       }
@@ -950,7 +974,7 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     T* w_row = w + i * nc;
     T row_sum = 0;
 #pragma omp simd reduction(+ : row_sum)
-    for (int64_t j = 0; j < nc; ++j) {
+    for (int64_t j = p.first_scored(r0 + i, c0, nc); j < nc; ++j) {  // 0 before (above)
       const T g = kDistill ? w_row[j] : coef * w_row[j];  // the distillation tile carries its coefficients
       const T g_cos = g * rq * s_row[j] * rk[j];
       row_sum += g_cos;
