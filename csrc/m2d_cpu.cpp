@@ -593,7 +593,9 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
 // exactly one tile, so a block writes each slot once. Column logits carry no penalty; excluded
 // entries are dropped before any exponential; the fixed maximum of a column is `scale`.
 // Row-major, vectorised across the tile's statistic columns: kContiguous, entry e is tile column
-// j0 + e; else gathered through stat_cols. `buffer` holds 3 x col_tile.
+// j0 + e (the row pointers below start at j0); else gathered through stat_cols. The index is an
+// inline expression, not a lambda: GCC does not vectorise the loops through a closure's references.
+// `buffer` holds 3 x col_tile.
 template <bool kScaleGrad, bool kExclude, bool kContiguous, typename T>
 void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                      const T* s, T* rk, T* buffer, BlockStats<T>& stats, const TileRules<T>& rules) {
@@ -602,14 +604,11 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
   const int64_t e0 = p.stats_begin(c0), n = p.stats_begin(c0 + nc) - e0;
   if (n == 0) return;
   const int64_t* cols = p.stat_cols.data() + e0;
-  const int64_t j0 = cols[0] - c0;
-  const auto column = [&](int64_t e) -> int64_t {
-    if constexpr (kContiguous) return j0 + e;
-    return cols[e] - c0;
-  };
+  const int64_t j0 = cols[0] - c0, shift = kContiguous ? j0 : 0;
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   const T* inv_q = p.inv_q + (l * p.B + r0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
+  const T* rk_at = rk + shift;
   T* col_max = buffer;
   T* col_sum = buffer + p.col_tile;
   T* col_cos_sum = buffer + 2 * p.col_tile;
@@ -619,19 +618,16 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
     col_cos_sum[e] = 0;
   }
   // The triangle's rows score only j > i: the first entry row i reaches (contiguous columns only).
-  const auto first_entry = [&](int64_t i) -> int64_t {
-    if constexpr (kContiguous) return std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n);
-    return 0;
-  };
   if (!p.fixed_max) {
     for (int64_t i = 0; i < nr; ++i) {
       const T row_scale = p.scale * inv_q[i * p.M];
-      const T* s_row = s + i * nc;
-      const T* keep_row = rules.keep + i * nc;
+      const T* s_row = s + i * nc + shift;
+      const T* keep_row = rules.keep + i * nc + shift;
+      const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
 #pragma omp simd
-      for (int64_t e = first_entry(i); e < n; ++e) {
-        const int64_t j = column(e);
-        T z = p.logit(row_scale, s_row[j], rk[j]);
+      for (int64_t e = first; e < n; ++e) {
+        const int64_t j = kContiguous ? e : cols[e] - c0;
+        T z = p.logit(row_scale, s_row[j], rk_at[j]);
         if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
         col_max[e] = std::max(col_max[e], z);
       }
@@ -640,12 +636,13 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
   for (int64_t i = 0; i < nr; ++i) {
     const T rq = inv_q[i * p.M];
     const T row_scale = p.scale * rq;
-    const T* s_row = s + i * nc;
-    const T* keep_row = rules.keep + i * nc;
+    const T* s_row = s + i * nc + shift;
+    const T* keep_row = rules.keep + i * nc + shift;
+    const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
 #pragma omp simd
-    for (int64_t e = first_entry(i); e < n; ++e) {
-      const int64_t j = column(e);
-      const T z = p.logit(row_scale, s_row[j], rk[j]);
+    for (int64_t e = first; e < n; ++e) {
+      const int64_t j = kContiguous ? e : cols[e] - c0;
+      const T z = p.logit(row_scale, s_row[j], rk_at[j]);
       if constexpr (kExclude) {
         const bool kept = keep_row[j] != 0;
         const T base = col_max[e] == kMinusInf ? T(0) : col_max[e];  // a column with nothing kept so far
@@ -654,7 +651,7 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
       } else {
         const T x = vector_exp(z - col_max[e]);
         col_sum[e] += x;
-        if constexpr (kScaleGrad) col_cos_sum[e] += x * (rq * s_row[j] * rk[j]);
+        if constexpr (kScaleGrad) col_cos_sum[e] += x * (rq * s_row[j] * rk_at[j]);
       }
     }
   }
@@ -924,12 +921,10 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
   }
   if constexpr (kColumns != kNoColumns) {
     const int64_t e0 = p.stats_begin(c0), n = p.stats_begin(c0 + nc) - e0;
+    constexpr bool kContiguous = kColumns == kContiguousColumns;
     const int64_t* cols = p.stat_cols.data() + e0;
-    const int64_t j0 = n > 0 ? cols[0] - c0 : 0;
-    const auto column = [&](int64_t e) -> int64_t {
-      if constexpr (kColumns == kContiguousColumns) return j0 + e;
-      return cols[e] - c0;
-    };
+    const int64_t j0 = n > 0 ? cols[0] - c0 : 0, shift = kContiguous ? j0 : 0;  // as in column_epilogue
+    const T* rk_at = rk + shift;
     T* max = col_buffer;
     T* logsum = col_buffer + p.col_tile;
     for (int64_t e = 0; e < n; ++e) {
@@ -939,12 +934,16 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     }
     for (int64_t i = 0; i < nr; ++i) {
       const T row_scale = p.scale * p.inv_q[(l * p.B + r0 + i) * p.M + m];
-      const T* s_row = s + i * nc;
-      const T* keep_row = rules.keep + i * nc;
-      T* w_row = w + i * nc;
-      const auto add_column_prob = [&](int64_t e) {
-        const int64_t j = column(e);
-        const T z = p.logit(row_scale, s_row[j], rk[j]);
+      const T* s_row = s + i * nc + shift;
+      const T* keep_row = rules.keep + i * nc + shift;
+      T* w_row = w + i * nc + shift;
+      const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
+      // Contiguous: vectorised. Gathered (pair_losses' positive columns), a column repeats when
+      // queries share a positive, so a vector scatter would lose updates: the loop stays scalar.
+#pragma omp simd if (kContiguous)
+      for (int64_t e = first; e < n; ++e) {
+        const int64_t j = kContiguous ? e : cols[e] - c0;
+        const T z = p.logit(row_scale, s_row[j], rk_at[j]);
         if constexpr (kExclude) {
           const bool kept = keep_row[j] != 0;
           const T x = vector_exp(kept ? (z - max[e]) - logsum[e] : T(0));  // no exponent of an excluded logit
@@ -952,19 +951,12 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
         } else {
           w_row[j] += vector_exp((z - max[e]) - logsum[e]);
         }
-      };
-      if constexpr (kColumns == kContiguousColumns) {
-        const int64_t first = std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n);
-#pragma omp simd
-        for (int64_t e = first; e < n; ++e) add_column_prob(e);
-      } else {  // a column repeats when queries share a positive: no vector scatter
-        for (int64_t e = 0; e < n; ++e) add_column_prob(e);
       }
     }
     if (p.symmetric) {  // the column softmax's positive: the slot's query
       for (int64_t e = 0; e < n; ++e) {
         const int64_t i = p.stat_slots[e0 + e] - r0;
-        if (i >= 0 && i < nr) w[i * nc + column(e)] -= T(1);
+        if (i >= 0 && i < nr) w[i * nc + cols[e] - c0] -= T(1);
       }
     }
   }
