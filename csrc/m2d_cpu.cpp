@@ -39,12 +39,20 @@
 // product and the teacher tile are per tile for all layers, so with them a task covers every
 // layer of its row block (forward) or column tile (backward); extra memory stays
 // O(threads x M x tile).
+//
+// Shared tiles (the joint directions): with rules.triangle (rows = the first R columns, only
+// j > i or j >= R scored) a (row block, column tile) pair wholly at or below the diagonal is
+// skipped, no GEMM and no exponential, and a tile crossing it takes the keep mask; with
+// rules.column_statistics = K the first K columns also get softmax statistics over the rows
+// (no penalty), computed and merged like the doc->query direction's positive columns of
+// pair_losses: one machinery for both, the "statistic columns" of Problem.
 
 #include <torch/extension.h>
 
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -191,11 +199,15 @@ struct PassRules {
   const T* guide_threshold = nullptr;  // [B]
   int64_t guide_dim = 0;
   bool teacher = false;  // forward: teacher-weighted sums; backward: the distillation gradient
+  bool triangle = false;  // rows are the first R columns: only j > i or j >= R is scored
+  int64_t column_statistics = 0;  // K: the first K columns' softmax statistics over the rows
 
   bool guided() const { return guide_rows != nullptr; }
   bool excludes() const { return exclude_own_group || guided(); }
   bool penalises() const { return penalty != kNoPenalty; }
   bool masked() const { return excludes() || penalises(); }
+  // Whether some tile fills keep / penalty: every tile when masked(), the diagonal's with the triangle.
+  bool has_tile_masks() const { return masked() || triangle; }
   // The guide product and the teacher tile are computed once per tile for every layer, so a
   // task then covers all layers of its rows (forward) or columns (backward).
   bool shares_tiles_across_layers() const { return guided() || teacher; }
@@ -217,11 +229,33 @@ struct Problem {
   std::vector<int64_t> starts, ends;  // segment m is [starts[m], ends[m])
   std::vector<uint8_t> active;        // [L, M]
   std::vector<int64_t> last;          // [L] largest active m, -1 if none
-  // Queries sorted by the doc row of their positive: the columns of the doc->query direction.
-  std::vector<int64_t> queries_by_positive, positive_sorted;
+  // The statistic columns: columns that are also softmaxes over the rows, sorted, and the slot of
+  // each in the column statistics [L, n_slots, M]. pair_losses' doc->query direction: the positive
+  // columns, slot = the query (a column repeats when queries share a positive); a pass with
+  // rules.column_statistics = K: columns 0..K-1, slot = column (contiguous_stats).
+  std::vector<int64_t> stat_cols, stat_slots;
+  int64_t n_slots = 0;
+  bool contiguous_stats = false;
 
-  int64_t positives_begin(int64_t col) const {
-    return std::lower_bound(positive_sorted.begin(), positive_sorted.end(), col) - positive_sorted.begin();
+  // First statistic entry whose column is >= col.
+  int64_t stats_begin(int64_t col) const {
+    return std::lower_bound(stat_cols.begin(), stat_cols.end(), col) - stat_cols.begin();
+  }
+  // Triangle: the pair (row block at r0, column tile [c0, c0 + nc)) has only j <= i entries.
+  bool skipped(int64_t r0, int64_t c0, int64_t nc) const { return rules.triangle && c0 + nc - 1 <= r0; }
+  // Triangle: a pair that is not skipped but holds some j <= i entry (needs the keep mask).
+  bool on_diagonal(int64_t r0, int64_t nr, int64_t c0) const { return rules.triangle && c0 <= r0 + nr - 1; }
+  // Triangle: the first column of the tile [c0, c0 + nc) that row `row` scores (j > row), else 0. The
+  // epilogues start there: on a diagonal tile the keep mask would zero the columns before it anyway,
+  // so skipping them halves the tile's exponentials without changing a result.
+  int64_t first_scored(int64_t row, int64_t c0, int64_t nc) const {
+    return rules.triangle ? std::clamp<int64_t>(row + 1 - c0, 0, nc) : 0;
+  }
+  // The skipped tiles of a row block are its first ones: the dQ turns of the block start after them.
+  int64_t first_tile(int64_t r0) const {
+    int64_t tile = 0;
+    while (tile < n_tiles && skipped(r0, tile * col_tile, std::min(col_tile, N - tile * col_tile))) ++tile;
+    return tile;
   }
   // The logit and the cosine of one tile entry, written once so that forward and backward
   // evaluate the same expression in the same order.
@@ -279,13 +313,32 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
       if (p.active[l * p.M + m]) p.last[l] = m;
   TORCH_CHECK(!rules.teacher || p.active[p.L * p.M - 1],
               "m2d cpp backend: the teacher pair (last layer, largest dim) must be active");
-  p.queries_by_positive.resize(p.B);
-  for (int64_t i = 0; i < p.B; ++i) p.queries_by_positive[i] = i;
-  std::stable_sort(p.queries_by_positive.begin(), p.queries_by_positive.end(),
-                   [&](int64_t a, int64_t b) { return p.positive[a] < p.positive[b]; });
-  for (int64_t i : p.queries_by_positive) p.positive_sorted.push_back(p.positive[i]);
+  TORCH_CHECK(!rules.triangle || p.B <= p.N, "m2d cpp backend: rules.triangle needs R <= C");
+  TORCH_CHECK(rules.column_statistics >= 0 && rules.column_statistics <= p.N,
+              "m2d cpp backend: rules.column_statistics must be in [0, C]");
+  TORCH_CHECK(!rules.column_statistics || !(symmetric || rules.shares_tiles_across_layers()),
+              "m2d cpp backend: rules.column_statistics takes no doc->query direction, guide or teacher");
+  if (symmetric) {  // queries sorted by the doc row of their positive
+    p.stat_slots.resize(p.B);
+    for (int64_t i = 0; i < p.B; ++i) p.stat_slots[i] = i;
+    std::stable_sort(p.stat_slots.begin(), p.stat_slots.end(),
+                     [&](int64_t a, int64_t b) { return p.positive[a] < p.positive[b]; });
+    for (int64_t i : p.stat_slots) p.stat_cols.push_back(p.positive[i]);
+    p.n_slots = p.B;
+  } else if (rules.column_statistics > 0) {
+    p.n_slots = rules.column_statistics;
+    p.stat_cols.resize(p.n_slots);
+    for (int64_t j = 0; j < p.n_slots; ++j) p.stat_cols[j] = j;
+    p.stat_slots = p.stat_cols;
+    p.contiguous_stats = true;
+  }
   return p;
 }
+
+// (row block, column tile) pairs computed, forward and backward (once per task that visits the
+// pair): the evidence that the triangle skips tiles (tile_pairs_computed). One relaxed atomic add
+// per tile pair, against a GEMM of kRowBlock x col_tile x D.
+std::atomic<int64_t> tile_pairs{0};
 
 int64_t threads_for(int64_t work, int64_t tasks, int64_t n_threads) {
   return std::max<int64_t>(1, std::min({n_threads, tasks, work / kWorkPerThread}));
@@ -352,7 +405,7 @@ struct TileRules {
 };
 
 // Fills keep and penalty (TileRules) for rows [r0, r0 + nr) and columns [c0, c0 + nc) with
-// rules.py's classes. The guide similarities are one small GEMM into `guide`, per tile: no
+// rules.py's classes (the triangle's j <= i among them: row i < R, so j <= i implies j < R). The guide similarities are one small GEMM into `guide`, per tile: no
 // B x N guide matrix exists.
 template <typename T>
 void rules_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* guide, T* keep, T* pen) {
@@ -362,24 +415,34 @@ void rules_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t
     auto out = view(guide, nr, nc, nc);
     at::mm_out(out, view(r.guide_rows + r0 * dg, nr, dg, dg), view(r.guide_cols + c0 * dg, nc, dg, dg).t());
   }
+  // Fills, then the few special columns: the own group's (every group_period-th column, no modulo per
+  // entry), the positive, the triangle's first columns.
+  const int64_t period = r.group_period;
+  const T other_penalty = r.penalty == kInBatchNegatives || r.penalty == kAllNegatives ? r.penalty_strength : T(0);
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t group = r.row_group != nullptr ? r.row_group[r0 + i] : -1;
-    const int64_t positive = p.positive[r0 + i];
-    for (int64_t j = 0; j < nc; ++j) {
-      const int64_t col = c0 + j;
-      const bool own = r.group_period > 0 && col % r.group_period == group;
-      bool excluded = r.exclude_own_group && own;
-      if (r.guided()) excluded = excluded || (guide[i * nc + j] > r.guide_threshold[r0 + i] && col != positive);
-      bool penalised = false;
-      switch (r.penalty) {
-        case kInBatchNegatives: penalised = !own; break;
-        case kHardNegatives: penalised = own && col >= r.group_period; break;
-        case kAllNegatives: penalised = col != group; break;
-        default: break;
-      }
-      keep[i * nc + j] = excluded ? T(0) : T(1);
-      pen[i * nc + j] = penalised ? r.penalty_strength : T(0);
+    T* keep_row = keep + i * nc;
+    T* pen_row = pen + i * nc;
+    std::fill(pen_row, pen_row + nc, other_penalty);
+    if (r.guided()) {
+      const T threshold = r.guide_threshold[r0 + i];
+      const T* guide_row = guide + i * nc;
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) keep_row[j] = guide_row[j] > threshold ? T(0) : T(1);
+      const int64_t positive = p.positive[r0 + i] - c0;  // never guided out
+      if (positive >= 0 && positive < nc) keep_row[positive] = T(1);
+    } else {
+      std::fill(keep_row, keep_row + nc, T(1));
     }
+    if (period > 0 && group >= 0 && group < period) {
+      for (int64_t col = c0 + ((group - c0) % period + period) % period; col < c0 + nc; col += period) {
+        if (r.exclude_own_group) keep_row[col - c0] = T(0);
+        if (r.penalty == kInBatchNegatives) pen_row[col - c0] = T(0);
+        if (r.penalty == kHardNegatives && col >= period) pen_row[col - c0] = r.penalty_strength;
+      }
+    }
+    if (r.penalty == kAllNegatives && group >= c0 && group < c0 + nc) pen_row[group - c0] = T(0);
+    if (r.triangle) std::fill(keep_row, keep_row + p.first_scored(r0 + i, c0, nc), T(0));
   }
 }
 
@@ -426,9 +489,16 @@ struct SoftmaxStats {
   T max, sum, cos_sum;
 };
 
-// Merges `part` into `total`, rescaling both to the larger maximum.
+// Merges `part` into `total`, rescaling both to the larger maximum. A side with nothing kept
+// (running maximum -inf, sum 0) leaves the other as it is: no exp(-inf - -inf).
 template <typename T>
 void merge(SoftmaxStats<T>& total, const SoftmaxStats<T>& part) {
+  constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
+  if (part.max == kMinusInf) return;
+  if (total.max == kMinusInf) {
+    total = part;
+    return;
+  }
   const T new_max = std::max(total.max, part.max);
   const T a = std::exp(total.max - new_max), b = std::exp(part.max - new_max);
   total.sum = total.sum * a + part.sum * b;
@@ -437,16 +507,15 @@ void merge(SoftmaxStats<T>& total, const SoftmaxStats<T>& part) {
 }
 
 // Row statistics of one row block over all column tiles ([layers of the task, M, nr] each:
-// slot (l - l0) * M + m), and the partial column statistics of this row block for every
-// positive column ([B, M], by query; pair_losses only, one layer per task).
+// slot (l - l0) * M + m), and the partial statistics of the statistic columns over this row
+// block ([n_slots, M], by slot; one layer per task).
 template <typename T>
 struct BlockStats {
   std::vector<SoftmaxStats<T>> rows, columns;
   std::vector<T> positive_logit, positive_cos, teacher_sum;
 };
 
-// Folds one tile of pair (l, m) into the row statistics (at `slot`) and the positive columns'
-// partials. kScaleGrad adds sum_j exp(z_j - max) * cos_j beside the sum, for d loss / d scale;
+// Folds one tile of pair (l, m) into the row statistics (at `slot`). kScaleGrad adds sum_j exp(z_j - max) * cos_j beside the sum, for d loss / d scale;
 // kExclude drops the excluded entries (before any exponential), kPenalty adds the penalty,
 // kTeacher accumulates sum_j exp(z_T - offset_T) * z_j (the tile's teacher weights).
 template <bool kScaleGrad, bool kExclude, bool kPenalty, bool kTeacher, typename T>
@@ -464,12 +533,13 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
     const T* keep_row = rules.keep + i * nc;
     const T* pen_row = rules.penalty + i * nc;
     const T* teacher_row = rules.teacher + i * nc;
+    const int64_t first = p.first_scored(r0 + i, c0, nc);
     SoftmaxStats<T>& row = stats.rows[slot * nr + i];
     T new_max = p.max_logit;
     if (!p.fixed_max) {
       T tile_max = kMinusInf;
 #pragma omp simd reduction(max : tile_max)
-      for (int64_t j = 0; j < nc; ++j) {
+      for (int64_t j = first; j < nc; ++j) {
         T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
         if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
         tile_max = std::max(tile_max, z);
@@ -488,7 +558,7 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
       }
     } else {
 #pragma omp simd reduction(+ : tile_sum, tile_teacher)
-      for (int64_t j = 0; j < nc; ++j) {
+      for (int64_t j = first; j < nc; ++j) {
         const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
         if constexpr (kExclude) {
           const bool kept = keep_row[j] != 0;
@@ -510,31 +580,83 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
     }
     row.max = new_max;
     const int64_t pos = p.positive[r0 + i] - c0;
-    if (pos >= 0 && pos < nc) {
+    if (pos >= first && pos < nc) {  // one before `first` is excluded: -inf (forward_impl)
       T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[pos], rk[pos], pen_row, pos);
       if constexpr (kExclude) z = keep_row[pos] != 0 ? z : kMinusInf;
       stats.positive_logit[slot * nr + i] = z;
       if constexpr (kScaleGrad) stats.positive_cos[slot * nr + i] = rq * s_row[pos] * rk[pos];
     }
   }
-  if (!p.symmetric) return;
-  // Each query's positive lies in exactly one column tile, so these are written once per block.
-  for (int64_t e = p.positives_begin(c0), end = p.positives_begin(c0 + nc); e < end; ++e) {
-    const int64_t j = p.positive_sorted[e] - c0;
-    SoftmaxStats<T> column{p.scale, 0, 0};
-    if (!p.fixed_max) {
-      column.max = -std::numeric_limits<T>::infinity();
-      for (int64_t i = 0; i < nr; ++i)
-        column.max = std::max(column.max, p.logit(p.scale * inv_q[i * p.M], s[i * nc + j], rk[j]));
-    }
-    for (int64_t i = 0; i < nr; ++i) {
-      const T rq = inv_q[i * p.M];
-      const T e_i = vector_exp(p.logit(p.scale * rq, s[i * nc + j], rk[j]) - column.max);
-      column.sum += e_i;
-      if constexpr (kScaleGrad) column.cos_sum += e_i * (rq * s[i * nc + j] * rk[j]);
-    }
-    stats.columns[p.queries_by_positive[e] * p.M + m] = column;
+}
+
+// The statistic columns (Problem) of one tile of pair (l, m), over this row block: each lies in
+// exactly one tile, so a block writes each slot once. Column logits carry no penalty; excluded
+// entries are dropped before any exponential; the fixed maximum of a column is `scale`.
+// Row-major, vectorised across the tile's statistic columns: kContiguous, entry e is tile column
+// j0 + e (the row pointers below start at j0); else gathered through stat_cols. The index is an
+// inline expression, not a lambda: GCC does not vectorise the loops through a closure's references.
+// `buffer` holds 3 x col_tile.
+template <bool kScaleGrad, bool kExclude, bool kContiguous, typename T>
+void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                     const T* s, T* rk, T* buffer, BlockStats<T>& stats, const TileRules<T>& rules) {
+  static_assert(!(kScaleGrad && kExclude), "d loss / d scale is for plain rules only");
+  constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
+  const int64_t e0 = p.stats_begin(c0), n = p.stats_begin(c0 + nc) - e0;
+  if (n == 0) return;
+  const int64_t* cols = p.stat_cols.data() + e0;
+  const int64_t j0 = cols[0] - c0, shift = kContiguous ? j0 : 0;
+  const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
+  const T* inv_q = p.inv_q + (l * p.B + r0) * p.M + m;
+  for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
+  const T* rk_at = rk + shift;
+  T* col_max = buffer;
+  T* col_sum = buffer + p.col_tile;
+  T* col_cos_sum = buffer + 2 * p.col_tile;
+  for (int64_t e = 0; e < n; ++e) {
+    col_max[e] = p.fixed_max ? p.scale : kMinusInf;
+    col_sum[e] = 0;
+    col_cos_sum[e] = 0;
   }
+  // The triangle's rows score only j > i: the first entry row i reaches (contiguous columns only).
+  if (!p.fixed_max) {
+    for (int64_t i = 0; i < nr; ++i) {
+      const T row_scale = p.scale * inv_q[i * p.M];
+      const T* s_row = s + i * nc + shift;
+      const T* keep_row = rules.keep + i * nc + shift;
+      const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
+#pragma omp simd
+      for (int64_t e = first; e < n; ++e) {
+        const int64_t j = kContiguous ? e : cols[e] - c0;
+        T z = p.logit(row_scale, s_row[j], rk_at[j]);
+        if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
+        col_max[e] = std::max(col_max[e], z);
+      }
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i) {
+    const T rq = inv_q[i * p.M];
+    const T row_scale = p.scale * rq;
+    const T* s_row = s + i * nc + shift;
+    const T* keep_row = rules.keep + i * nc + shift;
+    const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
+#pragma omp simd
+    for (int64_t e = first; e < n; ++e) {
+      const int64_t j = kContiguous ? e : cols[e] - c0;
+      const T z = p.logit(row_scale, s_row[j], rk_at[j]);
+      if constexpr (kExclude) {
+        const bool kept = keep_row[j] != 0;
+        const T base = col_max[e] == kMinusInf ? T(0) : col_max[e];  // a column with nothing kept so far
+        const T x = vector_exp(kept ? z - base : T(0));                // no exponent of an excluded logit
+        col_sum[e] += kept ? x : T(0);
+      } else {
+        const T x = vector_exp(z - col_max[e]);
+        col_sum[e] += x;
+        if constexpr (kScaleGrad) col_cos_sum[e] += x * (rq * s_row[j] * rk_at[j]);
+      }
+    }
+  }
+  for (int64_t e = 0; e < n; ++e)
+    stats.columns[p.stat_slots[e0 + e] * p.M + m] = SoftmaxStats<T>{col_max[e], col_sum[e], col_cos_sum[e]};
 }
 
 // The forward's kernels for one call's rules, chosen once (outside every loop).
@@ -544,9 +666,12 @@ struct ForwardKernels {
                             const T*, T*, BlockStats<T>&, const TileRules<T>&);
   using Teacher = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, const T*, T*, const T*, const T*,
                            const TileRules<T>&, T*, T*);
+  using Column = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, T*, T*,
+                          BlockStats<T>&, const TileRules<T>&);
   Epilogue epilogue;          // every pair
   Epilogue teacher_epilogue;  // the teacher pair itself: its weights come after its maximum
   Teacher teacher;
+  Column column;  // the statistic columns (Problem::n_slots > 0)
 };
 
 // Calls f(std::integral_constant<bool, flag>): a runtime rule becomes a template argument.
@@ -555,17 +680,21 @@ auto with_flag(bool flag, const F& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// `diagonal`: the kernels of a triangle's tiles that cross the diagonal (they exclude entries).
 template <bool kScaleGrad, typename T>
-ForwardKernels<T> pick_forward(const PassRules<T>& rules) {
+ForwardKernels<T> pick_forward(const Problem<T>& p, bool diagonal) {
+  const PassRules<T>& rules = p.rules;
   if constexpr (kScaleGrad) {
-    return {&forward_epilogue<true, false, false, false, T>, nullptr, nullptr};
+    return {&forward_epilogue<true, false, false, false, T>, nullptr, nullptr,
+            &column_epilogue<true, false, false, T>};  // pair_losses: the positive columns
   } else {
-    return with_flag(rules.excludes(), [&](auto exclude) {
+    return with_flag(rules.excludes() || diagonal, [&](auto exclude) {
       return with_flag(rules.penalises(), [&](auto penalty) {
         constexpr bool kE = decltype(exclude)::value, kP = decltype(penalty)::value;
         return ForwardKernels<T>{
             rules.teacher ? &forward_epilogue<false, kE, kP, true, T> : &forward_epilogue<false, kE, kP, false, T>,
-            &forward_epilogue<false, kE, kP, false, T>, &teacher_tile<kE, kP, T>};
+            &forward_epilogue<false, kE, kP, false, T>, &teacher_tile<kE, kP, T>,
+            p.contiguous_stats ? &column_epilogue<false, kE, true, T> : &column_epilogue<false, kE, false, T>};
       });
     });
   }
@@ -579,19 +708,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
   TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
               "m2d cpp backend: the doc->query direction takes plain rules");
-  const ForwardKernels<T> kernels = pick_forward<kScaleGrad>(rules);
+  // [0]: every tile of the call's rules; [1]: a triangle's tiles across the diagonal.
+  const ForwardKernels<T> kernels[2] = {pick_forward<kScaleGrad>(p, false), pick_forward<kScaleGrad>(p, true)};
   auto opts = q.options();
-  const T start_max = p.fixed_max ? p.max_logit : -std::numeric_limits<T>::infinity();
+  constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
+  const T start_max = p.fixed_max ? p.max_logit : kMinusInf;
+  const T column_start_max = p.fixed_max ? p.scale : kMinusInf;  // column logits carry no penalty
   // Saved for the backward: each direction's maximum and log of the scaled sum, apart.
   at::Tensor row_max = at::zeros({p.L, p.B, p.M}, opts), row_logsum = at::zeros({p.L, p.B, p.M}, opts);
-  at::Tensor col_max = at::zeros({symmetric ? p.L : 0, p.B, p.M}, opts);
-  at::Tensor col_logsum = at::zeros({symmetric ? p.L : 0, p.B, p.M}, opts);
+  at::Tensor col_max = at::zeros({p.n_slots > 0 ? p.L : 0, p.n_slots, p.M}, opts);
+  at::Tensor col_logsum = at::zeros({p.n_slots > 0 ? p.L : 0, p.n_slots, p.M}, opts);
   at::Tensor positive_logit = at::zeros({p.L, p.B, p.M}, opts);
   at::Tensor teacher_sum = at::zeros({rules.teacher ? p.L : 0, p.B, p.M}, opts);
   // Forward-only: the rows' d/dscale terms, the columns' merged statistics.
   std::vector<T> row_dscale(kScaleGrad ? p.L * p.B * p.M : 0, 0);
   std::vector<T> positive_cos(kScaleGrad ? p.L * p.B * p.M : 0, 0);
-  std::vector<SoftmaxStats<T>> columns(symmetric ? p.L * p.B * p.M : 0, SoftmaxStats<T>{start_max, 0, 0});
+  std::vector<SoftmaxStats<T>> columns(p.L * p.n_slots * p.M, SoftmaxStats<T>{column_start_max, 0, 0});
   T* row_max_ptr = row_max.data_ptr<T>();
   T* row_logsum_ptr = row_logsum.data_ptr<T>();
   T* col_max_ptr = col_max.data_ptr<T>();
@@ -605,8 +737,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
 
   run_tasks(threads_for(p.L * p.B * p.N * p.D, n_tasks, n_threads), [&] {
     const int64_t tile_size = kRowBlock * p.col_tile;
-    const int64_t rules_size = rules.masked() ? tile_size : 0, teacher_size = rules.teacher ? tile_size : 0;
-    Scratch<T> s(tile_size), rk(p.col_tile);
+    const int64_t rules_size = rules.has_tile_masks() ? tile_size : 0, teacher_size = rules.teacher ? tile_size : 0;
+    Scratch<T> s(tile_size), rk(p.col_tile), column_buffer(p.n_slots > 0 ? 3 * p.col_tile : 0);
     Scratch<T> keep(rules_size), pen(rules_size), guide(rules.guided() ? tile_size : 0);
     // The teacher layer's logits (one tile per dim), weights, and per-row offset, shift, rescale, own sum.
     Scratch<T> teacher_s(p.M * teacher_size), teacher_w(teacher_size), teacher_rows(rules.teacher ? 4 * kRowBlock : 0);
@@ -622,10 +754,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       stats.positive_logit.assign(slots, 0);
       stats.positive_cos.assign(kScaleGrad ? slots : 0, 0);
       stats.teacher_sum.assign(rules.teacher ? slots : 0, 0);
-      stats.columns.assign(symmetric ? p.B * p.M : 0, SoftmaxStats<T>{start_max, 0, 0});
+      stats.columns.assign(p.n_slots * p.M, SoftmaxStats<T>{column_start_max, 0, 0});
       for (int64_t c0 = 0; c0 < p.N; c0 += p.col_tile) {
         const int64_t nc = std::min(p.col_tile, p.N - c0);
-        if (rules.masked()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
+        if (p.skipped(r0, c0, nc)) continue;  // the triangle: no GEMM, no exponential
+        tile_pairs.fetch_add(1, std::memory_order_relaxed);
+        const bool diagonal = p.on_diagonal(r0, nr, c0);
+        const ForwardKernels<T>& tile_kernels = kernels[diagonal];
+        if (rules.masked() || diagonal) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
         if (rules.teacher) {
           // The teacher pair first: its updated maximum is the offset of this tile's weights.
           T* offset = teacher_rows.get();
@@ -635,16 +771,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
           const T* teacher_logits = teacher_s.get() + (p.M - 1) * tile_size;
           teacher_layer_segments(p, r0, nr, c0, nc, teacher_s.get(), tile_size);
           for (int64_t i = 0; i < nr; ++i) rescale[i] = stats.rows[teacher_slot * nr + i].max;
-          kernels.teacher_epilogue(p, p.L - 1, p.M - 1, teacher_slot, r0, nr, c0, nc, teacher_logits, rk.get(), stats,
-                                   tile_rules);
+          tile_kernels.teacher_epilogue(p, p.L - 1, p.M - 1, teacher_slot, r0, nr, c0, nc, teacher_logits, rk.get(),
+                                        stats, tile_rules);
           for (int64_t i = 0; i < nr; ++i) {
             const T previous = rescale[i], current = stats.rows[teacher_slot * nr + i].max;
             offset[i] = current == -std::numeric_limits<T>::infinity() ? T(0) : current;
             shift[i] = 0;
             rescale[i] = previous == current ? T(1) : vector_exp(previous - current);
           }
-          kernels.teacher(p, r0, nr, c0, nc, teacher_logits, rk.get(), offset, shift, tile_rules, teacher_w.get(),
-                          own_sum);
+          tile_kernels.teacher(p, r0, nr, c0, nc, teacher_logits, rk.get(), offset, shift, tile_rules,
+                               teacher_w.get(), own_sum);
           for (int64_t i = 0; i < nr; ++i) {
             T& sum = stats.teacher_sum[teacher_slot * nr + i];
             sum = sum * rescale[i] + own_sum[i];
@@ -655,8 +791,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
           for (int64_t m = 0; m <= p.last[l]; ++m) {
             const T* s_m = teacher_layer ? teacher_s.get() + m * tile_size : s.get();
             if (!teacher_layer) accumulate_segment(p, l, m, r0, nr, c0, nc, s.get());
-            if (p.active[l * p.M + m] && !(teacher_layer && m == p.M - 1))
-              kernels.epilogue(p, l, m, (l - l0) * p.M + m, r0, nr, c0, nc, s_m, rk.get(), stats, tile_rules);
+            if (!p.active[l * p.M + m]) continue;
+            if (!(teacher_layer && m == p.M - 1))
+              tile_kernels.epilogue(p, l, m, (l - l0) * p.M + m, r0, nr, c0, nc, s_m, rk.get(), stats, tile_rules);
+            if (p.n_slots > 0)
+              tile_kernels.column(p, l, m, r0, nr, c0, nc, s_m, rk.get(), column_buffer.get(), stats, tile_rules);
           }
         }
       }
@@ -667,10 +806,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
           for (int64_t i = 0; i < nr; ++i) {
             const int64_t at = (l * p.B + r0 + i) * p.M + m;
             const SoftmaxStats<T>& row = stats.rows[slot + i];
-            // A row whose every column is excluded: offset 0, log_sum -inf.
-            row_max_ptr[at] = row.max == -std::numeric_limits<T>::infinity() ? T(0) : row.max;
+            // A row whose every column is excluded: offset 0, log_sum -inf (the fixed maximum's sum
+            // cannot underflow to 0: fixed_max_is_exact).
+            row_max_ptr[at] = row.sum == 0 ? T(0) : row.max;
             row_logsum_ptr[at] = std::log(row.sum);
-            positive_logit_ptr[at] = stats.positive_logit[slot + i];
+            // A positive at or below the triangle's diagonal is excluded (its tile may have been skipped).
+            const int64_t positive_col = p.positive[r0 + i];
+            const bool below = rules.triangle && positive_col >= 0 && positive_col <= r0 + i;
+            positive_logit_ptr[at] = below ? kMinusInf : stats.positive_logit[slot + i];
             if constexpr (kScaleGrad) {
               positive_cos[at] = stats.positive_cos[slot + i];
               row_dscale[at] = row.cos_sum / row.sum - positive_cos[at];
@@ -679,16 +822,26 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
           }
         }
       }
-      if (symmetric) {
+      if (p.n_slots > 0) {  // one layer per task (make_problem)
         turns.run_in_turn(l0, block, [&] {
-          for (int64_t i = 0; i < p.B; ++i)
+          for (int64_t slot = 0; slot < p.n_slots; ++slot)
             for (int64_t m = 0; m <= p.last[l0]; ++m)
-              if (p.active[l0 * p.M + m]) merge(columns[(l0 * p.B + i) * p.M + m], stats.columns[i * p.M + m]);
+              if (p.active[l0 * p.M + m])
+                merge(columns[(l0 * p.n_slots + slot) * p.M + m], stats.columns[slot * p.M + m]);
         });
       }
     }
   });
 
+  // The statistic columns: a column with nothing kept has offset 0 and log_sum -inf.
+  for (int64_t l = 0; l < p.L; ++l)
+    for (int64_t slot = 0; slot < p.n_slots; ++slot)
+      for (int64_t m = 0; m < p.M; ++m) {
+        if (!p.active[l * p.M + m]) continue;
+        const int64_t at = (l * p.n_slots + slot) * p.M + m;
+        col_max_ptr[at] = columns[at].sum == 0 ? T(0) : columns[at].max;
+        col_logsum_ptr[at] = std::log(columns[at].sum);
+      }
   // Serial, fixed-order means over the queries.
   at::Tensor losses = at::zeros({p.L, p.M}, opts);
   at::Tensor dscale = at::zeros({kScaleGrad ? p.L : 0, p.M}, opts);
@@ -701,12 +854,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         const T positive_logit_i = positive_logit_ptr[at];
         row_total += (row_max_ptr[at] - positive_logit_i) + row_logsum_ptr[at];
         if constexpr (kScaleGrad) row_dscale_total += row_dscale[at];
-        if (!symmetric) continue;
-        const SoftmaxStats<T>& column = columns[at];
-        col_max_ptr[at] = column.max;
-        col_logsum_ptr[at] = std::log(column.sum);
-        column_total += (column.max - positive_logit_i) + col_logsum_ptr[at];
-        if constexpr (kScaleGrad) column_dscale_total += column.cos_sum / column.sum - positive_cos[at];
+        if (!symmetric) continue;  // slot = query
+        column_total += (col_max_ptr[at] - positive_logit_i) + col_logsum_ptr[at];
+        if constexpr (kScaleGrad) column_dscale_total += columns[at].cos_sum / columns[at].sum - positive_cos[at];
       }
       losses.data_ptr<T>()[l * p.M + m] = (symmetric ? (row_total + column_total) / 2 : row_total) / p.B;
       if constexpr (kScaleGrad)
@@ -719,15 +869,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
 
 // ---------------------------------------------------------------- backward
 
+// Which statistic columns (Problem) a kernel handles: none, columns 0..K-1, or gathered ones.
+enum StatColumns : int { kNoColumns = 0, kContiguousColumns = 1, kGatheredColumns = 2 };
+
 // W_m = G_m * rq * rk for one tile, into w; writes rowsum(G_m * cos_m) into gc_row and adds
-// the column sums to gc_col. G_m = coef * (softmax_row - onehot(p)) (+ softmax_column - onehot
-// for the positive columns), softmax = exp((z - max) - logsum) with the forward's z; with
-// kDistill, G_m = (coef + distill) * softmax - coef * onehot - distill * p_T. Excluded entries
-// get 0 (kExclude), penalised ones the penalty in z only (it carries no gradient).
-template <bool kExclude, bool kPenalty, bool kDistill, typename T>
+// the column sums to gc_col. G_m = coef * (softmax_row - onehot(p)) (+ softmax_column on the
+// statistic columns, - onehot for pair_losses' positive columns), softmax = exp((z - max) - logsum)
+// with the forward's z (the column side without penalty); with kDistill, G_m = (coef + distill) *
+// softmax - coef * onehot - distill * p_T. Excluded entries get 0 (kExclude), penalised ones the
+// penalty in z only (it carries no gradient). Both softmaxes enter G before W and the norm terms'
+// sums (gc_row, gc_col) are formed, so those need nothing more. `col_buffer` holds 2 x col_tile.
+template <bool kExclude, bool kPenalty, bool kDistill, int kColumns, typename T>
 void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                    const T* s, T* w, T* rk, T coef, T distill, const T* row_max, const T* row_logsum,
-                   const T* col_max, const T* col_logsum, T* gc_row, T* gc_col, const TileRules<T>& rules) {
+                   const T* col_max, const T* col_logsum, T* gc_row, T* gc_col, T* col_buffer,
+                   const TileRules<T>& rules) {
+  static_assert(!(kDistill && kColumns != kNoColumns), "column statistics take no distillation");
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
   for (int64_t i = 0; i < nr; ++i) {
@@ -740,8 +897,10 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     const T* pen_row = rules.penalty + i * nc;
     const T* teacher_row = rules.teacher + i * nc;
     T* w_row = w + i * nc;
+    const int64_t first = p.first_scored(r0 + i, c0, nc);
+    std::fill(w_row, w_row + first, T(0));
 #pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) {
+    for (int64_t j = first; j < nc; ++j) {
       const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
       T prob;
       if constexpr (kExclude) {
@@ -760,14 +919,44 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     const int64_t pos = p.positive[r0 + i] - c0;
     if (pos >= 0 && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= kDistill ? coef : T(1);
   }
-  if (p.symmetric) {
-    for (int64_t e = p.positives_begin(c0), end = p.positives_begin(c0 + nc); e < end; ++e) {
-      const int64_t j = p.positive_sorted[e] - c0, column_query = p.queries_by_positive[e];
-      const int64_t at = (l * p.B + column_query) * p.M + m;
-      const T max = col_max[at], logsum = col_logsum[at];
-      for (int64_t i = 0; i < nr; ++i) {
-        const T z = p.logit(p.scale * p.inv_q[(l * p.B + r0 + i) * p.M + m], s[i * nc + j], rk[j]);
-        w[i * nc + j] += vector_exp((z - max) - logsum) - (r0 + i == column_query ? T(1) : T(0));
+  if constexpr (kColumns != kNoColumns) {
+    const int64_t e0 = p.stats_begin(c0), n = p.stats_begin(c0 + nc) - e0;
+    constexpr bool kContiguous = kColumns == kContiguousColumns;
+    const int64_t* cols = p.stat_cols.data() + e0;
+    const int64_t j0 = n > 0 ? cols[0] - c0 : 0, shift = kContiguous ? j0 : 0;  // as in column_epilogue
+    const T* rk_at = rk + shift;
+    T* max = col_buffer;
+    T* logsum = col_buffer + p.col_tile;
+    for (int64_t e = 0; e < n; ++e) {
+      const int64_t at = (l * p.n_slots + p.stat_slots[e0 + e]) * p.M + m;
+      max[e] = col_max[at];
+      logsum[e] = col_logsum[at];
+    }
+    for (int64_t i = 0; i < nr; ++i) {
+      const T row_scale = p.scale * p.inv_q[(l * p.B + r0 + i) * p.M + m];
+      const T* s_row = s + i * nc + shift;
+      const T* keep_row = rules.keep + i * nc + shift;
+      T* w_row = w + i * nc + shift;
+      const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
+      // Contiguous: vectorised. Gathered (pair_losses' positive columns), a column repeats when
+      // queries share a positive, so a vector scatter would lose updates: the loop stays scalar.
+#pragma omp simd if (kContiguous)
+      for (int64_t e = first; e < n; ++e) {
+        const int64_t j = kContiguous ? e : cols[e] - c0;
+        const T z = p.logit(row_scale, s_row[j], rk_at[j]);
+        if constexpr (kExclude) {
+          const bool kept = keep_row[j] != 0;
+          const T x = vector_exp(kept ? (z - max[e]) - logsum[e] : T(0));  // no exponent of an excluded logit
+          w_row[j] += kept ? x : T(0);
+        } else {
+          w_row[j] += vector_exp((z - max[e]) - logsum[e]);
+        }
+      }
+    }
+    if (p.symmetric) {  // the column softmax's positive: the slot's query
+      for (int64_t e = 0; e < n; ++e) {
+        const int64_t i = p.stat_slots[e0 + e] - r0;
+        if (i >= 0 && i < nr) w[i * nc + cols[e] - c0] -= T(1);
       }
     }
   }
@@ -777,7 +966,7 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     T* w_row = w + i * nc;
     T row_sum = 0;
 #pragma omp simd reduction(+ : row_sum)
-    for (int64_t j = 0; j < nc; ++j) {
+    for (int64_t j = p.first_scored(r0 + i, c0, nc); j < nc; ++j) {  // 0 before (above)
       const T g = kDistill ? w_row[j] : coef * w_row[j];  // the distillation tile carries its coefficients
       const T g_cos = g * rq * s_row[j] * rk[j];
       row_sum += g_cos;
@@ -792,18 +981,24 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
 template <typename T>
 struct BackwardKernels {
   using Gradient = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, T*, T*,
-                            T, T, const T*, const T*, const T*, const T*, T*, T*, const TileRules<T>&);
+                            T, T, const T*, const T*, const T*, const T*, T*, T*, T*, const TileRules<T>&);
   Gradient gradient;
   typename ForwardKernels<T>::Teacher teacher;
 };
 
+// `diagonal`: the kernels of a triangle's tiles that cross the diagonal (they exclude entries).
 template <typename T>
-BackwardKernels<T> pick_backward(const PassRules<T>& rules) {
-  return with_flag(rules.excludes(), [&](auto exclude) {
+BackwardKernels<T> pick_backward(const Problem<T>& p, bool diagonal) {
+  const PassRules<T>& rules = p.rules;
+  return with_flag(rules.excludes() || diagonal, [&](auto exclude) {
     return with_flag(rules.penalises(), [&](auto penalty) {
       constexpr bool kE = decltype(exclude)::value, kP = decltype(penalty)::value;
-      return BackwardKernels<T>{
-          rules.teacher ? &gradient_tile<kE, kP, true, T> : &gradient_tile<kE, kP, false, T>, &teacher_tile<kE, kP, T>};
+      typename BackwardKernels<T>::Gradient gradient = &gradient_tile<kE, kP, false, kNoColumns, T>;
+      if (rules.teacher) gradient = &gradient_tile<kE, kP, true, kNoColumns, T>;
+      if (p.n_slots > 0)
+        gradient = p.contiguous_stats ? &gradient_tile<kE, kP, false, kContiguousColumns, T>
+                                      : &gradient_tile<kE, kP, false, kGatheredColumns, T>;
+      return BackwardKernels<T>{gradient, &teacher_tile<kE, kP, T>};
     });
   });
 }
@@ -836,25 +1031,33 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
   TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
               "m2d cpp backend: the doc->query direction takes plain rules");
-  const BackwardKernels<T> kernels = pick_backward(rules);
+  // [0]: every tile of the call's rules; [1]: a triangle's tiles across the diagonal.
+  const BackwardKernels<T> kernels[2] = {pick_backward(p, false), pick_backward(p, true)};
+  if (p.n_slots > 0)
+    TORCH_CHECK(col_max.numel() == p.L * p.n_slots * p.M && col_logsum.numel() == col_max.numel() &&
+                    col_max.scalar_type() == q.scalar_type() && col_logsum.scalar_type() == q.scalar_type() &&
+                    col_max.is_contiguous() && col_logsum.is_contiguous(),
+                "m2d cpp backend: the column statistics must be contiguous [L, K, M] tensors of the rows' dtype");
   at::Tensor grad_q = at::zeros_like(q);
   at::Tensor grad_k = at::zeros_like(k);
   std::vector<T> gc_row(p.L * p.M * p.B, 0);  // [L, M, B]: rowsum(coef * G_m * cos_m)
   const T* coef_ptr = coef.data_ptr<T>();
   const T* row_max_ptr = row_max.data_ptr<T>();
   const T* row_logsum_ptr = row_logsum.data_ptr<T>();
-  const T* col_max_ptr = symmetric ? col_max.data_ptr<T>() : nullptr;
-  const T* col_logsum_ptr = symmetric ? col_logsum.data_ptr<T>() : nullptr;
+  const T* col_max_ptr = p.n_slots > 0 ? col_max.data_ptr<T>() : nullptr;
+  const T* col_logsum_ptr = p.n_slots > 0 ? col_logsum.data_ptr<T>() : nullptr;
   T* grad_q_ptr = grad_q.data_ptr<T>();
   T* grad_k_ptr = grad_k.data_ptr<T>();
-  Turns turns(p.L * p.n_blocks);  // dQ row block (l, r) takes column tiles in order
+  // dQ row block (l, r) takes its column tiles in order (the triangle's skipped ones take no turn).
+  Turns turns(p.L * p.n_blocks);
   const int64_t layers_per_task = rules.shares_tiles_across_layers() ? p.L : 1;
   const int64_t n_tasks = p.L / layers_per_task * p.n_tiles;
 
   run_tasks(threads_for(p.L * p.B * p.N * p.D, n_tasks, n_threads), [&] {
     const int64_t tile_size = kRowBlock * p.col_tile;
-    const int64_t rules_size = rules.masked() ? tile_size : 0, teacher_size = rules.teacher ? tile_size : 0;
+    const int64_t rules_size = rules.has_tile_masks() ? tile_size : 0, teacher_size = rules.teacher ? tile_size : 0;
     Scratch<T> s(tile_size), w(p.M * tile_size), rk(p.col_tile), dq(kRowBlock * p.D), gc_block(p.M * kRowBlock);
+    Scratch<T> column_buffer(p.n_slots > 0 ? 2 * p.col_tile : 0);
     Scratch<T> keep(rules_size), pen(rules_size), guide(rules.guided() ? tile_size : 0);
     // The teacher layer's logits (one tile per dim), p_T, and the teacher's per-row offset and log-sum.
     Scratch<T> teacher_s(p.M * teacher_size), teacher_p(teacher_size), teacher_rows(rules.teacher ? 2 * kRowBlock : 0);
@@ -868,7 +1071,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       gc_col.assign(layers_per_task * p.M * nc, 0);
       for (int64_t block = 0; block < p.n_blocks; ++block) {
         const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
-        if (rules.masked()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
+        if (p.skipped(r0, c0, nc)) continue;  // the triangle: no GEMM, no exponential, no turn
+        tile_pairs.fetch_add(1, std::memory_order_relaxed);
+        const bool diagonal = p.on_diagonal(r0, nr, c0);
+        const BackwardKernels<T>& tile_kernels = kernels[diagonal];
+        if (rules.masked() || diagonal) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
         if (rules.teacher) {
           T* offset = teacher_rows.get();
           T* shift = offset + kRowBlock;
@@ -878,8 +1085,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             shift[i] = row_logsum_ptr[at];
           }
           teacher_layer_segments(p, r0, nr, c0, nc, teacher_s.get(), tile_size);
-          kernels.teacher(p, r0, nr, c0, nc, teacher_s.get() + (p.M - 1) * tile_size, rk.get(), offset, shift,
-                          tile_rules, teacher_p.get(), nullptr);
+          tile_kernels.teacher(p, r0, nr, c0, nc, teacher_s.get() + (p.M - 1) * tile_size, rk.get(), offset, shift,
+                               tile_rules, teacher_p.get(), nullptr);
         }
         for (int64_t l = l0; l < l0 + layers_per_task; ++l) {
           const int64_t last = p.last[l];
@@ -890,10 +1097,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             const T* s_m = teacher_layer ? teacher_s.get() + m * tile_size : s.get();
             if (!teacher_layer) accumulate_segment(p, l, m, r0, nr, c0, nc, s.get());
             if (p.active[l * p.M + m])
-              kernels.gradient(p, l, m, r0, nr, c0, nc, s_m, w.get() + m * nr * nc, rk.get(), coef_ptr[l * p.M + m],
-                               rules.teacher ? distill_coef[l * p.M + m] : T(0), row_max_ptr, row_logsum_ptr,
-                               col_max_ptr, col_logsum_ptr, gc_block.get() + m * nr,
-                               gc_col.data() + ((l - l0) * p.M + m) * nc, tile_rules);
+              tile_kernels.gradient(p, l, m, r0, nr, c0, nc, s_m, w.get() + m * nr * nc, rk.get(),
+                                    coef_ptr[l * p.M + m], rules.teacher ? distill_coef[l * p.M + m] : T(0),
+                                    row_max_ptr, row_logsum_ptr, col_max_ptr, col_logsum_ptr, gc_block.get() + m * nr,
+                                    gc_col.data() + ((l - l0) * p.M + m) * nc, column_buffer.get(), tile_rules);
           }
           // Walk the segments from the largest dim down; w[last] accumulates H_s.
           T* h = w.get() + last * nr * nc;
@@ -909,7 +1116,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             at::mm_out(dq_seg, h_view, view(p.k + (l * p.N + c0) * p.D + a, nc, width, p.D));
             view(dk + a, nc, width, p.D).addmm_(h_view.t(), view(p.q + (l * p.B + r0) * p.D + a, nr, width, p.D));
           }
-          turns.run_in_turn(l * p.n_blocks + block, tile, [&] {
+          turns.run_in_turn(l * p.n_blocks + block, tile - p.first_tile(r0), [&] {
             // Only the features up to the largest active dim were written (and get a gradient).
             T* out = grad_q_ptr + (l * p.B + r0) * p.D;
             const T* in = dq.get();
@@ -959,8 +1166,10 @@ template <typename T>
 PassRules<T> make_rules(const at::Tensor& q, const at::Tensor& k, bool normalised, int64_t group_period,
                         const at::Tensor& row_group, bool exclude_own_group, int64_t penalty, double penalty_strength,
                         const at::Tensor& guide_rows, const at::Tensor& guide_cols, const at::Tensor& guide_threshold,
-                        bool teacher) {
+                        bool triangle, int64_t column_statistics, bool teacher) {
   PassRules<T> rules;
+  rules.triangle = triangle;
+  rules.column_statistics = column_statistics;
   rules.normalised = normalised;
   rules.exclude_own_group = exclude_own_group;
   TORCH_CHECK(penalty >= kNoPenalty && penalty <= kAllNegatives, "m2d cpp backend: unknown penalty code ", penalty);
@@ -1031,17 +1240,19 @@ std::vector<at::Tensor> m2d_pass_forward(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& active, double scale, bool normalised, int64_t group_period,
                                          const at::Tensor& row_group, bool exclude_own_group, int64_t penalty,
                                          double penalty_strength, const at::Tensor& guide_rows,
-                                         const at::Tensor& guide_cols, const at::Tensor& guide_threshold, bool teacher,
-                                         int64_t n_threads) {
+                                         const at::Tensor& guide_cols, const at::Tensor& guide_threshold,
+                                         bool triangle, int64_t column_statistics, bool teacher, int64_t n_threads) {
   check_inputs(q, k, positive);
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    const PassRules<T> rules = make_rules<T>(q, k, normalised, group_period, row_group, exclude_own_group, penalty,
-                                             penalty_strength, guide_rows, guide_cols, guide_threshold, teacher);
+    const PassRules<T> rules =
+        make_rules<T>(q, k, normalised, group_period, row_group, exclude_own_group, penalty, penalty_strength,
+                      guide_rows, guide_cols, guide_threshold, triangle, column_statistics, teacher);
     return forward_impl<T, false>(q, k, inv_q, inv_k, positive, dims, active, scale, false, n_threads, rules);
   };
   std::vector<at::Tensor> out = q.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
-  return {out[1], out[2], out[6], out[7]};  // offset, log_sum, positive_logit, teacher_sum (empty without teacher)
+  // offset, log_sum, positive_logit, teacher_sum (empty without teacher), col_offset, col_log_sum (empty without K)
+  return {out[1], out[2], out[6], out[7], out[3], out[4]};
 }
 
 std::vector<at::Tensor> m2d_pass_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
@@ -1051,9 +1262,10 @@ std::vector<at::Tensor> m2d_pass_backward(const at::Tensor& q, const at::Tensor&
                                           bool normalised, int64_t group_period, const at::Tensor& row_group,
                                           bool exclude_own_group, int64_t penalty, double penalty_strength,
                                           const at::Tensor& guide_rows, const at::Tensor& guide_cols,
-                                          const at::Tensor& guide_threshold, const at::Tensor& offset,
-                                          const at::Tensor& log_sum, const at::Tensor& coef,
-                                          const at::Tensor& distill_coef, int64_t n_threads) {
+                                          const at::Tensor& guide_threshold, bool triangle, int64_t column_statistics,
+                                          const at::Tensor& offset, const at::Tensor& log_sum,
+                                          const at::Tensor& col_offset, const at::Tensor& col_log_sum,
+                                          const at::Tensor& coef, const at::Tensor& distill_coef, int64_t n_threads) {
   check_inputs(q, k, positive);
   const bool distill = distill_coef.numel() > 0;
   TORCH_CHECK(!distill || (distill_coef.scalar_type() == q.scalar_type() && distill_coef.is_contiguous() &&
@@ -1061,15 +1273,19 @@ std::vector<at::Tensor> m2d_pass_backward(const at::Tensor& q, const at::Tensor&
               "m2d cpp backend: distill_coef must be a contiguous [L, M] tensor of the rows' dtype");
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    const PassRules<T> rules = make_rules<T>(q, k, normalised, group_period, row_group, exclude_own_group, penalty,
-                                             penalty_strength, guide_rows, guide_cols, guide_threshold, distill);
-    const at::Tensor none = offset.new_empty({0});  // no doc->query direction in a pass
+    const PassRules<T> rules =
+        make_rules<T>(q, k, normalised, group_period, row_group, exclude_own_group, penalty, penalty_strength,
+                      guide_rows, guide_cols, guide_threshold, triangle, column_statistics, distill);
     return backward_impl<T>(q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positive, dims, active, scale, false, offset,
-                            log_sum, none, none, coef, n_threads, rules,
+                            log_sum, col_offset, col_log_sum, coef, n_threads, rules,
                             distill ? distill_coef.data_ptr<T>() : nullptr);
   };
   return q.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
 }
+
+int64_t m2d_tile_pairs_computed() { return tile_pairs.load(); }
+
+std::vector<int64_t> m2d_tile_shape(int64_t n_cols) { return {kRowBlock, column_tile(n_cols)}; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "m2d-kernels: fused 2D Matryoshka InfoNCE for CPU tensors (OpenMP)";
@@ -1082,11 +1298,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "symmetric, row_max, row_logsum, col_max, col_logsum, coef [L, M], n_threads) -> (grad_queries, grad_docs)");
   module.def("pass_forward", &m2d_pass_forward,
              "(rows, cols, inv_r, inv_c, positives, dims, active, scale, normalised, group_period, row_group, "
-             "exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols, guide_threshold, teacher, "
-             "n_threads) -> (offset, log_sum, positive_logit, teacher_sum or empty) [L, R, M]");
+             "exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols, guide_threshold, triangle, "
+             "column_statistics, teacher, n_threads) -> (offset, log_sum, positive_logit, teacher_sum or empty) "
+             "[L, R, M], (col_offset, col_log_sum) [L, K, M]");
   module.def("pass_backward", &m2d_pass_backward,
              "(rows, cols, inv_r, inv_c, norm_grad_r, norm_grad_c, positives, dims, active, scale, normalised, "
              "group_period, row_group, exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols, "
-             "guide_threshold, offset, log_sum, coef [L, M], distill_coef [L, M] or empty, n_threads) -> "
-             "(grad_rows, grad_cols)");
+             "guide_threshold, triangle, column_statistics, offset, log_sum, col_offset, col_log_sum [L, K, M] "
+             "or empty, coef [L, M], distill_coef [L, M] or empty, n_threads) -> (grad_rows, grad_cols)");
+  module.def("tile_pairs_computed", &m2d_tile_pairs_computed,
+             "() -> (row block, column tile) pairs computed so far by every forward and backward task");
+  module.def("tile_shape", &m2d_tile_shape, "(n_cols) -> (rows per block, columns per tile)");
 }

@@ -581,6 +581,250 @@ def test_pass_rules_errors_name_the_rule():
         cpp._rule_arguments(Rules(guide_rows=torch.ones(3, 2)), torch.float64, 3, 6)
 
 
+# ---------------------------------------------------------------- shared tiles (rules.triangle, column_statistics)
+#
+# The joint directions' passes: a triangle (rows = the first R columns, only j > i or j >= R scored) and the
+# first K columns' own softmaxes over the rows, against the float64 reference pass.
+
+# (name, triangle, n_cols(R), K(R, C)): square and wide triangles, K = R < C, K = C, and both rules together.
+SHARED_MODES = {
+    "triangle-square": (True, lambda r: r, lambda r, c: 0),
+    "triangle": (True, lambda r: 2 * r + 5, lambda r, c: 0),
+    "columns": (False, lambda r: 2 * r + 5, lambda r, c: r),
+    "columns-all": (False, lambda r: 2 * r + 5, lambda r, c: c),
+    "both-square": (True, lambda r: r, lambda r, c: r),
+    "both": (True, lambda r: 2 * r + 5, lambda r, c: r),
+}
+
+
+def _shared_case(mode, similarity, extra, n_rows, seed):
+    """(rows, cols, rules, positives): with the triangle the rows are cols[:, :R] (query_to_query, doc_to_doc);
+    "groups" excludes each row's group (period R: query_to_query's self, doc_to_doc's documents), "penalty" is
+    query_to_doc's hardness (column statistics only: the penalty is the rows')."""
+    triangle, n_cols_of, k_of = SHARED_MODES[mode]
+    n_cols = n_cols_of(n_rows)
+    rows, cols = make_inputs(2, n_rows, n_cols, 48, seed=seed, requires_grad=False)
+    if triangle:
+        rows = cols[:, :n_rows].clone()
+    if similarity == "dot":  # dot scores of magnitude ~ 10-100
+        rows, cols = rows * 1.5, cols * 1.5
+    groups = dict(group_period=n_rows, row_group=torch.arange(n_rows))
+    fields = dict(similarity=similarity, triangle=triangle, column_statistics=k_of(n_rows, n_cols))
+    if extra == "groups":
+        fields.update(exclude_own_group=True, **groups)
+    elif extra == "penalty":
+        fields.update(penalty="hard_negatives", penalty_strength=2.0, **groups)
+    elif extra == "penalty-batch":
+        fields.update(penalty="in_batch_negatives", penalty_strength=0.5, **groups)
+    if triangle and extra == "groups":
+        positives = torch.full((n_rows,), -1)
+    elif triangle:  # some positives above the diagonal, some at or below it (excluded: -inf)
+        positives = torch.arange(n_rows).flip(0)
+    else:
+        positives = torch.arange(n_rows)
+    return rows, cols, Rules(**fields), positives
+
+
+def _shared_grid():
+    for mode, (triangle, _, _) in SHARED_MODES.items():
+        extras = ["none", "groups"] + (["penalty", "penalty-batch"] if not triangle else [])
+        for similarity in ("cos", "dot"):
+            for scale in ((1.0, 20.0, 1e4) if similarity == "cos" else (1.0, 0.05)):
+                for extra in extras:
+                    yield mode, similarity, extra, scale
+
+
+SHARED_GRID = list(_shared_grid())
+SHARED_ACTIVE = ((True, False, True), (True, True, True))  # an inactive pair
+SHARED_DIMS = (10, 30, 48)
+
+
+def _lse(offset, log_sum):
+    return offset + log_sum
+
+
+def _assert_shared_pass_matches_reference(rows, cols, rules, positives, scale, generator, tolerance):
+    from m2d_kernels.backends import reference
+
+    dims, active = SHARED_DIMS, SHARED_ACTIVE
+    expected = reference.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    got = cpp.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    n_stat = 5 if rules.column_statistics else 3
+    assert len(got) == len(expected) == n_stat
+    on = torch.tensor(active)
+    torch.testing.assert_close(_lse(*got[:2]), _lse(*expected[:2]), **tolerance, msg=lambda m: f"row LSE: {m}")
+    torch.testing.assert_close(got[2], expected[2], **tolerance, msg=lambda m: f"positive logit: {m}")
+    if rules.column_statistics:
+        assert got[3].shape == (len(active), rules.column_statistics, len(dims))
+        torch.testing.assert_close(_lse(*got[3:5]), _lse(*expected[3:5]), **tolerance,
+                                   msg=lambda m: f"column LSE: {m}")
+        empty = torch.isinf(expected[4]) & on[:, None, :]
+        assert (got[3][empty] == 0).all(), "a column with every entry excluded has offset 0"
+        if rules.triangle:  # column 0 is at or below the diagonal of every row
+            assert empty[:, 0][on].all()
+    # Joint statistics are larger than this pass's own: shift them so that the given ones are what counts.
+    offset, log_sum = expected[0], expected[1] + 0.25
+    coef = torch.rand(len(active), len(dims), generator=generator, dtype=torch.float64)
+    coef[0, -1] = 0.0  # a zero weight
+    columns = {}
+    if rules.column_statistics:
+        columns = dict(col_offset=expected[3], col_log_sum=expected[4] + 0.5)
+    want = reference.pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules, **columns)
+    have = cpp.pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules, **columns)
+    for name, h, w in zip(("d rows", "d cols"), have, want, strict=True):
+        torch.testing.assert_close(h.double(), w, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_extension
+@pytest.mark.parametrize("n_rows", [37, 130], ids=lambda r: f"R{r}")
+@pytest.mark.parametrize(("mode", "similarity", "extra", "scale"), SHARED_GRID,
+                         ids=[f"{m}-{s}-{e}-scale{c:g}" for m, s, e, c in SHARED_GRID])
+def test_shared_tiles_match_reference(n_rows, mode, similarity, extra, scale):
+    """Row and column statistics and both gradients (given joint statistics) of the triangle and the column
+    statistics, alone and together, with cos (fixed maximum; 1e4: the running maximum) and dot, the own group
+    excluded and the hardness penalty; R = 37 (one row block) and 130 (two, the second of two rows)."""
+    generator = torch.Generator().manual_seed(n_rows)
+    rows, cols, rules, positives = _shared_case(mode, similarity, extra, n_rows, seed=n_rows + 1)
+    # Logit errors grow with the scale (ulp(scale)): at 1e4 the float64 bound is 100x looser.
+    loose = max(1.0, scale / 100)
+    _assert_shared_pass_matches_reference(rows, cols, rules, positives, scale, generator,
+                                          dict(atol=1e-9 * loose, rtol=1e-9 * loose))
+
+
+@needs_extension
+@pytest.mark.parametrize(("mode", "similarity", "extra"),
+                         [("both", "cos", "groups"), ("both-square", "dot", "none"), ("columns", "cos", "penalty")])
+def test_shared_tiles_float32_within_tolerance_of_float64_reference(mode, similarity, extra):
+    from m2d_kernels.backends import reference
+
+    generator = torch.Generator().manual_seed(8)
+    rows, cols, rules, positives = _shared_case(mode, similarity, extra, 130, seed=9)
+    dims, active, scale = SHARED_DIMS, SHARED_ACTIVE, 20.0 if similarity == "cos" else 1.0
+    expected = reference.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    got = cpp.row_statistics(rows.float(), cols.float(), dims, active, scale, positives, rules)
+    assert got[0].dtype == got[3].dtype == torch.float32
+    finite = torch.isfinite(expected[4])
+    assert_close(_lse(*got[3:5])[finite], _lse(*expected[3:5])[finite], torch.float32, "column LSE")
+    coef = torch.rand(2, 3, generator=generator)
+    statistics = dict(col_offset=expected[3], col_log_sum=expected[4])
+    want = reference.pass_gradients(rows, cols, dims, active, scale, positives, *expected[:2], coef.double(), rules,
+                                    **statistics)
+    have = cpp.pass_gradients(rows.float(), cols.float(), dims, active, scale, positives, *expected[:2], coef, rules,
+                              **statistics)
+    low = reference.pass_gradients(rows.float(), cols.float(), dims, active, scale, positives,
+                                   *(e.float() for e in expected[:2]), coef, rules,
+                                   **{k: v.float() for k, v in statistics.items()})
+    for name, h, w, r in zip(("d rows", "d cols"), have, want, low, strict=True):
+        assert h.dtype == torch.float32
+        error, reference_error = (h.double() - w).abs().max().item(), (r.double() - w).abs().max().item()
+        assert error <= 2 * reference_error + 1e-6 * w.abs().max().item(), (name, error, reference_error)
+
+
+def _combine(offset_a, log_sum_a, offset_b, log_sum_b):
+    """Two partial softmax statistics of the same rows as one (backends/__init__.py)."""
+    offset = torch.maximum(offset_a, offset_b)
+    return offset, torch.logaddexp(log_sum_a + offset_a - offset, log_sum_b + offset_b - offset)
+
+
+@needs_extension
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("mode", ["both-square", "both"])
+def test_triangle_row_and_column_statistics_compose_to_the_full_pass(similarity, mode):
+    """row_i (+) col_i of a triangle pass with K = R is row i's softmax over every column but its own group,
+    and the triangle's gradients with those joint statistics sum to the full pass's: the composition identity
+    of query_to_query (square) and doc_to_doc (wide: own group excluded on every column)."""
+    rows, cols, rules, positives = _shared_case(mode, similarity, "groups", 130, seed=11)
+    n_rows = rows.shape[1]
+    full_rules = dataclasses.replace(rules, triangle=False, column_statistics=0)
+    dims, active, scale = SHARED_DIMS, SHARED_ACTIVE, 20.0 if similarity == "cos" else 1.0
+    tolerance = dict(atol=1e-9, rtol=1e-9)
+    offset, log_sum, _, col_offset, col_log_sum = cpp.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    joint = _combine(offset, log_sum, col_offset, col_log_sum)
+    full = cpp.row_statistics(rows, cols, dims, active, scale, positives, full_rules)
+    on = torch.tensor(active)[:, None, :].expand_as(offset)  # inactive pairs' statistics mean nothing
+    torch.testing.assert_close(_lse(*joint)[on], _lse(*full[:2])[on], **tolerance)
+
+    coef = torch.rand(2, 3, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    d_rows, d_cols = cpp.pass_gradients(rows, cols, dims, active, scale, positives, *joint, coef, rules,
+                                        col_offset=joint[0], col_log_sum=joint[1])
+    full_rows, full_cols = cpp.pass_gradients(rows, cols, dims, active, scale, positives, *full[:2], coef, full_rules)
+    # rows are cols[:, :R]: their gradient is the sum of both sides'.
+    d_cols[:, :n_rows] += d_rows
+    full_cols[:, :n_rows] += full_rows
+    torch.testing.assert_close(d_cols, full_cols, **tolerance)
+
+
+def _kept_tile_pairs(n_rows, n_cols):
+    """(row block, column tile) pairs of a triangle holding some scored entry (j > i or j >= R), by brute force."""
+    block, tile = cpp._extension()[0].tile_shape(n_cols)
+    i = torch.arange(n_rows)[:, None]
+    j = torch.arange(n_cols)[None, :]
+    kept = (j > i) | (j >= n_rows)
+    count = 0
+    for r0 in range(0, n_rows, block):
+        for c0 in range(0, n_cols, tile):
+            count += bool(kept[r0:r0 + block, c0:c0 + tile].any())
+    return count, -(-n_rows // block) * -(-n_cols // tile)
+
+
+@needs_extension
+@pytest.mark.parametrize(("n_rows", "n_cols"), [(1024, 1024), (700, 1500), (130, 130)])
+def test_triangle_skips_tiles_wholly_below_the_diagonal(n_rows, n_cols):
+    """The extension counts the (row block, column tile) pairs its tasks compute: a triangle computes exactly
+    the pairs holding a scored entry (about half of a square's), a plain pass all of them."""
+    kernels = cpp._extension()[0]
+    cols = torch.randn(1, n_cols, 16, dtype=torch.float64)
+    rows, positives = cols[:, :n_rows], torch.full((n_rows,), -1)
+    dims, active, coef = (8, 16), ((True, True),), torch.ones(1, 2, dtype=torch.float64)
+    kept, total = _kept_tile_pairs(n_rows, n_cols)
+    for triangle, expected in ((True, kept), (False, total)):
+        pass_rules = Rules(triangle=triangle)
+        before = kernels.tile_pairs_computed()
+        stats = cpp.row_statistics(rows, cols, dims, active, 20.0, positives, pass_rules)
+        assert kernels.tile_pairs_computed() - before == expected, "forward"
+        before = kernels.tile_pairs_computed()
+        cpp.pass_gradients(rows, cols, dims, active, 20.0, positives, *stats[:2], coef, pass_rules)
+        assert kernels.tile_pairs_computed() - before == expected, "backward"
+    if n_rows == n_cols == 1024:  # 128 x 256 tiles: the 8 crossing the diagonal are computed whole
+        assert kept / total == 20 / 32
+
+
+@needs_extension
+def test_shared_tiles_independent_of_thread_count():
+    rows, cols, rules, positives = _shared_case("both", "dot", "groups", 300, seed=13)
+    dims, active = SHARED_DIMS, SHARED_ACTIVE
+    coef = torch.rand(2, 3, generator=torch.Generator().manual_seed(14))
+    rows, cols = rows.float(), cols.float()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            stats = cpp.row_statistics(rows, cols, dims, active, 1.0, positives, rules)
+            grads = cpp.pass_gradients(rows, cols, dims, active, 1.0, positives, stats[0], stats[1], coef, rules,
+                                       col_offset=stats[3], col_log_sum=stats[4])
+            results.append((*stats, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # bitwise
+
+
+def test_shared_tiles_errors_name_the_argument():
+    rows, cols = torch.randn(1, 3, 8), torch.randn(1, 6, 8)
+    stats = torch.zeros(1, 3, 1)
+    rules = Rules(column_statistics=3)
+    with pytest.raises(ValueError, match="col_offset and col_log_sum"):
+        cpp.pass_gradients(rows, cols, (8,), ((True,),), 1.0, torch.arange(3), stats, stats, torch.ones(1, 1), rules)
+    with pytest.raises(ValueError, match="col_log_sum must have shape"):
+        cpp.pass_gradients(rows, cols, (8,), ((True,),), 1.0, torch.arange(3), stats, stats, torch.ones(1, 1), rules,
+                           col_offset=stats, col_log_sum=torch.zeros(1, 2, 1))
+    with pytest.raises(ValueError, match="rules.triangle"):
+        cpp._rule_arguments(Rules(triangle=True), torch.float64, 7, 6)
+    with pytest.raises(ValueError, match="rules.column_statistics"):
+        cpp._rule_arguments(Rules(column_statistics=7), torch.float64, 3, 6)
+
+
 # ---------------------------------------------------------------- memory: linear in the batch
 
 

@@ -40,6 +40,10 @@ import torch
 from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
 from m2d_kernels.rules import PLAIN, check_rules
 
+# The pass applies rules.triangle and rules.column_statistics (backends/__init__.py): objective.py
+# composes the joint directions from shared tiles.
+SHARED_TILES = True
+
 try:
     import fcntl
 except ImportError:  # Windows: torch's own lock file only
@@ -298,7 +302,7 @@ def _pass_operands(rows, cols, dims, rules):
 def _rule_arguments(rules, dtype, n_rows, n_cols, active=None, distill=False):
     """The extension's rule arguments, once ``rules`` are checked (``rules.check_rules``): (normalised,
     group_period, row_group, exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols,
-    guide_threshold); empty tensors for rules that are off."""
+    guide_threshold, triangle, column_statistics); empty tensors for rules that are off."""
     check_rules(rules, n_rows, n_cols, active, distill)
     row_group = torch.empty(0, dtype=torch.int64)
     if rules.exclude_own_group or rules.penalty is not None:
@@ -309,32 +313,52 @@ def _rule_arguments(rules, dtype, n_rows, n_cols, active=None, distill=False):
         guide = tuple(t.detach().to(dtype).contiguous() for t in (rules.guide_rows, rules.guide_cols,
                                                                    rules.guide_threshold))
     return (rules.similarity == "cos", rules.group_period, row_group, rules.exclude_own_group,
-            _PENALTY_CODES[rules.penalty], float(rules.penalty_strength), *guide)
+            _PENALTY_CODES[rules.penalty], float(rules.penalty_strength), *guide, rules.triangle,
+            rules.column_statistics)
 
 
 def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` (the row maximum, or the fixed maximum
     ``rules.max_logit(scale)`` for cosines at moderate scales; log sum exp(z - offset)), and with
-    ``rules.teacher`` the teacher-weighted logit sums as a fourth tensor."""
+    ``rules.teacher`` the teacher-weighted logit sums as a fourth tensor; with ``rules.column_statistics = K``
+    instead ``(col_offset, col_log_sum)`` ``[L, K, M]`` of the first K columns (offset ``scale`` for cosines at
+    moderate scales, else the column maximum; 0 and -inf for a column with every entry excluded)."""
     q, k, (inv_q, _), (inv_k, _) = _pass_operands(rows, cols, dims, rules)
-    offset, log_sum, positive, teacher_sum = _extension()[0].pass_forward(
+    offset, log_sum, positive, teacher_sum, col_offset, col_log_sum = _extension()[0].pass_forward(
         q, k, inv_q, inv_k, positives.to(torch.int64).contiguous(), list(dims), torch.tensor(active, dtype=torch.bool),
         scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active), rules.teacher, torch.get_num_threads(),
     )
-    return (offset, log_sum, positive, teacher_sum) if rules.teacher else (offset, log_sum, positive)
+    if rules.teacher:
+        return offset, log_sum, positive, teacher_sum
+    if rules.column_statistics:
+        return offset, log_sum, positive, col_offset, col_log_sum
+    return offset, log_sum, positive
 
 
-def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN, distill_coef=None):
+def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN, distill_coef=None,
+                   col_offset=None, col_log_sum=None):
     """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype, from the extension's backward with the given
     (combined) statistics; ``positives == -1`` subtracts no one-hot; ``distill_coef`` adds the distillation
-    gradient (teacher = pair (L - 1, M - 1))."""
+    gradient (teacher = pair (L - 1, M - 1)); with ``rules.column_statistics = K`` the first K columns'
+    softmaxes over the rows, with the given ``col_offset`` / ``col_log_sum`` ``[L, K, M]``, add theirs."""
     q, k, (inv_q, norm_q), (inv_k, norm_k) = _pass_operands(rows, cols, dims, rules)
+    rule_arguments = _rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active, distill_coef is not None)
+    n_stat_cols = rules.column_statistics
+    if n_stat_cols and (col_offset is None or col_log_sum is None):
+        raise ValueError("col_offset and col_log_sum are required with rules.column_statistics")
+    if n_stat_cols:
+        expected = (len(active), n_stat_cols, len(dims))
+        for name, value in (("col_offset", col_offset), ("col_log_sum", col_log_sum)):
+            if tuple(value.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+        col_offset, col_log_sum = col_offset.to(q.dtype).contiguous(), col_log_sum.to(q.dtype).contiguous()
+    else:
+        col_offset = col_log_sum = q.new_empty(0)
     # The extension's coefficients multiply d z / d s per similarity: scale times ours, per row loss.
     distill = q.new_empty(0) if distill_coef is None else (distill_coef * scale).to(q.dtype).contiguous()
     return _extension()[0].pass_backward(
         q, k, inv_q, inv_k, norm_q, norm_k, positives.to(torch.int64).contiguous(), list(dims),
         torch.tensor(active, dtype=torch.bool), scale,
-        *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active, distill_coef is not None),
-        offset.to(q.dtype).contiguous(), log_sum.to(q.dtype).contiguous(), (coef * scale).to(q.dtype).contiguous(),
-        distill, torch.get_num_threads(),
+        *rule_arguments, offset.to(q.dtype).contiguous(), log_sum.to(q.dtype).contiguous(), col_offset, col_log_sum,
+        (coef * scale).to(q.dtype).contiguous(), distill, torch.get_num_threads(),
     )
