@@ -9,6 +9,8 @@ D = 384, dims 32..384, cos, scale 20; the cases run round-robin (side by side) a
     qq_triangle    Q vs Q, triangle, column_statistics = B (query_to_query's two halves in one pass)
     qd_plain       Q vs D_all (query_to_doc today)
     qd_columns     Q vs D_all, column_statistics = B (query_to_doc + doc_to_query's statistics)
+    dd_own         D+ vs D_all, own group excluded (doc_to_doc today; D+ = the first B docs)
+    dd_triangle    D+ vs D_all, triangle, column_statistics = B, own group excluded
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def main() -> None:
                         Rules(triangle=True, column_statistics=n_queries)),
         "qd_plain": (queries, docs, torch.arange(n_queries), PLAIN),
         "qd_columns": (queries, docs, torch.arange(n_queries), Rules(column_statistics=n_queries)),
+        "dd_own": (docs[:, :n_queries], docs, torch.full((n_queries,), -1), Rules(exclude_own_group=True, **group)),
+        "dd_triangle": (docs[:, :n_queries], docs, torch.full((n_queries,), -1),
+                        Rules(triangle=True, column_statistics=n_queries, exclude_own_group=True, **group)),
     }
 
     def step(rows, cols, positives, rules):
@@ -66,7 +71,7 @@ def main() -> None:
     print(f"backend {args.backend}, B={n_queries}, N={n_docs}, torch threads {torch.get_num_threads()}, "
           f"wall-clock medians of {args.repeats}")
     for name, median in medians.items():
-        base = medians["qq_self"] if name.startswith("qq") else medians["qd_plain"]
+        base = medians[{"qq": "qq_self", "qd": "qd_plain", "dd": "dd_own"}[name[:2]]]
         print(f"  {name:12s} {median * 1e3:8.1f} ms  {median / base:5.2f}x")
 
 
