@@ -92,3 +92,16 @@ def assert_within_twice_reference_error(backend, queries64, docs64, dims, dtype,
         assert error <= 2 * ref_error + floor, (
             f"{name}: error {error:.3g} > 2 x reference's {ref_error:.3g} + {floor:.1g}"
         )
+
+
+# The shared-tile pass modes of the backend tests (rules.triangle, rules.column_statistics), against the
+# float64 reference pass: name -> (triangle, n_cols(R), K(R, C)); R = C is query_to_query's square,
+# C = 2R + 5 doc_to_doc's D+ vs D_all layout; K = R < C, K = C, and both rules together.
+SHARED_PASS_MODES = {
+    "triangle-square": (True, lambda r: r, lambda r, c: 0),
+    "triangle": (True, lambda r: 2 * r + 5, lambda r, c: 0),
+    "columns": (False, lambda r: 2 * r + 5, lambda r, c: r),
+    "columns-all": (False, lambda r: 2 * r + 5, lambda r, c: c),
+    "both-square": (True, lambda r: r, lambda r, c: r),
+    "both": (True, lambda r: 2 * r + 5, lambda r, c: r),
+}

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    SHARED_PASS_MODES,
     assert_close,
     assert_within_twice_reference_error,
     loss_and_grads,
@@ -586,22 +587,13 @@ def test_pass_rules_errors_name_the_rule():
 # The joint directions' passes: a triangle (rows = the first R columns, only j > i or j >= R scored) and the
 # first K columns' own softmaxes over the rows, against the float64 reference pass.
 
-# (name, triangle, n_cols(R), K(R, C)): square and wide triangles, K = R < C, K = C, and both rules together.
-SHARED_MODES = {
-    "triangle-square": (True, lambda r: r, lambda r, c: 0),
-    "triangle": (True, lambda r: 2 * r + 5, lambda r, c: 0),
-    "columns": (False, lambda r: 2 * r + 5, lambda r, c: r),
-    "columns-all": (False, lambda r: 2 * r + 5, lambda r, c: c),
-    "both-square": (True, lambda r: r, lambda r, c: r),
-    "both": (True, lambda r: 2 * r + 5, lambda r, c: r),
-}
 
 
 def _shared_case(mode, similarity, extra, n_rows, seed):
     """(rows, cols, rules, positives): with the triangle the rows are cols[:, :R] (query_to_query, doc_to_doc);
     "groups" excludes each row's group (period R: query_to_query's self, doc_to_doc's documents), "penalty" is
     query_to_doc's hardness (column statistics only: the penalty is the rows')."""
-    triangle, n_cols_of, k_of = SHARED_MODES[mode]
+    triangle, n_cols_of, k_of = SHARED_PASS_MODES[mode]
     n_cols = n_cols_of(n_rows)
     rows, cols = make_inputs(2, n_rows, n_cols, 48, seed=seed, requires_grad=False)
     if triangle:
@@ -626,7 +618,7 @@ def _shared_case(mode, similarity, extra, n_rows, seed):
 
 
 def _shared_grid():
-    for mode, (triangle, _, _) in SHARED_MODES.items():
+    for mode, (triangle, _, _) in SHARED_PASS_MODES.items():
         extras = ["none", "groups"] + (["penalty", "penalty-batch"] if not triangle else [])
         for similarity in ("cos", "dot"):
             for scale in ((1.0, 20.0, 1e4) if similarity == "cos" else (1.0, 0.05)):

@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, make_inputs
+from helpers import SHARED_PASS_MODES, assert_close, make_inputs
 
 from m2d_kernels.backends import reference
 from m2d_kernels.backends import torch_prefix as backend
@@ -201,14 +201,6 @@ def test_teacher_needs_its_pair_active_and_rules_must_be_rules():
 
 # Shared tiles (rules.triangle, rules.column_statistics): the joint directions' passes.
 # mode -> (triangle, n_cols(R), K(R, C)): R = C (query_to_query), C = 2R + 5 (doc_to_doc's D+ vs D_all layout).
-SHARED_MODES = {
-    "triangle_square": (True, lambda r: r, lambda r, c: 0),
-    "triangle_wide": (True, lambda r: 2 * r + 5, lambda r, c: 0),
-    "columns_k_r": (False, lambda r: 2 * r + 5, lambda r, c: r),
-    "columns_k_c": (False, lambda r: 2 * r + 5, lambda r, c: c),
-    "both_square": (True, lambda r: r, lambda r, c: r),
-    "both_wide": (True, lambda r: 2 * r + 5, lambda r, c: r),
-}
 SHARED_ACTIVE = ((True, False, True), (True, True, True))
 
 
@@ -217,7 +209,7 @@ def make_shared_case(mode, n_rows, similarity="cos", variant=None, strength=0.5,
     ``variant``: None, "own" (exclude_own_group, G = R) or a penalty class (strength ``strength``). Positives:
     with the triangle some j > i, row 1 none (-1) and row 3 one at j < i (excluded: no positive term); else
     row i's own column i ((i + 1) % R with the exclusion), row 1 none."""
-    triangle, n_cols_of, k_of = SHARED_MODES[mode]
+    triangle, n_cols_of, k_of = SHARED_PASS_MODES[mode]
     n_cols = n_cols_of(n_rows)
     rows, cols = make_inputs(2, n_rows, n_cols, 48, seed=seed, requires_grad=False)
     if triangle:
@@ -280,8 +272,8 @@ def check_shared_pass(rows, cols, dims, active, scale, positives, rules, seed=0,
 
 
 SHARED_GRID = [(mode, similarity, variant, n_rows)
-               for mode in SHARED_MODES for similarity in ("cos", "dot")
-               for variant in ((None, "own") if SHARED_MODES[mode][0] else (None, "own", "in_batch_negatives"))
+               for mode in SHARED_PASS_MODES for similarity in ("cos", "dot")
+               for variant in ((None, "own") if SHARED_PASS_MODES[mode][0] else (None, "own", "in_batch_negatives"))
                for n_rows in (37, 130)]
 
 
@@ -295,15 +287,15 @@ def test_shared_tiles_grid_matches_reference(monkeypatch, mode, similarity, vari
 
 
 @pytest.mark.parametrize("similarity,scale", [("cos", 1.0), ("cos", 20.0), ("cos", 1e4), ("dot", 1.0), ("dot", 0.05)])
-@pytest.mark.parametrize("mode,variant", [("both_wide", "own"), ("both_square", None), ("columns_k_r", "own"),
-                                          ("columns_k_r", "hard_negatives"), ("columns_k_c", "all_negatives")])
+@pytest.mark.parametrize("mode,variant", [("both", "own"), ("both-square", None), ("columns", "own"),
+                                          ("columns", "hard_negatives"), ("columns-all", "all_negatives")])
 def test_shared_tiles_scales(mode, variant, similarity, scale):
     # 1e4: no fixed maximum is safe (running maxima of rows and columns); 1 and 20: the fixed maximum.
     rows, cols, positives, rules = make_shared_case(mode, 37, similarity, variant, strength=9.0, seed=5)
     check_shared_pass(rows, cols, SHAPES[48], SHARED_ACTIVE, scale, positives, rules)
 
 
-@pytest.mark.parametrize("mode", ["both_square", "both_wide", "columns_k_r"])
+@pytest.mark.parametrize("mode", ["both-square", "both", "columns"])
 @pytest.mark.parametrize("chunk_rows", [1, 7])
 def test_shared_tiles_small_chunks(monkeypatch, mode, chunk_rows):
     # Many chunks: every column's statistics merge over chunks, some of which skip or exclude all of it.
@@ -314,9 +306,9 @@ def test_shared_tiles_small_chunks(monkeypatch, mode, chunk_rows):
                       0.05, positives, rules)
 
 
-@pytest.mark.parametrize("mode", ["both_square", "both_wide", "columns_k_c"])
+@pytest.mark.parametrize("mode", ["both-square", "both", "columns-all"])
 def test_shared_tiles_float32_inputs_at_float32_tolerance(mode):
-    rows, cols, positives, rules = make_shared_case(mode, 130, "cos", "own" if mode != "both_square" else None,
+    rows, cols, positives, rules = make_shared_case(mode, 130, "cos", "own" if mode != "both-square" else None,
                                                     seed=8, dtype=torch.float32)
     check_shared_pass(rows, cols, SHAPES[48], SHARED_ACTIVE, 20.0, positives, rules, tolerance_dtype=torch.float32)
 
@@ -398,7 +390,7 @@ def test_triangle_skips_the_columns_below_each_chunk(monkeypatch, with_columns):
 
 
 def test_column_statistics_need_the_column_statistics_in_pass_gradients():
-    rows, cols, positives, rules = make_shared_case("columns_k_r", 5)
+    rows, cols, positives, rules = make_shared_case("columns", 5)
     stats = backend.row_statistics(rows, cols, (5, 48), ((True, True),) * 2, 20.0, positives, rules)
     with pytest.raises(ValueError, match="col_offset and col_log_sum"):
         backend.pass_gradients(rows, cols, (5, 48), ((True, True),) * 2, 20.0, positives, stats[0], stats[1],
