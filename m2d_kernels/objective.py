@@ -15,6 +15,10 @@ per-row statistics relative to an offset; a ``"joint"`` partition combines them 
 per-pass log-sum-exps. The backward calls every pass's ``pass_gradients`` with the statistics its
 softmax had (combined or its own), so nothing of size ``B x N`` is stored: only ``[L, B, M]`` tables.
 
+A joint partition in the default layout (one process's columns, no guide or teacher) shares tiles
+instead (``_shared_passes``): doc_to_query is query_to_doc's column statistics, query_to_query and the
+positives' square of doc_to_doc are triangles; about 2x query_to_doc's FLOPs instead of 3x at N = 2B.
+
 Score distillation (Starbucks): the teacher is the pair (L - 1, M - 1) of the same call, detached; every
 pass accumulates ``sum_j exp(z_T - o_T) z_lm`` beside its log-sum-exp, which gives
 ``KL_lm(i) = (E_pT[z_T] - LSE_T) - (E_pT[z_lm] - LSE_lm)`` without a second pass; its gradient is
