@@ -115,6 +115,14 @@ inline float vector_exp(float x) {
 
 inline double vector_exp(double x) { return std::exp(x); }
 
+// exp(x) for a kept entry, 0 for an excluded one, whose x (a logit -inf, or an offset of -inf) is never
+// exponentiated: no inf or NaN reaches the sums. Branch-free, so the loops that call it vectorise.
+template <typename T>
+inline T exp_if_kept(bool kept, T x) {
+  const T e = vector_exp(kept ? x : T(0));
+  return kept ? e : T(0);
+}
+
 // Makes ATen and MKL run single-threaded on the calling thread while alive: the tile GEMMs
 // run inside our own parallel tasks, and a GEMM that opened its own team would both
 // oversubscribe the cores and could change the summation order between forward and
@@ -468,9 +476,7 @@ void teacher_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64
       const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
       T weight;
       if constexpr (kExclude) {
-        const bool kept = keep_row[j] != 0;
-        const T e = vector_exp(kept ? (z - base) - sh : T(0));  // no exponent of an excluded logit
-        weight = kept ? e : T(0);
+        weight = exp_if_kept(keep_row[j] != 0, (z - base) - sh);
       } else {
         weight = vector_exp((z - base) - sh);
       }
@@ -561,9 +567,7 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
       for (int64_t j = first; j < nc; ++j) {
         const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
         if constexpr (kExclude) {
-          const bool kept = keep_row[j] != 0;
-          const T e = vector_exp(kept ? z - base : T(0));  // no exponent of an excluded logit
-          tile_sum += kept ? e : T(0);
+          tile_sum += exp_if_kept(keep_row[j] != 0, z - base);
         } else {
           tile_sum += vector_exp(z - new_max);
         }
@@ -644,10 +648,8 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
       const int64_t j = kContiguous ? e : cols[e] - c0;
       const T z = p.logit(row_scale, s_row[j], rk_at[j]);
       if constexpr (kExclude) {
-        const bool kept = keep_row[j] != 0;
         const T base = col_max[e] == kMinusInf ? T(0) : col_max[e];  // a column with nothing kept so far
-        const T x = vector_exp(kept ? z - base : T(0));                // no exponent of an excluded logit
-        col_sum[e] += kept ? x : T(0);
+        col_sum[e] += exp_if_kept(keep_row[j] != 0, z - base);
       } else {
         const T x = vector_exp(z - col_max[e]);
         col_sum[e] += x;
@@ -904,9 +906,7 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
       const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
       T prob;
       if constexpr (kExclude) {
-        const bool kept = keep_row[j] != 0;
-        const T e = vector_exp(kept ? (z - max) - logsum : T(0));  // no exponent of an excluded logit
-        prob = kept ? e : T(0);
+        prob = exp_if_kept(keep_row[j] != 0, (z - max) - logsum);
       } else {
         prob = vector_exp((z - max) - logsum);
       }
@@ -945,9 +945,7 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
         const int64_t j = kContiguous ? e : cols[e] - c0;
         const T z = p.logit(row_scale, s_row[j], rk_at[j]);
         if constexpr (kExclude) {
-          const bool kept = keep_row[j] != 0;
-          const T x = vector_exp(kept ? (z - max[e]) - logsum[e] : T(0));  // no exponent of an excluded logit
-          w_row[j] += kept ? x : T(0);
+          w_row[j] += exp_if_kept(keep_row[j] != 0, (z - max[e]) - logsum[e]);
         } else {
           w_row[j] += vector_exp((z - max[e]) - logsum[e]);
         }
