@@ -61,12 +61,20 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 // MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lower-case
 // symbol is the Fortran one, taking a pointer), exported by the MKL inside libtorch_cpu
 // when torch uses MKL; null otherwise (weak).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+// The Fortran BLAS GEMMs (32-bit integers, as ATen's CPUBlas declares them) that libtorch_cpu exports
+// when built with a BLAS; null otherwise (weak), and gemm() below falls back to ATen's mm.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                       const int*, const double*, const int*, const double*, double*, const int*)
+    __attribute__((weak));
 
 namespace {
 
@@ -75,6 +83,11 @@ namespace {
 constexpr int64_t kRowBlock = 128;
 constexpr int64_t kColumnGranule = 64;  // column tiles are multiples of this
 constexpr int64_t kMaxColTile = 512;    // candidates per tile: 128 x 512 fp32 = 256 KiB, stays in L2
+// Triangle: a tile crossing the diagonal is multiplied in strips of kStripRows rows (dQ too; dK in
+// strips of as many columns), each from the first column its top row scores, rounded down to
+// kStripAlign: its GEMMs skip what lies below the diagonal (a 128-row diagonal tile costs ~0.6x).
+constexpr int64_t kStripRows = 32;
+constexpr int64_t kStripAlign = 16;
 // Multiply-adds per thread below which waking another thread costs more than it saves.
 constexpr int64_t kWorkPerThread = int64_t(1) << 22;
 
@@ -214,7 +227,7 @@ struct PassRules {
   bool excludes() const { return exclude_own_group || guided(); }
   bool penalises() const { return penalty != kNoPenalty; }
   bool masked() const { return excludes() || penalises(); }
-  // Whether some tile fills keep / penalty: every tile when masked(), the diagonal's with the triangle.
+  // Whether some tile fills keep / penalty: a tile with an excluded entry or a penalty (Problem::tile_excludes).
   bool has_tile_masks() const { return masked() || triangle; }
   // The guide product and the teacher tile are computed once per tile for every layer, so a
   // task then covers all layers of its rows (forward) or columns (backward).
@@ -244,6 +257,9 @@ struct Problem {
   std::vector<int64_t> stat_cols, stat_slots;
   int64_t n_slots = 0;
   bool contiguous_stats = false;
+  // Backward with shares_exponentials(): softmax_weight of every row [L, B, M] and statistic column
+  // [L, K, M], once per call rather than per tile.
+  std::vector<T> row_weights, col_weights;
 
   // First statistic entry whose column is >= col.
   int64_t stats_begin(int64_t col) const {
@@ -259,12 +275,36 @@ struct Problem {
   int64_t first_scored(int64_t row, int64_t c0, int64_t nc) const {
     return rules.triangle ? std::clamp<int64_t>(row + 1 - c0, 0, nc) : 0;
   }
-  // The skipped tiles of a row block are its first ones: the dQ turns of the block start after them.
-  int64_t first_tile(int64_t r0) const {
-    int64_t tile = 0;
-    while (tile < n_tiles && skipped(r0, tile * col_tile, std::min(col_tile, N - tile * col_tile))) ++tile;
-    return tile;
+  // The first tile column that the strip of rows from r0 + i0 multiplies (nc or more: none of them).
+  int64_t strip_start(int64_t r0, int64_t i0, int64_t c0, int64_t nc, bool diagonal) const {
+    return diagonal ? first_scored(r0 + i0, c0, nc) / kStripAlign * kStripAlign : 0;
   }
+  // The rows [0, end) of a diagonal tile that score some column of [j0, j1) (j > i).
+  int64_t strip_rows_end(int64_t r0, int64_t nr, int64_t c0, int64_t j1, bool diagonal) const {
+    return diagonal ? std::clamp<int64_t>(c0 + j1 - 1 - r0, 0, nr) : nr;
+  }
+  // Column statistics 0..K-1 whose logits and maximum are their rows' (cos, fixed maximum, no penalty):
+  // one exponential per entry serves the row and the column softmax, forward and backward.
+  bool shares_exponentials() const { return contiguous_stats && fixed_max && !rules.penalises() && !rules.teacher; }
+  // Whether the tile holds an excluded entry, so that it needs the keep mask and the kernels that read
+  // it: with a guide every tile; a triangle's diagonal tiles; the tiles holding some row's own-group
+  // column (the own group is every group_period-th column, so most tiles hold none).
+  bool tile_excludes(int64_t r0, int64_t nr, int64_t c0, int64_t nc) const {
+    if (rules.guided() || on_diagonal(r0, nr, c0)) return true;
+    const int64_t period = rules.group_period;
+    if (!rules.exclude_own_group || period <= 0) return false;
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t group = rules.row_group[r0 + i];
+      if (group >= 0 && group < period && c0 + ((group - c0) % period + period) % period < c0 + nc) return true;
+    }
+    return false;
+  }
+  // The backward's column tile of task slot `index` (of n_tiles per layer): in order, or with the
+  // triangle from the last, whose tiles hold the most rows, so that two threads finish together.
+  int64_t backward_tile(int64_t index) const { return rules.triangle ? n_tiles - 1 - index : index; }
+  // The turn of column tile `tile` in row block r0's dQ sum: the order the tasks start in. The
+  // triangle's skipped tiles, a row block's first ones, come last in its reversed order: no turn.
+  int64_t dq_turn(int64_t tile) const { return rules.triangle ? n_tiles - 1 - tile : tile; }
   // The logit and the cosine of one tile entry, written once so that forward and backward
   // evaluate the same expression in the same order.
   T logit(T row_scale, T s, T rk) const { return row_scale * s * rk; }
@@ -368,25 +408,82 @@ void run_tasks(int64_t threads, const Tasks& tasks) {
   }
 }
 
-// A [rows, cols] view of caller-owned memory, for ATen's GEMM.
+// A [rows, cols] view of caller-owned memory, for ATen.
 template <typename T>
 at::Tensor view(const T* data, int64_t rows, int64_t cols, int64_t row_stride) {
   return at::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride, 1},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// s[nr, nc] (+)= Q[l, r0:, seg_m] K[l, c0:, seg_m]^T. Forward and backward both call this,
-// with the same arguments, for every tile: the recomputed logits are bitwise the forward's.
+// Row-major C[m, n] = op(A) op(B) (+ C when `accumulate`), op = transpose when the flag is set; A is
+// [m, k] (or [k, m] transposed) with row stride lda, B [k, n] (or [n, k]) with ldb. Straight to the BLAS
+// that ATen's mm would call: a tile makes hundreds of small GEMMs, and ATen's per-call cost (tensor
+// views, dispatch) was a tenth of a shared-tile step. The same call for the same tile in forward and
+// backward, so recomputed logits stay bitwise the forward's.
 template <typename T>
-void accumulate_segment(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* s) {
-  const int64_t a = p.starts[m], width = p.ends[m] - a;
-  auto qs = view(p.q + (l * p.B + r0) * p.D + a, nr, width, p.D);
-  auto ks = view(p.k + (l * p.N + c0) * p.D + a, nc, width, p.D);
-  auto out = view(s, nr, nc, nc);
-  if (m == 0) {
-    at::mm_out(out, qs, ks.t());
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+          int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  if ((kFloat ? sgemm_ != nullptr : dgemm_ != nullptr) &&
+      std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max()) {
+    // Column-major BLAS: C^T = op(B)^T op(A)^T, each row-major buffer read as its transpose.
+    const char op_b = trans_b ? 'T' : 'N', op_a = trans_a ? 'T' : 'N';
+    const int cm = static_cast<int>(n), cn = static_cast<int>(m), ck = static_cast<int>(k);
+    const int ldb_i = static_cast<int>(ldb), lda_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
+    const T one = 1, beta = accumulate ? 1 : 0;
+    if constexpr (kFloat) {
+      sgemm_(&op_b, &op_a, &cm, &cn, &ck, &one, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+    } else {
+      dgemm_(&op_b, &op_a, &cm, &cn, &ck, &one, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+    }
+    return;
+  }
+  auto a_view = trans_a ? view(a, k, m, lda).t() : view(a, m, k, lda);
+  auto b_view = trans_b ? view(b, n, k, ldb).t() : view(b, k, n, ldb);
+  auto out = view(c, m, n, ldc);
+  if (accumulate) {
+    out.addmm_(a_view, b_view);
   } else {
-    out.addmm_(qs, ks.t());
+    at::mm_out(out, a_view, b_view);
+  }
+}
+
+// s[nr, nc] (+)= Q[l, r0:, seg_m] K[l, c0:, seg_m]^T; on a triangle's diagonal tile, strip by strip
+// from each strip's first scored column (the entries left of it are never read). Forward and backward
+// both call this, with the same arguments, for every tile: the recomputed logits are bitwise the forward's.
+template <typename T>
+void accumulate_segment(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* s,
+                        bool diagonal = false) {
+  const int64_t a = p.starts[m], width = p.ends[m] - a, strip = diagonal ? kStripRows : nr;
+  for (int64_t i0 = 0; i0 < nr; i0 += strip) {
+    const int64_t rows = std::min(strip, nr - i0), j0 = p.strip_start(r0, i0, c0, nc, diagonal);
+    if (j0 >= nc) continue;
+    gemm(false, true, rows, nc - j0, width, p.q + (l * p.B + r0 + i0) * p.D + a, p.D,
+         p.k + (l * p.N + c0 + j0) * p.D + a, p.D, m > 0, s + i0 * nc + j0, nc);
+  }
+}
+
+// dQ[nr, seg_m] = H K[l, c0:, seg_m] and dK[l, c0:, seg_m] += H^T Q[l, r0:, seg_m] for one tile's H
+// (zero left of each row's first scored column): on a diagonal tile by row strips (dQ) and column
+// strips (dK), skipping the zeros below the diagonal as accumulate_segment does.
+template <typename T>
+void tile_input_gradients(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                          const T* h, T* dq, T* dk, bool diagonal) {
+  const int64_t a = p.starts[m], width = p.ends[m] - a, strip = diagonal ? kStripRows : std::max(nr, nc);
+  const T* q = p.q + (l * p.B + r0) * p.D + a;
+  const T* k = p.k + (l * p.N + c0) * p.D + a;
+  for (int64_t i0 = 0; i0 < nr; i0 += strip) {
+    const int64_t rows = std::min(strip, nr - i0), j0 = std::min(p.strip_start(r0, i0, c0, nc, diagonal), nc);
+    if (j0 == nc) {
+      for (int64_t i = i0; i < i0 + rows; ++i) std::fill(dq + i * p.D + a, dq + i * p.D + a + width, T(0));
+    } else {
+      gemm(false, false, rows, width, nc - j0, h + i0 * nc + j0, nc, k + j0 * p.D, p.D, false, dq + i0 * p.D + a, p.D);
+    }
+  }
+  for (int64_t j0 = 0; j0 < nc; j0 += strip) {
+    const int64_t cols = std::min(strip, nc - j0), rows = p.strip_rows_end(r0, nr, c0, j0 + cols, diagonal);
+    if (rows == 0) continue;
+    gemm(true, false, cols, width, rows, h + j0, nc, q, p.D, true, dk + j0 * p.D + a, p.D);
   }
 }
 
@@ -420,8 +517,7 @@ void rules_tile(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t
   const PassRules<T>& r = p.rules;
   if (r.guided()) {
     const int64_t dg = r.guide_dim;
-    auto out = view(guide, nr, nc, nc);
-    at::mm_out(out, view(r.guide_rows + r0 * dg, nr, dg, dg), view(r.guide_cols + c0 * dg, nc, dg, dg).t());
+    gemm(false, true, nr, nc, dg, r.guide_rows + r0 * dg, dg, r.guide_cols + c0 * dg, dg, false, guide, nc);
   }
   // Fills, then the few special columns: the own group's (every group_period-th column, no modulo per
   // entry), the positive, the triangle's first columns.
@@ -524,10 +620,17 @@ struct BlockStats {
 // Folds one tile of pair (l, m) into the row statistics (at `slot`). kScaleGrad adds sum_j exp(z_j - max) * cos_j beside the sum, for d loss / d scale;
 // kExclude drops the excluded entries (before any exponential), kPenalty adds the penalty,
 // kTeacher accumulates sum_j exp(z_T - offset_T) * z_j (the tile's teacher weights).
-template <bool kScaleGrad, bool kExclude, bool kPenalty, bool kTeacher, typename T>
+// kColumnSums: the statistic columns 0..K-1 (contiguous) under a fixed maximum and no penalty, where a
+// column's logit and maximum are its rows' (z, scale), so one exponential serves both softmaxes: the
+// columns' sums accumulate in `column_sums` (col_tile) and replace column_epilogue's second pass.
+template <bool kScaleGrad, bool kExclude, bool kPenalty, bool kTeacher, bool kColumnSums, typename T>
 void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, int64_t r0, int64_t nr, int64_t c0,
-                      int64_t nc, const T* s, T* rk, BlockStats<T>& stats, const TileRules<T>& rules) {
+                      int64_t nc, const T* s, T* rk, T* column_sums, BlockStats<T>& stats, const TileRules<T>& rules) {
   static_assert(!(kScaleGrad && (kExclude || kPenalty || kTeacher)), "d loss / d scale is for plain rules only");
+  static_assert(!(kColumnSums && (kScaleGrad || kPenalty || kTeacher)), "shared column sums: fixed maximum, no penalty");
+  // The tile's statistic columns: [0, n_columns).
+  const int64_t n_columns = kColumnSums ? std::clamp<int64_t>(p.n_slots - c0, 0, nc) : 0;
+  if constexpr (kColumnSums) std::fill(column_sums, column_sums + n_columns, T(0));
   constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   const T* inv_q = p.inv_q + (l * p.B + r0) * p.M + m;
@@ -563,8 +666,24 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
         tile_cos_sum += e * (rq * s_row[j] * rk[j]);
       }
     } else {
+      int64_t j_rest = first;  // the entries after the statistic columns
+      if constexpr (kColumnSums) {
+        j_rest = std::max(first, n_columns);
+#pragma omp simd reduction(+ : tile_sum)
+        for (int64_t j = first; j < n_columns; ++j) {
+          const T z = p.logit(row_scale, s_row[j], rk[j]);
+          T e;
+          if constexpr (kExclude) {
+            e = exp_if_kept(keep_row[j] != 0, z - base);
+          } else {
+            e = vector_exp(z - new_max);
+          }
+          tile_sum += e;
+          column_sums[j] += e;
+        }
+      }
 #pragma omp simd reduction(+ : tile_sum, tile_teacher)
-      for (int64_t j = first; j < nc; ++j) {
+      for (int64_t j = j_rest; j < nc; ++j) {
         const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
         if constexpr (kExclude) {
           tile_sum += exp_if_kept(keep_row[j] != 0, z - base);
@@ -575,7 +694,7 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
       }
     }
     // Both maxima -inf (nothing kept yet): the sum stays 0 rather than 0 * exp(nan).
-    const T rescale = kExclude && row.max == new_max ? T(1) : vector_exp(row.max - new_max);
+    const T rescale = p.fixed_max || (kExclude && row.max == new_max) ? T(1) : vector_exp(row.max - new_max);
     row.sum = row.sum * rescale + tile_sum;
     if constexpr (kScaleGrad) row.cos_sum = row.cos_sum * rescale + tile_cos_sum;
     if constexpr (kTeacher) {
@@ -591,6 +710,7 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
       if constexpr (kScaleGrad) stats.positive_cos[slot * nr + i] = rq * s_row[pos] * rk[pos];
     }
   }
+  for (int64_t j = 0; j < n_columns; ++j) stats.columns[(c0 + j) * p.M + m] = SoftmaxStats<T>{p.scale, column_sums[j], 0};
 }
 
 // The statistic columns (Problem) of one tile of pair (l, m), over this row block: each lies in
@@ -665,7 +785,7 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
 template <typename T>
 struct ForwardKernels {
   using Epilogue = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                            const T*, T*, BlockStats<T>&, const TileRules<T>&);
+                            const T*, T*, T*, BlockStats<T>&, const TileRules<T>&);
   using Teacher = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, const T*, T*, const T*, const T*,
                            const TileRules<T>&, T*, T*);
   using Column = void (*)(const Problem<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, T*, T*,
@@ -673,7 +793,7 @@ struct ForwardKernels {
   Epilogue epilogue;          // every pair
   Epilogue teacher_epilogue;  // the teacher pair itself: its weights come after its maximum
   Teacher teacher;
-  Column column;  // the statistic columns (Problem::n_slots > 0)
+  Column column;  // the statistic columns (Problem::n_slots > 0), unless the epilogue sums them
 };
 
 // Calls f(std::integral_constant<bool, flag>): a runtime rule becomes a template argument.
@@ -682,20 +802,24 @@ auto with_flag(bool flag, const F& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// `diagonal`: the kernels of a triangle's tiles that cross the diagonal (they exclude entries).
+// `excludes`: the kernels of the tiles holding an excluded entry (Problem::tile_excludes).
 template <bool kScaleGrad, typename T>
-ForwardKernels<T> pick_forward(const Problem<T>& p, bool diagonal) {
+ForwardKernels<T> pick_forward(const Problem<T>& p, bool excludes) {
   const PassRules<T>& rules = p.rules;
   if constexpr (kScaleGrad) {
-    return {&forward_epilogue<true, false, false, false, T>, nullptr, nullptr,
+    return {&forward_epilogue<true, false, false, false, false, T>, nullptr, nullptr,
             &column_epilogue<true, false, false, T>};  // pair_losses: the positive columns
   } else {
-    return with_flag(rules.excludes() || diagonal, [&](auto exclude) {
+    return with_flag(excludes, [&](auto exclude) {
+      constexpr bool kE = decltype(exclude)::value;
+      if (p.shares_exponentials())
+        return ForwardKernels<T>{&forward_epilogue<false, kE, false, false, true, T>, nullptr, nullptr, nullptr};
       return with_flag(rules.penalises(), [&](auto penalty) {
-        constexpr bool kE = decltype(exclude)::value, kP = decltype(penalty)::value;
+        constexpr bool kP = decltype(penalty)::value;
         return ForwardKernels<T>{
-            rules.teacher ? &forward_epilogue<false, kE, kP, true, T> : &forward_epilogue<false, kE, kP, false, T>,
-            &forward_epilogue<false, kE, kP, false, T>, &teacher_tile<kE, kP, T>,
+            rules.teacher ? &forward_epilogue<false, kE, kP, true, false, T>
+                          : &forward_epilogue<false, kE, kP, false, false, T>,
+            &forward_epilogue<false, kE, kP, false, false, T>, &teacher_tile<kE, kP, T>,
             p.contiguous_stats ? &column_epilogue<false, kE, true, T> : &column_epilogue<false, kE, false, T>};
       });
     });
@@ -710,7 +834,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
   TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
               "m2d cpp backend: the doc->query direction takes plain rules");
-  // [0]: every tile of the call's rules; [1]: a triangle's tiles across the diagonal.
+  // [0]: the tiles with nothing excluded; [1]: the others (Problem::tile_excludes).
   const ForwardKernels<T> kernels[2] = {pick_forward<kScaleGrad>(p, false), pick_forward<kScaleGrad>(p, true)};
   auto opts = q.options();
   constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
@@ -762,8 +886,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         if (p.skipped(r0, c0, nc)) continue;  // the triangle: no GEMM, no exponential
         tile_pairs.fetch_add(1, std::memory_order_relaxed);
         const bool diagonal = p.on_diagonal(r0, nr, c0);
-        const ForwardKernels<T>& tile_kernels = kernels[diagonal];
-        if (rules.masked() || diagonal) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
+        const bool excludes = p.tile_excludes(r0, nr, c0, nc);
+        const ForwardKernels<T>& tile_kernels = kernels[excludes];
+        if (excludes || rules.penalises()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
         if (rules.teacher) {
           // The teacher pair first: its updated maximum is the offset of this tile's weights.
           T* offset = teacher_rows.get();
@@ -774,7 +899,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
           teacher_layer_segments(p, r0, nr, c0, nc, teacher_s.get(), tile_size);
           for (int64_t i = 0; i < nr; ++i) rescale[i] = stats.rows[teacher_slot * nr + i].max;
           tile_kernels.teacher_epilogue(p, p.L - 1, p.M - 1, teacher_slot, r0, nr, c0, nc, teacher_logits, rk.get(),
-                                        stats, tile_rules);
+                                        nullptr, stats, tile_rules);
           for (int64_t i = 0; i < nr; ++i) {
             const T previous = rescale[i], current = stats.rows[teacher_slot * nr + i].max;
             offset[i] = current == -std::numeric_limits<T>::infinity() ? T(0) : current;
@@ -792,11 +917,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
           const bool teacher_layer = rules.teacher && l == p.L - 1;
           for (int64_t m = 0; m <= p.last[l]; ++m) {
             const T* s_m = teacher_layer ? teacher_s.get() + m * tile_size : s.get();
-            if (!teacher_layer) accumulate_segment(p, l, m, r0, nr, c0, nc, s.get());
+            if (!teacher_layer) accumulate_segment(p, l, m, r0, nr, c0, nc, s.get(), diagonal);
             if (!p.active[l * p.M + m]) continue;
             if (!(teacher_layer && m == p.M - 1))
-              tile_kernels.epilogue(p, l, m, (l - l0) * p.M + m, r0, nr, c0, nc, s_m, rk.get(), stats, tile_rules);
-            if (p.n_slots > 0)
+              tile_kernels.epilogue(p, l, m, (l - l0) * p.M + m, r0, nr, c0, nc, s_m, rk.get(), column_buffer.get(),
+                                    stats, tile_rules);
+            if (tile_kernels.column != nullptr && p.n_slots > 0)
               tile_kernels.column(p, l, m, r0, nr, c0, nc, s_m, rk.get(), column_buffer.get(), stats, tile_rules);
           }
         }
@@ -871,8 +997,20 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
 
 // ---------------------------------------------------------------- backward
 
-// Which statistic columns (Problem) a kernel handles: none, columns 0..K-1, or gathered ones.
-enum StatColumns : int { kNoColumns = 0, kContiguousColumns = 1, kGatheredColumns = 2 };
+// Which statistic columns (Problem) a kernel handles: none, columns 0..K-1, or gathered ones;
+// kSharedColumns: columns 0..K-1 with one exponential for both softmaxes (Problem::shares_exponentials).
+enum StatColumns : int { kNoColumns = 0, kContiguousColumns = 1, kGatheredColumns = 2, kSharedColumns = 3 };
+
+// 1 / sum_j exp(z_j - scale) of each softmax under the fixed maximum, from its saved (max, log_sum):
+// exp(z - max - log_sum) = exp(z - scale) * weight. 0 for a softmax with nothing kept (its max is 0
+// and log_sum -inf), whose entries are all excluded anyway.
+template <typename T>
+std::vector<T> softmax_weights(const Problem<T>& p, const T* max, const T* log_sum, int64_t n) {
+  std::vector<T> weights(n);
+  for (int64_t e = 0; e < n; ++e)
+    weights[e] = std::isinf(log_sum[e]) ? T(0) : std::exp((p.scale - max[e]) - log_sum[e]);
+  return weights;
+}
 
 // W_m = G_m * rq * rk for one tile, into w; writes rowsum(G_m * cos_m) into gc_row and adds
 // the column sums to gc_col. G_m = coef * (softmax_row - onehot(p)) (+ softmax_column on the
@@ -881,14 +1019,20 @@ enum StatColumns : int { kNoColumns = 0, kContiguousColumns = 1, kGatheredColumn
 // softmax - coef * onehot - distill * p_T. Excluded entries get 0 (kExclude), penalised ones the
 // penalty in z only (it carries no gradient). Both softmaxes enter G before W and the norm terms'
 // sums (gc_row, gc_col) are formed, so those need nothing more. `col_buffer` holds 2 x col_tile.
+// kSharedColumns: both softmaxes as exp(z - scale) times each one's softmax weight, one exponential.
 template <bool kExclude, bool kPenalty, bool kDistill, int kColumns, typename T>
 void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                    const T* s, T* w, T* rk, T coef, T distill, const T* row_max, const T* row_logsum,
                    const T* col_max, const T* col_logsum, T* gc_row, T* gc_col, T* col_buffer,
                    const TileRules<T>& rules) {
   static_assert(!(kDistill && kColumns != kNoColumns), "column statistics take no distillation");
+  static_assert(!(kPenalty && kColumns == kSharedColumns), "shared exponentials: no penalty");
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
+  // kSharedColumns: the tile's statistic columns [0, n_columns) and their softmax weights.
+  const int64_t n_columns = kColumns == kSharedColumns ? std::clamp<int64_t>(p.n_slots - c0, 0, nc) : 0;
+  T* column_weight = col_buffer;
+  for (int64_t j = 0; j < n_columns; ++j) column_weight[j] = p.col_weights[(l * p.n_slots + c0 + j) * p.M + m];
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t at = (l * p.B + r0 + i) * p.M + m;
     const T rq = p.inv_q[at];
@@ -901,6 +1045,25 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     T* w_row = w + i * nc;
     const int64_t first = p.first_scored(r0 + i, c0, nc);
     std::fill(w_row, w_row + first, T(0));
+    if constexpr (kColumns == kSharedColumns) {
+      const T row_weight = p.row_weights[at];
+      const int64_t j_rest = std::max(first, n_columns);
+#pragma omp simd
+      for (int64_t j = first; j < n_columns; ++j) {
+        const T z = p.logit(row_scale, s_row[j], rk[j]);
+        const T e = kExclude ? exp_if_kept(keep_row[j] != 0, z - p.scale) : vector_exp(z - p.scale);
+        w_row[j] = e * (row_weight + column_weight[j]);
+      }
+#pragma omp simd
+      for (int64_t j = j_rest; j < nc; ++j) {
+        const T z = p.logit(row_scale, s_row[j], rk[j]);
+        const T e = kExclude ? exp_if_kept(keep_row[j] != 0, z - p.scale) : vector_exp(z - p.scale);
+        w_row[j] = e * row_weight;
+      }
+      const int64_t pos = p.positive[r0 + i] - c0;
+      if (pos >= 0 && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= T(1);
+      continue;
+    }
 #pragma omp simd
     for (int64_t j = first; j < nc; ++j) {
       const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
@@ -919,7 +1082,7 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     const int64_t pos = p.positive[r0 + i] - c0;
     if (pos >= 0 && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= kDistill ? coef : T(1);
   }
-  if constexpr (kColumns != kNoColumns) {
+  if constexpr (kColumns == kContiguousColumns || kColumns == kGatheredColumns) {
     const int64_t e0 = p.stats_begin(c0), n = p.stats_begin(c0 + nc) - e0;
     constexpr bool kContiguous = kColumns == kContiguousColumns;
     const int64_t* cols = p.stat_cols.data() + e0;
@@ -984,11 +1147,11 @@ struct BackwardKernels {
   typename ForwardKernels<T>::Teacher teacher;
 };
 
-// `diagonal`: the kernels of a triangle's tiles that cross the diagonal (they exclude entries).
+// `excludes`: the kernels of the tiles holding an excluded entry (Problem::tile_excludes).
 template <typename T>
-BackwardKernels<T> pick_backward(const Problem<T>& p, bool diagonal) {
+BackwardKernels<T> pick_backward(const Problem<T>& p, bool excludes) {
   const PassRules<T>& rules = p.rules;
-  return with_flag(rules.excludes() || diagonal, [&](auto exclude) {
+  return with_flag(excludes, [&](auto exclude) {
     return with_flag(rules.penalises(), [&](auto penalty) {
       constexpr bool kE = decltype(exclude)::value, kP = decltype(penalty)::value;
       typename BackwardKernels<T>::Gradient gradient = &gradient_tile<kE, kP, false, kNoColumns, T>;
@@ -996,6 +1159,7 @@ BackwardKernels<T> pick_backward(const Problem<T>& p, bool diagonal) {
       if (p.n_slots > 0)
         gradient = p.contiguous_stats ? &gradient_tile<kE, kP, false, kContiguousColumns, T>
                                       : &gradient_tile<kE, kP, false, kGatheredColumns, T>;
+      if (p.shares_exponentials()) gradient = &gradient_tile<kE, false, false, kSharedColumns, T>;
       return BackwardKernels<T>{gradient, &teacher_tile<kE, kP, T>};
     });
   });
@@ -1026,10 +1190,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& col_max, const at::Tensor& col_logsum, const at::Tensor& coef,
                                       int64_t n_threads, const PassRules<T>& rules = PassRules<T>(),
                                       const T* distill_coef = nullptr) {
-  const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
+  Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
   TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
               "m2d cpp backend: the doc->query direction takes plain rules");
-  // [0]: every tile of the call's rules; [1]: a triangle's tiles across the diagonal.
+  // [0]: the tiles with nothing excluded; [1]: the others (Problem::tile_excludes).
   const BackwardKernels<T> kernels[2] = {pick_backward(p, false), pick_backward(p, true)};
   if (p.n_slots > 0)
     TORCH_CHECK(col_max.numel() == p.L * p.n_slots * p.M && col_logsum.numel() == col_max.numel() &&
@@ -1044,9 +1208,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const T* row_logsum_ptr = row_logsum.data_ptr<T>();
   const T* col_max_ptr = p.n_slots > 0 ? col_max.data_ptr<T>() : nullptr;
   const T* col_logsum_ptr = p.n_slots > 0 ? col_logsum.data_ptr<T>() : nullptr;
+  if (p.shares_exponentials()) {
+    p.row_weights = softmax_weights(p, row_max_ptr, row_logsum_ptr, p.L * p.B * p.M);
+    p.col_weights = softmax_weights(p, col_max_ptr, col_logsum_ptr, p.L * p.n_slots * p.M);
+  }
   T* grad_q_ptr = grad_q.data_ptr<T>();
   T* grad_k_ptr = grad_k.data_ptr<T>();
-  // dQ row block (l, r) takes its column tiles in order (the triangle's skipped ones take no turn).
+  // dQ row block (l, r) takes its column tiles in turn (Problem::dq_turn; the triangle's skipped ones take none).
   Turns turns(p.L * p.n_blocks);
   const int64_t layers_per_task = rules.shares_tiles_across_layers() ? p.L : 1;
   const int64_t n_tasks = p.L / layers_per_task * p.n_tiles;
@@ -1063,7 +1231,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     std::vector<T> gc_col;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t l0 = task / p.n_tiles * layers_per_task, tile = task % p.n_tiles;
+      const int64_t l0 = task / p.n_tiles * layers_per_task, tile = p.backward_tile(task % p.n_tiles);
       if (layers_per_task == 1 && p.last[l0] < 0) continue;
       const int64_t c0 = tile * p.col_tile, nc = std::min(p.col_tile, p.N - c0);
       gc_col.assign(layers_per_task * p.M * nc, 0);
@@ -1072,8 +1240,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
         if (p.skipped(r0, c0, nc)) continue;  // the triangle: no GEMM, no exponential, no turn
         tile_pairs.fetch_add(1, std::memory_order_relaxed);
         const bool diagonal = p.on_diagonal(r0, nr, c0);
-        const BackwardKernels<T>& tile_kernels = kernels[diagonal];
-        if (rules.masked() || diagonal) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
+        const bool excludes = p.tile_excludes(r0, nr, c0, nc);
+        const BackwardKernels<T>& tile_kernels = kernels[excludes];
+        if (excludes || rules.penalises()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
         if (rules.teacher) {
           T* offset = teacher_rows.get();
           T* shift = offset + kRowBlock;
@@ -1093,7 +1262,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           T* dk = grad_k_ptr + (l * p.N + c0) * p.D;
           for (int64_t m = 0; m <= last; ++m) {
             const T* s_m = teacher_layer ? teacher_s.get() + m * tile_size : s.get();
-            if (!teacher_layer) accumulate_segment(p, l, m, r0, nr, c0, nc, s.get());
+            if (!teacher_layer) accumulate_segment(p, l, m, r0, nr, c0, nc, s.get(), diagonal);
             if (p.active[l * p.M + m])
               tile_kernels.gradient(p, l, m, r0, nr, c0, nc, s_m, w.get() + m * nr * nc, rk.get(),
                                     coef_ptr[l * p.M + m], rules.teacher ? distill_coef[l * p.M + m] : T(0),
@@ -1102,19 +1271,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           }
           // Walk the segments from the largest dim down; w[last] accumulates H_s.
           T* h = w.get() + last * nr * nc;
-          auto h_view = view(h, nr, nc, nc);
           for (int64_t m = last; m >= 0; --m) {
             if (m < last && p.active[l * p.M + m]) {
               const T* w_m = w.get() + m * nr * nc;
 #pragma omp simd
               for (int64_t e = 0; e < nr * nc; ++e) h[e] += w_m[e];
             }
-            const int64_t a = p.starts[m], width = p.ends[m] - a;
-            auto dq_seg = view(dq.get() + a, nr, width, p.D);
-            at::mm_out(dq_seg, h_view, view(p.k + (l * p.N + c0) * p.D + a, nc, width, p.D));
-            view(dk + a, nc, width, p.D).addmm_(h_view.t(), view(p.q + (l * p.B + r0) * p.D + a, nr, width, p.D));
+            tile_input_gradients(p, l, m, r0, nr, c0, nc, h, dq.get(), dk, diagonal);
           }
-          turns.run_in_turn(l * p.n_blocks + block, tile - p.first_tile(r0), [&] {
+          turns.run_in_turn(l * p.n_blocks + block, p.dq_turn(tile), [&] {
             // Only the features up to the largest active dim were written (and get a gradient).
             T* out = grad_q_ptr + (l * p.B + r0) * p.D;
             const T* in = dq.get();

@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
 from m2d_kernels.rules import Rules
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -235,7 +235,12 @@ class _PassesFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, impl, specs, dims, active, scale, partition_mode, distill, *tensors):
-        stats = [impl.row_statistics(tensors[r], tensors[c], dims, active, scale, positives, rules)
+        # Each distinct tensor's inverse-norm tables once, for every pass's forward and backward.
+        acc = accumulator_dtype(tensors[0].dtype)
+        norms = ([inverse_prefix_norms(t.detach(), dims, acc) for t in tensors]
+                 if specs[0][3].similarity == "cos" else None)
+        stats = [impl.row_statistics(tensors[r], tensors[c], dims, active, scale, positives, rules,
+                                     norms=norms and (norms[r], norms[c]))
                  for r, c, positives, rules in specs]
         positive = stats[0][2]
         if partition_mode == "joint":
@@ -263,6 +268,7 @@ class _PassesFunction(torch.autograd.Function):
             distill_terms = torch.where(active_pairs, kl.mean(1), 0.0)
         ctx.save_for_backward(*tensors, *(t for s in pass_stats for t in s))
         ctx.config = (impl, specs, dims, active, scale, len(tensors), distill, partition_mode)
+        ctx.norms = norms
         if not distill:
             ctx.mark_non_differentiable(distill_terms)
         dtype = tensors[0].dtype
@@ -286,7 +292,7 @@ class _PassesFunction(torch.autograd.Function):
                 columns = dict(col_offset=offset, col_log_sum=log_sum) if rules.column_statistics else {}
                 d_rows, d_cols = impl.pass_gradients(tensors[r].detach(), tensors[c].detach(), dims, active,
                                                      scale, positives, offset, log_sum, coef, rules, distill_coef,
-                                                     **columns)
+                                                     norms=ctx.norms and (ctx.norms[r], ctx.norms[c]), **columns)
                 for i, g in ((r, d_rows), (c, d_cols)):
                     grads[i] = g.to(acc) if grads[i] is None else grads[i].add_(g.to(acc))
         grads = [first_order_only(g.to(t.dtype), t) if ctx.needs_input_grad[7 + i] else None

@@ -15,13 +15,18 @@ The pass API (DESIGN.md section 6): ``rows [L, R, D]`` scored against one block 
 several blocks (the ring exchange of ``m2d_kernels.distributed``) is the combination of
 per-block statistics::
 
-    row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN)
+    row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None)
         -> offset, log_sum, positive_logit                        # each [L, R, M]
            (+ teacher_sum with rules.teacher)
            (+ col_offset, col_log_sum [L, K, M] with rules.column_statistics = K)
     pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef,
-                   rules=PLAIN, distill_coef=None, col_offset=None, col_log_sum=None)
+                   rules=PLAIN, distill_coef=None, col_offset=None, col_log_sum=None, norms=None)
         -> d_rows [L, R, D], d_cols [L, C, D]
+
+``norms`` (optional, cosine): ``(row_tables, col_tables)``, each the two ``[L, R, M]`` tables of
+``torch_prefix.inverse_prefix_norms`` for those rows / columns, so that a caller running several passes
+over the same tensors computes them once; a fused backend converts them to its dtype, the reference
+(an independent oracle) recomputes its own.
 
 ``rules`` (:class:`m2d_kernels.rules.Rules`, whose docstring is the specification) select the
 similarity, the excluded columns, a hardness penalty and the teacher sums of score distillation;

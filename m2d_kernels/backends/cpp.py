@@ -37,7 +37,7 @@ from types import ModuleType
 
 import torch
 
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms, prefix_norms
 from m2d_kernels.rules import PLAIN, check_rules
 
 # The pass applies rules.triangle and rules.column_statistics (backends/__init__.py): objective.py
@@ -288,15 +288,17 @@ def pair_losses(
 _PENALTY_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 
 
-def _pass_operands(rows, cols, dims, rules):
-    """Rows and columns in the accumulator dtype with their inverse prefix norms and norm-gradient factors;
-    with "dot", unit inverse norms (the kernels' logits become ``scale * <x, y>``; no norm term)."""
+def _pass_operands(rows, cols, dims, rules, norms=None):
+    """Rows and columns in the accumulator dtype with their inverse prefix norms and norm-gradient factors
+    (``norms``: given by the caller); with "dot", unit inverse norms (the kernels' logits become
+    ``scale * <x, y>``; no norm term)."""
     dtype = accumulator_dtype(rows.dtype)
     q, k = rows.detach().to(dtype).contiguous(), cols.detach().to(dtype).contiguous()
     if rules.similarity == "dot":
         ones_q, ones_k = q.new_ones(q.shape[0], q.shape[1], len(dims)), k.new_ones(k.shape[0], k.shape[1], len(dims))
         return q, k, (ones_q, ones_q), (ones_k, ones_k)
-    return q, k, inverse_prefix_norms(q, dims, dtype), inverse_prefix_norms(k, dims, dtype)
+    row_norms, col_norms = norms or (None, None)
+    return q, k, prefix_norms(q, dims, dtype, row_norms), prefix_norms(k, dims, dtype, col_norms)
 
 
 def _rule_arguments(rules, dtype, n_rows, n_cols, active=None, distill=False):
@@ -317,13 +319,13 @@ def _rule_arguments(rules, dtype, n_rows, n_cols, active=None, distill=False):
             rules.column_statistics)
 
 
-def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` (the row maximum, or the fixed maximum
     ``rules.max_logit(scale)`` for cosines at moderate scales; log sum exp(z - offset)), and with
     ``rules.teacher`` the teacher-weighted logit sums as a fourth tensor; with ``rules.column_statistics = K``
     instead ``(col_offset, col_log_sum)`` ``[L, K, M]`` of the first K columns (offset ``scale`` for cosines at
     moderate scales, else the column maximum; 0 and -inf for a column with every entry excluded)."""
-    q, k, (inv_q, _), (inv_k, _) = _pass_operands(rows, cols, dims, rules)
+    q, k, (inv_q, _), (inv_k, _) = _pass_operands(rows, cols, dims, rules, norms)
     offset, log_sum, positive, teacher_sum, col_offset, col_log_sum = _extension()[0].pass_forward(
         q, k, inv_q, inv_k, positives.to(torch.int64).contiguous(), list(dims), torch.tensor(active, dtype=torch.bool),
         scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active), rules.teacher, torch.get_num_threads(),
@@ -336,12 +338,12 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
 
 
 def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN, distill_coef=None,
-                   col_offset=None, col_log_sum=None):
+                   col_offset=None, col_log_sum=None, norms=None):
     """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype, from the extension's backward with the given
     (combined) statistics; ``positives == -1`` subtracts no one-hot; ``distill_coef`` adds the distillation
     gradient (teacher = pair (L - 1, M - 1)); with ``rules.column_statistics = K`` the first K columns'
     softmaxes over the rows, with the given ``col_offset`` / ``col_log_sum`` ``[L, K, M]``, add theirs."""
-    q, k, (inv_q, norm_q), (inv_k, norm_k) = _pass_operands(rows, cols, dims, rules)
+    q, k, (inv_q, norm_q), (inv_k, norm_k) = _pass_operands(rows, cols, dims, rules, norms)
     rule_arguments = _rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active, distill_coef is not None)
     n_stat_cols = rules.column_statistics
     if n_stat_cols and (col_offset is None or col_log_sum is None):

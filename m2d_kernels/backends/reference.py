@@ -112,7 +112,7 @@ def _kept(values, logits):
     return torch.where(torch.isfinite(logits), values, 0.0)
 
 
-def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, and with ``rules.teacher`` the
     teacher-weighted logit sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor; with
     ``rules.column_statistics = K`` instead ``(col_offset, col_log_sum)`` ``[L, K, M]`` as fourth and fifth."""
@@ -147,7 +147,7 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
 
 
 def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None, col_offset=None, col_log_sum=None):
+                   distill_coef=None, col_offset=None, col_log_sum=None, norms=None):
     """Pass API: gradients of ``sum_lm coef_lm sum_i [LSE_i - z_i,p(i)]
     + distill_coef_lm sum_i [LSE_i - sum_j p_T(i, j) z_ij]`` where the softmaxes of LSE and of the teacher
     ``p_T`` (pair (L - 1, M - 1)) have the given statistics, from this block's columns; with

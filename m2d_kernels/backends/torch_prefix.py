@@ -60,11 +60,23 @@ def _segments(dims: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(zip(starts, dims))
 
 
-def _prefix_tables(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype, similarity: str):
-    """``inverse_prefix_norms`` for "cos"; for "dot" (no normalisation) ones and None (no norm term)."""
+def _prefix_tables(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype, similarity: str, given=None):
+    """``prefix_norms`` for "cos"; for "dot" (no normalisation) ones and None (no norm term)."""
     if similarity == "dot":
         return x.new_ones(x.shape[0], x.shape[1], len(dims), dtype=dtype), None
-    return inverse_prefix_norms(x, dims, dtype)
+    return prefix_norms(x, dims, dtype, given)
+
+
+def prefix_norms(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype, given=None):
+    """``inverse_prefix_norms(x, dims, dtype)``, or ``given``, the same two tables computed once by a caller
+    that runs several passes over ``x`` (the pass API's ``norms``), in ``dtype``."""
+    if given is None:
+        return inverse_prefix_norms(x, dims, dtype)
+    expected = (x.shape[0], x.shape[1], len(dims))
+    if len(given) != 2 or any(tuple(t.shape) != expected for t in given):
+        raise ValueError(f"norms: each side must be the two [L, R, M] = {list(expected)} tables of "
+                         "inverse_prefix_norms")
+    return tuple(t.to(dtype).contiguous() for t in given)
 
 
 def _guide_dtype(rules: Rules, acc: torch.dtype) -> torch.dtype:
@@ -678,15 +690,17 @@ def _pass_chunk(rules: Rules, n_rows: int, n_cols: int, n_dims: int) -> int:
     return chunk
 
 
-def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` of rows against this block of columns,
     with ``rules.teacher`` the teacher-weighted logit sums, with ``rules.column_statistics = K`` the first K
     columns' ``(col_offset, col_log_sum)`` ``[L, K, M]`` (backends/__init__.py, rules.py)."""
     check_rules(rules, rows.shape[1], cols.shape[1], active)
     acc = accumulator_dtype(rows.dtype)
+    row_norms, col_norms = norms or (None, None)
     with torch.no_grad():
-        inv_rows = _prefix_tables(rows, dims, acc, rules.similarity)[0]
-        inv_cols = _prefix_tables(cols, dims, acc, rules.similarity)[0] if rules.similarity == "cos" else None
+        inv_rows = _prefix_tables(rows, dims, acc, rules.similarity, row_norms)[0]
+        inv_cols = (_prefix_tables(cols, dims, acc, rules.similarity, col_norms)[0] if rules.similarity == "cos"
+                    else None)
         _, _, offset, log_sum, col_offset, col_log_sum, positive, teacher_sum = _statistics(
             rows, cols, dims, active, scale, positives.clamp_min(0), False, False, inv_rows, inv_cols,
             _pass_chunk(rules, rows.shape[1], cols.shape[1], len(dims)), rules, positives)
@@ -699,7 +713,7 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
 
 
 def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None, col_offset=None, col_log_sum=None):
+                   distill_coef=None, col_offset=None, col_log_sum=None, norms=None):
     """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype (backends/__init__.py); ``distill_coef``
     ``[L, M]`` (None: zeros) weighs the score-distillation terms towards the teacher pair (L - 1, M - 1);
     ``col_offset`` / ``col_log_sum`` ``[L, K, M]``: the (combined) column statistics, required with
@@ -720,8 +734,11 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
     # fp16/bf16): the gradients come back unrounded and the caller rounds the sum over blocks once.
     rows, cols = rows.to(acc), cols.to(acc)
     col_stats = (col_offset.to(acc), col_log_sum.to(acc)) if n_stat_cols else (None, None)
-    saved.save_for_backward(rows, cols, positives.clamp_min(0), *_prefix_tables(rows, dims, acc, rules.similarity),
-                            *(_prefix_tables(cols, dims, acc, "cos") if rules.similarity == "cos" else (None, None)),
+    row_norms, col_norms = norms or (None, None)
+    saved.save_for_backward(rows, cols, positives.clamp_min(0),
+                            *_prefix_tables(rows, dims, acc, rules.similarity, row_norms),
+                            *(_prefix_tables(cols, dims, acc, "cos", col_norms) if rules.similarity == "cos"
+                              else (None, None)),
                             offset, log_sum, *col_stats)
     saved.config = (dims, active, scale, False, _pass_chunk(rules, n_rows, n_cols, len(dims)),
                     rules, None if distill_coef is None else distill_coef * n_rows,

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m2d_kernels.backends.torch_prefix import SECOND_DERIVATIVE_ERROR, inverse_prefix_norms
+from m2d_kernels.backends.torch_prefix import SECOND_DERIVATIVE_ERROR, inverse_prefix_norms, prefix_norms
 from m2d_kernels.rules import PLAIN, Rules, check_rules
 
 LOG2E = 1.4426950408889634
@@ -926,7 +926,7 @@ def _rule_arguments(rules: Rules, rows: torch.Tensor, distill_coef=None, col_off
     return pointers, scalars, flags
 
 
-def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rules=PLAIN):
+def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rules=PLAIN, norms=None):
     """Row statistics of rows against cols under ``rules`` (flat ``active``): the row maxima (or fixed
     maximum), log2 sums, row losses [L, R, M] (log2 units, fp32), d row loss / d scale (or the loss table
     itself without ``scale_grad``), the inverse-norm / norm-factor tables, with ``rules.teacher`` the
@@ -938,8 +938,9 @@ def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rule
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
-    inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
-    inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
+    row_norms, col_norms = norms or (None, None)  # the pass API's precomputed tables
+    inv_rows, norm_rows = prefix_norms(rows, tuple(dims), torch.float32, row_norms)
+    inv_cols, norm_cols = prefix_norms(cols, tuple(dims), torch.float32, col_norms)
     # The kernel writes every entry of these tables.
     row_max, row_logsum, row_loss = (rows.new_empty(n_layers, n_rows, len(dims), dtype=torch.float32)
                                      for _ in range(3))
@@ -1170,7 +1171,7 @@ def _check_column_statistics(rules: Rules, scale: float) -> None:
                          f"scale={scale}")
 
 
-def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
     """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, natural-log units, and with
     ``rules.teacher`` the teacher sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor; with
     ``rules.column_statistics = K`` (``shares_tiles``: cosine, scale <= 41.6, else ValueError) the first K
@@ -1183,7 +1184,7 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
     check_rules(rules, rows.shape[1], cols.shape[1], active)
     _check_column_statistics(rules, scale)
     flat_active = [on for row in active for on in row]
-    out = _launch_forward(rows, cols, positives, list(dims), flat_active, scale, False, rules)
+    out = _launch_forward(rows, cols, positives, list(dims), flat_active, scale, False, rules, norms)
     positive = _positive_logits(rows, cols, dims, active, scale, positives, rules)
     stats = (out[0].double() * LN2, out[1].double() * LN2, positive)
     if rules.teacher:
@@ -1198,7 +1199,7 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN):
 
 
 def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None, col_offset=None, col_log_sum=None):
+                   distill_coef=None, col_offset=None, col_log_sum=None, norms=None):
     """Pass API: ``(d_rows, d_cols)`` in the input dtype with the given (combined) statistics; the
     teacher term when ``distill_coef`` is given; with ``rules.column_statistics = K`` also the first K
     columns' softmaxes with the given ``col_offset`` / ``col_log_sum`` ``[L, K, M]`` (any similarity and
@@ -1213,8 +1214,9 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
             raise ValueError(f"col_offset and col_log_sum must have shape {expected} ([L, K, M]), got "
                              f"{tuple(col_offset.shape)} and {tuple(col_log_sum.shape)}")
     flat_active = [on for row in active for on in row]
-    inv_rows, norm_rows = inverse_prefix_norms(rows, tuple(dims), torch.float32)
-    inv_cols, norm_cols = inverse_prefix_norms(cols, tuple(dims), torch.float32)
+    row_norms, col_norms = norms or (None, None)
+    inv_rows, norm_rows = prefix_norms(rows, tuple(dims), torch.float32, row_norms)
+    inv_cols, norm_cols = prefix_norms(cols, tuple(dims), torch.float32, col_norms)
     # The kernels' coefficients multiply d / d z per row loss by scale (d z / d s).
     distill = None if distill_coef is None else (distill_coef * scale).float()
     return _launch_backward((coef * scale).float(), rows, cols, positives, (offset * LOG2E).float().contiguous(),
