@@ -23,7 +23,7 @@
 //
 // The W_m tiles of a tile pair are kept, so S_m is accumulated once per tile pair, not
 // once per active dim. Work is split into tiles of kRowBlock queries x column_tile(N)
-// candidates; each tile product is a single-threaded ATen GEMM into a per-thread buffer,
+// candidates; each tile product is a single-threaded BLAS GEMM (gemm()) into a per-thread buffer,
 // followed by plain loops for the epilogue. No B x N matrix and no per-tile copy of dQ is
 // allocated: extra memory is O((B + N) x D + threads x tile). Cross-tile reductions are
 // added "in turn" (tile 0, then 1, ...; a thread waits on a condition variable, never
@@ -42,10 +42,14 @@
 //
 // Shared tiles (the joint directions): with rules.triangle (rows = the first R columns, only
 // j > i or j >= R scored) a (row block, column tile) pair wholly at or below the diagonal is
-// skipped, no GEMM and no exponential, and a tile crossing it takes the keep mask; with
-// rules.column_statistics = K the first K columns also get softmax statistics over the rows
-// (no penalty), computed and merged like the doc->query direction's positive columns of
-// pair_losses: one machinery for both, the "statistic columns" of Problem.
+// skipped, no GEMM and no exponential, and a tile crossing it is multiplied in strips that skip
+// most of what lies below it (kStripRows); with rules.column_statistics = K the first K columns also
+// get softmax statistics over the rows (no penalty), computed and merged like the doc->query
+// direction's positive columns of pair_losses: one machinery for both, the "statistic columns" of
+// Problem. Under a fixed maximum and no penalty a column's logits and maximum are its rows', so one
+// exponential per entry serves both softmaxes, forward and backward (Problem::shares_exponentials).
+// Only the tiles that hold an excluded entry run the kernels that read the keep mask
+// (Problem::tile_excludes): own-group columns are every group_period-th, so most tiles hold none.
 
 #include <torch/extension.h>
 

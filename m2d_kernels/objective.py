@@ -123,6 +123,9 @@ class _Pass:
     cols: torch.Tensor
     positives: torch.Tensor  # [R] long, -1 where the row's positive is not among these columns
     rules: Rules
+    # The pass's rows are rows[:, :row_limit] (None: all): a prefix of an input, which then stays one
+    # autograd input with one norm table.
+    row_limit: int | None = None
 
 
 def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective, guide_docs):
@@ -202,14 +205,15 @@ def _shared_passes(queries, docs, objective):
     if "query_to_query" in objective.directions:
         passes.append(_Pass(queries, queries, absent, Rules(**common, triangle=True, column_statistics=n_queries)))
     if "doc_to_doc" in objective.directions:
-        passes.append(_Pass(docs[:, :n_queries], docs, absent,
+        passes.append(_Pass(docs, docs, absent,
                             Rules(**common, triangle=True, column_statistics=n_queries, group_period=n_queries,
-                                  row_group=row_group, exclude_own_group=True)))
+                                  row_group=row_group, exclude_own_group=True), row_limit=n_queries))
     return passes
 
 
 def _unique_tensors(passes):
-    """The distinct row/column tensors (autograd inputs) and per pass ``(rows index, cols index, positives, rules)``."""
+    """The distinct row/column tensors (autograd inputs) and per pass ``(rows index, cols index, positives, rules,
+    row_limit)``."""
     tensors, specs = [], []
 
     def index(x):
@@ -220,8 +224,13 @@ def _unique_tensors(passes):
         return len(tensors) - 1
 
     for p in passes:
-        specs.append((index(p.rows), index(p.cols), p.positives, p.rules))
+        specs.append((index(p.rows), index(p.cols), p.positives, p.rules, p.row_limit))
     return tensors, specs
+
+
+def _prefix(x, limit):
+    """``x[:, :limit]`` (``limit`` None: x): a pass's rows, or their norm tables."""
+    return x if limit is None else x[:, :limit]
 
 
 def _combine(offset, log_sum, other_offset, other_log_sum):
@@ -239,15 +248,15 @@ class _PassesFunction(torch.autograd.Function):
         acc = accumulator_dtype(tensors[0].dtype)
         norms = ([inverse_prefix_norms(t.detach(), dims, acc) for t in tensors]
                  if specs[0][3].similarity == "cos" else None)
-        stats = [impl.row_statistics(tensors[r], tensors[c], dims, active, scale, positives, rules,
-                                     norms=norms and (norms[r], norms[c]))
-                 for r, c, positives, rules in specs]
+        stats = [impl.row_statistics(_prefix(tensors[r], limit), tensors[c], dims, active, scale, positives, rules,
+                                     norms=norms and (tuple(_prefix(t, limit) for t in norms[r]), norms[c]))
+                 for r, c, positives, rules, limit in specs]
         positive = stats[0][2]
         if partition_mode == "joint":
             # Every part of row i's softmax: each pass's rows, and the column statistics of column i
             # (rules.column_statistics: those columns' softmaxes are the rows').
             parts = [s[:2] for s in stats]
-            parts += [s[3:5] for s, (_, _, _, rules) in zip(stats, specs) if rules.column_statistics]
+            parts += [s[3:5] for s, spec in zip(stats, specs) if spec[3].column_statistics]
             offset, log_sum = parts[0]
             for other in parts[1:]:
                 offset, log_sum = _combine(offset, log_sum, *other)
@@ -286,15 +295,21 @@ class _PassesFunction(torch.autograd.Function):
         distill_coef = grad_distill.to(acc) / n_queries if distill and grad_distill is not None else None
         grads = [None] * n_tensors
         with torch.no_grad():
-            for k, (r, c, positives, rules) in enumerate(specs):
+            for k, (r, c, positives, rules, limit) in enumerate(specs):
                 offset, log_sum = flat_stats[2 * k], flat_stats[2 * k + 1]
                 # Shared tiles: column j's softmax is row j's (joint), with the same statistics.
                 columns = dict(col_offset=offset, col_log_sum=log_sum) if rules.column_statistics else {}
-                d_rows, d_cols = impl.pass_gradients(tensors[r].detach(), tensors[c].detach(), dims, active,
-                                                     scale, positives, offset, log_sum, coef, rules, distill_coef,
-                                                     norms=ctx.norms and (ctx.norms[r], ctx.norms[c]), **columns)
-                for i, g in ((r, d_rows), (c, d_cols)):
-                    grads[i] = g.to(acc) if grads[i] is None else grads[i].add_(g.to(acc))
+                norms = ctx.norms and (tuple(_prefix(t, limit) for t in ctx.norms[r]), ctx.norms[c])
+                d_rows, d_cols = impl.pass_gradients(_prefix(tensors[r].detach(), limit), tensors[c].detach(), dims,
+                                                     active, scale, positives, offset, log_sum, coef, rules,
+                                                     distill_coef, norms=norms, **columns)
+                for i, g, rows_limit in ((r, d_rows, limit), (c, d_cols, None)):
+                    if grads[i] is None and rows_limit is None:
+                        grads[i] = g.to(acc)
+                        continue
+                    if grads[i] is None:
+                        grads[i] = tensors[i].new_zeros(tensors[i].shape, dtype=acc)
+                    _prefix(grads[i], rows_limit).add_(g.to(acc))
         grads = [first_order_only(g.to(t.dtype), t) if ctx.needs_input_grad[7 + i] else None
                  for i, (g, t) in enumerate(zip(grads, tensors))]
         return (None,) * 7 + tuple(grads)

@@ -28,6 +28,7 @@ from sentence_transformers.util import cos_sim, dot_score
 import m2d_kernels as m2d
 from m2d_kernels import objective
 from m2d_kernels.backends import reference
+from m2d_kernels.backends.torch_prefix import inverse_prefix_norms
 
 N_LAYERS, N_QUERIES, N_FEATURES = 2, 5, 24
 DIMS = (5, 16, 24)
@@ -277,6 +278,44 @@ def test_shared_tiles_across_blocks_match_oracle(backend, case, n_queries, n_gro
         results.append((losses, *grads))
     for name, got, want in zip(("losses", "grad_queries", "grad_docs"), results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_pass_api_takes_precomputed_norms(backend):
+    """``norms`` (the objective computes each tensor's inverse-norm tables once for all its passes): the pass
+    statistics and gradients with given tables equal the oracle's, which computes its own; tables of the
+    wrong shape are a ValueError naming ``norms``."""
+    impl = _pass_backend(backend)
+    dtype = DTYPES.get(backend, torch.float64)
+    queries, docs = make_inputs(2, 37, 74, 16, seed=33, dtype=dtype)
+    dims, active, scale = (8, 16), ((True, True), (False, True)), 20.0
+    positives = torch.arange(37)
+    rules = objective.Rules(column_statistics=37)
+    norms = tuple(inverse_prefix_norms(x, dims, torch.float64) for x in (queries, docs))
+    got = impl.row_statistics(queries, docs, dims, active, scale, positives, rules, norms=norms)
+    want = reference.row_statistics(queries.double(), docs.double(), dims, active, scale, positives, rules)
+    tolerance = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    on = torch.tensor(active)[:, None, :]  # inactive pairs' statistics are the backend's own
+
+    def log_sum_exps(stats):  # offsets differ (fixed or running maximum): compare offset + log_sum
+        return [torch.where(on, t.double(), 0.0) for t in (stats[0] + stats[1], stats[2], stats[3] + stats[4])]
+
+    for g, w in zip(log_sum_exps(got), log_sum_exps(want)):
+        torch.testing.assert_close(g, w, **tolerance)
+    want_stats = want
+    coef = torch.full((2, 2), 1.0 / 37, dtype=torch.float64)
+    got = impl.pass_gradients(queries, docs, dims, active, scale, positives, want[0], want[1], coef, rules,
+                              col_offset=want[3], col_log_sum=want[4], norms=norms)
+    want = reference.pass_gradients(queries.double(), docs.double(), dims, active, scale, positives, want[0],
+                                    want[1], coef, rules, col_offset=want[3], col_log_sum=want[4])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, **tolerance)
+    halved = tuple((inverse / 2, factor) for inverse, factor in norms)  # the given tables are the ones used
+    stats = impl.row_statistics(queries, docs, dims, active, scale, positives, rules, norms=halved)
+    assert not torch.allclose(log_sum_exps(stats)[0], log_sum_exps(want_stats)[0], rtol=1e-3)
+    wrong = (norms[0], tuple(t[:, :10] for t in norms[1]))
+    with pytest.raises(ValueError, match="norms"):
+        impl.row_statistics(queries, docs, dims, active, scale, positives, rules, norms=wrong)
 
 
 def test_every_candidate_filtered_but_the_positive():
