@@ -63,6 +63,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -204,6 +205,41 @@ class Turns {
   std::mutex mutex_;
   std::condition_variable ready_;
   std::vector<int64_t> next_;
+};
+
+// Ordered folding without waiting: part `turn` of a slot is folded after parts 0..turn-1 of that slot
+// (a fixed order: results do not depend on the thread count), but a thread whose part comes early
+// leaves it for the thread folding the parts before it instead of sleeping (Turns made a fast row
+// block wait for a slow one). One thread folds a slot at a time; parts wait in a map, at most about
+// one per thread.
+template <typename Part>
+class OrderedFold {
+ public:
+  explicit OrderedFold(int64_t slots) : next_(slots, 0), busy_(slots, false), pending_(slots) {}
+
+  template <typename Fold>
+  void submit(int64_t slot, int64_t turn, Part part, const Fold& fold) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    pending_[slot].emplace(turn, std::move(part));
+    if (busy_[slot]) return;  // the folding thread takes it in its turn
+    busy_[slot] = true;
+    for (auto it = pending_[slot].find(next_[slot]); it != pending_[slot].end();
+         it = pending_[slot].find(next_[slot])) {
+      Part ready = std::move(it->second);
+      pending_[slot].erase(it);
+      lock.unlock();
+      fold(ready);
+      lock.lock();
+      ++next_[slot];
+    }
+    busy_[slot] = false;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<int64_t> next_;
+  std::vector<bool> busy_;
+  std::vector<std::map<int64_t, Part>> pending_;
 };
 
 // The rules of one rows-vs-columns pass (m2d_kernels/rules.py), runtime values: each kernel
@@ -605,6 +641,11 @@ void merge(SoftmaxStats<T>& total, const SoftmaxStats<T>& part) {
     total = part;
     return;
   }
+  if (part.max == total.max) {  // the fixed maximum: plain sums (and no exponential in the merge's turn)
+    total.sum += part.sum;
+    total.cos_sum += part.cos_sum;
+    return;
+  }
   const T new_max = std::max(total.max, part.max);
   const T a = std::exp(total.max - new_max), b = std::exp(part.max - new_max);
   total.sum = total.sum * a + part.sum * b;
@@ -860,7 +901,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   T* col_logsum_ptr = col_logsum.data_ptr<T>();
   T* positive_logit_ptr = positive_logit.data_ptr<T>();
   T* teacher_sum_ptr = teacher_sum.data_ptr<T>();
-  Turns turns(p.L);  // column partials merge in row-block order, per layer
+  OrderedFold<std::vector<SoftmaxStats<T>>> column_folds(p.L);  // column partials, in row-block order per layer
   const int64_t layers_per_task = rules.shares_tiles_across_layers() ? p.L : 1;
   const int64_t n_tasks = p.L / layers_per_task * p.n_blocks;
   const int64_t teacher_slot = (p.L - 1) % layers_per_task * p.M + p.M - 1;
@@ -955,11 +996,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         }
       }
       if (p.n_slots > 0) {  // one layer per task (make_problem)
-        turns.run_in_turn(l0, block, [&] {
+        column_folds.submit(l0, block, std::move(stats.columns), [&](const std::vector<SoftmaxStats<T>>& part) {
           for (int64_t slot = 0; slot < p.n_slots; ++slot)
             for (int64_t m = 0; m <= p.last[l0]; ++m)
               if (p.active[l0 * p.M + m])
-                merge(columns[(l0 * p.n_slots + slot) * p.M + m], stats.columns[slot * p.M + m]);
+                merge(columns[(l0 * p.n_slots + slot) * p.M + m], part[slot * p.M + m]);
         });
       }
     }
