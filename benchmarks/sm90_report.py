@@ -115,7 +115,8 @@ def candidate_configs(kind: str, dtype: str, rules=()):
     """(config, selected): every config the launcher can choose; `selected` marks the heuristic's."""
     listed = tk.FORWARD_CONFIGS if kind == "forward" else tk.BACKWARD_CONFIGS
     ex = WORKED_EXAMPLE
-    chosen = tk._heuristic_config(kind, TORCH_DTYPES[dtype], ex["B"], ex["N"], plain=not rules)
+    chosen = tk._heuristic_config(kind, TORCH_DTYPES[dtype], ex["B"], ex["N"], plain=not rules,
+                                  triangle="triangle" in rules, column_statistics="column_statistics" in rules)
     return [(config, config == chosen) for config in dict.fromkeys((*listed, chosen))]
 
 
@@ -160,17 +161,23 @@ def main(argv=None) -> int:
     parser.add_argument("--selected-only", action="store_true", help="compile only the heuristic's configs")
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: bf16 and fp32")
     parser.add_argument("--rules", default="", help=f"comma-separated rules of the pass, of {sorted(RULES)} "
-                        "(penalty = in_batch_negatives); default: the plain pass")
+                        "(penalty = in_batch_negatives); several passes separated by ';' (one table and one "
+                        "JSON list of kernels for all); default: the plain pass")
     args = parser.parse_args(argv)
     if not tool("cuobjdump").exists() or not tool("ptxas").exists():
         print("ptxas/cuobjdump not found in triton's backends/nvidia/bin", file=sys.stderr)
         return 2
     forward, backward = flops()
     print(f"forward {forward:.3e} FLOPs, backward {backward:.3e} FLOPs ({backward / forward:.1f}x); * = selected")
-    rules = tuple(name for name in args.rules.split(",") if name)
-    if unknown := set(rules) - set(RULES):
+    rule_sets = [tuple(name for name in part.split(",") if name) for part in args.rules.split(";")]
+    if unknown := {name for rules in rule_sets for name in rules} - set(RULES):
         parser.error(f"--rules: unknown {sorted(unknown)}")
-    data = report(dtypes=tuple(args.dtype or DTYPES), only_selected=args.selected_only, rules=rules)
+    data = None
+    for rules in rule_sets:
+        if len(rule_sets) > 1:
+            print(f"rules: {','.join(rules) or 'plain'}")
+        part = report(dtypes=tuple(args.dtype or DTYPES), only_selected=args.selected_only, rules=rules)
+        data = part if data is None else {**data, "kernels": data["kernels"] + part["kernels"]}
     if args.json:
         write_json_atomically(data, args.json)
     return 0

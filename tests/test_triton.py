@@ -320,6 +320,31 @@ def test_sm90_report_one_config(tmp_path):
         assert row["selected"] and row["wgmma"] > 0 and row["async_copies_128"] > 0, row
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels natively")
+def test_sm90_shared_tile_backward_configs_do_not_spill(tmp_path):
+    """The tiles the launcher selects for the joint directions' shared-tile passes (column statistics,
+    triangle, triangle with own-group exclusion) compile for sm_90 without spilling, bf16 and fp32, on tensor
+    cores (wgmma or mma.sync)."""
+    from m2d_kernels.backends import triton_kernels as tk
+
+    nvidia_bin = Path(tk.triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (nvidia_bin / "ptxas").exists() or not (nvidia_bin / "cuobjdump").exists():
+        pytest.skip("ptxas/cuobjdump not shipped with this triton")
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = tmp_path / "sm90_shared.json"
+    rule_sets = "column_statistics;triangle,column_statistics;triangle,column_statistics,exclude"
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "sm90_report.py"), "--selected-only",
+                             "--rules", rule_sets, "--json", str(out)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels = json.loads(out.read_text())["kernels"]
+    assert len(kernels) == 3 * 3 * 2  # rule sets x launches x dtypes
+    for row in kernels:
+        assert row["spill_bytes"] == 0 and row["wgmma"] + row["mma_sync"] > 0, row
+
+
 # ---------------------------------------------------------------------------------------
 # The pass with rules (m2d_kernels.rules) against the float64 reference pass
 # ---------------------------------------------------------------------------------------

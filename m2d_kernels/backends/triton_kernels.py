@@ -105,18 +105,34 @@ FP32_BACKWARD_CONFIGS = {"backward_dX": (64, 64, 8, 2), "backward_dY": (32, 64, 
 # tiles (up to 1 KB per thread at 64x128/4w); 64x64 over 8 warps is spill-free for each rule and for
 # dot+penalty+guided in bf16 (sm90_report.py --rules), 40 B with all four of exclude+penalty+guided+teacher.
 RULES_FORWARD_CONFIG = (64, 64, 8, 3)
+# The shared-tile passes of the joint directions (rules.triangle / column_statistics: query_to_doc with
+# doc_to_query's column sums, the triangles with and without own-group exclusion) keep column statistics
+# live in the backward: at the plain tiles they spilled up to 352 B (bf16 dY) and 536 B (fp32 dY). These
+# are spill-free for each of those three rule sets (sm90_report.py --rules ..., worked example), except
+# fp32 dY, whose 32-row tile spills 8 B with the triangle and 64x32 16 B without: the triangle takes 64x32.
+SHARED_TILES_BACKWARD_CONFIGS = {
+    torch.bfloat16: {"backward_dX": (64, 32, 4, 2), "backward_dY": (32, 128, 8, 2)},
+    torch.float32: {"backward_dX": (32, 64, 8, 2), "backward_dY": (32, 64, 8, 2)},
+}
+SHARED_TILES_FP32_TRIANGLE_DY = (64, 32, 8, 2)
 INTERPRETER_CONFIG = (16, 16, 1, 1)  # tl.dot needs tiles >= 16; the CPU interpreter wants few ops
 
 
-def _heuristic_config(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int,
-                      plain: bool = True) -> tuple[int, int, int, int]:
+def _heuristic_config(kind: str, dtype: torch.dtype, n_rows: int, n_cols: int, plain: bool = True,
+                      triangle: bool = False, column_statistics: bool = False) -> tuple[int, int, int, int]:
     """The config a launch (``kind``: forward, backward_dX or backward_dY) uses when autotuning is off: the
     first of the kind's list that the problem fills (small batches take the 64-wide tiles); fp32 takes
-    FP32_FORWARD_CONFIG / FP32_BACKWARD_CONFIGS, a forward with rules (``plain=False``) RULES_FORWARD_CONFIG."""
+    FP32_FORWARD_CONFIG / FP32_BACKWARD_CONFIGS, a forward with rules (``plain=False``) RULES_FORWARD_CONFIG,
+    a backward with ``triangle`` or ``column_statistics`` (the shared tiles) SHARED_TILES_BACKWARD_CONFIGS."""
     if _interpreting():
         return INTERPRETER_CONFIG
     if kind == "forward" and not plain:
         return RULES_FORWARD_CONFIG
+    if kind != "forward" and (triangle or column_statistics):
+        shared_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # fp16 tiles as bf16's
+        if shared_dtype == torch.float32 and kind == "backward_dY" and triangle:
+            return SHARED_TILES_FP32_TRIANGLE_DY
+        return SHARED_TILES_BACKWARD_CONFIGS[shared_dtype][kind]
     if kind == "forward" and dtype == torch.float32:
         return FP32_FORWARD_CONFIG
     if kind in FP32_BACKWARD_CONFIGS and dtype == torch.float32:
@@ -861,11 +877,12 @@ def _size_classes(n_rows: int, n_cols: int) -> dict:
     return {"R_CLASS": triton.next_power_of_2(n_rows), "C_CLASS": triton.next_power_of_2(n_cols)}
 
 
-def _tile_kwargs(kind, x, n_rows, n_cols, plain=True):
+def _tile_kwargs(kind, x, n_rows, n_cols, rules=PLAIN):
     """Launch meta-parameters when autotuning is off (None when on: the autotuner chooses)."""
     if os.environ.get(AUTOTUNE_ENV) == "1" and not _interpreting():
         return None
-    block_r, block_c, warps, stages = _heuristic_config(kind, x.dtype, n_rows, n_cols, plain)
+    block_r, block_c, warps, stages = _heuristic_config(kind, x.dtype, n_rows, n_cols, rules.is_plain, rules.triangle,
+                                                        rules.column_statistics > 0)
     return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": warps, "num_stages": stages}
 
 
@@ -961,7 +978,7 @@ def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rule
                    SCALE_GRAD=scale_grad, TEACHER=rules.teacher)
     # With TEACHER one program walks every layer (the teacher tile is shared), else one per layer.
     layer_programs = 1 if rules.teacher else n_layers
-    tiles = _tile_kwargs("forward", rows, n_rows, n_cols, rules.is_plain)
+    tiles = _tile_kwargs("forward", rows, n_rows, n_cols, rules)
     if tiles is None:
         _m2d_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), layer_programs)](*args, **options)
     else:
@@ -1014,7 +1031,7 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
     pointers, scalars, rule_flags = _rule_arguments(rules, rows, distill_coef, col_offset, col_log_sum)
     options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols), **rule_flags,
                    TEACHER=distill_coef is not None)
-    launch_tiles = {kind: _tile_kwargs(kind, rows, n_rows, n_cols) for kind in ("backward_dX", "backward_dY")}
+    launch_tiles = {kind: _tile_kwargs(kind, rows, n_rows, n_cols, rules) for kind in ("backward_dX", "backward_dY")}
     configs = (BACKWARD_CONFIGS if launch_tiles["backward_dX"] is None
                else [(tiles["BLOCK_R"], tiles["BLOCK_C"]) for tiles in launch_tiles.values()])
     largest_own = max(max(config[0], config[1]) for config in configs)
