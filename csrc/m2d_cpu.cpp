@@ -326,16 +326,20 @@ struct Problem {
   // Column statistics 0..K-1 whose logits and maximum are their rows' (cos, fixed maximum, no penalty):
   // one exponential per entry serves the row and the column softmax, forward and backward.
   bool shares_exponentials() const { return contiguous_stats && fixed_max && !rules.penalises() && !rules.teacher; }
-  // Whether the tile holds an excluded entry, so that it needs the keep mask and the kernels that read
-  // it: with a guide every tile; a triangle's diagonal tiles; the tiles holding some row's own-group
-  // column (the own group is every group_period-th column, so most tiles hold none).
+  // Whether the tile holds an excluded entry that the epilogues would reach, so that it needs the keep
+  // mask and the kernels that read it: with a guide every tile; the tiles where some row's own-group
+  // column lies at or after the row's first scored column (the own group is every group_period-th
+  // column, so most tiles hold none). The triangle's j <= i needs no mask: every loop starts at
+  // first_scored, except the teacher's, so with a teacher its diagonal tiles take the mask too.
   bool tile_excludes(int64_t r0, int64_t nr, int64_t c0, int64_t nc) const {
-    if (rules.guided() || on_diagonal(r0, nr, c0)) return true;
+    if (rules.guided() || (rules.teacher && on_diagonal(r0, nr, c0))) return true;
     const int64_t period = rules.group_period;
     if (!rules.exclude_own_group || period <= 0) return false;
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t group = rules.row_group[r0 + i];
-      if (group >= 0 && group < period && c0 + ((group - c0) % period + period) % period < c0 + nc) return true;
+      if (group < 0 || group >= period) continue;
+      const int64_t from = c0 + first_scored(r0 + i, c0, nc);  // the row's own columns from here on
+      if (from + ((group - from) % period + period) % period < c0 + nc) return true;
     }
     return false;
   }
@@ -688,6 +692,7 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
     const T* pen_row = rules.penalty + i * nc;
     const T* teacher_row = rules.teacher + i * nc;
     const int64_t first = p.first_scored(r0 + i, c0, nc);
+    if (first == nc) continue;  // the triangle: nothing of this row in the tile (its statistics stay)
     SoftmaxStats<T>& row = stats.rows[slot * nr + i];
     T new_max = p.max_logit;
     if (!p.fixed_max) {
@@ -1106,7 +1111,7 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
         w_row[j] = e * row_weight;
       }
       const int64_t pos = p.positive[r0 + i] - c0;
-      if (pos >= 0 && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= T(1);
+      if (pos >= first && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= T(1);
       continue;
     }
 #pragma omp simd
@@ -1125,7 +1130,8 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
       }
     }
     const int64_t pos = p.positive[r0 + i] - c0;
-    if (pos >= 0 && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= kDistill ? coef : T(1);
+    // Before `first` (the triangle's j <= i) the positive is excluded.
+    if (pos >= first && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= kDistill ? coef : T(1);
   }
   if constexpr (kColumns == kContiguousColumns || kColumns == kGatheredColumns) {
     const int64_t e0 = p.stats_begin(c0), n = p.stats_begin(c0 + nc) - e0;
