@@ -295,10 +295,9 @@ def test_at_most_twelve_configs_and_size_class_key():
     assert tk._size_classes(8000, 8192) == tk._size_classes(8192, 5000) == {"R_CLASS": 8192, "C_CLASS": 8192}
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels natively")
-def test_sm90_report_one_config(tmp_path):
-    """benchmarks/sm90_report.py on the selected bf16 configs: each kernel compiles for sm_90 on
-    the CPU to wgmma and 128-bit async copies, and the backward stays within 4x the forward's FLOPs."""
+def _run_sm90_report(tmp_path, *arguments):
+    """benchmarks/sm90_report.py (compiled for sm_90 on the CPU, outside the interpreter) with --selected-only
+    and ``arguments``: its JSON report; skips where this triton ships no ptxas/cuobjdump."""
     from m2d_kernels.backends import triton_kernels as tk
 
     nvidia_bin = Path(tk.triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -309,10 +308,16 @@ def test_sm90_report_one_config(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     out = tmp_path / "sm90.json"
     result = subprocess.run([sys.executable, str(root / "benchmarks" / "sm90_report.py"), "--selected-only",
-                             "--dtype", "bf16", "--json", str(out)], env=env, capture_output=True, text=True,
-                            timeout=600)
+                             *arguments, "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels natively")
+def test_sm90_report_one_config(tmp_path):
+    """benchmarks/sm90_report.py on the selected bf16 configs: each kernel compiles for sm_90 on
+    the CPU to wgmma and 128-bit async copies, and the backward stays within 4x the forward's FLOPs."""
+    report = _run_sm90_report(tmp_path, "--dtype", "bf16")
     assert report["backward_flops"] <= 4 * report["forward_flops"]
     kernels = {row["kernel"] for row in report["kernels"]}
     assert kernels == {"forward", "backward_dX", "backward_dY"}
@@ -325,21 +330,8 @@ def test_sm90_shared_tile_backward_configs_do_not_spill(tmp_path):
     """The tiles the launcher selects for the joint directions' shared-tile passes (column statistics,
     triangle, triangle with own-group exclusion) compile for sm_90 without spilling, bf16 and fp32, on tensor
     cores (wgmma or mma.sync)."""
-    from m2d_kernels.backends import triton_kernels as tk
-
-    nvidia_bin = Path(tk.triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (nvidia_bin / "ptxas").exists() or not (nvidia_bin / "cuobjdump").exists():
-        pytest.skip("ptxas/cuobjdump not shipped with this triton")
-    root = Path(__file__).parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    out = tmp_path / "sm90_shared.json"
     rule_sets = "column_statistics;triangle,column_statistics;triangle,column_statistics,exclude"
-    result = subprocess.run([sys.executable, str(root / "benchmarks" / "sm90_report.py"), "--selected-only",
-                             "--rules", rule_sets, "--json", str(out)], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    kernels = json.loads(out.read_text())["kernels"]
+    kernels = _run_sm90_report(tmp_path, "--rules", rule_sets)["kernels"]
     assert len(kernels) == 3 * 3 * 2  # rule sets x launches x dtypes
     for row in kernels:
         assert row["spill_bytes"] == 0 and row["wgmma"] + row["mma_sync"] > 0, row
