@@ -108,8 +108,9 @@ RULES_FORWARD_CONFIG = (64, 64, 8, 3)
 # The shared-tile passes of the joint directions (rules.triangle / column_statistics: query_to_doc with
 # doc_to_query's column sums, the triangles with and without own-group exclusion) keep column statistics
 # live in the backward: at the plain tiles they spilled up to 352 B (bf16 dY) and 536 B (fp32 dY). These
-# are spill-free for each of those three rule sets (sm90_report.py --rules ..., worked example), except
-# fp32 dY, whose 32-row tile spills 8 B with the triangle and 64x32 16 B without: the triangle takes 64x32.
+# are spill-free for each of those three rule sets on Triton 3.6, the GPU machine's (sm90_report.py --rules
+# ..., worked example), except fp32 dY, whose 32-row tile spills 8 B with the triangle and 64x32 16 B
+# without: the triangle takes 64x32. Triton 3.9 allocates differently: some spill 8-16 B there.
 SHARED_TILES_BACKWARD_CONFIGS = {
     torch.bfloat16: {"backward_dX": (64, 32, 4, 2), "backward_dY": (32, 128, 8, 2)},
     torch.float32: {"backward_dX": (32, 64, 8, 2), "backward_dY": (32, 64, 8, 2)},
