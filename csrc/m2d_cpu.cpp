@@ -323,21 +323,6 @@ struct Problem {
   int64_t strip_rows_end(int64_t r0, int64_t nr, int64_t c0, int64_t j1, bool diagonal) const {
     return diagonal ? std::clamp<int64_t>(c0 + j1 - 1 - r0, 0, nr) : nr;
   }
-  // The tile-relative own-group column of `row` at or after `first`, nc if none (forward_epilogue's
-  // and gradient_tile's kHole: with holes() at most one per row and tile).
-  int64_t own_column(int64_t row, int64_t c0, int64_t nc, int64_t first) const {
-    const int64_t group = rules.row_group[row], period = rules.group_period;
-    if (group < 0 || group >= period) return nc;
-    const int64_t from = c0 + first;
-    return std::min(nc, from + ((group - from) % period + period) % period - c0);
-  }
-  // Whether own-group exclusion runs as holes in the plain loops rather than through the keep mask: the
-  // only exclusion, at most one own column per row and tile (group_period >= col_tile), and no separate
-  // column epilogue (which reads the mask).
-  bool holes() const {
-    return rules.exclude_own_group && !rules.guided() && !rules.teacher && rules.group_period >= col_tile &&
-           !symmetric && (n_slots == 0 || shares_exponentials());
-  }
   // Column statistics 0..K-1 whose logits and maximum are their rows' (cos, fixed maximum, no penalty):
   // one exponential per entry serves the row and the column softmax, forward and backward.
   bool shares_exponentials() const { return contiguous_stats && fixed_max && !rules.penalises() && !rules.teacher; }
@@ -687,13 +672,10 @@ struct BlockStats {
 // kColumnSums: the statistic columns 0..K-1 (contiguous) under a fixed maximum and no penalty, where a
 // column's logit and maximum are its rows' (z, scale), so one exponential serves both softmaxes: the
 // columns' sums accumulate in `column_sums` (col_tile) and replace column_epilogue's second pass.
-// kHole: the own group is the only exclusion and each row has at most one own column in the tile
-// (Problem::holes): the loops run around it instead of reading a keep mask.
-template <bool kScaleGrad, bool kExclude, bool kPenalty, bool kTeacher, bool kColumnSums, bool kHole, typename T>
+template <bool kScaleGrad, bool kExclude, bool kPenalty, bool kTeacher, bool kColumnSums, typename T>
 void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, int64_t r0, int64_t nr, int64_t c0,
                       int64_t nc, const T* s, T* rk, T* column_sums, BlockStats<T>& stats, const TileRules<T>& rules) {
   static_assert(!(kScaleGrad && (kExclude || kPenalty || kTeacher)), "d loss / d scale is for plain rules only");
-  static_assert(!(kHole && (kExclude || kTeacher || kScaleGrad)), "a hole is the only exclusion");
   static_assert(!(kColumnSums && (kScaleGrad || kPenalty || kTeacher)), "shared column sums: fixed maximum, no penalty");
   // The tile's statistic columns: [0, n_columns).
   const int64_t n_columns = kColumnSums ? std::clamp<int64_t>(p.n_slots - c0, 0, nc) : 0;
@@ -711,21 +693,15 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
     const T* teacher_row = rules.teacher + i * nc;
     const int64_t first = p.first_scored(r0 + i, c0, nc);
     if (first == nc) continue;  // the triangle: nothing of this row in the tile (its statistics stay)
-    // The scored entries: [first, hole) and [hole + 1, nc) with kHole, else [first, nc) (one part).
-    const int64_t hole = kHole ? p.own_column(r0 + i, c0, nc, first) : nc;
-    constexpr int kParts = kHole ? 2 : 1;
     SoftmaxStats<T>& row = stats.rows[slot * nr + i];
     T new_max = p.max_logit;
     if (!p.fixed_max) {
       T tile_max = kMinusInf;
-      for (int part = 0; part < kParts; ++part) {
-        const int64_t lo = part == 0 ? first : hole + 1, hi = part == 0 ? hole : nc;
 #pragma omp simd reduction(max : tile_max)
-        for (int64_t j = lo; j < hi; ++j) {
-          T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
-          if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
-          tile_max = std::max(tile_max, z);
-        }
+      for (int64_t j = first; j < nc; ++j) {
+        T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
+        if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
+        tile_max = std::max(tile_max, z);
       }
       new_max = std::max(row.max, tile_max);
     }
@@ -740,39 +716,35 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
         tile_cos_sum += e * (rq * s_row[j] * rk[j]);
       }
     } else {
-      for (int part = 0; part < kParts; ++part) {
-        const int64_t lo = part == 0 ? first : hole + 1, hi = part == 0 ? hole : nc;
-        int64_t j_rest = lo;  // the entries after the statistic columns
-        if constexpr (kColumnSums) {
-          j_rest = std::max(lo, std::min(hi, n_columns));
+      int64_t j_rest = first;  // the entries after the statistic columns
+      if constexpr (kColumnSums) {
+        j_rest = std::max(first, n_columns);
 #pragma omp simd reduction(+ : tile_sum)
-          for (int64_t j = lo; j < j_rest; ++j) {
-            const T z = p.logit(row_scale, s_row[j], rk[j]);
-            T e;
-            if constexpr (kExclude) {
-              e = exp_if_kept(keep_row[j] != 0, z - base);
-            } else {
-              e = vector_exp(z - new_max);
-            }
-            tile_sum += e;
-            column_sums[j] += e;
-          }
-        }
-#pragma omp simd reduction(+ : tile_sum, tile_teacher)
-        for (int64_t j = j_rest; j < hi; ++j) {
-          const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
+        for (int64_t j = first; j < n_columns; ++j) {
+          const T z = p.logit(row_scale, s_row[j], rk[j]);
+          T e;
           if constexpr (kExclude) {
-            tile_sum += exp_if_kept(keep_row[j] != 0, z - base);
+            e = exp_if_kept(keep_row[j] != 0, z - base);
           } else {
-            tile_sum += vector_exp(z - new_max);
+            e = vector_exp(z - new_max);
           }
-          if constexpr (kTeacher) tile_teacher += teacher_row[j] * z;  // weight 0 where excluded, z finite
+          tile_sum += e;
+          column_sums[j] += e;
         }
+      }
+#pragma omp simd reduction(+ : tile_sum, tile_teacher)
+      for (int64_t j = j_rest; j < nc; ++j) {
+        const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
+        if constexpr (kExclude) {
+          tile_sum += exp_if_kept(keep_row[j] != 0, z - base);
+        } else {
+          tile_sum += vector_exp(z - new_max);
+        }
+        if constexpr (kTeacher) tile_teacher += teacher_row[j] * z;  // weight 0 where excluded, z finite
       }
     }
     // Both maxima -inf (nothing kept yet): the sum stays 0 rather than 0 * exp(nan).
-    const T rescale =
-        p.fixed_max || ((kExclude || kHole) && row.max == new_max) ? T(1) : vector_exp(row.max - new_max);
+    const T rescale = p.fixed_max || (kExclude && row.max == new_max) ? T(1) : vector_exp(row.max - new_max);
     row.sum = row.sum * rescale + tile_sum;
     if constexpr (kScaleGrad) row.cos_sum = row.cos_sum * rescale + tile_cos_sum;
     if constexpr (kTeacher) {
@@ -784,7 +756,6 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
     if (pos >= first && pos < nc) {  // one before `first` is excluded: -inf (forward_impl)
       T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[pos], rk[pos], pen_row, pos);
       if constexpr (kExclude) z = keep_row[pos] != 0 ? z : kMinusInf;
-      if constexpr (kHole) z = pos == hole ? kMinusInf : z;
       stats.positive_logit[slot * nr + i] = z;
       if constexpr (kScaleGrad) stats.positive_cos[slot * nr + i] = rq * s_row[pos] * rk[pos];
     }
@@ -881,40 +852,27 @@ auto with_flag(bool flag, const F& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// Which kernels a tile runs (Problem::tile_excludes, Problem::holes).
-enum TileKind : int { kPlainTile = 0, kMaskedTile = 1, kHoleTile = 2 };
-
-template <typename T>
-TileKind tile_kind(const Problem<T>& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-  if (!p.tile_excludes(r0, nr, c0, nc)) return kPlainTile;
-  return p.holes() ? kHoleTile : kMaskedTile;
-}
-
-// The forward's kernels of one tile kind (kE: the keep mask, kH: holes; never both).
-template <bool kE, bool kH, typename T>
-ForwardKernels<T> rule_forward_kernels(const Problem<T>& p) {
-  if (p.shares_exponentials())
-    return ForwardKernels<T>{&forward_epilogue<false, kE, false, false, true, kH, T>, nullptr, nullptr, nullptr};
-  return with_flag(p.rules.penalises(), [&](auto penalty) {
-    constexpr bool kP = decltype(penalty)::value;
-    constexpr bool kT = !kH;  // holes() takes no teacher
-    return ForwardKernels<T>{
-        p.rules.teacher ? &forward_epilogue<false, kE, kP, kT, false, kH, T>
-                        : &forward_epilogue<false, kE, kP, false, false, kH, T>,
-        &forward_epilogue<false, kE, kP, false, false, kH, T>, &teacher_tile<kE, kP, T>,
-        p.contiguous_stats ? &column_epilogue<false, kE, true, T> : &column_epilogue<false, kE, false, T>};
-  });
-}
-
+// `excludes`: the kernels of the tiles holding an excluded entry (Problem::tile_excludes).
 template <bool kScaleGrad, typename T>
-ForwardKernels<T> pick_forward(const Problem<T>& p, TileKind kind) {
+ForwardKernels<T> pick_forward(const Problem<T>& p, bool excludes) {
+  const PassRules<T>& rules = p.rules;
   if constexpr (kScaleGrad) {
-    return {&forward_epilogue<true, false, false, false, false, false, T>, nullptr, nullptr,
+    return {&forward_epilogue<true, false, false, false, false, T>, nullptr, nullptr,
             &column_epilogue<true, false, false, T>};  // pair_losses: the positive columns
   } else {
-    if (kind == kMaskedTile) return rule_forward_kernels<true, false>(p);
-    if (kind == kHoleTile) return rule_forward_kernels<false, true>(p);
-    return rule_forward_kernels<false, false>(p);
+    return with_flag(excludes, [&](auto exclude) {
+      constexpr bool kE = decltype(exclude)::value;
+      if (p.shares_exponentials())
+        return ForwardKernels<T>{&forward_epilogue<false, kE, false, false, true, T>, nullptr, nullptr, nullptr};
+      return with_flag(rules.penalises(), [&](auto penalty) {
+        constexpr bool kP = decltype(penalty)::value;
+        return ForwardKernels<T>{
+            rules.teacher ? &forward_epilogue<false, kE, kP, true, false, T>
+                          : &forward_epilogue<false, kE, kP, false, false, T>,
+            &forward_epilogue<false, kE, kP, false, false, T>, &teacher_tile<kE, kP, T>,
+            p.contiguous_stats ? &column_epilogue<false, kE, true, T> : &column_epilogue<false, kE, false, T>};
+      });
+    });
   }
 }
 
@@ -926,8 +884,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
   TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
               "m2d cpp backend: the doc->query direction takes plain rules");
-  const ForwardKernels<T> kernels[3] = {pick_forward<kScaleGrad>(p, kPlainTile), pick_forward<kScaleGrad>(p, kMaskedTile),
-                                        pick_forward<kScaleGrad>(p, kHoleTile)};  // by TileKind
+  // [0]: the tiles with nothing excluded; [1]: the others (Problem::tile_excludes).
+  const ForwardKernels<T> kernels[2] = {pick_forward<kScaleGrad>(p, false), pick_forward<kScaleGrad>(p, true)};
   auto opts = q.options();
   constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
   const T start_max = p.fixed_max ? p.max_logit : kMinusInf;
@@ -978,9 +936,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         if (p.skipped(r0, c0, nc)) continue;  // the triangle: no GEMM, no exponential
         tile_pairs.fetch_add(1, std::memory_order_relaxed);
         const bool diagonal = p.on_diagonal(r0, nr, c0);
-        const TileKind kind = tile_kind(p, r0, nr, c0, nc);
-        const ForwardKernels<T>& tile_kernels = kernels[kind];
-        if (kind == kMaskedTile || rules.penalises()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
+        const bool excludes = p.tile_excludes(r0, nr, c0, nc);
+        const ForwardKernels<T>& tile_kernels = kernels[excludes];
+        if (excludes || rules.penalises()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
         if (rules.teacher) {
           // The teacher pair first: its updated maximum is the offset of this tile's weights.
           T* offset = teacher_rows.get();
@@ -1112,15 +1070,13 @@ std::vector<T> softmax_weights(const Problem<T>& p, const T* max, const T* log_s
 // penalty in z only (it carries no gradient). Both softmaxes enter G before W and the norm terms'
 // sums (gc_row, gc_col) are formed, so those need nothing more. `col_buffer` holds 2 x col_tile.
 // kSharedColumns: both softmaxes as exp(z - scale) times each one's softmax weight, one exponential.
-// kHole (Problem::holes): the row's own-group column is computed like the others, then zeroed.
-template <bool kExclude, bool kPenalty, bool kDistill, int kColumns, bool kHole, typename T>
+template <bool kExclude, bool kPenalty, bool kDistill, int kColumns, typename T>
 void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                    const T* s, T* w, T* rk, T coef, T distill, const T* row_max, const T* row_logsum,
                    const T* col_max, const T* col_logsum, T* gc_row, T* gc_col, T* col_buffer,
                    const TileRules<T>& rules) {
   static_assert(!(kDistill && kColumns != kNoColumns), "column statistics take no distillation");
   static_assert(!(kPenalty && kColumns == kSharedColumns), "shared exponentials: no penalty");
-  static_assert(!(kHole && (kExclude || kDistill)), "a hole is the only exclusion");
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
   // kSharedColumns: the tile's statistic columns [0, n_columns) and their softmax weights.
@@ -1220,14 +1176,9 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     const T rq = p.inv_q[(l * p.B + r0 + i) * p.M + m];
     const T* s_row = s + i * nc;
     T* w_row = w + i * nc;
-    const int64_t first = p.first_scored(r0 + i, c0, nc);
-    if constexpr (kHole) {  // its row and column softmax terms and its one-hot, whatever they were: excluded
-      const int64_t hole = p.own_column(r0 + i, c0, nc, first);
-      if (hole < nc) w_row[hole] = T(0);
-    }
     T row_sum = 0;
 #pragma omp simd reduction(+ : row_sum)
-    for (int64_t j = first; j < nc; ++j) {  // 0 before (above)
+    for (int64_t j = p.first_scored(r0 + i, c0, nc); j < nc; ++j) {  // 0 before (above)
       const T g = kDistill ? w_row[j] : coef * w_row[j];  // the distillation tile carries its coefficients
       const T g_cos = g * rq * s_row[j] * rk[j];
       row_sum += g_cos;
@@ -1247,28 +1198,22 @@ struct BackwardKernels {
   typename ForwardKernels<T>::Teacher teacher;
 };
 
-// The backward's kernels of one tile kind (kE: the keep mask, kH: holes; never both).
-template <bool kE, bool kH, typename T>
-BackwardKernels<T> rule_backward_kernels(const Problem<T>& p) {
-  const PassRules<T>& rules = p.rules;
-  return with_flag(rules.penalises(), [&](auto penalty) {
-    constexpr bool kP = decltype(penalty)::value;
-    constexpr bool kD = !kH;  // holes() takes no teacher
-    typename BackwardKernels<T>::Gradient gradient = &gradient_tile<kE, kP, false, kNoColumns, kH, T>;
-    if (rules.teacher) gradient = &gradient_tile<kE, kP, kD, kNoColumns, kH, T>;
-    if (p.n_slots > 0)
-      gradient = p.contiguous_stats ? &gradient_tile<kE, kP, false, kContiguousColumns, kH, T>
-                                    : &gradient_tile<kE, kP, false, kGatheredColumns, kH, T>;
-    if (p.shares_exponentials()) gradient = &gradient_tile<kE, false, false, kSharedColumns, kH, T>;
-    return BackwardKernels<T>{gradient, &teacher_tile<kE, kP, T>};
-  });
-}
-
+// `excludes`: the kernels of the tiles holding an excluded entry (Problem::tile_excludes).
 template <typename T>
-BackwardKernels<T> pick_backward(const Problem<T>& p, TileKind kind) {
-  if (kind == kMaskedTile) return rule_backward_kernels<true, false>(p);
-  if (kind == kHoleTile) return rule_backward_kernels<false, true>(p);
-  return rule_backward_kernels<false, false>(p);
+BackwardKernels<T> pick_backward(const Problem<T>& p, bool excludes) {
+  const PassRules<T>& rules = p.rules;
+  return with_flag(excludes, [&](auto exclude) {
+    return with_flag(rules.penalises(), [&](auto penalty) {
+      constexpr bool kE = decltype(exclude)::value, kP = decltype(penalty)::value;
+      typename BackwardKernels<T>::Gradient gradient = &gradient_tile<kE, kP, false, kNoColumns, T>;
+      if (rules.teacher) gradient = &gradient_tile<kE, kP, true, kNoColumns, T>;
+      if (p.n_slots > 0)
+        gradient = p.contiguous_stats ? &gradient_tile<kE, kP, false, kContiguousColumns, T>
+                                      : &gradient_tile<kE, kP, false, kGatheredColumns, T>;
+      if (p.shares_exponentials()) gradient = &gradient_tile<kE, false, false, kSharedColumns, T>;
+      return BackwardKernels<T>{gradient, &teacher_tile<kE, kP, T>};
+    });
+  });
 }
 
 // Subtracts the norm term: out[r, seg_s] -= (sum_{m >= s} a[r, m] * gc[m * gc_stride + r]) * x[r, seg_s].
@@ -1299,8 +1244,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
   TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
               "m2d cpp backend: the doc->query direction takes plain rules");
-  const BackwardKernels<T> kernels[3] = {pick_backward(p, kPlainTile), pick_backward(p, kMaskedTile),
-                                         pick_backward(p, kHoleTile)};  // by TileKind
+  // [0]: the tiles with nothing excluded; [1]: the others (Problem::tile_excludes).
+  const BackwardKernels<T> kernels[2] = {pick_backward(p, false), pick_backward(p, true)};
   if (p.n_slots > 0)
     TORCH_CHECK(col_max.numel() == p.L * p.n_slots * p.M && col_logsum.numel() == col_max.numel() &&
                     col_max.scalar_type() == q.scalar_type() && col_logsum.scalar_type() == q.scalar_type() &&
@@ -1346,9 +1291,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
         if (p.skipped(r0, c0, nc)) continue;  // the triangle: no GEMM, no exponential, no turn
         tile_pairs.fetch_add(1, std::memory_order_relaxed);
         const bool diagonal = p.on_diagonal(r0, nr, c0);
-        const TileKind kind = tile_kind(p, r0, nr, c0, nc);
-        const BackwardKernels<T>& tile_kernels = kernels[kind];
-        if (kind == kMaskedTile || rules.penalises()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
+        const bool excludes = p.tile_excludes(r0, nr, c0, nc);
+        const BackwardKernels<T>& tile_kernels = kernels[excludes];
+        if (excludes || rules.penalises()) rules_tile(p, r0, nr, c0, nc, guide.get(), keep.get(), pen.get());
         if (rules.teacher) {
           T* offset = teacher_rows.get();
           T* shift = offset + kRowBlock;
