@@ -63,7 +63,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -207,41 +206,6 @@ class Turns {
   std::vector<int64_t> next_;
 };
 
-// Ordered folding without waiting: part `turn` of a slot is folded after parts 0..turn-1 of that slot
-// (a fixed order: results do not depend on the thread count), but a thread whose part comes early
-// leaves it for the thread folding the parts before it instead of sleeping (Turns made a fast row
-// block wait for a slow one). One thread folds a slot at a time; parts wait in a map, at most about
-// one per thread.
-template <typename Part>
-class OrderedFold {
- public:
-  explicit OrderedFold(int64_t slots) : next_(slots, 0), busy_(slots, false), pending_(slots) {}
-
-  template <typename Fold>
-  void submit(int64_t slot, int64_t turn, Part part, const Fold& fold) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    pending_[slot].emplace(turn, std::move(part));
-    if (busy_[slot]) return;  // the folding thread takes it in its turn
-    busy_[slot] = true;
-    for (auto it = pending_[slot].find(next_[slot]); it != pending_[slot].end();
-         it = pending_[slot].find(next_[slot])) {
-      Part ready = std::move(it->second);
-      pending_[slot].erase(it);
-      lock.unlock();
-      fold(ready);
-      lock.lock();
-      ++next_[slot];
-    }
-    busy_[slot] = false;
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<int64_t> next_;
-  std::vector<bool> busy_;
-  std::vector<std::map<int64_t, Part>> pending_;
-};
-
 // The rules of one rows-vs-columns pass (m2d_kernels/rules.py), runtime values: each kernel
 // call turns them into template arguments once (pick_* below), so the inner loops of the
 // plain pass are the original ones. pair_losses passes the default (plain) rules.
@@ -267,8 +231,9 @@ struct PassRules {
   bool excludes() const { return exclude_own_group || guided(); }
   bool penalises() const { return penalty != kNoPenalty; }
   bool masked() const { return excludes() || penalises(); }
-  // Whether some tile fills keep / penalty: a tile with an excluded entry or a penalty (Problem::tile_excludes).
-  bool has_tile_masks() const { return masked() || triangle; }
+  // Whether some tile fills keep / penalty: a tile with an excluded entry or a penalty (Problem::tile_excludes;
+  // the triangle's j <= i needs the mask only in the teacher's loop).
+  bool has_tile_masks() const { return masked() || (triangle && teacher); }
   // The guide product and the teacher tile are computed once per tile for every layer, so a
   // task then covers all layers of its rows (forward) or columns (backward).
   bool shares_tiles_across_layers() const { return guided() || teacher; }
@@ -906,7 +871,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   T* col_logsum_ptr = col_logsum.data_ptr<T>();
   T* positive_logit_ptr = positive_logit.data_ptr<T>();
   T* teacher_sum_ptr = teacher_sum.data_ptr<T>();
-  OrderedFold<std::vector<SoftmaxStats<T>>> column_folds(p.L);  // column partials, in row-block order per layer
+  Turns turns(p.L);  // column partials merge in row-block order, per layer
   const int64_t layers_per_task = rules.shares_tiles_across_layers() ? p.L : 1;
   const int64_t n_tasks = p.L / layers_per_task * p.n_blocks;
   const int64_t teacher_slot = (p.L - 1) % layers_per_task * p.M + p.M - 1;
@@ -1001,11 +966,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         }
       }
       if (p.n_slots > 0) {  // one layer per task (make_problem)
-        column_folds.submit(l0, block, std::move(stats.columns), [&](const std::vector<SoftmaxStats<T>>& part) {
+        turns.run_in_turn(l0, block, [&] {
           for (int64_t slot = 0; slot < p.n_slots; ++slot)
             for (int64_t m = 0; m <= p.last[l0]; ++m)
               if (p.active[l0 * p.M + m])
-                merge(columns[(l0 * p.n_slots + slot) * p.M + m], part[slot * p.M + m]);
+                merge(columns[(l0 * p.n_slots + slot) * p.M + m], stats.columns[slot * p.M + m]);
         });
       }
     }
@@ -1110,23 +1075,21 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
         const T e = kExclude ? exp_if_kept(keep_row[j] != 0, z - p.scale) : vector_exp(z - p.scale);
         w_row[j] = e * row_weight;
       }
-      const int64_t pos = p.positive[r0 + i] - c0;
-      if (pos >= first && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= T(1);
-      continue;
-    }
+    } else {
 #pragma omp simd
-    for (int64_t j = first; j < nc; ++j) {
-      const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
-      T prob;
-      if constexpr (kExclude) {
-        prob = exp_if_kept(keep_row[j] != 0, (z - max) - logsum);
-      } else {
-        prob = vector_exp((z - max) - logsum);
-      }
-      if constexpr (kDistill) {
-        w_row[j] = (coef + distill) * prob - distill * teacher_row[j];
-      } else {
-        w_row[j] = prob;
+      for (int64_t j = first; j < nc; ++j) {
+        const T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[j], rk[j], pen_row, j);
+        T prob;
+        if constexpr (kExclude) {
+          prob = exp_if_kept(keep_row[j] != 0, (z - max) - logsum);
+        } else {
+          prob = vector_exp((z - max) - logsum);
+        }
+        if constexpr (kDistill) {
+          w_row[j] = (coef + distill) * prob - distill * teacher_row[j];
+        } else {
+          w_row[j] = prob;
+        }
       }
     }
     const int64_t pos = p.positive[r0 + i] - c0;
