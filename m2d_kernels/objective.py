@@ -233,6 +233,12 @@ def _prefix(x, limit):
     return x if limit is None else x[:, :limit]
 
 
+def _pass_norms(norms, rows, cols, limit):
+    """The pass API's ``norms`` for a pass over tensors ``rows`` / ``cols`` (indices) from the per-tensor
+    tables (None: none, "dot")."""
+    return norms and (tuple(_prefix(t, limit) for t in norms[rows]), norms[cols])
+
+
 def _combine(offset, log_sum, other_offset, other_log_sum):
     """Statistics of the union of two disjoint column sets, each relative to its own offset."""
     new = torch.maximum(offset, other_offset)
@@ -249,7 +255,7 @@ class _PassesFunction(torch.autograd.Function):
         norms = ([inverse_prefix_norms(t.detach(), dims, acc) for t in tensors]
                  if specs[0][3].similarity == "cos" else None)
         stats = [impl.row_statistics(_prefix(tensors[r], limit), tensors[c], dims, active, scale, positives, rules,
-                                     norms=norms and (tuple(_prefix(t, limit) for t in norms[r]), norms[c]))
+                                     norms=_pass_norms(norms, r, c, limit))
                  for r, c, positives, rules, limit in specs]
         positive = stats[0][2]
         if partition_mode == "joint":
@@ -299,10 +305,10 @@ class _PassesFunction(torch.autograd.Function):
                 offset, log_sum = flat_stats[2 * k], flat_stats[2 * k + 1]
                 # Shared tiles: column j's softmax is row j's (joint), with the same statistics.
                 columns = dict(col_offset=offset, col_log_sum=log_sum) if rules.column_statistics else {}
-                norms = ctx.norms and (tuple(_prefix(t, limit) for t in ctx.norms[r]), ctx.norms[c])
                 d_rows, d_cols = impl.pass_gradients(_prefix(tensors[r].detach(), limit), tensors[c].detach(), dims,
                                                      active, scale, positives, offset, log_sum, coef, rules,
-                                                     distill_coef, norms=norms, **columns)
+                                                     distill_coef, norms=_pass_norms(ctx.norms, r, c, limit),
+                                                     **columns)
                 for i, g, rows_limit in ((r, d_rows, limit), (c, d_cols, None)):
                     if grads[i] is None and rows_limit is None:
                         grads[i] = g.to(acc)
