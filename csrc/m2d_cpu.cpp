@@ -427,7 +427,7 @@ at::Tensor view(const T* data, int64_t rows, int64_t cols, int64_t row_stride) {
 // Row-major C[m, n] = op(A) op(B) (+ C when `accumulate`), op = transpose when the flag is set; A is
 // [m, k] (or [k, m] transposed) with row stride lda, B [k, n] (or [n, k]) with ldb. Straight to the BLAS
 // that ATen's mm would call: a tile makes hundreds of small GEMMs, and ATen's per-call cost (tensor
-// views, dispatch) was a tenth of a shared-tile step. The same call for the same tile in forward and
+// views, dispatch) adds up over them. The same call for the same tile in forward and
 // backward, so recomputed logits stay bitwise the forward's.
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
