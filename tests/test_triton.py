@@ -62,6 +62,7 @@ SHAPES = [
     (1, 37, 37, 48, (8, 20, 48)),
     (2, 5, 15, 48, (5, 30)),
     (1, 5, 10, 64, (32, 64)),  # aligned: BLOCK_D 32, unmasked k-loops
+    (2, 7, 21, 64, (16, 32, 64)),  # aligned, three segments: one flat k-loop with an epilogue per boundary
 ]
 
 
@@ -73,13 +74,19 @@ def test_matches_oracle(shape, symmetric):
     _check_against_truth(queries, docs, dims, symmetric=symmetric)
 
 
+# Segment loops (dims 24, 40, 100: masked chunks) and the flat k-loops (16, 32, 64: aligned).
+FEATURES_AND_DIMS = [(100, (24, 40, 100)), (64, (16, 32, 64))]
+
+
+@pytest.mark.parametrize("features_and_dims", FEATURES_AND_DIMS, ids=lambda f: f"D{f[0]}")
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_positive_index_hard_negatives_and_zero_weights(symmetric):
-    queries, docs = make_inputs(2, 6, 18, 100, dtype=FP32, device=DEVICE, seed=2)
+def test_positive_index_hard_negatives_and_zero_weights(symmetric, features_and_dims):
+    n_features, dims = features_and_dims
+    queries, docs = make_inputs(2, 6, 18, n_features, dtype=FP32, device=DEVICE, seed=2)
     positive_index = torch.randperm(18, generator=torch.Generator().manual_seed(0))[:6].to(DEVICE)
     # Layer 0 skips the middle dim, layer 1 computes only the smallest one.
     weights = torch.tensor([[1.5, 0.0, 0.5], [2.0, 0.0, 0.0]], dtype=torch.float64)
-    _check_against_truth(queries, docs, (24, 40, 100), weights, positive_index=positive_index, symmetric=symmetric)
+    _check_against_truth(queries, docs, dims, weights, positive_index=positive_index, symmetric=symmetric)
 
 
 @pytest.mark.parametrize("scale", [40.0, 100.0])
@@ -106,15 +113,17 @@ def test_features_beyond_largest_dim_get_zero_gradient():
     assert torch.count_nonzero(grad_q[..., :20]) > 0
 
 
+@pytest.mark.parametrize("features_and_dims", FEATURES_AND_DIMS, ids=lambda f: f"D{f[0]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_low_precision_within_twice_reference_error(dtype, symmetric):
-    queries, docs = make_inputs(2, 5, 15, 100, dtype=torch.float64, seed=6)
+def test_low_precision_within_twice_reference_error(dtype, symmetric, features_and_dims):
+    n_features, dims = features_and_dims
+    queries, docs = make_inputs(2, 5, 15, n_features, dtype=torch.float64, seed=6)
     # The truth is taken on inputs the low dtype represents exactly, so the rule compares compute
     # errors rather than the input rounding that every backend shares (and the reference's bf16
     # arithmetic sometimes cancels by chance).
     queries, docs = queries.detach().to(dtype).double(), docs.detach().to(dtype).double()
-    assert_within_twice_reference_error("triton", queries, docs, (24, 40, 100), dtype, device=DEVICE,
+    assert_within_twice_reference_error("triton", queries, docs, dims, dtype, device=DEVICE,
                                         symmetric=symmetric, scale=20.0)
 
 
@@ -271,19 +280,20 @@ def test_double_backward_raises():
 
 
 @triton.jit
-def _round_tile(h_ptr, like_ptr, out_ptr):
+def _round_tile(h_ptr, out_ptr, FOR_COLS: tl.constexpr):
     offsets = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
-    like = tl.load(like_ptr + offsets).to(tl.float32)
-    tl.store(out_ptr + offsets, _mma_operand(tl.load(h_ptr + offsets), like, tl.bfloat16, True))
+    tl.store(out_ptr + offsets, _mma_operand(tl.load(h_ptr + offsets), FOR_COLS, tl.bfloat16, True))
 
 
-def test_gradient_tile_is_rounded_to_bf16_before_its_mma():
-    """The GPU multiplies the fp32 gradient tile H as bf16; under the interpreter the product runs in
-    fp32, so `_mma_operand` rounds H first. Checked on the helper (a jit kernel under the interpreter)."""
+@pytest.mark.parametrize("for_cols", [False, True])
+def test_gradient_tile_is_rounded_to_bf16_before_its_mma(for_cols):
+    """The GPU multiplies the fp32 gradient tile H (H^T for dY) as bf16; under the interpreter the product
+    runs in fp32, so `_mma_operand` rounds H first. Checked on the helper (a jit kernel under the interpreter)."""
     h = torch.randn(16, 16, generator=torch.Generator().manual_seed(17), device=DEVICE)
     out = torch.empty_like(h)
-    _round_tile[(1,)](h, h.bfloat16(), out)
-    assert torch.equal(out, h.bfloat16().float()) and not torch.equal(out, h)
+    _round_tile[(1,)](h, out, for_cols)
+    expected = h.t() if for_cols else h
+    assert torch.equal(out, expected.bfloat16().float()) and not torch.equal(out, expected)
 
 
 def test_at_most_twelve_configs_and_size_class_key():
@@ -347,8 +357,9 @@ def test_sm90_shared_tile_backward_configs_do_not_spill(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 # (id, L, R, C, D, dims, similarity, scale, rules fields): R = 1, 3, 5, 37; C = R or 3R; D = 48, 100; dims not
-# multiples of 16; each penalty mode at strengths 0.5 and 9; cos at scales 1, 20, 100 (100 + penalty: the
-# running maximum), dot at 1 and 0.05. "guided" masks some columns and every column of the last row.
+# multiples of 16 except the "aligned" cases (the forward's flat k-loop with rules); each penalty mode at
+# strengths 0.5 and 9; cos at scales 1, 20, 100 (100 + penalty: the running maximum), dot at 1 and 0.05.
+# "guided" masks some columns and every column of the last row.
 RULE_CASES = [
     ("cos-R1", 1, 1, 3, 48, (16, 48), "cos", 20.0, {}),
     ("cos-s1-teacher", 2, 3, 9, 100, (24, 40, 100), "cos", 1.0, {"teacher": True}),
@@ -372,6 +383,9 @@ RULE_CASES = [
     ("guided-exclude-penalty", 1, 5, 15, 48, (20, 48), "cos", 20.0, {"guided": True, "exclude_own_group": True,
                                                                       "G": 5, "penalty": "all_negatives",
                                                                       "alpha": 0.5}),
+    ("aligned-hard-9-s100", 2, 3, 9, 64, (16, 32, 64), "cos", 100.0, {"penalty": "hard_negatives", "alpha": 9.0}),
+    ("aligned-guided-teacher", 2, 5, 15, 64, (16, 64), "cos", 20.0, {"guided": True, "teacher": True}),
+    ("aligned-exclude-dot", 2, 5, 15, 48, (16, 48), "dot", 1.0, {"exclude_own_group": True, "G": 5}),
 ]
 
 
@@ -475,15 +489,16 @@ def test_pass_rules_errors_name_the_field():
 # Shared tiles (rules.triangle, rules.column_statistics) against the float64 reference pass
 # ---------------------------------------------------------------------------------------
 
-# (id, L, R, C, dims, similarity, scale, fields): R = 33, 37 and C = R or 2R + 5 cross the interpreter's 16 x 16
-# tiles; dims (8, 20, 48) are not multiples of 16; L = 2 has an inactive pair. "K" is rules.column_statistics,
-# "G" the group period of exclude_own_group / penalty (row i in group i). Triangle passes have rows = cols[:R]
-# and no positives (query_to_query, doc_to_doc); column-statistics passes without a triangle have the positive of
-# row i in column i (query_to_doc with doc_to_query's columns). Scale 40 is near the largest fixed maximum
-# (shares_tiles), 1e4 keeps the rows' running maximum. "forward": False = only the backward runs (the forward
-# refuses dot / a large scale with column statistics, the backward takes any given statistics). The backward
-# gets the float64 statistics (any combined statistics must do), except at 1e4 where an fp32 logit is off the
-# float64 one by ~1e-3: there each side gets its own forward's (the recompute is bit-identical to the forward).
+# (id, L, R, C, similarity, scale, fields): R = 33, 37 and C = R or 2R + 5 cross the interpreter's 16 x 16
+# tiles; dims (8, 20, 48), not multiples of 16, unless fields["dims"]; L = 2 has an inactive pair. "K" is
+# rules.column_statistics, "G" the group period of exclude_own_group / penalty (row i in group i). Triangle
+# passes have rows = cols[:R] and no positives (query_to_query, doc_to_doc); column-statistics passes without a
+# triangle have the positive of row i in column i (query_to_doc with doc_to_query's columns). Scale 40 is near
+# the largest fixed maximum (shares_tiles), 1e4 keeps the rows' running maximum. "forward": False = only the
+# backward runs (the forward refuses dot / a large scale with column statistics, the backward takes any given
+# statistics). The backward gets the float64 statistics (any combined statistics must do), except at 1e4 where
+# an fp32 logit is off the float64 one by ~1e-3: there each side gets its own forward's (the recompute is
+# bit-identical to the forward).
 SHARED_CASES = [
     ("tri-square-cos-s20", 2, 33, 33, "cos", 20.0, {"triangle": True}),
     ("tri-wide-dot-s1", 2, 37, 79, "dot", 1.0, {"triangle": True}),
@@ -502,6 +517,11 @@ SHARED_CASES = [
                                                       "forward": False}),
     ("col-in_batch-s100-bwd", 1, 37, 79, "cos", 100.0, {"K": 37, "penalty": "in_batch_negatives", "alpha": 0.5,
                                                         "forward": False}),
+    # Aligned dims: the forward's flat k-loop and the backward's aligned segment loops.
+    ("aligned-both-exclude-s20", 2, 37, 79, "cos", 20.0, {"triangle": True, "K": 37, "exclude_own_group": True,
+                                                          "dims": (16, 32, 48)}),
+    ("aligned-col-hard-9-s20", 2, 37, 79, "cos", 20.0, {"K": 37, "penalty": "hard_negatives", "alpha": 9.0,
+                                                        "dims": (16, 48)}),
 ]
 SHARED_DIMS = (8, 20, 48)
 
@@ -523,7 +543,8 @@ def _shared_inputs(n_layers, n_rows, n_cols, similarity, fields, seed):
                       penalty_strength=fields.get("alpha", 0.0))
     if fields.get("exclude_own_group"):
         positives = torch.full((n_rows,), -1)
-    active = tuple(tuple(not (layer == 0 and m == 0 and n_layers > 1) for m in range(len(SHARED_DIMS)))
+    n_dims = len(fields.get("dims", SHARED_DIMS))
+    active = tuple(tuple(not (layer == 0 and m == 0 and n_layers > 1) for m in range(n_dims))
                    for layer in range(n_layers))
     return rows, cols, positives.to(DEVICE), active, Rules(**kwargs)
 
@@ -545,38 +566,39 @@ def test_shared_tile_pass_matches_reference(case):
     from m2d_kernels.backends import triton_kernels as tk
 
     _, n_layers, n_rows, n_cols, similarity, scale, fields = case
+    dims = fields.get("dims", SHARED_DIMS)
     rows, cols, positives, active, rules = _shared_inputs(n_layers, n_rows, n_cols, similarity, fields, seed=31)
     rows64, cols64, positives64 = rows.double().cpu(), cols.double().cpu(), positives.cpu()
-    expected = reference.row_statistics(rows64, cols64, SHARED_DIMS, active, scale, positives64, rules)
+    expected = reference.row_statistics(rows64, cols64, dims, active, scale, positives64, rules)
     n_stats = 5 if rules.column_statistics else 3
     assert len(expected) == n_stats
     if rules.triangle and n_rows == n_cols:  # the last row of a square keeps nothing, the others something
         lse = expected[0] + expected[1]
         assert torch.isinf(lse).any() and torch.isfinite(lse).any()
     if fields.get("forward", True):
-        got = tk.row_statistics(rows, cols, SHARED_DIMS, active, scale, positives, rules)
+        got = tk.row_statistics(rows, cols, dims, active, scale, positives, rules)
         assert len(got) == n_stats
         on = torch.tensor(active)[:, None, :]
         _assert_same_lse(got[:2], expected[:2], on.expand_as(expected[0]), "rows' log-sum-exp")
         assert_close(got[2].cpu()[on.expand_as(expected[2])], expected[2][on.expand_as(expected[2])], FP32,
                      "positive logit")
         if rules.column_statistics:
-            assert got[3].shape == got[4].shape == (n_layers, rules.column_statistics, len(SHARED_DIMS))
+            assert got[3].shape == got[4].shape == (n_layers, rules.column_statistics, len(dims))
             _assert_same_lse(got[3:], expected[3:], on.expand_as(expected[3]), "columns' log-sum-exp")
     else:
         with pytest.raises(ValueError, match="column_statistics"):
-            tk.row_statistics(rows, cols, SHARED_DIMS, active, scale, positives, rules)
+            tk.row_statistics(rows, cols, dims, active, scale, positives, rules)
     generator = torch.Generator().manual_seed(32)
-    coef = torch.rand(n_layers, len(SHARED_DIMS), generator=generator, dtype=torch.float64)
+    coef = torch.rand(n_layers, len(dims), generator=generator, dtype=torch.float64)
     coef[0, -1] = 0.0  # a zero weight
     columns = {}
     if rules.column_statistics:
         columns = {"col_offset": expected[3], "col_log_sum": expected[4]}
     given = got if scale > 1e3 else expected
-    grads = tk.pass_gradients(rows, cols, SHARED_DIMS, active, scale, positives, given[0].to(DEVICE),
+    grads = tk.pass_gradients(rows, cols, dims, active, scale, positives, given[0].to(DEVICE),
                               given[1].to(DEVICE), coef.to(DEVICE), rules,
                               **{k: v.to(DEVICE) for k, v in columns.items()})
-    grads_expected = reference.pass_gradients(rows64, cols64, SHARED_DIMS, active, scale, positives64, expected[0],
+    grads_expected = reference.pass_gradients(rows64, cols64, dims, active, scale, positives64, expected[0],
                                               expected[1], coef, rules, **columns)
     for name, g, t in zip(("d_rows", "d_cols"), grads, grads_expected, strict=True):
         assert g.dtype == FP32 and torch.isfinite(g).all(), name

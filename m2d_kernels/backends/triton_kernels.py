@@ -34,6 +34,13 @@ number of programs is bounded so that all scratch (work rows + tile slots) stays
 ``SCRATCH_BUDGET`` bytes (below the H100's 50 MB L2). Each block has one owner program: no
 atomics, results are deterministic.
 
+When every dim is a multiple of BLOCK_D (``ALIGNED``), the forward's accumulation is one flat k-loop
+over [0, top) with the epilogue inside it at each boundary (`_forward_tile`), and so are the plain
+backward's recompute and its downward product loop: the software pipeline keeps loading the next chunks
+across a boundary instead of draining and refilling at every segment (dims 32..768 in 32-wide chunks
+have segments of 1, 1, 2, 4, 8 and 8 chunks). The backward with rules keeps a loop per segment (see
+``FLAT_K``); other dims take the per-segment loops with masked chunks.
+
 Row statistics are kept relative to the row maximum (``max`` and ``log2 sum exp2(z - max)``
 stored separately), so a large ``scale`` costs no ulp(scale) error in the probabilities. ``scale``
 is a fixed maximum (``|cos| <= 1``) while ``exp2(-2 * scale * log2(e))`` stays a normal fp32
@@ -103,7 +110,8 @@ FP32_FORWARD_CONFIG = (64, 64, 4, 3)
 FP32_BACKWARD_CONFIGS = {"backward_dX": (64, 64, 8, 2), "backward_dY": (32, 64, 8, 2)}
 # With rules on (mask, penalty and teacher tiles live across the dim loop) the forward spills at the plain
 # tiles (up to 1 KB per thread at 64x128/4w); 64x64 over 8 warps is spill-free for each rule and for
-# dot+penalty+guided in bf16 (sm90_report.py --rules), 40 B with all four of exclude+penalty+guided+teacher.
+# dot+penalty+guided in bf16 (sm90_report.py --rules), 48 B (bf16) and 40 B (fp32) with all four of
+# exclude+penalty+guided+teacher (benchmarks/results/sm90_report_rules.json).
 RULES_FORWARD_CONFIG = (64, 64, 8, 3)
 # The shared-tile passes of the joint directions (rules.triangle / column_statistics: query_to_doc with
 # doc_to_query's column sums, the triangles with and without own-group exclusion) keep column statistics
@@ -169,15 +177,19 @@ def _autotuned(kernel, configs, key):
 
 
 @triton.jit
-def _segment(bounds_ptr, m, ALIGNED: tl.constexpr):
-    """[lo, hi) of segment m. ALIGNED: every bound is a multiple of BLOCK_D (>= 16), which lets the
+def _bound(bounds_ptr, m, ALIGNED: tl.constexpr):
+    """Bound m (0, then the dims). ALIGNED: every bound is a multiple of BLOCK_D (>= 16), which lets the
     compiler issue 128-bit, pipelined (cp.async) operand loads."""
-    lo = tl.load(bounds_ptr + m)
-    hi = tl.load(bounds_ptr + m + 1)
+    bound = tl.load(bounds_ptr + m)
     if ALIGNED:
-        lo = tl.multiple_of(lo, 16)
-        hi = tl.multiple_of(hi, 16)
-    return lo, hi
+        bound = tl.multiple_of(bound, 16)
+    return bound
+
+
+@triton.jit
+def _segment(bounds_ptr, m, ALIGNED: tl.constexpr):
+    """[lo, hi) of segment m."""
+    return _bound(bounds_ptr, m, ALIGNED), _bound(bounds_ptr, m + 1, ALIGNED)
 
 
 @triton.jit
@@ -203,12 +215,14 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _mma_operand(h, like, ELEMENT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """An fp32 tile as an MMA operand of the inputs' type. The interpreter multiplies bf16 in fp32
-    (DOT_IN_FP32) but still rounds to bf16 first, as the GPU does."""
+def _mma_operand(h, FOR_COLS: tl.constexpr, ELEMENT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """H (or, FOR_COLS, H^T) as an MMA operand of the inputs' type ELEMENT. The interpreter multiplies
+    bf16 in fp32 (DOT_IN_FP32) but still rounds to bf16 first, as the GPU does."""
+    if FOR_COLS:
+        h = tl.trans(h)
     if DOT_IN_FP32:
         return _round_to_bf16(h)
-    return h.to(like.dtype)
+    return h.to(ELEMENT)
 
 
 @triton.jit
@@ -217,11 +231,19 @@ def _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mas
     """acc += X[:, lo:hi] Y[:, lo:hi]^T in BLOCK_D chunks from lo upwards (forward and backward
     call this with the same arguments, so they add the same chunks in the same order)."""
     for k0 in range(lo, hi, BLOCK_D):
-        k = k0 + tl.arange(0, BLOCK_D)
-        x = _load_operand(x_base, x_offsets, x_mask, k, hi, ALIGNED, DOT_IN_FP32)
-        y = _load_operand(y_base, y_offsets, y_mask, k, hi, ALIGNED, DOT_IN_FP32)
-        acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
+        acc = _accumulate_chunk(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, k0, hi, ALIGNED, BLOCK_D,
+                                DOT_PRECISION, DOT_IN_FP32)
     return acc
+
+
+@triton.jit
+def _accumulate_chunk(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, k0, hi, ALIGNED: tl.constexpr,
+                      BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """acc += X[:, k0:k0 + BLOCK_D] Y[:, k0:k0 + BLOCK_D]^T (columns from hi on masked unless ALIGNED)."""
+    k = k0 + tl.arange(0, BLOCK_D)
+    x = _load_operand(x_base, x_offsets, x_mask, k, hi, ALIGNED, DOT_IN_FP32)
+    y = _load_operand(y_base, y_offsets, y_mask, k, hi, ALIGNED, DOT_IN_FP32)
+    return tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -313,15 +335,86 @@ def _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, penalised, inv_rows_
 
 @triton.jit
 def _accumulate_layer(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, bounds_ptr, n_seg,
-                      ALIGNED: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      ALIGNED: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       DOT_IN_FP32: tl.constexpr):
-    """acc += X[:, :top] Y[:, :top]^T segment by segment, in the same chunks and order as the pairs'
-    loops (the teacher's logits are bit-identical to those of its pair)."""
-    for m in range(0, n_seg):
-        lo, hi = _segment(bounds_ptr, m, ALIGNED)
-        acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, lo, hi, ALIGNED,
+    """acc += X[:, :top] Y[:, :top]^T in the same chunks and order as the pairs' loops (the teacher's
+    logits are bit-identical to those of its pair): one flat loop (FLAT_K, needs ALIGNED) or segment by
+    segment, which adds the same chunks in the same order when ALIGNED."""
+    if FLAT_K:
+        top = _bound(bounds_ptr, n_seg, ALIGNED)
+        acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, 0, top, ALIGNED,
                                   BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+    else:
+        for m in range(0, n_seg):
+            lo, hi = _segment(bounds_ptr, m, ALIGNED)
+            acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask, lo, hi, ALIGNED,
+                                      BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
     return acc
+
+
+@triton.jit
+def _forward_epilogue(
+    acc, m, run_max, run_sum, run_wsum, pos_logit, t_sum, t_weight, t_rescale, r, c, r_mask, c_mask, keep, penalised,
+    is_pos, has_pos, layer, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C, scale_log2, penalty_log2, col_sum_ptr, K,
+    stat_cols, M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    SIMILARITY_DOT: tl.constexpr, EXCLUDES: tl.constexpr, PENALTY_MODE: tl.constexpr, TEACHER: tl.constexpr,
+    COLUMN_STATS: tl.constexpr,
+):
+    """Pair (layer, m) of one tile, S_m = acc, if active: the row statistics' column m (and the column sums)."""
+    m_ids = tl.arange(0, M_PAD)
+    if tl.load(active_ptr + layer * M + m) != 0:
+        z = _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr, inv_cols_ptr, R, C,
+                         scale_log2, penalty_log2, M, SIMILARITY_DOT, PENALTY_MODE)
+        is_m = m_ids[None, :] == m
+        if COLUMN_STATS:
+            if stat_cols:
+                # The columns' softmaxes: no penalty, the same exclusions (-inf), the fixed maximum scale
+                # (cos only). Atomics: the row blocks add to the same columns in no fixed order.
+                if PENALTY_MODE == 0:
+                    z_col = z
+                else:
+                    z_col = _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, 0, inv_rows_ptr,
+                                         inv_cols_ptr, R, C, scale_log2, 0.0, M, SIMILARITY_DOT, 0)
+                e_col = tl.where(r_mask[:, None], tl.exp2(z_col - scale_log2), 0.0)
+                tl.atomic_add(col_sum_ptr + (layer * K + c) * M + m, tl.sum(e_col, axis=0), mask=c < K,
+                              sem="relaxed")
+        if has_pos:
+            hit = tl.sum(tl.where(is_pos, z, 0.0), axis=1)
+            pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
+        if TEACHER:  # sum_j w_T(j) z_j over the kept columns (w_T is 0 elsewhere, z -inf: no 0 * inf)
+            tile_t = tl.sum(t_weight * tl.where(keep, z, 0.0), axis=1)
+            t_sum = tl.where(is_m, t_sum * t_rescale[:, None] + tile_t[:, None], t_sum)
+        if FIXED_MAX:
+            if PENALTY_MODE == 0:
+                shifted = z - scale_log2
+            else:
+                shifted = z - (scale_log2 + penalty_log2)
+            e = tl.exp2(shifted)
+            run_sum = tl.where(is_m, run_sum + tl.sum(e, axis=1)[:, None], run_sum)
+            if SCALE_GRAD:
+                tile_wsum = tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
+                run_wsum = tl.where(is_m, run_wsum + tile_wsum[:, None], run_wsum)
+        else:
+            old_max = _column(run_max, m, m_ids)
+            new_max = tl.maximum(old_max, tl.max(z, axis=1))
+            # The first tile has old_max = -inf and nothing to rescale (and inf * 0 is NaN).
+            delta = tl.where(old_max == float("-inf"), 0.0, old_max - new_max)
+            rescale = tl.exp2(delta)
+            old_sum = _column(run_sum, m, m_ids)
+            if EXCLUDES:  # every column so far excluded: shift by 0, not by -inf (-inf - -inf is NaN)
+                shifted = z - tl.where(new_max == float("-inf"), 0.0, new_max)[:, None]
+            else:
+                shifted = z - new_max[:, None]
+            e = tl.exp2(shifted)
+            new_sum = old_sum * rescale + tl.sum(e, axis=1)
+            if SCALE_GRAD:
+                # sum_j e_j (z_j - old) -> sum_j e_j 2^delta (z_j - new) = (. + delta * sum) 2^delta
+                new_wsum = (_column(run_wsum, m, m_ids) + delta * old_sum) * rescale
+                new_wsum += tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
+                run_wsum = tl.where(is_m, new_wsum[:, None], run_wsum)
+            run_max = tl.where(is_m, new_max[:, None], run_max)
+            run_sum = tl.where(is_m, new_sum[:, None], run_sum)
+    return run_max, run_sum, run_wsum, pos_logit, t_sum
 
 
 @triton.jit
@@ -337,66 +430,39 @@ def _forward_tile(
     """One [rows, cols] tile of one layer: one accumulator over [0, top) with the (layer, dim)
     epilogue at every active boundary, updating the per-row statistics [BLOCK_R, M_PAD] and (COLUMN_STATS,
     on a tile with columns j < K: ``stat_cols``) adding the columns' sums of exp2(z_col - scale_log2) to
-    col_sum [L, K, M]."""
-    m_ids = tl.arange(0, M_PAD)
+    col_sum [L, K, M]. ALIGNED: one flat k-loop over [0, top), so the software pipeline keeps loading the next
+    chunks while an epilogue runs (a loop per segment drains and refills it at every boundary); otherwise a
+    loop per segment, whose last chunk is masked at the boundary."""
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for m in range(0, n_seg):
-        lo, hi = _segment(bounds_ptr, m, ALIGNED)
-        acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask,
-                                  lo, hi, ALIGNED, BLOCK_D,
-                                  DOT_PRECISION, DOT_IN_FP32)
-        if tl.load(active_ptr + layer * M + m) != 0:
-            z = _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr, inv_cols_ptr, R, C,
-                             scale_log2, penalty_log2, M, SIMILARITY_DOT, PENALTY_MODE)
-            is_m = m_ids[None, :] == m
-            if COLUMN_STATS:
-                if stat_cols:
-                    # The columns' softmaxes: no penalty, the same exclusions (-inf), the fixed maximum scale
-                    # (cos only). Atomics: the row blocks add to the same columns in no fixed order.
-                    if PENALTY_MODE == 0:
-                        z_col = z
-                    else:
-                        z_col = _pair_logits(acc, layer, m, r, c, r_mask, c_mask, keep, 0, inv_rows_ptr,
-                                             inv_cols_ptr, R, C, scale_log2, 0.0, M, SIMILARITY_DOT, 0)
-                    e_col = tl.where(r_mask[:, None], tl.exp2(z_col - scale_log2), 0.0)
-                    tl.atomic_add(col_sum_ptr + (layer * K + c) * M + m, tl.sum(e_col, axis=0), mask=c < K,
-                                  sem="relaxed")
-            if has_pos:
-                hit = tl.sum(tl.where(is_pos, z, 0.0), axis=1)
-                pos_logit = tl.where(is_m, pos_logit + hit[:, None], pos_logit)
-            if TEACHER:  # sum_j w_T(j) z_j over the kept columns (w_T is 0 elsewhere, z -inf: no 0 * inf)
-                tile_t = tl.sum(t_weight * tl.where(keep, z, 0.0), axis=1)
-                t_sum = tl.where(is_m, t_sum * t_rescale[:, None] + tile_t[:, None], t_sum)
-            if FIXED_MAX:
-                if PENALTY_MODE == 0:
-                    shifted = z - scale_log2
-                else:
-                    shifted = z - (scale_log2 + penalty_log2)
-                e = tl.exp2(shifted)
-                run_sum = tl.where(is_m, run_sum + tl.sum(e, axis=1)[:, None], run_sum)
-                if SCALE_GRAD:
-                    tile_wsum = tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
-                    run_wsum = tl.where(is_m, run_wsum + tile_wsum[:, None], run_wsum)
-            else:
-                old_max = _column(run_max, m, m_ids)
-                new_max = tl.maximum(old_max, tl.max(z, axis=1))
-                # The first tile has old_max = -inf and nothing to rescale (and inf * 0 is NaN).
-                delta = tl.where(old_max == float("-inf"), 0.0, old_max - new_max)
-                rescale = tl.exp2(delta)
-                old_sum = _column(run_sum, m, m_ids)
-                if EXCLUDES:  # every column so far excluded: shift by 0, not by -inf (-inf - -inf is NaN)
-                    shifted = z - tl.where(new_max == float("-inf"), 0.0, new_max)[:, None]
-                else:
-                    shifted = z - new_max[:, None]
-                e = tl.exp2(shifted)
-                new_sum = old_sum * rescale + tl.sum(e, axis=1)
-                if SCALE_GRAD:
-                    # sum_j e_j (z_j - old) -> sum_j e_j 2^delta (z_j - new) = (. + delta * sum) 2^delta
-                    new_wsum = (_column(run_wsum, m, m_ids) + delta * old_sum) * rescale
-                    new_wsum += tl.sum(e * tl.where(c_mask[None, :], shifted, 0.0), axis=1)
-                    run_wsum = tl.where(is_m, new_wsum[:, None], run_wsum)
-                run_max = tl.where(is_m, new_max[:, None], run_max)
-                run_sum = tl.where(is_m, new_sum[:, None], run_sum)
+    if ALIGNED:
+        top = _bound(bounds_ptr, n_seg, ALIGNED)
+        m = 0
+        hi = _bound(bounds_ptr, 1, ALIGNED)
+        for k0 in range(0, top, BLOCK_D):
+            acc = _accumulate_chunk(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask, k0, hi, ALIGNED,
+                                    BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+            if k0 + BLOCK_D == hi:  # S_m is complete: bounds are multiples of BLOCK_D
+                run_max, run_sum, wsum, pos_logit, tsum = _forward_epilogue(
+                    acc, m, run_max, run_sum, run_wsum, pos_logit, t_sum, t_weight, t_rescale, r, c, r_mask, c_mask,
+                    keep, penalised, is_pos, has_pos, layer, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C,
+                    scale_log2, penalty_log2, col_sum_ptr, K, stat_cols, M, M_PAD, FIXED_MAX, SCALE_GRAD,
+                    SIMILARITY_DOT, EXCLUDES, PENALTY_MODE, TEACHER, COLUMN_STATS)
+                if SCALE_GRAD:  # loop-carried values keep their type: the unused ones stay constants
+                    run_wsum = wsum
+                if TEACHER:
+                    t_sum = tsum
+                m += 1
+                hi = _bound(bounds_ptr, tl.minimum(m + 1, n_seg), ALIGNED)
+    else:
+        for m in range(0, n_seg):
+            lo, hi = _segment(bounds_ptr, m, ALIGNED)
+            acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask, lo, hi, ALIGNED,
+                                      BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+            run_max, run_sum, run_wsum, pos_logit, t_sum = _forward_epilogue(
+                acc, m, run_max, run_sum, run_wsum, pos_logit, t_sum, t_weight, t_rescale, r, c, r_mask, c_mask,
+                keep, penalised, is_pos, has_pos, layer, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C, scale_log2,
+                penalty_log2, col_sum_ptr, K, stat_cols, M, M_PAD, FIXED_MAX, SCALE_GRAD, SIMILARITY_DOT, EXCLUDES,
+                PENALTY_MODE, TEACHER, COLUMN_STATS)
     return run_max, run_sum, run_wsum, pos_logit, t_sum
 
 
@@ -474,7 +540,7 @@ def _m2d_fwd_kernel(
                                           GUIDED, TRIANGLE, BLOCK_R, BLOCK_C, BLOCK_DG)
             acc = _accumulate_layer(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), rows_ptr + t_layer * R * D, r * D,
                                     cols_ptr + t_layer * C * D, y_offsets, r_mask, c_mask, bounds_ptr, t_seg, ALIGNED,
-                                    BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+                                    ALIGNED, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
             z_t = _pair_logits(acc, t_layer, M - 1, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr,
                                inv_cols_ptr, R, C, scale_log2, penalty_log2, M, SIMILARITY_DOT, PENALTY_MODE)
             if FIXED_MAX:
@@ -615,13 +681,56 @@ def _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, ro
 
 
 @triton.jit
+def _add_slot(h, slot_ptrs, active_ptr, layer, m, M: tl.constexpr):
+    """H + W_m (from its tile slot) if pair (layer, m) is active, else H."""
+    if tl.load(active_ptr + layer * M + m) != 0:
+        h += tl.load(slot_ptrs)
+    return h
+
+
+@triton.jit
+def _product_chunk(h_op, x_base, x_offsets, y_base, y_offsets, work_base, work_offsets, r_mask, c_mask, k0, hi,
+                   FOR_COLS: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DOT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
+    """work[:, k0:k0 + BLOCK_D] += H Y[:, chunk] (rows) or (FOR_COLS) H^T X[:, chunk], h_op = the operand;
+    columns from hi on masked unless ALIGNED."""
+    k = k0 + tl.arange(0, BLOCK_D)
+    if FOR_COLS:
+        io_mask = c_mask[:, None] & (k < hi)[None, :]
+        other = _load_operand(x_base, x_offsets, r_mask, k, hi, ALIGNED, DOT_IN_FP32)
+    else:
+        io_mask = r_mask[:, None] & (k < hi)[None, :]
+        other = _load_operand(y_base, y_offsets, c_mask, k, hi, ALIGNED, DOT_IN_FP32)
+    grad = tl.load(work_base + (work_offsets[:, None] + k[None, :]), mask=io_mask, other=0.0)
+    grad = tl.dot(h_op, other, grad, input_precision=DOT_PRECISION)
+    tl.store(work_base + (work_offsets[:, None] + k[None, :]), grad, mask=io_mask)
+
+
+@triton.jit
+def _store_slot(acc, slot_ptrs, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos, norm_sums, layer, m, m_ids,
+                active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, distill_ptr,
+                col_offset_ptr, col_logsum_ptr, R, C, K, scale_log2, penalty_log2, M: tl.constexpr,
+                FOR_COLS: tl.constexpr, SIMILARITY_DOT: tl.constexpr, PENALTY_MODE: tl.constexpr,
+                TEACHER: tl.constexpr, COLUMN_STATS: tl.constexpr):
+    """W_m of S_m = acc to its tile slot if pair (layer, m) is active; returns the updated norm_sums."""
+    if tl.load(active_ptr + layer * M + m) != 0:
+        w, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos, norm_sums,
+                                          layer, m, m_ids, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr,
+                                          coef_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, R, C, K, scale_log2,
+                                          penalty_log2, M, FOR_COLS, SIMILARITY_DOT, PENALTY_MODE, TEACHER,
+                                          COLUMN_STATS)
+        tl.store(slot_ptrs, w)
+    return norm_sums
+
+
+@triton.jit
 def _backward_tile(
     x_base, x_offsets, y_base, y_offsets, work_base, work_offsets, slot_ptr, r, c, r_mask, c_mask, row_pos,
     norm_sums, layer, n_seg,
     bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr, logsum_ptr, coef_ptr, R, C,
     scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr, distill_ptr,
     col_offset_ptr, col_logsum_ptr, L, D, DG, G, K, penalty_log2,
-    M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, ALIGNED: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, FOR_COLS: tl.constexpr, ALIGNED: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, ELEMENT: tl.constexpr,
     SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
     TEACHER: tl.constexpr, TRIANGLE: tl.constexpr, COLUMN_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -644,7 +753,7 @@ def _backward_tile(
         t_layer = (L - 1).to(tl.int64)
         acc = _accumulate_layer(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), rows_ptr + t_layer * R * D, x_offsets,
                                 cols_ptr + t_layer * C * D, y_offsets, r_mask, c_mask, bounds_ptr,
-                                tl.load(n_seg_ptr + t_layer), ALIGNED, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+                                tl.load(n_seg_ptr + t_layer), ALIGNED, FLAT_K, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
         z_t = _pair_logits(acc, t_layer, M - 1, r, c, r_mask, c_mask, keep, penalised, inv_rows_ptr, inv_cols_ptr,
                            R, C, scale_log2, penalty_log2, M, SIMILARITY_DOT, PENALTY_MODE)
         t_max = tl.load(max_ptr + (t_layer * R + r) * M + M - 1, mask=r_mask, other=0.0)
@@ -654,18 +763,33 @@ def _backward_tile(
     slot_offsets = tl.arange(0, BLOCK_R)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     top_m = n_seg - 1
-    for m in range(0, n_seg):
-        lo, hi = _segment(bounds_ptr, m, ALIGNED)
-        acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask, lo, hi, ALIGNED,
-                                  BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
-        if m < top_m:
-            if tl.load(active_ptr + layer * M + m) != 0:
-                w, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos,
-                                                  norm_sums, layer, m, m_ids, inv_rows_ptr, inv_cols_ptr, norm_ptr,
-                                                  max_ptr, logsum_ptr, coef_ptr, distill_ptr, col_offset_ptr,
-                                                  col_logsum_ptr, R, C, K, scale_log2, penalty_log2, M, FOR_COLS,
-                                                  SIMILARITY_DOT, PENALTY_MODE, TEACHER, COLUMN_STATS)
-                tl.store(slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets, w)
+    if FLAT_K:  # one flat k-loop over [0, top), as the forward's (the pipeline runs on across the boundaries)
+        top = _bound(bounds_ptr, n_seg, ALIGNED)
+        m = 0
+        hi = _bound(bounds_ptr, 1, ALIGNED)
+        for k0 in range(0, top, BLOCK_D):
+            acc = _accumulate_chunk(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask, k0, hi, ALIGNED,
+                                    BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+            if k0 + BLOCK_D == hi:
+                if m < top_m:
+                    norm_sums = _store_slot(
+                        acc, slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets, r, c, r_mask, c_mask, keep, penalised,
+                        p_teacher, row_pos, norm_sums, layer, m, m_ids, active_ptr, inv_rows_ptr, inv_cols_ptr,
+                        norm_ptr, max_ptr, logsum_ptr, coef_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, R, C, K,
+                        scale_log2, penalty_log2, M, FOR_COLS, SIMILARITY_DOT, PENALTY_MODE, TEACHER, COLUMN_STATS)
+                m += 1
+                hi = _bound(bounds_ptr, tl.minimum(m + 1, n_seg), ALIGNED)
+    else:
+        for m in range(0, n_seg):
+            lo, hi = _segment(bounds_ptr, m, ALIGNED)
+            acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask, lo, hi, ALIGNED,
+                                      BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
+            if m < top_m:
+                norm_sums = _store_slot(
+                    acc, slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets, r, c, r_mask, c_mask, keep, penalised,
+                    p_teacher, row_pos, norm_sums, layer, m, m_ids, active_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr,
+                    max_ptr, logsum_ptr, coef_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, R, C, K, scale_log2,
+                    penalty_log2, M, FOR_COLS, SIMILARITY_DOT, PENALTY_MODE, TEACHER, COLUMN_STATS)
     # The top segment (always active: n_seg ends at the last active dim) needs no slot: its W is
     # the first H. One k-loop for all segments (no peeled copy), so acc here is S_top.
     h, norm_sums = _weighted_gradient(acc, r, c, r_mask, c_mask, keep, penalised, p_teacher, row_pos, norm_sums,
@@ -673,27 +797,29 @@ def _backward_tile(
                                       coef_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, R, C, K, scale_log2,
                                       penalty_log2, M, FOR_COLS, SIMILARITY_DOT, PENALTY_MODE, TEACHER, COLUMN_STATS)
     tl.debug_barrier()  # the slots are read back in another register layout (other threads)
-    for step in range(0, n_seg):
-        m = n_seg - 1 - step
-        lo, hi = _segment(bounds_ptr, m, ALIGNED)
-        if step > 0:
-            if tl.load(active_ptr + layer * M + m) != 0:
-                h += tl.load(slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets)
-        for k0 in range(lo, hi, BLOCK_D):
-            k = k0 + tl.arange(0, BLOCK_D)
-            k_mask = k < hi
-            if FOR_COLS:
-                io_mask = c_mask[:, None] & k_mask[None, :]
-                x = _load_operand(x_base, x_offsets, r_mask, k, hi, ALIGNED, DOT_IN_FP32)
-                grad = tl.load(work_base + (work_offsets[:, None] + k[None, :]), mask=io_mask, other=0.0)
-                grad = tl.dot(_mma_operand(tl.trans(h), x, ELEMENT, DOT_IN_FP32), x, grad,
-                              input_precision=DOT_PRECISION)
-            else:
-                io_mask = r_mask[:, None] & k_mask[None, :]
-                y = _load_operand(y_base, y_offsets, c_mask, k, hi, ALIGNED, DOT_IN_FP32)
-                grad = tl.load(work_base + (work_offsets[:, None] + k[None, :]), mask=io_mask, other=0.0)
-                grad = tl.dot(_mma_operand(h, y, ELEMENT, DOT_IN_FP32), y, grad, input_precision=DOT_PRECISION)
-            tl.store(work_base + (work_offsets[:, None] + k[None, :]), grad, mask=io_mask)
+    if FLAT_K:  # one flat loop downwards over [0, top): H takes W_m at the boundary below segment m + 1
+        m = top_m
+        lo = _bound(bounds_ptr, top_m, ALIGNED)
+        h_op = _mma_operand(h, FOR_COLS, ELEMENT, DOT_IN_FP32)
+        for i in range(0, top, BLOCK_D):
+            k0 = top - BLOCK_D - i
+            _product_chunk(h_op, x_base, x_offsets, y_base, y_offsets, work_base, work_offsets, r_mask, c_mask, k0,
+                           top, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, BLOCK_D)
+            if (k0 == lo) & (m > 0):
+                m -= 1
+                lo = _bound(bounds_ptr, m, ALIGNED)
+                h = _add_slot(h, slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets, active_ptr, layer, m, M)
+                h_op = _mma_operand(h, FOR_COLS, ELEMENT, DOT_IN_FP32)
+    else:
+        for step in range(0, n_seg):
+            m = n_seg - 1 - step
+            lo, hi = _segment(bounds_ptr, m, ALIGNED)
+            if step > 0:
+                h = _add_slot(h, slot_ptr + m * BLOCK_R * BLOCK_C + slot_offsets, active_ptr, layer, m, M)
+            for k0 in range(lo, hi, BLOCK_D):  # the operand converted in the loop: fewer registers live across it
+                h_op = _mma_operand(h, FOR_COLS, ELEMENT, DOT_IN_FP32)
+                _product_chunk(h_op, x_base, x_offsets, y_base, y_offsets, work_base, work_offsets, r_mask, c_mask, k0,
+                               hi, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, BLOCK_D)
     tl.debug_barrier()  # the next tile overwrites the slots
     return norm_sums
 
@@ -743,6 +869,11 @@ def _m2d_bwd_kernel(
     the first K columns' softmaxes (col_offset / col_logsum [L, K, M], log2 units) join G."""
     pid = tl.program_id(0)
     ELEMENT: tl.constexpr = rows_ptr.dtype.element_ty
+    # Flat k-loops (as the forward's) for the plain pass only. With rules the mask, column-statistic and teacher
+    # tiles stay live across the loops: flat, the shared-tile passes spilled 8-64 B at their tiles, where the
+    # segment loops spill nothing, and penalty / teacher spilled more than with segment loops (sm_90, Triton 3.6).
+    FLAT_K: tl.constexpr = ALIGNED and not (SIMILARITY_DOT or EXCLUDE_GROUP or PENALTY_MODE != 0 or GUIDED or TEACHER
+                                            or TRIANGLE or COLUMN_STATS)
     own_block: tl.constexpr = BLOCK_C if FOR_COLS else BLOCK_R
     n_blocks = tl.cdiv(C if FOR_COLS else R, own_block)
     work_base = work_ptr + pid.to(tl.int64) * own_block * D
@@ -777,9 +908,9 @@ def _m2d_bwd_kernel(
                     n_seg, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr,
                     logsum_ptr, coef_ptr, R, C, scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr,
                     guide_cols_ptr, guide_thr_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, L, D, DG, G, K,
-                    penalty_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT, SIMILARITY_DOT,
-                    EXCLUDE_GROUP, PENALTY_MODE, GUIDED, TEACHER, TRIANGLE, COLUMN_STATS, BLOCK_R, BLOCK_C, BLOCK_D,
-                    BLOCK_DG,
+                    penalty_log2, M, M_PAD, FOR_COLS, ALIGNED, FLAT_K, DOT_PRECISION, DOT_IN_FP32, ELEMENT,
+                    SIMILARITY_DOT, EXCLUDE_GROUP, PENALTY_MODE, GUIDED, TEACHER, TRIANGLE, COLUMN_STATS, BLOCK_R,
+                    BLOCK_C, BLOCK_D, BLOCK_DG,
                 )
         else:
             x_base = rows_ptr + layer * R * D
@@ -801,9 +932,9 @@ def _m2d_bwd_kernel(
                     n_seg, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr, norm_ptr, max_ptr,
                     logsum_ptr, coef_ptr, R, C, scale_log2, rows_ptr, cols_ptr, row_group_ptr, guide_rows_ptr,
                     guide_cols_ptr, guide_thr_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, L, D, DG, G, K,
-                    penalty_log2, M, M_PAD, FOR_COLS, ALIGNED, DOT_PRECISION, DOT_IN_FP32, ELEMENT, SIMILARITY_DOT,
-                    EXCLUDE_GROUP, PENALTY_MODE, GUIDED, TEACHER, TRIANGLE, COLUMN_STATS, BLOCK_R, BLOCK_C, BLOCK_D,
-                    BLOCK_DG,
+                    penalty_log2, M, M_PAD, FOR_COLS, ALIGNED, FLAT_K, DOT_PRECISION, DOT_IN_FP32, ELEMENT,
+                    SIMILARITY_DOT, EXCLUDE_GROUP, PENALTY_MODE, GUIDED, TEACHER, TRIANGLE, COLUMN_STATS, BLOCK_R,
+                    BLOCK_C, BLOCK_D, BLOCK_DG,
                 )
         _store_gradient(grad_ptr + (layer * (C if FOR_COLS else R) + own)[:, None] * D, work_ptrs, own_ptrs,
                         own_mask, norm_sums, bounds_ptr, n_seg, top, D, ALIGNED, DOT_IN_FP32, own_block, M_PAD, BLOCK_D)
