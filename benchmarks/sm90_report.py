@@ -108,6 +108,9 @@ def inspect_cubin(cubin: bytes, shared: int) -> dict:
         "wgmma": len(re.findall(r"\bHGMMA\.", sass)),
         "async_copies_128": len(re.findall(r"\bLDGSTS\.[A-Z.]*128\b", sass)) + len(re.findall(r"\bUTMALDG\b", sass)),
         "mma_sync": len(re.findall(r"\bHMMA\.", sass)),
+        # Global stores: 128-bit (STG.E.128) and narrower ones (2, 4 or 8 bytes per instruction).
+        "stores_128": len(re.findall(r"\bSTG\.E\.128\b", sass)),
+        "stores_narrow": len(re.findall(r"\bSTG\.E(?!\.128\b)[A-Z0-9.]*", sass)),
     }
 
 
@@ -144,7 +147,8 @@ def _format(row):
     tile = f"{c['BLOCK_R']}x{c['BLOCK_C']}/{c['num_warps']}w/{c['num_stages']}s"
     return (f"{row['kernel']:<12} {row['dtype']:<5} {tile:<18} {'*' if row['selected'] else ' '} "
             f"reg {row['registers']:>3}  spill {row['spill_bytes']:>5}  smem {row['shared_bytes']:>6}  "
-            f"wgmma {row['wgmma']:>4}  ldgsts128 {row['async_copies_128']:>4}  hmma {row['mma_sync']:>4}")
+            f"wgmma {row['wgmma']:>4}  ldgsts128 {row['async_copies_128']:>4}  hmma {row['mma_sync']:>4}  "
+            f"stg128 {row['stores_128']:>3}  stg<128 {row['stores_narrow']:>3}")
 
 
 def write_json_atomically(data, path: Path) -> None:

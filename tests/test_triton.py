@@ -326,13 +326,16 @@ def _run_sm90_report(tmp_path, *arguments):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels natively")
 def test_sm90_report_one_config(tmp_path):
     """benchmarks/sm90_report.py on the selected bf16 configs: each kernel compiles for sm_90 on
-    the CPU to wgmma and 128-bit async copies, and the backward stays within 4x the forward's FLOPs."""
+    the CPU to wgmma and 128-bit async copies, the backward stores its gradients, work rows and tile
+    slots 128 bits at a time only, and it stays within 4x the forward's FLOPs."""
     report = _run_sm90_report(tmp_path, "--dtype", "bf16")
     assert report["backward_flops"] <= 4 * report["forward_flops"]
     kernels = {row["kernel"] for row in report["kernels"]}
     assert kernels == {"forward", "backward_dX", "backward_dY"}
     for row in report["kernels"]:
         assert row["selected"] and row["wgmma"] > 0 and row["async_copies_128"] > 0, row
+        if row["kernel"] != "forward":
+            assert row["stores_128"] > 0 and row["stores_narrow"] == 0, row
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels natively")

@@ -118,10 +118,12 @@ RULES_FORWARD_CONFIG = (64, 64, 8, 3)
 # live in the backward: at the plain tiles they spilled up to 352 B (bf16 dY) and 536 B (fp32 dY). These
 # are spill-free for each of those three rule sets on Triton 3.6, the GPU machine's (sm90_report.py --rules
 # ..., worked example), except fp32 dY, whose 32-row tile spills 8 B with the triangle and 64x32 16 B
-# without: the triangle takes 64x32. Triton 3.9 allocates differently: some spill 8-16 B there.
+# without: the triangle takes 64x32. fp32 dX streams 32-wide column tiles over 4 warps: 32x64/8 spilled 16 B
+# once the gradient stores took int32 offsets (which made the other passes' backward spill less). Triton 3.9
+# allocates differently: some spill 8-16 B there.
 SHARED_TILES_BACKWARD_CONFIGS = {
     torch.bfloat16: {"backward_dX": (64, 32, 4, 2), "backward_dY": (32, 128, 8, 2)},
-    torch.float32: {"backward_dX": (32, 64, 8, 2), "backward_dY": (32, 64, 8, 2)},
+    torch.float32: {"backward_dX": (32, 32, 4, 2), "backward_dY": (32, 64, 8, 2)},
 }
 SHARED_TILES_FP32_TRIANGLE_DY = (64, 32, 8, 2)
 INTERPRETER_CONFIG = (16, 16, 1, 1)  # tl.dot needs tiles >= 16; the CPU interpreter wants few ops
@@ -825,11 +827,12 @@ def _backward_tile(
 
 
 @triton.jit
-def _store_gradient(grad_ptrs, work_ptrs, own_ptrs, mask, norm_sums, bounds_ptr, n_seg, top, D,
-                    ALIGNED: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK: tl.constexpr, M_PAD: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def _store_gradient(grad_base, work_base, own_base, own_offsets, work_offsets, mask, norm_sums, bounds_ptr, n_seg,
+                    top, D, ALIGNED: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK: tl.constexpr,
+                    M_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad[:, seg_s] = work[:, seg_s] - (sum_{m >= s} norm_sums[:, m]) * own[:, seg_s] in the
-    gradient's dtype, walking s downwards; zero beyond the largest active dim."""
+    gradient's dtype, walking s downwards; zero beyond the largest active dim. Scalar bases and int32 row
+    offsets (own_offsets for grad and own, work_offsets for the work rows), as the operand loads."""
     tl.debug_barrier()  # the work rows were written in the MMA's register layout
     m_ids = tl.arange(0, M_PAD)
     suffix = tl.zeros([BLOCK], tl.float32)
@@ -840,13 +843,19 @@ def _store_gradient(grad_ptrs, work_ptrs, own_ptrs, mask, norm_sums, bounds_ptr,
         for k0 in range(lo, hi, BLOCK_D):
             k = k0 + tl.arange(0, BLOCK_D)
             io_mask = mask[:, None] & (k < hi)[None, :]
-            own = tl.load(own_ptrs + k[None, :], mask=io_mask, other=0.0).to(tl.float32)
-            work = tl.load(work_ptrs + k[None, :], mask=io_mask, other=0.0)
+            own = tl.load(own_base + (own_offsets[:, None] + k[None, :]), mask=io_mask, other=0.0).to(tl.float32)
+            work = tl.load(work_base + (work_offsets[:, None] + k[None, :]), mask=io_mask, other=0.0)
             grad = work - suffix[:, None] * own
             if DOT_IN_FP32:  # bf16 under the interpreter: round as the GPU's store does
                 grad = _round_to_bf16(grad)
-            tl.store(grad_ptrs + k[None, :], grad, mask=io_mask)
-    _zero_columns(grad_ptrs, mask, top, D, BLOCK, BLOCK_D)
+            tl.store(grad_base + (own_offsets[:, None] + k[None, :]), grad, mask=io_mask)
+    for k0 in range(0, D, BLOCK_D):  # from 0, not from top: chunks the compiler knows are aligned (128-bit stores)
+        if k0 + BLOCK_D > top:
+            k = k0 + tl.arange(0, BLOCK_D)
+            tail = mask[:, None] & (k < D)[None, :]
+            if not ALIGNED:  # top may fall inside this chunk
+                tail = tail & (k >= top)[None, :]
+            tl.store(grad_base + (own_offsets[:, None] + k[None, :]), tl.zeros([BLOCK, BLOCK_D], tl.float32), mask=tail)
 
 
 def _m2d_bwd_kernel(
@@ -887,13 +896,14 @@ def _m2d_bwd_kernel(
         top = tl.load(bounds_ptr + n_seg)
         own = block * own_block + tl.arange(0, own_block)
         own_mask = own < (C if FOR_COLS else R)
-        _zero_columns(work_ptrs, own_mask, 0, top, own_block, BLOCK_D)
+        _zero_columns(work_ptrs, own_mask, 0, _bound(bounds_ptr, n_seg, ALIGNED), own_block, BLOCK_D)
         tl.debug_barrier()
         norm_sums = tl.zeros([own_block, M_PAD], tl.float32)
         if FOR_COLS:
             y_base = cols_ptr + layer * C * D
             y_offsets = own * D
-            own_ptrs = y_base + y_offsets[:, None]
+            own_base = y_base
+            own_offsets = y_offsets
             n_streamed = tl.where(n_seg > 0, R, 0)
             if TRIANGLE:  # row tiles from the block's last column on hold only j <= i
                 n_streamed = tl.minimum(n_streamed, tl.minimum(block * own_block + own_block, C) - 1)
@@ -915,7 +925,8 @@ def _m2d_bwd_kernel(
         else:
             x_base = rows_ptr + layer * R * D
             x_offsets = own * D
-            own_ptrs = x_base + x_offsets[:, None]
+            own_base = x_base
+            own_offsets = x_offsets
             row_pos = tl.load(positives_ptr + own, mask=own_mask, other=-1)
             n_streamed = tl.where(n_seg > 0, C, 0)
             if TRIANGLE:  # the first column tile holding column i + 1 of the block's first row i
@@ -936,7 +947,7 @@ def _m2d_bwd_kernel(
                     SIMILARITY_DOT, EXCLUDE_GROUP, PENALTY_MODE, GUIDED, TEACHER, TRIANGLE, COLUMN_STATS, BLOCK_R,
                     BLOCK_C, BLOCK_D, BLOCK_DG,
                 )
-        _store_gradient(grad_ptr + (layer * (C if FOR_COLS else R) + own)[:, None] * D, work_ptrs, own_ptrs,
+        _store_gradient(grad_ptr + layer * (C if FOR_COLS else R) * D, work_base, own_base, own_offsets, work_offsets,
                         own_mask, norm_sums, bounds_ptr, n_seg, top, D, ALIGNED, DOT_IN_FP32, own_block, M_PAD, BLOCK_D)
         tl.debug_barrier()  # the next work item zeroes these work rows
 
