@@ -35,9 +35,12 @@ if unavailable_reason("triton", torch.device(DEVICE)) is not None:
 
 import triton.language as tl  # noqa: E402
 
-from m2d_kernels.backends.triton_kernels import _mma_operand  # noqa: E402
+from m2d_kernels.backends.triton_kernels import _dot, _mma_operand, _to_tf32  # noqa: E402
 
 FP32 = torch.float32
+# The tolerance of fp32 results: fp32 products run as tf32x3 (emulated under the interpreter, as on the GPU).
+TF32X3 = "tf32x3"
+TF32X3_FACTOR = 4  # the same widening for the tests that scale their fp32 tolerances by the largest entry
 # Inputs are random but seeded per test: fp32 results sit within the fp32 tolerance with some
 # margin, and a test must not pass or fail by the draw.
 
@@ -47,12 +50,12 @@ def _check_against_truth(queries, docs, dims, weights=None, **kwargs):
     per_pair = m2d.matryoshka_2d_infonce(queries, docs, dims, weights, reduction="none", backend="triton", **kwargs)
     assert per_pair.dtype == queries.dtype and per_pair.shape == (queries.shape[0], len(dims))
     expected = torch.from_numpy(oracle_pair_losses(queries, docs, dims, weights, **kwargs))
-    assert_close(per_pair, expected, FP32, "per-pair losses")
+    assert_close(per_pair, expected, TF32X3, "per-pair losses")
     truth = loss_and_grads(queries.double().cpu(), docs.double().cpu(), dims, weights, backend="reference", **kwargs)
     got = loss_and_grads(queries, docs, dims, weights, backend="triton", **kwargs)
     for name, g, t in zip(("loss", "grad_queries", "grad_docs"), got, truth, strict=True):
         assert g.dtype == FP32, f"{name} has dtype {g.dtype}"
-        assert_close(g, t, FP32, name)
+        assert_close(g, t, TF32X3, name)
 
 
 # (L, B, N, D, dims): B = 1, 3, 37; N = 3B hard negatives; D and dims not multiples of 16.
@@ -160,7 +163,7 @@ def test_torch_compile_fullgraph_matches_reference():
                            positive_index=positive_index.cpu(), symmetric=True)
     for name, g, t in zip(("loss", "grad_queries", "grad_docs"), (loss.detach(), q.grad, k.grad), truth,
                           strict=True):
-        assert_close(g, t, FP32, name)
+        assert_close(g, t, TF32X3, name)
 
 
 def test_custom_op_passes_opcheck():
@@ -233,8 +236,8 @@ def test_scale_gradient_matches_float64_autograd(symmetric, scale):
     mask = torch.tensor(active, dtype=torch.float64)
     expected = torch.stack([torch.autograd.grad(truth[i, j], scale64, retain_graph=True)[0] * mask[i, j]
                             for i in range(2) for j in range(3)]).view(2, 3)
-    assert_close(losses, truth.detach() * mask, FP32, "losses")
-    assert_close(dscale, expected, FP32, "dloss_dscale")
+    assert_close(losses, truth.detach() * mask, TF32X3, "losses")
+    assert_close(dscale, expected, TF32X3, "dloss_dscale")
     # The default path returns the losses alone.
     assert triton_kernels.pair_losses(queries, docs, (16, 32, 48), active, scale, positive_index,
                                       symmetric).shape == (2, 3)
@@ -294,6 +297,73 @@ def test_gradient_tile_is_rounded_to_bf16_before_its_mma(for_cols):
     _round_tile[(1,)](h, out, for_cols)
     expected = h.t() if for_cols else h
     assert torch.equal(out, expected.bfloat16().float()) and not torch.equal(out, expected)
+
+
+def _tf32_reference(x: torch.Tensor, round_nearest: bool) -> torch.Tensor:
+    """x (fp32) to 11 significant bits in float64: to nearest with ties away from zero, or truncated."""
+    mantissa, exponent = torch.frexp(x.double())  # |mantissa| in [0.5, 1)
+    scaled = mantissa.abs() * 2.0 ** 11
+    kept = torch.floor(scaled + 0.5) if round_nearest else torch.floor(scaled)
+    return torch.sign(mantissa) * kept * 2.0 ** (exponent - 11)
+
+
+@triton.jit
+def _tf32_tiles(x_ptr, rounded_ptr, truncated_ptr):
+    offsets = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    x = tl.load(x_ptr + offsets)
+    tl.store(rounded_ptr + offsets, _to_tf32(x, True))
+    tl.store(truncated_ptr + offsets, _to_tf32(x, False))
+
+
+def test_tf32_rounding_matches_the_gpu_conversions():
+    """`_to_tf32`: cvt.rna (ties away from zero) and the tensor core's truncation, against frexp in float64;
+    the inputs include exact ties at both signs."""
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(41), device=DEVICE)
+    ties = torch.tensor([1 + 2 ** -11, -(1 + 2 ** -11), 1 + 3 * 2 ** -11, 3.0, -0.75, 2 ** -20 * (1 + 2 ** -11)])
+    x.view(-1)[: len(ties)] = ties.to(DEVICE)
+    rounded, truncated = torch.empty_like(x), torch.empty_like(x)
+    _tf32_tiles[(1,)](x, rounded, truncated)
+    assert torch.equal(rounded.double().cpu(), _tf32_reference(x.cpu(), True))
+    assert torch.equal(truncated.double().cpu(), _tf32_reference(x.cpu(), False))
+    assert rounded.view(-1)[0] == 1 + 2 ** -10 and rounded.view(-1)[1] == -(1 + 2 ** -10)  # ties away from zero
+
+
+@triton.jit
+def _dot_tiles(a_ptr, b_ptr, out_ptr, DOT_PRECISION: tl.constexpr):
+    offsets = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    out = _dot(tl.load(a_ptr + offsets), tl.load(b_ptr + offsets), tl.zeros([16, 16], tl.float32), DOT_PRECISION)
+    tl.store(out_ptr + offsets, out)
+
+
+def test_tf32x3_emulation_is_the_three_product_decomposition():
+    """The interpreter's "tf32x3-emulated" product equals small*big + big*small + big*big built independently
+    (float64 sums of the tf32 parts) up to fp32 accumulation, and sits within 2^-20 of the exact product where
+    one tf32 product is off by more than 2^-16."""
+    generator = torch.Generator().manual_seed(43)
+    a, b = (torch.randn(16, 16, generator=generator, device=DEVICE) for _ in range(2))
+    big_a, big_b = _tf32_reference(a.cpu(), True), _tf32_reference(b.cpu(), True)
+    small_a = _tf32_reference((a.double().cpu() - big_a).float(), False)
+    small_b = _tf32_reference((b.double().cpu() - big_b).float(), False)
+    expected = small_a @ big_b + big_a @ small_b + big_a @ big_b
+    exact = a.double().cpu() @ b.double().cpu()
+    out = {}
+    for precision in ("tf32x3-emulated", "tf32-emulated"):
+        out[precision] = torch.empty_like(a)
+        _dot_tiles[(1,)](a, b, out[precision], precision)
+    scale = exact.abs().max()
+    assert ((out["tf32x3-emulated"].double().cpu() - expected).abs().max() / scale) < 2e-7
+    assert ((out["tf32x3-emulated"].double().cpu() - exact).abs().max() / scale) < 2 ** -20
+    assert ((out["tf32-emulated"].double().cpu() - exact).abs().max() / scale) > 2 ** -16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the variable only chooses the interpreter's product")
+def test_interpreter_fp32_precision_is_validated(monkeypatch):
+    from m2d_kernels.backends import triton_kernels as tk
+
+    monkeypatch.setenv(tk.INTERPRET_FP32_ENV, "tf16")
+    queries, docs = make_inputs(1, 3, 3, 48, dtype=FP32, device=DEVICE, requires_grad=False, seed=9)
+    with pytest.raises(ValueError, match=tk.INTERPRET_FP32_ENV):
+        m2d.matryoshka_2d_infonce(queries, docs, (16, 48), backend="triton")
 
 
 def test_at_most_twelve_configs_and_size_class_key():
@@ -446,8 +516,8 @@ def test_pass_with_rules_matches_reference(case):
     if fields.get("guided"):
         assert torch.isinf(lse_expected).any() and torch.isfinite(lse_expected).any()  # the grid covers both
     finite = torch.isfinite(lse_expected)
-    assert_close(lse[finite], lse_expected[finite], FP32, "log-sum-exp")
-    assert_close(got[2].cpu()[on], expected[2][on], FP32, "positive logit")
+    assert_close(lse[finite], lse_expected[finite], TF32X3, "log-sum-exp")
+    assert_close(got[2].cpu()[on], expected[2][on], TF32X3, "positive logit")
     if rules.teacher:
         # sum_j p_T(i, j) z_lm(i, j): independent of the offset each side chose for the teacher pair.
         def teacher_mean(stats):
@@ -455,8 +525,8 @@ def test_pass_with_rules_matches_reference(case):
             return torch.where(torch.isfinite(log_sum), stats[3].double().cpu() * (-log_sum).exp(), 0.0)[on]
 
         expected_mean = teacher_mean(expected)
-        torch.testing.assert_close(teacher_mean(got), expected_mean, rtol=1e-4,
-                                   atol=1e-5 * max(1.0, expected_mean.abs().max().item()))
+        torch.testing.assert_close(teacher_mean(got), expected_mean, rtol=1e-4 * TF32X3_FACTOR,
+                                   atol=1e-5 * TF32X3_FACTOR * max(1.0, expected_mean.abs().max().item()))
     generator = torch.Generator().manual_seed(22)
     coef = torch.rand(n_layers, len(dims), generator=generator, dtype=torch.float64)
     coef[0, -1] = 0.0  # a zero weight
@@ -469,7 +539,8 @@ def test_pass_with_rules_matches_reference(case):
     for name, g, t in zip(("d_rows", "d_cols"), grads, grads_expected, strict=True):
         assert g.dtype == FP32 and torch.isfinite(g).all(), name
         # Gradients scale with `scale`: compare relative to the largest entry.
-        torch.testing.assert_close(g.double().cpu(), t, rtol=1e-4, atol=1e-5 * max(1.0, t.abs().max().item()),
+        torch.testing.assert_close(g.double().cpu(), t, rtol=1e-4 * TF32X3_FACTOR,
+                                   atol=1e-5 * TF32X3_FACTOR * max(1.0, t.abs().max().item()),
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -560,7 +631,7 @@ def _assert_same_lse(got, expected, on, name):
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_expected)), name
     finite = torch.isfinite(lse_expected)
     assert finite.any(), name
-    assert_close(lse[finite], lse_expected[finite], FP32, name)
+    assert_close(lse[finite], lse_expected[finite], TF32X3, name)
 
 
 @pytest.mark.parametrize("case", SHARED_CASES, ids=[case[0] for case in SHARED_CASES])
@@ -583,7 +654,7 @@ def test_shared_tile_pass_matches_reference(case):
         assert len(got) == n_stats
         on = torch.tensor(active)[:, None, :]
         _assert_same_lse(got[:2], expected[:2], on.expand_as(expected[0]), "rows' log-sum-exp")
-        assert_close(got[2].cpu()[on.expand_as(expected[2])], expected[2][on.expand_as(expected[2])], FP32,
+        assert_close(got[2].cpu()[on.expand_as(expected[2])], expected[2][on.expand_as(expected[2])], TF32X3,
                      "positive logit")
         if rules.column_statistics:
             assert got[3].shape == got[4].shape == (n_layers, rules.column_statistics, len(dims))
@@ -605,7 +676,8 @@ def test_shared_tile_pass_matches_reference(case):
                                               expected[1], coef, rules, **columns)
     for name, g, t in zip(("d_rows", "d_cols"), grads, grads_expected, strict=True):
         assert g.dtype == FP32 and torch.isfinite(g).all(), name
-        torch.testing.assert_close(g.double().cpu(), t, rtol=1e-4, atol=1e-5 * max(1.0, t.abs().max().item()),
+        torch.testing.assert_close(g.double().cpu(), t, rtol=1e-4 * TF32X3_FACTOR,
+                                   atol=1e-5 * TF32X3_FACTOR * max(1.0, t.abs().max().item()),
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -630,7 +702,7 @@ def test_triangle_rows_and_columns_combine_to_the_excluded_pass(n_cols):
     expected = reference.row_statistics(rows.double().cpu(), cols.double().cpu(), SHARED_DIMS, active, 20.0,
                                         absent.cpu(), Rules(**groups))
     on = torch.tensor(active)[:, None, :].expand_as(combined)
-    assert_close(combined[on], (expected[0] + expected[1])[on], FP32, "row (+) column")
+    assert_close(combined[on], (expected[0] + expected[1])[on], TF32X3, "row (+) column")
 
 
 def test_triangle_skips_tiles_below_the_diagonal(monkeypatch):

@@ -72,6 +72,8 @@ SHARED_TILES = True
 SCRATCH_BUDGET = 32 << 20
 # Opt-in autotuning; otherwise `_heuristic_config` picks the tile without a single trial run.
 AUTOTUNE_ENV = "M2D_TRITON_AUTOTUNE"
+# Under the interpreter only: the fp32 product to emulate (default "tf32x3-emulated", what the GPU runs).
+INTERPRET_FP32_ENV = "M2D_TRITON_INTERPRET_FP32"
 # The rules of a pass (m2d_kernels.rules) as compile-time flags of both kernels; all off = the plain pass.
 RULE_FLAGS = ("SIMILARITY_DOT", "EXCLUDE_GROUP", "PENALTY_MODE", "GUIDED", "TEACHER", "TRIANGLE", "COLUMN_STATS")
 PENALTY_MODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
@@ -217,6 +219,35 @@ def _round_to_bf16(x):
 
 
 @triton.jit
+def _to_tf32(x, ROUND: tl.constexpr):
+    """x cut to tf32's 10 mantissa bits: rounded to nearest, ties away from zero (ROUND: ``cvt.rna.tf32.f32``),
+    or truncated (a tensor core ignores the low 13 bits of an fp32 operand)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    if ROUND:
+        bits += 0x1000
+    return (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b. The interpreter multiplies fp32 exactly (numpy), so for fp32 inputs the launcher asks it for
+    what the GPU computes: "tf32x3-emulated" is Triton's tf32x3 (its F32DotTC pass: big = rna(x), small = x -
+    big, then small*big + big*small + big*big on tf32 tensor cores), "tf32-emulated" one tf32 product."""
+    if DOT_PRECISION == "tf32x3-emulated":
+        a_big = _to_tf32(a, True)
+        b_big = _to_tf32(b, True)
+        a_small = _to_tf32(a - a_big, False)
+        b_small = _to_tf32(b - b_big, False)
+        acc = tl.dot(a_small, b_big, acc, input_precision="ieee")
+        acc = tl.dot(a_big, b_small, acc, input_precision="ieee")
+        return tl.dot(a_big, b_big, acc, input_precision="ieee")
+    elif DOT_PRECISION == "tf32-emulated":
+        return tl.dot(_to_tf32(a, False), _to_tf32(b, False), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _mma_operand(h, FOR_COLS: tl.constexpr, ELEMENT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """H (or, FOR_COLS, H^T) as an MMA operand of the inputs' type ELEMENT. The interpreter multiplies
     bf16 in fp32 (DOT_IN_FP32) but still rounds to bf16 first, as the GPU does."""
@@ -245,7 +276,7 @@ def _accumulate_chunk(acc, x_base, x_offsets, y_base, y_offsets, x_mask, y_mask,
     k = k0 + tl.arange(0, BLOCK_D)
     x = _load_operand(x_base, x_offsets, x_mask, k, hi, ALIGNED, DOT_IN_FP32)
     y = _load_operand(y_base, y_offsets, y_mask, k, hi, ALIGNED, DOT_IN_FP32)
-    return tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
+    return _dot(x, tl.trans(y), acc, DOT_PRECISION)
 
 
 @triton.jit
@@ -704,7 +735,7 @@ def _product_chunk(h_op, x_base, x_offsets, y_base, y_offsets, work_base, work_o
         io_mask = r_mask[:, None] & (k < hi)[None, :]
         other = _load_operand(y_base, y_offsets, c_mask, k, hi, ALIGNED, DOT_IN_FP32)
     grad = tl.load(work_base + (work_offsets[:, None] + k[None, :]), mask=io_mask, other=0.0)
-    grad = tl.dot(h_op, other, grad, input_precision=DOT_PRECISION)
+    grad = _dot(h_op, other, grad, DOT_PRECISION)
     tl.store(work_base + (work_offsets[:, None] + k[None, :]), grad, mask=io_mask)
 
 
@@ -1009,11 +1040,22 @@ def _kernel_options(x: torch.Tensor, dims, scale: float) -> dict:
         "ALIGNED": aligned,
         "BLOCK_D": block_d,
         # fp32 inputs run on tensor cores as three tf32 products (hi*hi + hi*lo + lo*hi): about fp32's
-        # accuracy at a third of tf32's rate, instead of FFMA without tensor cores.
-        "DOT_PRECISION": "tf32x3" if x.dtype == torch.float32 else "tf32",
+        # accuracy at a third of tf32's rate, instead of FFMA without tensor cores. The interpreter emulates them.
+        "DOT_PRECISION": _fp32_precision() if x.dtype == torch.float32 else "tf32",
         # The interpreter's tl.dot misreads bfloat16 tiles: multiply in fp32 there (see _mma_operand).
         "DOT_IN_FP32": x.dtype == torch.bfloat16 and _interpreting(),
     }
+
+
+def _fp32_precision() -> str:
+    """The tl.dot precision of fp32 inputs: tf32x3 on the GPU; under the interpreter its emulation, or what
+    M2D_TRITON_INTERPRET_FP32 names ("ieee", "tf32-emulated": the error comparison of benchmarks/tf32_error.py)."""
+    if not _interpreting():
+        return "tf32x3"
+    precision = os.environ.get(INTERPRET_FP32_ENV, "tf32x3-emulated")
+    if precision not in ("tf32x3-emulated", "tf32-emulated", "ieee"):
+        raise ValueError(f"{INTERPRET_FP32_ENV}={precision!r}: expected tf32x3-emulated, tf32-emulated or ieee")
+    return precision
 
 
 def _size_classes(n_rows: int, n_cols: int) -> dict:
