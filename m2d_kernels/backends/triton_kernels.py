@@ -191,6 +191,12 @@ def _bound(bounds_ptr, m, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _next_segment(bounds_ptr, m, n_seg, ALIGNED: tl.constexpr):
+    """(m + 1, its upper bound) in a flat k-loop, once chunk k0 ends segment m (the bound stays in range)."""
+    return m + 1, _bound(bounds_ptr, tl.minimum(m + 2, n_seg), ALIGNED)
+
+
+@triton.jit
 def _segment(bounds_ptr, m, ALIGNED: tl.constexpr):
     """[lo, hi) of segment m."""
     return _bound(bounds_ptr, m, ALIGNED), _bound(bounds_ptr, m + 1, ALIGNED)
@@ -484,8 +490,7 @@ def _forward_tile(
                     run_wsum = wsum
                 if TEACHER:
                     t_sum = tsum
-                m += 1
-                hi = _bound(bounds_ptr, tl.minimum(m + 1, n_seg), ALIGNED)
+                m, hi = _next_segment(bounds_ptr, m, n_seg, ALIGNED)
     else:
         for m in range(0, n_seg):
             lo, hi = _segment(bounds_ptr, m, ALIGNED)
@@ -810,8 +815,7 @@ def _backward_tile(
                         p_teacher, row_pos, norm_sums, layer, m, m_ids, active_ptr, inv_rows_ptr, inv_cols_ptr,
                         norm_ptr, max_ptr, logsum_ptr, coef_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, R, C, K,
                         scale_log2, penalty_log2, M, FOR_COLS, SIMILARITY_DOT, PENALTY_MODE, TEACHER, COLUMN_STATS)
-                m += 1
-                hi = _bound(bounds_ptr, tl.minimum(m + 1, n_seg), ALIGNED)
+                m, hi = _next_segment(bounds_ptr, m, n_seg, ALIGNED)
     else:
         for m in range(0, n_seg):
             lo, hi = _segment(bounds_ptr, m, ALIGNED)
