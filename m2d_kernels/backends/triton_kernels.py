@@ -656,11 +656,17 @@ def _m2d_fwd_kernel(
 
 
 @triton.jit
-def _zero_columns(ptrs, mask, lo, hi, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """ptrs[:, lo:hi] = 0 for the rows in mask."""
-    for k0 in range(lo, hi, BLOCK_D):
-        k = k0 + tl.arange(0, BLOCK_D)
-        tl.store(ptrs + k[None, :], tl.zeros([BLOCK, BLOCK_D], tl.float32), mask=mask[:, None] & (k < hi)[None, :])
+def _zero_columns(base, offsets, mask, lo, hi, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """base[offsets[:, None] + k] = 0 for k in [lo, hi) and the rows in mask. The chunks count from 0, not from
+    lo: the compiler knows they are aligned (128-bit stores) when hi is; lo falls inside a chunk only unless
+    ALIGNED (then it is a multiple of BLOCK_D)."""
+    for k0 in range(0, hi, BLOCK_D):
+        if k0 + BLOCK_D > lo:
+            k = k0 + tl.arange(0, BLOCK_D)
+            span = mask[:, None] & (k < hi)[None, :]
+            if not ALIGNED:
+                span = span & (k >= lo)[None, :]
+            tl.store(base + (offsets[:, None] + k[None, :]), tl.zeros([BLOCK, BLOCK_D], tl.float32), mask=span)
 
 
 @triton.jit
@@ -884,14 +890,7 @@ def _store_gradient(grad_base, work_base, own_base, own_offsets, work_offsets, m
             if DOT_IN_FP32:  # bf16 under the interpreter: round as the GPU's store does
                 grad = _round_to_bf16(grad)
             tl.store(grad_base + (own_offsets[:, None] + k[None, :]), grad, mask=io_mask)
-    for k0 in range(0, D, BLOCK_D):  # from 0, not from top: chunks the compiler knows are aligned (128-bit stores)
-        if k0 + BLOCK_D > top:
-            k = k0 + tl.arange(0, BLOCK_D)
-            tail = mask[:, None] & (k < D)[None, :]
-            if not ALIGNED:  # top may fall inside this chunk
-                tail = tail & (k >= top)[None, :]
-            tl.store(grad_base + (own_offsets[:, None] + k[None, :]), tl.zeros([BLOCK, BLOCK_D], tl.float32), mask=tail)
-
+    _zero_columns(grad_base, own_offsets, mask, top, D, ALIGNED, BLOCK, BLOCK_D)
 
 def _m2d_bwd_kernel(
     rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
@@ -922,7 +921,6 @@ def _m2d_bwd_kernel(
     n_blocks = tl.cdiv(C if FOR_COLS else R, own_block)
     work_base = work_ptr + pid.to(tl.int64) * own_block * D
     work_offsets = tl.arange(0, own_block) * D
-    work_ptrs = work_base + work_offsets[:, None]
     slot_ptr = slots_ptr + pid.to(tl.int64) * (M - 1) * BLOCK_R * BLOCK_C
     for work in range(pid, L * n_blocks, tl.num_programs(0)):
         layer = (work // n_blocks).to(tl.int64)
@@ -931,7 +929,8 @@ def _m2d_bwd_kernel(
         top = tl.load(bounds_ptr + n_seg)
         own = block * own_block + tl.arange(0, own_block)
         own_mask = own < (C if FOR_COLS else R)
-        _zero_columns(work_ptrs, own_mask, 0, _bound(bounds_ptr, n_seg, ALIGNED), own_block, BLOCK_D)
+        _zero_columns(work_base, work_offsets, own_mask, 0, _bound(bounds_ptr, n_seg, ALIGNED), ALIGNED, own_block,
+                      BLOCK_D)
         tl.debug_barrier()
         norm_sums = tl.zeros([own_block, M_PAD], tl.float32)
         if FOR_COLS:
