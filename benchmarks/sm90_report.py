@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from m2d_kernels.backends import triton_kernels as tk  # noqa: E402
+from m2d_kernels.train.atomic import atomic_write  # noqa: E402
 
 WORKED_EXAMPLE = {"L": 12, "B": 8192, "N": 8192, "D": 768, "dims": (32, 64, 128, 256, 512, 768)}
 INT_POINTERS = {"positives_ptr", "bounds_ptr", "active_ptr", "n_seg_ptr", "row_group_ptr"}
@@ -152,11 +153,7 @@ def _format(row):
 
 
 def write_json_atomically(data, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(data, tmp, indent=1)
-        tmp.write("\n")
-    os.replace(tmp.name, path)
+    atomic_write(path, lambda file: file.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
 def main(argv=None) -> int:

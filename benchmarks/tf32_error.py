@@ -19,13 +19,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 import m2d_kernels as m2d
 from m2d_kernels.backends import triton_kernels as tk
+from m2d_kernels.train.atomic import atomic_write
 
 MODES = ("ieee", "tf32x3-emulated", "tf32-emulated")
 # (name, keyword arguments of matryoshka_2d_infonce): cos at the default and a large scale, dot products of
@@ -87,11 +87,8 @@ def main(argv=None) -> int:
     print(f"shape {SHAPE}; relative errors loss/grad_queries/grad_docs against float64")
     rows = measure()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=args.json.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump({"shape": {**SHAPE, "dims": list(SHAPE["dims"])}, "cases": rows}, tmp, indent=1)
-            tmp.write("\n")
-        os.replace(tmp.name, args.json)
+        payload = {"shape": {**SHAPE, "dims": list(SHAPE["dims"])}, "cases": rows}
+        atomic_write(args.json, lambda file: file.write((json.dumps(payload, indent=1) + "\n").encode()))
     return 0
 
 
