@@ -887,7 +887,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     BlockStats<T> stats;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t l0 = task / p.n_blocks * layers_per_task, block = task % p.n_blocks;
+      // Block-major: the tasks running together are of different layers, whose column merges (one turn
+      // order per layer) do not wait for each other; and the triangle's longest blocks start first.
+      const int64_t layer_tasks = p.L / layers_per_task;
+      const int64_t l0 = task % layer_tasks * layers_per_task, block = task / layer_tasks;
       const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
       const int64_t slots = layers_per_task * p.M * nr;
       if (layers_per_task == 1 && p.last[l0] < 0) continue;
@@ -1245,7 +1248,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     std::vector<T> gc_col;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t l0 = task / p.n_tiles * layers_per_task, tile = p.backward_tile(task % p.n_tiles);
+      // Tile-major, as the forward is block-major: tasks running together are of different layers, whose
+      // dQ turns do not wait for each other.
+      const int64_t layer_tasks = p.L / layers_per_task;
+      const int64_t l0 = task % layer_tasks * layers_per_task, tile = p.backward_tile(task / layer_tasks);
       if (layers_per_task == 1 && p.last[l0] < 0) continue;
       const int64_t c0 = tile * p.col_tile, nc = std::min(p.col_tile, p.N - c0);
       gc_col.assign(layers_per_task * p.M * nc, 0);
