@@ -242,12 +242,12 @@ struct PassRules {
 // Everything a tile needs, for one call. Pointers are into contiguous tensors.
 template <typename T>
 struct Problem {
-  const T* q;        // [L, B, D]
+  const T* q;        // [L, B, D], rows contiguous; layers q_stride apart (a prefix of a longer tensor's rows)
   const T* k;        // [L, N, D]
   const T* inv_q;    // [L, B, M]  1 / max(|q[:d_m]|, eps)
   const T* inv_k;    // [L, N, M]
   const int64_t* positive;  // [B] row of docs holding query i's positive
-  int64_t L, B, N, D, M, col_tile, n_blocks, n_tiles;
+  int64_t L, B, N, D, M, col_tile, n_blocks, n_tiles, q_stride;
   T scale;
   T max_logit;  // bound of every cosine logit: scale, plus the penalty strength when there is one
   bool symmetric, fixed_max;
@@ -314,6 +314,8 @@ struct Problem {
   // The turn of column tile `tile` in row block r0's dQ sum: the order the tasks start in. The
   // triangle's skipped tiles, a row block's first ones, come last in its reversed order: no turn.
   int64_t dq_turn(int64_t tile) const { return rules.triangle ? n_tiles - 1 - tile : tile; }
+  // Row r of layer l of q.
+  const T* q_row(int64_t l, int64_t r) const { return q + l * q_stride + r * D; }
   // The logit and the cosine of one tile entry, written once so that forward and backward
   // evaluate the same expression in the same order.
   T logit(T row_scale, T s, T rk) const { return row_scale * s * rk; }
@@ -348,6 +350,7 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.B = q.size(1);
   p.N = k.size(1);
   p.D = q.size(2);
+  p.q_stride = q.stride(0);
   p.M = static_cast<int64_t>(dims.size());
   p.col_tile = column_tile(p.N);
   p.n_blocks = (p.B + kRowBlock - 1) / kRowBlock;
@@ -467,7 +470,7 @@ void accumulate_segment(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, i
   for (int64_t i0 = 0; i0 < nr; i0 += strip) {
     const int64_t rows = std::min(strip, nr - i0), j0 = p.strip_start(r0, i0, c0, nc, diagonal);
     if (j0 >= nc) continue;
-    gemm(false, true, rows, nc - j0, width, p.q + (l * p.B + r0 + i0) * p.D + a, p.D,
+    gemm(false, true, rows, nc - j0, width, p.q_row(l, r0 + i0) + a, p.D,
          p.k + (l * p.N + c0 + j0) * p.D + a, p.D, m > 0, s + i0 * nc + j0, nc);
   }
 }
@@ -479,7 +482,7 @@ template <typename T>
 void tile_input_gradients(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                           const T* h, T* dq, T* dk, bool diagonal) {
   const int64_t a = p.starts[m], width = p.ends[m] - a, strip = diagonal ? kStripRows : std::max(nr, nc);
-  const T* q = p.q + (l * p.B + r0) * p.D + a;
+  const T* q = p.q_row(l, r0) + a;
   const T* k = p.k + (l * p.N + c0) * p.D + a;
   for (int64_t i0 = 0; i0 < nr; i0 += strip) {
     const int64_t rows = std::min(strip, nr - i0), j0 = std::min(p.strip_start(r0, i0, c0, nc, diagonal), nc);
@@ -1217,8 +1220,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                     col_max.scalar_type() == q.scalar_type() && col_logsum.scalar_type() == q.scalar_type() &&
                     col_max.is_contiguous() && col_logsum.is_contiguous(),
                 "m2d cpp backend: the column statistics must be contiguous [L, K, M] tensors of the rows' dtype");
-  at::Tensor grad_q = at::zeros_like(q);
-  at::Tensor grad_k = at::zeros_like(k);
+  at::Tensor grad_q = at::zeros({p.L, p.B, p.D}, q.options());
+  // Zeroed by the task owning each column tile, in parallel: the first touch of a fresh allocation (page
+  // faults, for one of this size) costs as much as the memset, and is then split over the threads.
+  at::Tensor grad_k = at::empty_like(k);
   std::vector<T> gc_row(p.L * p.M * p.B, 0);  // [L, M, B]: rowsum(coef * G_m * cos_m)
   const T* coef_ptr = coef.data_ptr<T>();
   const T* row_max_ptr = row_max.data_ptr<T>();
@@ -1252,8 +1257,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       // dQ turns do not wait for each other.
       const int64_t layer_tasks = p.L / layers_per_task;
       const int64_t l0 = task % layer_tasks * layers_per_task, tile = p.backward_tile(task / layer_tasks);
-      if (layers_per_task == 1 && p.last[l0] < 0) continue;
       const int64_t c0 = tile * p.col_tile, nc = std::min(p.col_tile, p.N - c0);
+      for (int64_t l = l0; l < l0 + layers_per_task; ++l)
+        std::fill_n(grad_k_ptr + (l * p.N + c0) * p.D, nc * p.D, T(0));
+      if (layers_per_task == 1 && p.last[l0] < 0) continue;
       gc_col.assign(layers_per_task * p.M * nc, 0);
       for (int64_t block = 0; block < p.n_blocks; ++block) {
         const int64_t r0 = block * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
@@ -1326,7 +1333,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       const int64_t l = task / p.n_blocks, r0 = task % p.n_blocks * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
       if (p.last[l] < 0 || !rules.normalised) continue;
       subtract_norm_term(p, p.last[l], nr, norm_grad_q.data_ptr<T>() + (l * p.B + r0) * p.M,
-                         gc_row.data() + l * p.M * p.B + r0, p.B, p.q + (l * p.B + r0) * p.D,
+                         gc_row.data() + l * p.M * p.B + r0, p.B, p.q_row(l, r0),
                          grad_q_ptr + (l * p.B + r0) * p.D);
     }
   });
@@ -1335,7 +1342,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positive) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "m2d cpp backend: tensors must be on the CPU");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "m2d cpp backend: queries and docs must be contiguous");
+  // The rows may be a prefix of a longer tensor's (rules.triangle: the first R columns): contiguous rows whose
+  // layers lie further apart.
+  TORCH_CHECK(k.is_contiguous() && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  (q.size(0) == 1 || q.stride(0) >= q.size(1) * q.size(2)),
+              "m2d cpp backend: docs must be contiguous, queries [L, B, D] with contiguous rows");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "m2d cpp backend: queries and docs must share a dtype");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "m2d cpp backend: expects float32 or float64 (convert low precision first)");

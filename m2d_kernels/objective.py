@@ -18,6 +18,8 @@ softmax had (combined or its own), so nothing of size ``B x N`` is stored: only 
 A joint partition in the default layout (one process's columns, no guide or teacher) shares tiles
 instead (``_shared_passes``): doc_to_query is query_to_doc's column statistics, query_to_query and the
 positives' square of doc_to_doc are triangles; about 2x query_to_doc's FLOPs instead of 3x at N = 2B.
+With query_to_query they are one triangle pass over ``X = [queries; docs]`` (``_merged_pass``), whose
+rows and columns ``i`` and ``B + i`` are both anchor ``i``'s: one launch instead of three.
 
 Score distillation (Starbucks): the teacher is the pair (L - 1, M - 1) of the same call, detached; every
 pass accumulates ``sum_j exp(z_T - o_T) z_lm`` beside its log-sum-exp, which gives
@@ -104,7 +106,8 @@ def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, posit
                                                 active, scale, objective)
         return losses, (distill if objective.distill_weights is not None else None)
     if _shares_tiles(impl, objective, leading_positives, world_queries is queries, scale):
-        passes = _shared_passes(queries, docs, objective)
+        passes = (_merged_pass(queries, docs, objective) if _merges(objective)
+                  else _shared_passes(queries, docs, objective))
     else:
         passes = _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective,
                          guide_docs)
@@ -113,7 +116,7 @@ def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, posit
         active = tuple(tuple(on or (layer == len(active) - 1 and m == len(dims) - 1) for m, on in enumerate(row))
                        for layer, row in enumerate(active))
     losses, distill = _PassesFunction.apply(impl, specs, dims, active, scale, objective.partition_mode,
-                                            objective.distill_weights is not None, *tensors)
+                                            objective.distill_weights is not None, queries.shape[1], *tensors)
     return losses, (distill if objective.distill_weights is not None else None)
 
 
@@ -211,6 +214,44 @@ def _shared_passes(queries, docs, objective):
     return passes
 
 
+def _merges(objective):
+    """Whether ``_merged_pass`` computes the shared joint directions: with query_to_query (the queries are
+    columns), without a hardness penalty (query_to_doc's alone), and with doc_to_doc only beside doc_to_query
+    (the positives' columns take every row above them: the queries' too)."""
+    directions = objective.directions
+    return ("query_to_query" in directions and not objective.hardness
+            and ("doc_to_doc" not in directions or "doc_to_query" in directions))
+
+
+def _merged_pass(queries, docs, objective):
+    """The shared joint directions as one triangle pass over ``X = [queries; docs]`` ``[L, B + N, D]``:
+
+    rows     the queries, then (doc_to_doc) the positives: X[:, :R], R = B or 2B; row i's positive is B + i
+    columns  all of X, triangle (j > i): query_to_query's and the positives' squares once, and the
+             queries' rows against the positives' columns (query_to_doc), whose column statistics are
+             doc_to_query's rows; the positives' rows against the queries' columns are never scored
+    column statistics  the first K = B (query_to_query) or 2B (doc_to_query) columns
+    doc_to_doc         the positives' rows exclude their own group (period B); the queries' rows own no
+                       column (group -1: their positive is in their group), the triangle drops themselves
+
+    Rows and columns ``i`` and ``B + i`` are anchor ``i``'s (``_PassesFunction`` folds them): about 2x
+    query_to_doc's FLOPs at N = 2B, the same as ``_shared_passes``, in one launch instead of three."""
+    n_queries = queries.shape[1]
+    directions = objective.directions
+    anchors = torch.arange(n_queries, device=queries.device)
+    absent = torch.full_like(anchors, -1)
+    both = torch.cat([queries, docs], 1)
+    n_rows = 2 * n_queries if "doc_to_doc" in directions else n_queries
+    n_columns = 2 * n_queries if "doc_to_query" in directions else n_queries
+    positives = anchors + n_queries
+    groups = {}
+    if "doc_to_doc" in directions:
+        positives = torch.cat([positives, absent])
+        groups = {"exclude_own_group": True, "group_period": n_queries, "row_group": torch.cat([absent, anchors])}
+    rules = Rules(similarity=objective.similarity, triangle=True, column_statistics=n_columns, **groups)
+    return [_Pass(both, both, positives, rules, row_limit=n_rows)]
+
+
 def _unique_tensors(passes):
     """The distinct row/column tensors (autograd inputs) and per pass ``(rows index, cols index, positives, rules,
     row_limit)``."""
@@ -239,6 +280,17 @@ def _pass_norms(norms, rows, cols, limit):
     return norms and (tuple(_prefix(t, limit) for t in norms[rows]), norms[cols])
 
 
+def _anchor_parts(offset, log_sum, n_anchors):
+    """Statistics ``[L, k * B, M]`` of k row (or column) sets as k parts ``[L, B, M]``, one per set of the
+    anchors (``_merged_pass``: rows i and B + i are anchor i's; every other pass has k = 1)."""
+    return list(zip(offset.split(n_anchors, 1), log_sum.split(n_anchors, 1)))
+
+
+def _per_row(statistic, n_rows):
+    """An anchor's ``[L, B, M]`` statistic for each of ``n_rows`` rows (or columns) that are k sets of them."""
+    return statistic if statistic.shape[1] == n_rows else statistic.repeat(1, n_rows // statistic.shape[1], 1)
+
+
 def _combine(offset, log_sum, other_offset, other_log_sum):
     """Statistics of the union of two disjoint column sets, each relative to its own offset."""
     new = torch.maximum(offset, other_offset)
@@ -249,7 +301,7 @@ class _PassesFunction(torch.autograd.Function):
     """Losses (and distillation terms) ``[L, M]`` from the passes' statistics; backward through every pass."""
 
     @staticmethod
-    def forward(ctx, impl, specs, dims, active, scale, partition_mode, distill, *tensors):
+    def forward(ctx, impl, specs, dims, active, scale, partition_mode, distill, n_anchors, *tensors):
         # Each distinct tensor's inverse-norm tables once, for every pass's forward and backward.
         acc = accumulator_dtype(tensors[0].dtype)
         norms = ([inverse_prefix_norms(t.detach(), dims, acc) for t in tensors]
@@ -257,12 +309,13 @@ class _PassesFunction(torch.autograd.Function):
         stats = [impl.row_statistics(_prefix(tensors[r], limit), tensors[c], dims, active, scale, positives, rules,
                                      norms=_pass_norms(norms, r, c, limit))
                  for r, c, positives, rules, limit in specs]
-        positive = stats[0][2]
+        positive = sum(stats[0][2].split(n_anchors, 1))  # the merged pass: rows B + i have none
         if partition_mode == "joint":
-            # Every part of row i's softmax: each pass's rows, and the column statistics of column i
+            # Every part of anchor i's softmax: each pass's rows of it, and the column statistics of its columns
             # (rules.column_statistics: those columns' softmaxes are the rows').
-            parts = [s[:2] for s in stats]
-            parts += [s[3:5] for s, spec in zip(stats, specs) if spec[3].column_statistics]
+            parts = [part for s in stats for part in _anchor_parts(*s[:2], n_anchors)]
+            parts += [part for s, spec in zip(stats, specs) if spec[3].column_statistics
+                      for part in _anchor_parts(*s[3:5], n_anchors)]
             offset, log_sum = parts[0]
             for other in parts[1:]:
                 offset, log_sum = _combine(offset, log_sum, *other)
@@ -282,7 +335,7 @@ class _PassesFunction(torch.autograd.Function):
             kl = (expected[-1:, :, -1:] - log_z[-1:, :, -1:]) - (expected - log_z)
             distill_terms = torch.where(active_pairs, kl.mean(1), 0.0)
         ctx.save_for_backward(*tensors, *(t for s in pass_stats for t in s))
-        ctx.config = (impl, specs, dims, active, scale, len(tensors), distill, partition_mode)
+        ctx.config = (impl, specs, dims, active, scale, len(tensors), distill, partition_mode, n_anchors)
         ctx.norms = norms
         if not distill:
             ctx.mark_non_differentiable(distill_terms)
@@ -291,31 +344,36 @@ class _PassesFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, grad_distill):
-        impl, specs, dims, active, scale, n_tensors, distill, partition_mode = ctx.config
+        impl, specs, dims, active, scale, n_tensors, distill, partition_mode, n_anchors = ctx.config
         saved = ctx.saved_tensors
         tensors, flat_stats = saved[:n_tensors], saved[n_tensors:]
         acc = flat_stats[0].dtype
-        n_queries = tensors[specs[0][0]].shape[1]
         share = len(specs) if partition_mode == "per_direction" else 1
-        coef = grad_losses.to(acc) / n_queries / share
-        distill_coef = grad_distill.to(acc) / n_queries if distill and grad_distill is not None else None
+        coef = grad_losses.to(acc) / n_anchors / share
+        distill_coef = grad_distill.to(acc) / n_anchors if distill and grad_distill is not None else None
         grads = [None] * n_tensors
         with torch.no_grad():
             for k, (r, c, positives, rules, limit) in enumerate(specs):
                 offset, log_sum = flat_stats[2 * k], flat_stats[2 * k + 1]
-                # Shared tiles: column j's softmax is row j's (joint), with the same statistics.
-                columns = dict(col_offset=offset, col_log_sum=log_sum) if rules.column_statistics else {}
+                # Shared tiles: column j's softmax is its anchor's (joint), with the same statistics.
+                columns = {}
+                if rules.column_statistics:
+                    columns = dict(col_offset=_per_row(offset, rules.column_statistics),
+                                   col_log_sum=_per_row(log_sum, rules.column_statistics))
+                n_rows = positives.shape[0]
                 d_rows, d_cols = impl.pass_gradients(_prefix(tensors[r].detach(), limit), tensors[c].detach(), dims,
-                                                     active, scale, positives, offset, log_sum, coef, rules,
+                                                     active, scale, positives, _per_row(offset, n_rows),
+                                                     _per_row(log_sum, n_rows), coef, rules,
                                                      distill_coef, norms=_pass_norms(ctx.norms, r, c, limit),
                                                      **columns)
-                for i, g, rows_limit in ((r, d_rows, limit), (c, d_cols, None)):
+                # The columns first: a whole tensor's gradient, which a prefix of rows then adds to.
+                for i, g, rows_limit in ((c, d_cols, None), (r, d_rows, limit)):
                     if grads[i] is None and rows_limit is None:
                         grads[i] = g.to(acc)
                         continue
                     if grads[i] is None:
                         grads[i] = tensors[i].new_zeros(tensors[i].shape, dtype=acc)
                     _prefix(grads[i], rows_limit).add_(g.to(acc))
-        grads = [first_order_only(g.to(t.dtype), t) if ctx.needs_input_grad[7 + i] else None
+        grads = [first_order_only(g.to(t.dtype), t) if ctx.needs_input_grad[8 + i] else None
                  for i, (g, t) in enumerate(zip(grads, tensors))]
-        return (None,) * 7 + tuple(grads)
+        return (None,) * 8 + tuple(grads)

@@ -293,7 +293,9 @@ def _pass_operands(rows, cols, dims, rules, norms=None):
     (``norms``: given by the caller); with "dot", unit inverse norms (the kernels' logits become
     ``scale * <x, y>``; no norm term)."""
     dtype = accumulator_dtype(rows.dtype)
-    q, k = rows.detach().to(dtype).contiguous(), cols.detach().to(dtype).contiguous()
+    q, k = rows.detach().to(dtype), cols.detach().to(dtype).contiguous()
+    if q.stride(-1) != 1 or q.stride(-2) != q.shape[-1]:  # rows with contiguous features (a prefix of cols) stay
+        q = q.contiguous()
     if rules.similarity == "dot":
         ones_q, ones_k = q.new_ones(q.shape[0], q.shape[1], len(dims)), k.new_ones(k.shape[0], k.shape[1], len(dims))
         return q, k, (ones_q, ones_q), (ones_k, ones_k)
