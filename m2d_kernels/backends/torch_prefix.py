@@ -42,12 +42,13 @@ from m2d_kernels.rules import PLAIN, Rules, check_rules, column_masks
 EPS = 1e-12  # F.normalize's default
 # Elements of one [chunk, N] working set; the backward keeps about (M + 4) of them.
 CHUNK_ELEMENTS = 1 << 22
-# A triangle pass (rules.triangle) splits its rows into up to this many chunks, of at least this many rows:
-# more chunks skip more of the square, but every chunk costs each (layer, dim) pair ~100 small ops, which
-# dominate below ~128 rows (2-core CPU, L=4, D=384: at B=2048 8 chunks cost 0.58x the plain pass, at B=512
-# nothing is saved whatever the count).
+# A triangle pass (rules.triangle) splits its rows into up to this many chunks, of at least this many rows
+# (and at most _chunk_rows'): more chunks skip more of the square, but every chunk costs each (layer, dim)
+# pair ~50 small ops, whose fixed cost (~20 us each on the 2-core VM) dominates below ~256 rows: the joint
+# four directions' merged pass (objective._merged_pass, 2B rows) at L=4, B=512, D=384 takes 2.4x query_to_doc's
+# step in 5 chunks of 248 rows, 2.7x in 8 of 128, though these compute 5 % less.
 TRIANGLE_CHUNKS = 8
-MIN_TRIANGLE_CHUNK = 128
+MIN_TRIANGLE_CHUNK = 256
 SHARED_TILES = True  # the pass applies rules.triangle and rules.column_statistics (backends/__init__.py)
 
 
