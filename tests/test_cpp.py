@@ -712,6 +712,25 @@ def test_shared_tiles_float32_within_tolerance_of_float64_reference(mode, simila
         assert error <= 2 * reference_error + 1e-6 * w.abs().max().item(), (name, error, reference_error)
 
 
+@needs_extension
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_merged_joint_pass_on_a_prefix_view_matches_reference(similarity):
+    """objective._merged_pass's layout: rows a prefix view X[:, :2B] of the columns X = [queries; docs] (not
+    contiguous: read in place by the kernels), the queries' rows owning no column (group -1), the positives'
+    rows excluding their own group, column statistics of the first 2B columns; B = 37 (one row block, odd)."""
+    n_queries, n_groups = 37, 2
+    generator = torch.Generator().manual_seed(11)
+    both = torch.randn(2, n_queries * (1 + n_groups), SHARED_DIMS[-1], generator=generator, dtype=torch.float64)
+    rows = both[:, :2 * n_queries]
+    assert not rows.is_contiguous()
+    anchors, absent = torch.arange(n_queries), torch.full((n_queries,), -1)
+    rules = Rules(similarity=similarity, triangle=True, column_statistics=2 * n_queries, exclude_own_group=True,
+                  group_period=n_queries, row_group=torch.cat([absent, anchors]))
+    positives = torch.cat([anchors + n_queries, absent])
+    _assert_shared_pass_matches_reference(rows, both, rules, positives, 20.0 if similarity == "cos" else 1.0,
+                                          generator, dict(atol=1e-9, rtol=1e-9))
+
+
 def _combine(offset_a, log_sum_a, offset_b, log_sum_b):
     """Two partial softmax statistics of the same rows as one (backends/__init__.py)."""
     offset = torch.maximum(offset_a, offset_b)

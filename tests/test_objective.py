@@ -47,6 +47,7 @@ MNRL_CASES = [
          hardness_strength=5.0),
     dict(directions=("query_to_doc", "query_to_query", "doc_to_query"), hardness_mode="all_negatives",
          hardness_strength=0.5),
+    dict(directions=("query_to_doc", "query_to_query", "doc_to_query")),  # merged: queries' rows, 2B columns
     dict(directions=ALL_DIRECTIONS),
     dict(directions=ALL_DIRECTIONS, similarity="dot", hardness_mode="all_negatives", hardness_strength=2.0),
 ]
@@ -250,22 +251,34 @@ def test_guided_passes_match_oracle(backend, case):
     _compare(impl, case, n_groups=2, seed=22, guide=True, dtype=DTYPES.get(backend, torch.float64))
 
 
+# (case, merged): whether the joint directions are one pass over [queries; docs] (objective._merged_pass) rather
+# than up to three (objective._shared_passes).
+SHARED_CASES = [
+    (dict(directions=ALL_DIRECTIONS), True),
+    (dict(directions=ALL_DIRECTIONS, similarity="dot"), True),
+    (dict(directions=("query_to_doc", "query_to_query")), True),
+    (dict(directions=("query_to_doc", "query_to_query", "doc_to_query")), True),
+    (dict(directions=ALL_DIRECTIONS, similarity="dot", hardness_mode="hard_negatives", hardness_strength=2.0), False),
+    (dict(directions=("query_to_doc", "doc_to_query"), hardness_mode="in_batch_negatives", hardness_strength=1.0),
+     False),
+    (dict(directions=("query_to_doc", "query_to_query", "doc_to_doc")), False),  # doc_to_doc needs doc_to_query
+]
+
+
 @pytest.mark.parametrize("backend", ["reference-shared", "torch", "cpp"])
-@pytest.mark.parametrize("case", [
-    dict(directions=ALL_DIRECTIONS),
-    dict(directions=ALL_DIRECTIONS, similarity="dot", hardness_mode="hard_negatives", hardness_strength=2.0),
-    dict(directions=("query_to_doc", "doc_to_query"), hardness_mode="in_batch_negatives", hardness_strength=1.0),
-    dict(directions=("query_to_doc", "query_to_query", "doc_to_doc")),
-], ids=lambda c: "-".join(f"{v}"[:12] for v in c.values()))
+@pytest.mark.parametrize("case, merged", SHARED_CASES,
+                         ids=lambda c: "-".join(f"{v}"[:12] for v in c.values()) if isinstance(c, dict) else f"{c}")
 @pytest.mark.parametrize("n_queries, n_groups", [(133, 2), (70, 1)])
-def test_shared_tiles_across_blocks_match_oracle(backend, case, n_queries, n_groups, monkeypatch):
-    """Joint directions from shared tiles (triangle Gram blocks, column statistics) at batches that cross the
-    backends' row blocks and chunks, through the public function, against the oracle; the shared composition
-    must be the one taken."""
+def test_shared_tiles_across_blocks_match_oracle(backend, case, merged, n_queries, n_groups, monkeypatch):
+    """Joint directions from shared tiles (triangle Gram blocks, column statistics), merged into one pass over
+    [queries; docs] where the case allows it, at batches that cross the backends' row blocks and chunks,
+    against the oracle; the composition must be the one expected."""
     impl = _pass_backend(backend)
     if not getattr(impl, "SHARED_TILES", False):
         pytest.skip(f"{backend}: no shared tiles")
     monkeypatch.setattr(objective, "_passes", lambda *a, **k: pytest.fail("took one pass per direction"))
+    unexpected = "_shared_passes" if merged else "_merged_pass"
+    monkeypatch.setattr(objective, unexpected, lambda *a, **k: pytest.fail(f"took {unexpected}"))
     queries, docs = make_inputs(1, n_queries, n_groups * n_queries, 16, seed=31, dtype=torch.float64)
     scale = _scale(case)
     obj = objective.Objective(**case)
