@@ -43,10 +43,10 @@ EPS = 1e-12  # F.normalize's default
 # Elements of one [chunk, N] working set; the backward keeps about (M + 4) of them.
 CHUNK_ELEMENTS = 1 << 22
 # A triangle pass (rules.triangle) splits its rows into up to this many chunks, of at least this many rows
-# (and at most _chunk_rows'): more chunks skip more of the square, but every chunk costs each (layer, dim)
-# pair ~50 small ops, whose fixed cost (~20 us each on the 2-core VM) dominates below ~256 rows: the joint
-# four directions' merged pass (objective._merged_pass, 2B rows) at L=4, B=512, D=384 takes 2.4x query_to_doc's
-# step in 5 chunks of 248 rows, 2.7x in 8 of 128, though these compute 5 % less.
+# (and at most what the chunk's width allows, _pass_chunk): more chunks skip more of the square, but every
+# chunk costs each (layer, dim) pair ~50 small ops, whose fixed cost dominates below ~256 rows on the 2-core
+# VM: the joint four directions' merged pass (objective._merged_pass, 2B rows) at L=4, B=512, D=384 took
+# 2.4-2.5x query_to_doc's step in chunks of ~250 rows, 2.7x in chunks of 128, though these compute 5 % less.
 TRIANGLE_CHUNKS = 8
 MIN_TRIANGLE_CHUNK = 256
 SHARED_TILES = True  # the pass applies rules.triangle and rules.column_statistics (backends/__init__.py)
@@ -158,9 +158,16 @@ def _chunk_tile(rules: Rules, rows: slice, positives: torch.Tensor, n_cols: int,
     guide = None
     if rules.guided:
         guide = rules.guide_rows[rows].to(guide_cols.dtype) @ guide_cols.T
+    row_group = None if rules.row_group is None else rules.row_group[rows]
+    exclude_own_group = rules.exclude_own_group
+    if exclude_own_group and row_group.device.type == "cpu" and not bool((row_group >= 0).any()):
+        # No row of the chunk owns a column (group -1: the merged joint pass's queries), so nothing but the
+        # triangle is excluded: no mask over the chunk's full width. Read on the CPU only (no device sync).
+        exclude_own_group = False
     chunk_rules = replace(
         rules,
-        row_group=None if rules.row_group is None else rules.row_group[rows],
+        exclude_own_group=exclude_own_group,
+        row_group=row_group,
         guide_rows=None if guide is None else rules.guide_rows[rows],
         guide_threshold=None if guide is None else rules.guide_threshold[rows],
     )
@@ -168,7 +175,7 @@ def _chunk_tile(rules: Rules, rows: slice, positives: torch.Tensor, n_cols: int,
     bias = keep = None
     if excluded is not None:
         # The triangle alone excludes only j <= i < r1 among the chunk's columns: the diagonal block.
-        width = n_cols - start if rules.exclude_own_group or rules.guided else max(0, rows.stop - start)
+        width = n_cols - start if exclude_own_group or rules.guided else max(0, rows.stop - start)
         excluded = excluded[:, start:start + width]
         bias = torch.zeros(excluded.shape, dtype=acc, device=excluded.device).masked_fill_(excluded, -torch.inf)
         keep = excluded.logical_not().to(acc)
@@ -303,8 +310,7 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
         col_stats = (col_offset, torch.zeros_like(col_offset), torch.zeros_like(col_offset) if scale_grad else None)
     col_positive = [[[] for _ in range(n_dims)] for _ in active]
 
-    for r0 in range(0, n_queries, chunk):
-        rows = slice(r0, min(r0 + chunk, n_queries))
+    for rows in _row_chunks(n_queries, chunk):
         start = _column_start(rules, rows, n_docs)
         if start == n_docs:  # triangle, R = C: the last row scores no column (inactive pairs stay finite)
             for layer, layer_active in enumerate(active):
@@ -451,8 +457,8 @@ def _backward(ctx, grad_losses):
     # beta before the rk^2 factor: colsum(G_m * cos_m) = colsum(H_m * S_m), summed over query chunks.
     gc_colsum = grad_k.new_zeros(n_layers, n_docs, len(dims))
 
-    for r0 in range(0, n_queries, chunk):
-        rows = slice(r0, min(r0 + chunk, n_queries))
+    for rows in _row_chunks(n_queries, chunk):
+        r0 = rows.start
         start = _column_start(rules, rows, n_docs)
         if start == n_docs:  # triangle, R = C: the last row scores no column
             continue
@@ -681,14 +687,32 @@ def positive_logits(rows, cols, dims, active, scale, positives) -> torch.Tensor:
     return torch.where(keep, logits, 0.0)
 
 
-def _pass_chunk(rules: Rules, n_rows: int, n_cols: int, n_dims: int) -> int:
-    """Rows per chunk of a pass; a triangle pass takes up to ``TRIANGLE_CHUNKS`` chunks (of at least
-    ``MIN_TRIANGLE_CHUNK`` rows), since it skips, per chunk, only the columns before the chunk's first row:
-    with n chunks it computes ``(n + 1) / 2n`` of the square block."""
-    chunk = _chunk_rows(n_rows, n_cols, n_dims, _extra_working_sets(rules))
-    if rules.triangle:
-        chunk = min(chunk, max(MIN_TRIANGLE_CHUNK, -(-n_rows // TRIANGLE_CHUNKS)))
-    return chunk
+def _row_chunks(n_rows: int, chunk: int | tuple[int, ...]) -> list[slice]:
+    """The chunks of rows, in order: ``chunk`` rows each (an int), or starting at each of ``chunk`` (a tuple)."""
+    starts = list(range(0, n_rows, chunk)) if isinstance(chunk, int) else list(chunk)
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n_rows])]
+
+
+def _pass_chunk(rules: Rules, n_rows: int, n_cols: int, n_dims: int) -> int | tuple[int, ...]:
+    """Rows per chunk of a pass (``_row_chunks``). A triangle pass takes up to ``TRIANGLE_CHUNKS`` chunks (of at
+    least ``MIN_TRIANGLE_CHUNK`` rows), since it skips, per chunk, only the columns before the chunk's first row
+    (with n chunks it computes ``(n + 1) / 2n`` of the square block); a chunk starting at row r scores only
+    ``C - r - 1`` columns, so its rows are bounded by that width (later chunks take more rows for the same
+    working set), and a last chunk within a quarter of the others' rows joins the one before it."""
+    extra = _extra_working_sets(rules)
+    chunk = _chunk_rows(n_rows, n_cols, n_dims, extra)
+    if not rules.triangle:
+        return chunk
+    most = max(MIN_TRIANGLE_CHUNK, -(-n_rows // TRIANGLE_CHUNKS))
+    starts, r0 = [], 0
+    while r0 < n_rows:
+        fits = _chunk_rows(n_rows - r0, max(1, n_cols - r0 - 1), n_dims, extra)
+        rows = min(fits, most)
+        if n_rows - r0 <= min(fits, rows * 5 // 4):
+            rows = n_rows - r0
+        starts.append(r0)
+        r0 += rows
+    return tuple(starts)
 
 
 def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
