@@ -279,11 +279,34 @@ SHARED_GRID = [(mode, similarity, variant, n_rows)
 
 @pytest.mark.parametrize("mode,similarity,variant,n_rows", SHARED_GRID)
 def test_shared_tiles_grid_matches_reference(monkeypatch, mode, similarity, variant, n_rows):
-    # Triangle chunks of 16 rows (3 and 9 chunks; the last one short): a diagonal block per chunk.
+    # Triangle chunks of 16 rows (2 and 8 chunks; the last one takes the rest, 21 and 18 rows): a diagonal
+    # block per chunk.
     monkeypatch.setattr(backend, "MIN_TRIANGLE_CHUNK", 16)
     monkeypatch.setattr(backend, "TRIANGLE_CHUNKS", 16)
     rows, cols, positives, rules = make_shared_case(mode, n_rows, similarity, variant, seed=n_rows)
     check_shared_pass(rows, cols, SHAPES[48], SHARED_ACTIVE, 20.0 if similarity == "cos" else 1.0, positives, rules)
+
+
+@pytest.mark.parametrize("n_rows,n_cols", [(1024, 1536), (4096, 6144), (37, 37), (300, 300)])
+def test_triangle_chunks_sized_by_the_columns_they_score(n_rows, n_cols):
+    # A chunk from row r scores C - r - 1 columns: its working sets stay within CHUNK_ELEMENTS, later chunks take
+    # at least as many rows, and the chunks cover the rows in order.
+    n_dims = 5
+    rules = Rules(triangle=True, column_statistics=n_rows, exclude_own_group=True, group_period=n_rows,
+                  row_group=torch.zeros(n_rows, dtype=torch.long))
+    starts = backend._pass_chunk(rules, n_rows, n_cols, n_dims)
+    chunks = backend._row_chunks(n_rows, starts)
+    assert chunks[0].start == 0 and chunks[-1].stop == n_rows
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+    sizes = [c.stop - c.start for c in chunks]
+    per_row = n_dims + 4 + backend._extra_working_sets(rules)
+    for chunk, size in zip(chunks, sizes):
+        assert size >= 1
+        assert size * max(1, n_cols - chunk.start - 1) * per_row <= max(backend.CHUNK_ELEMENTS, per_row * n_cols), chunk
+    assert sizes[:-1] == sorted(sizes[:-1]), sizes
+    full_width = backend._chunk_rows(n_rows, n_cols, n_dims, backend._extra_working_sets(rules))
+    if full_width < min(n_rows, backend.MIN_TRIANGLE_CHUNK):  # memory-bound: narrower later chunks take more rows
+        assert len(chunks) < -(-n_rows // full_width), (sizes, full_width)
 
 
 @pytest.mark.parametrize("similarity,scale", [("cos", 1.0), ("cos", 20.0), ("cos", 1e4), ("dot", 1.0), ("dot", 0.05)])
