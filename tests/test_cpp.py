@@ -731,6 +731,30 @@ def test_merged_joint_pass_on_a_prefix_view_matches_reference(similarity):
                                           generator, dict(atol=1e-9, rtol=1e-9))
 
 
+@needs_extension
+@pytest.mark.parametrize("layout", ["expanded-layers", "prefix-of-longer", "transposed-features"])
+def test_pass_rows_of_any_strides_match_reference(layout):
+    """The pass reads rows in place only when their layout allows it (a prefix of a longer tensor's rows);
+    layers expanded from one (stride 0) or strided features are copied first, not refused."""
+    from m2d_kernels.backends import reference
+
+    generator = torch.Generator().manual_seed(12)
+    cols = torch.randn(2, 9, 16, generator=generator, dtype=torch.float64)
+    rows = {"expanded-layers": torch.randn(1, 5, 16, generator=generator, dtype=torch.float64).expand(2, 5, 16),
+            "prefix-of-longer": cols[:, :5],
+            "transposed-features": torch.randn(2, 16, 5, generator=generator, dtype=torch.float64).transpose(1, 2)}[
+        layout]
+    positives, active, dims = torch.arange(5), ((True, True),) * 2, (8, 16)
+    got = cpp.row_statistics(rows, cols, dims, active, 20.0, positives)
+    want = reference.row_statistics(rows, cols, dims, active, 20.0, positives)
+    torch.testing.assert_close(_lse(*got[:2]), _lse(*want[:2]), rtol=1e-12, atol=1e-12)
+    coef = torch.rand(2, 2, generator=generator, dtype=torch.float64)
+    have = cpp.pass_gradients(rows, cols, dims, active, 20.0, positives, *want[:2], coef)
+    expected = reference.pass_gradients(rows, cols, dims, active, 20.0, positives, *want[:2], coef)
+    for h, w in zip(have, expected, strict=True):
+        torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-12)
+
+
 def _combine(offset_a, log_sum_a, offset_b, log_sum_b):
     """Two partial softmax statistics of the same rows as one (backends/__init__.py)."""
     offset = torch.maximum(offset_a, offset_b)

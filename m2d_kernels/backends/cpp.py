@@ -288,13 +288,21 @@ def pair_losses(
 _PENALTY_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 
 
+def _rows_read_in_place(rows: torch.Tensor) -> bool:
+    """Whether the kernels read ``rows`` [L, R, D] without a copy (the extension's check_inputs): contiguous
+    rows whose layers lie at least ``R * D`` apart, e.g. a prefix ``cols[:, :R]`` (objective._merged_pass)."""
+    n_layers, n_rows, n_features = rows.shape
+    return (rows.stride(2) == 1 and rows.stride(1) == n_features
+            and (n_layers == 1 or rows.stride(0) >= n_rows * n_features))
+
+
 def _pass_operands(rows, cols, dims, rules, norms=None):
     """Rows and columns in the accumulator dtype with their inverse prefix norms and norm-gradient factors
     (``norms``: given by the caller); with "dot", unit inverse norms (the kernels' logits become
     ``scale * <x, y>``; no norm term)."""
     dtype = accumulator_dtype(rows.dtype)
     q, k = rows.detach().to(dtype), cols.detach().to(dtype).contiguous()
-    if q.stride(-1) != 1 or q.stride(-2) != q.shape[-1]:  # rows with contiguous features (a prefix of cols) stay
+    if not _rows_read_in_place(q):
         q = q.contiguous()
     if rules.similarity == "dot":
         ones_q, ones_k = q.new_ones(q.shape[0], q.shape[1], len(dims)), k.new_ones(k.shape[0], k.shape[1], len(dims))
