@@ -47,6 +47,7 @@ def matryoshka_2d_infonce(
     guide: tuple[torch.Tensor, torch.Tensor] | None = None,
     guide_margin: float = 0.0,
     guide_margin_strategy: str = "absolute",
+    guide_exclude_self: bool = True,
     distill_weights: torch.Tensor | Sequence[Sequence[float]] | None = None,
     reduction: str = "sum",
     backend: str = "auto",
@@ -92,26 +93,32 @@ def matryoshka_2d_infonce(
         hardness_mode, hardness_strength: MultipleNegativesRankingLoss's hardness weighting:
             ``alpha * stop_grad(sim)`` added to the query_to_doc logits of the in-batch negatives
             (``"in_batch_negatives"``), the query's own hard negatives (``"hard_negatives"``) or both
-            (``"all_negatives"``), ``alpha = hardness_strength >= 0``.
+            (``"all_negatives"``), ``alpha = hardness_strength >= 0``; a non-zero strength needs a mode.
         guide: ``(guide_queries [B, Dg], guide_docs [N, Dg])``, a guide model's pooled embeddings
             (no gradient): GISTEmbedLoss's false-negative filtering. Candidate ``j`` of query ``i``
             is dropped when ``guide_cos(i, j) > g_i - guide_margin`` (``guide_margin_strategy=
             "absolute"``) or ``> g_i - |g_i| * guide_margin`` (``"relative"``), with
-            ``g_i = guide_cos(query_i, positive_i)``; the positive is never dropped. With a guide,
-            ``query_to_query`` scores the local queries and ``doc_to_doc`` the positives only, with no
-            structural exclusion (GIST's anchor-anchor and positive-positive blocks); GIST's
-            ``temperature`` is ``1 / scale``.
+            ``g_i = guide_cos(query_i, positive_i)``; the positive is never dropped, and a candidate
+            whose guide cosine equals ``g_i`` up to rounding (``Dg * eps`` of the accumulator: a
+            duplicate of the positive) ties with it and is kept, as sentence-transformers keeps exact
+            ties. With a guide, ``query_to_query`` scores the local queries and ``doc_to_doc`` the
+            positives only (GIST's anchor-anchor and positive-positive blocks); GIST's ``temperature``
+            is ``1 / scale``. The margin options need a guide.
+        guide_exclude_self: with a guide, drop the row itself from the anchor-anchor and
+            positive-positive blocks (sentence-transformers >= 6.3, the default); ``False`` leaves it to
+            the guide, as sentence-transformers 6.0-6.2 did.
         distill_weights: ``[L, M]`` non-negative: adds ``distill_weights[l, m] * mean_i KL(p_T(i) ||
             p_lm(i))``, the teacher ``p_T`` being the softmax of pair (L - 1, M - 1) of this call
             (last layer, largest dim), detached (Starbucks' score distillation). Needs
-            ``partition_mode="joint"`` when several directions are selected.
+            ``partition_mode="joint"`` when several directions are selected (with one direction the
+            two partitions are the same softmax).
         reduction: ``"sum"`` returns ``sum_{l,m} weights[l, m] * loss_lm`` (plus the distillation
             terms); ``"none"`` returns the ``[L, M]`` matrix of unweighted ``loss_lm`` (0 where the
             weight is 0), or with ``distill_weights`` the pair ``(losses, distill)`` of ``[L, M]``
             matrices (``distill`` unweighted, 0 where its weight is 0).
         backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"`` or ``"reference"``.
-        check_finite: raise on NaN/Inf embeddings (costs a device sync). Otherwise NaN
-            propagates to the loss.
+        check_finite: ``True`` raises on NaN/Inf embeddings or guide embeddings (costs a device
+            sync). Otherwise NaN propagates to the loss (a NaN guide cosine drops nothing).
         gather_across_devices: under ``torch.distributed``, score the local queries
             against the docs of all ranks, gathered with gradient in sentence-transformers'
             layout (for each group of ``B`` docs rows ``[positives, negatives_1, ...]``, the
@@ -137,7 +144,7 @@ def matryoshka_2d_infonce(
     )
     objective = _validate_objective(queries, docs, dims, positive_index_given, symmetric, directions, partition_mode,
                                     similarity, hardness_mode, hardness_strength, guide, guide_margin,
-                                    guide_margin_strategy, distill_weights)
+                                    guide_margin_strategy, guide_exclude_self, distill_weights, check_finite, scale)
     if objective.symmetric is None:
         return _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, objective,
                           reduction, backend, gather_across_devices, leading_positives=not positive_index_given)
@@ -202,7 +209,7 @@ def _objective(queries, docs, dims, weights, weights_param, scale, scale_param, 
 
 def _validate_objective(queries, docs, dims, positive_index_given, symmetric, directions, partition_mode, similarity,
                         hardness_mode, hardness_strength, guide, guide_margin, guide_margin_strategy,
-                        distill_weights) -> Objective:
+                        guide_exclude_self, distill_weights, check_finite, scale) -> Objective:
     """The options beyond the (layer, dim) grid, checked and normalised into an Objective."""
     n_layers, n_queries, _ = queries.shape
     n_docs = docs.shape[1]
@@ -226,6 +233,8 @@ def _validate_objective(queries, docs, dims, positive_index_given, symmetric, di
     directions = tuple(d for d in DIRECTIONS if d in directions)  # the order does not change the loss
     if partition_mode not in PARTITION_MODES:
         raise ValueError(f"partition_mode must be one of {PARTITION_MODES}, got {partition_mode!r}")
+    if len(directions) == 1:
+        partition_mode = "joint"  # one direction: both partitions are its one softmax
     if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
         raise ValueError("partition_mode='per_direction' is defined only for 'query_to_doc' and 'doc_to_query' "
                          f"(each direction's softmax must hold the positive), got directions={directions!r}; use "
@@ -237,6 +246,27 @@ def _validate_objective(queries, docs, dims, positive_index_given, symmetric, di
     if not isinstance(hardness_strength, Real) or isinstance(hardness_strength, bool) or not (
             math.isfinite(hardness_strength) and hardness_strength >= 0):
         raise ValueError(f"hardness_strength must be a finite non-negative number, got {hardness_strength!r}")
+    if hardness_mode is None and hardness_strength != 0:
+        raise ValueError(f"hardness_strength={hardness_strength!r} needs a hardness_mode (one of {HARDNESS_MODES})")
+    # Logit differences reach 2 (scale + strength): keep them, and the loss, finite in the accumulator.
+    accumulator = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    limit = torch.finfo(accumulator).max / 16
+    if scale + hardness_strength > limit:
+        raise ValueError(f"scale + hardness_strength must be at most {limit:.3g} for {queries.dtype} inputs (the "
+                         f"{accumulator} accumulator), got scale={scale!r}, hardness_strength={hardness_strength!r}")
+    if not isinstance(guide_margin, Real) or isinstance(guide_margin, bool) or not math.isfinite(guide_margin):
+        raise ValueError(f"guide_margin must be a finite number, got {guide_margin!r}")
+    if guide_margin_strategy not in MARGIN_STRATEGIES:
+        raise ValueError(f"guide_margin_strategy must be one of {MARGIN_STRATEGIES}, got {guide_margin_strategy!r}")
+    if not isinstance(guide_exclude_self, bool):
+        raise TypeError(f"guide_exclude_self must be a bool, got {type(guide_exclude_self).__name__}")
+    if guide is None:
+        given = [name for name, value, default in (("guide_margin", guide_margin, 0.0),
+                                                   ("guide_margin_strategy", guide_margin_strategy, "absolute"),
+                                                   ("guide_exclude_self", guide_exclude_self, True))
+                 if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to a guide (GISTEmbedLoss's filtering); pass guide=")
     needs_groups = "doc_to_doc" in directions or (hardness_mode is not None and hardness_strength > 0)
     if needs_groups and (positive_index_given or n_docs % n_queries != 0):
         raise ValueError("doc_to_doc and hardness_mode need sentence-transformers' layout: positive_index=None and "
@@ -259,10 +289,10 @@ def _validate_objective(queries, docs, dims, positive_index_given, symmetric, di
         if "doc_to_query" in directions:
             raise ValueError("guide (GISTEmbedLoss) has no doc_to_query block; use directions among query_to_doc, "
                              "query_to_query, doc_to_doc")
-        if guide_margin_strategy not in MARGIN_STRATEGIES:
-            raise ValueError(f"guide_margin_strategy must be one of {MARGIN_STRATEGIES}, got {guide_margin_strategy!r}")
-        if not isinstance(guide_margin, Real) or isinstance(guide_margin, bool) or not math.isfinite(guide_margin):
-            raise ValueError(f"guide_margin must be a finite number, got {guide_margin!r}")
+        if check_finite:
+            for name, g in (("guide_queries", guide_queries), ("guide_docs", guide_docs)):
+                if not torch.isfinite(g).all():
+                    raise ValueError(f"guide ({name}) contains NaN or Inf values")
     if distill_weights is not None:
         shape = (n_layers, len(dims))
         if isinstance(distill_weights, torch.Tensor):
@@ -281,7 +311,7 @@ def _validate_objective(queries, docs, dims, positive_index_given, symmetric, di
         if partition_mode == "per_direction" and len(directions) > 1:
             raise ValueError("distill_weights needs partition_mode='joint' when several directions are selected")
     return Objective(directions, partition_mode, similarity, hardness_mode, float(hardness_strength), guide_queries,
-                     guide_docs, float(guide_margin), guide_margin_strategy, distill_weights)
+                     guide_docs, float(guide_margin), guide_margin_strategy, guide_exclude_self, distill_weights)
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -405,6 +435,8 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
     if check_finite:
         for name, x in (("queries", queries), ("docs", docs)):
             if not torch.isfinite(x).all():

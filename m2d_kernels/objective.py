@@ -9,7 +9,7 @@ Each direction is one rows-vs-columns pass (:mod:`m2d_kernels.rules`) of the bac
     doc_to_doc      rows: local positives  columns: all docs         the row's own documents excluded
 
 (with a guide, GISTEmbedLoss's blocks: query_to_query against the local queries and doc_to_doc against
-all positives, each without structural exclusion: the guide drops near-duplicates). A pass returns
+all positives, the row itself excluded unless ``guide_exclude_self`` is off). A pass returns
 per-row statistics relative to an offset; a ``"joint"`` partition combines them into one softmax per row
 (``o = max o_p``, ``log_sum = log sum_p exp(l_p + o_p - o)``), ``"per_direction"`` averages the
 per-pass log-sum-exps. The backward calls every pass's ``pass_gradients`` with the statistics its
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
-from m2d_kernels.rules import Rules
+from m2d_kernels.rules import Rules, guide_tie_tolerance
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
@@ -58,6 +58,9 @@ class Objective:
     guide_docs: torch.Tensor | None = None  # [N, Dg]
     guide_margin: float = 0.0
     guide_margin_strategy: str = "absolute"
+    # With a guide, whether the anchor-anchor / positive-positive blocks drop the row itself
+    # (sentence-transformers >= 6.3) or leave it to the guide (6.0-6.2).
+    guide_exclude_self: bool = True
     distill_weights: tuple[tuple[float, ...], ...] | None = None  # [L, M]
 
     @property
@@ -150,6 +153,7 @@ def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_inde
             threshold = threshold - objective.guide_margin
         else:
             threshold = threshold - threshold.abs() * objective.guide_margin
+        threshold = threshold + guide_tie_tolerance(guide_q.shape[1], acc)
         guide = {"q": guide_q, "d": guide_d, "p": guide_p, "threshold": threshold}
     local_positives = docs[:, positive_index]
     passes = []
@@ -161,7 +165,11 @@ def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_inde
                                                               **(guided("q", "d") if guide else {}))))
     if "query_to_query" in objective.directions:
         if guide:
-            passes.append(_Pass(queries, queries, absent, Rules(**common, **guided("q", "q"))))
+            # GIST's anchor-anchor block: the local queries only, so the row itself is column i.
+            self_excluded = ({"exclude_own_group": True, "group_period": n_queries,
+                              "row_group": torch.arange(n_queries, device=device)}
+                             if objective.guide_exclude_self else {})
+            passes.append(_Pass(queries, queries, absent, Rules(**common, **guided("q", "q"), **self_excluded)))
         else:
             passes.append(_Pass(queries, world_queries, absent, Rules(**common, **groups, exclude_own_group=True)))
     if "doc_to_query" in objective.directions:
@@ -170,9 +178,12 @@ def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_inde
         passes.append(_Pass(local_positives, world_queries, own, Rules(**common)))
     if "doc_to_doc" in objective.directions:
         if guide:
+            # GIST's positive-positive block: all ranks' positives, the row's own at column rank_offset + i.
             guide_cols = {"guide_rows": guide["p"], "guide_cols": guide["d"][:n_world],
                           "guide_threshold": guide["threshold"]}
-            passes.append(_Pass(local_positives, world_docs[:, :n_world], absent, Rules(**common, **guide_cols)))
+            self_excluded = {**groups, "exclude_own_group": True} if objective.guide_exclude_self else {}
+            passes.append(_Pass(local_positives, world_docs[:, :n_world], absent,
+                                Rules(**common, **guide_cols, **self_excluded)))
         else:
             passes.append(_Pass(local_positives, world_docs, absent, Rules(**common, **groups,
                                                                            exclude_own_group=True)))

@@ -89,6 +89,20 @@ class Rules:
 PLAIN = Rules()
 
 
+def guide_tie_tolerance(guide_width: int, dtype: torch.dtype) -> float:
+    """How far a candidate's guide cosine may exceed the positive's and still tie with it (ties are kept).
+
+    Two evaluations of the dot product of the same unit vectors of width ``Dg`` in different summation
+    orders (a GEMM tile against the threshold's row sum, a mini-batch of another size) differ by up to
+    about ``Dg * eps``. Without this slack a candidate identical to the positive for the guide (the same
+    text twice, texts a re-tokenising guide decodes alike) is dropped or kept by rounding, and a batch of
+    such duplicates loses every negative. sentence-transformers keeps exact ties (``>``), so within rounding
+    this is its rule; a candidate that is genuinely above the positive's cosine is far above ``Dg * eps``.
+    ``dtype``: the one the guide cosines are computed in (the accumulator's).
+    """
+    return guide_width * torch.finfo(dtype).eps
+
+
 def check_rules(rules: Rules, n_rows: int, n_cols: int, active=None, distill: bool = False) -> None:
     """ValueError/TypeError naming the field of ``rules`` that a pass of ``n_rows`` x ``n_cols`` cannot apply
     (shapes only, no device sync). Every backend's pass calls it. With ``active`` (the ``[L][M]`` flags), the

@@ -29,6 +29,7 @@ import m2d_kernels as m2d
 from m2d_kernels import objective
 from m2d_kernels.backends import reference
 from m2d_kernels.backends.torch_prefix import inverse_prefix_norms
+from m2d_kernels.integrations.sentence_transformers import GIST_EXCLUDES_SELF
 
 N_LAYERS, N_QUERIES, N_FEATURES = 2, 5, 24
 DIMS = (5, 16, 24)
@@ -129,7 +130,7 @@ def test_oracle_matches_sentence_transformers_gist(case, n_groups, monkeypatch):
     queries, docs, guide = _inputs(n_groups, seed=12, guide=True)
     scale = 20.0
     ours = m2d.matryoshka_2d_infonce(queries, docs, DIMS, scale=scale, reduction="none", backend="reference",
-                                     guide=guide, **case)
+                                     guide=guide, guide_exclude_self=GIST_EXCLUDES_SELF, **case)
     # GISTEmbedLoss.forward embeds the columns itself: hand it ours (the model) and the guide's.
     gist = GISTEmbedLoss.__new__(GISTEmbedLoss)
     torch.nn.Module.__init__(gist)

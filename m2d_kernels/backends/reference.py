@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from m2d_kernels.rules import PLAIN, column_masks
+from m2d_kernels.rules import PLAIN, column_masks, guide_tie_tolerance
 
 SHARED_TILES = True  # the pass applies rules.triangle and rules.column_statistics (backends/__init__.py)
 
@@ -201,19 +201,25 @@ def objective_losses(queries, world_queries, world_docs, rank_offset, positive_i
     # Guide masks (GISTEmbedLoss): True where a candidate is dropped.
     guide_masks = {}
     if objective.guide_queries is not None:
-        guide_q = F.normalize(objective.guide_queries.detach().to(queries.dtype), dim=-1)
-        guide_d = F.normalize(objective.guide_docs.detach().to(queries.dtype), dim=-1)
+        guide_dtype = torch.promote_types(queries.dtype, torch.float32)  # the kernels' accumulator
+        guide_q = F.normalize(objective.guide_queries.detach().to(guide_dtype), dim=-1)
+        guide_d = F.normalize(objective.guide_docs.detach().to(guide_dtype), dim=-1)
         guide_p = guide_d[positive_index]
         threshold = (guide_q * guide_p).sum(-1, keepdim=True)
         if objective.guide_margin_strategy == "absolute":
             threshold = threshold - objective.guide_margin
         else:
             threshold = threshold - threshold.abs() * objective.guide_margin
+        # Cosines equal to the positive's up to rounding tie with it, and ties are kept (rules.guide_tie_tolerance).
+        threshold = threshold + guide_tie_tolerance(guide_q.shape[1], guide_dtype)
         positive_mask = torch.zeros(n_queries, n_docs, dtype=torch.bool, device=queries.device)
         positive_mask[rows, positive_index] = True
         guide_masks["query_to_doc"] = (guide_q @ guide_d.T > threshold) & ~positive_mask
         guide_masks["query_to_query"] = guide_q @ guide_q.T > threshold
         guide_masks["doc_to_doc"] = guide_p @ guide_d[:n_world].T > threshold
+        if objective.guide_exclude_self:  # sentence-transformers >= 6.3: no self-negative in either block
+            guide_masks["query_to_query"][rows, rows] = True
+            guide_masks["doc_to_doc"][rows, local] = True
     own_docs = torch.eye(n_world, dtype=torch.bool, device=queries.device)[local].repeat(1, max(n_docs // n_world, 1))
     teacher_logits = None
     losses = queries.new_zeros(n_layers, len(dims))

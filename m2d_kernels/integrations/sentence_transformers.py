@@ -59,8 +59,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
+import sentence_transformers
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from sentence_transformers.base.losses.gradcache import RandContext, _create_minibatch, _minibatch_ranges
 from sentence_transformers.base.losses.merged_forward import column_merging_disabled, embed_columns
 from sentence_transformers.base.model import BaseModel
@@ -79,6 +81,12 @@ from torch import Tensor, nn
 from m2d_kernels.functional import matryoshka_2d_infonce
 
 logger = logging.getLogger(__name__)
+
+# The one place the adapters follow the installed release. sentence-transformers 6.3 made GIST's
+# anchor-anchor and positive-positive blocks drop the row itself whatever the guide says; 6.0-6.2 left it
+# to the guide. The parity tests (tests/test_objective.py, tests/test_integrations_st*.py) read it too, and
+# CI runs them against the newest release and against 6.0.1 (.ci/run).
+GIST_EXCLUDES_SELF = Version(sentence_transformers.__version__).release >= (6, 3)
 
 SUPPORTED_BASE_LOSS = (
     "MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss, CachedMultipleNegativesRankingLoss, "
@@ -173,7 +181,7 @@ def _base_loss_options(loss: nn.Module, cls: type, renormalises: bool) -> _BaseL
         directions = ("query_to_doc",) + ("query_to_query",) * bool(loss.contrast_anchors) \
             + ("doc_to_doc",) * bool(loss.contrast_positives)
         options = dict(directions=directions, partition_mode="joint", guide_margin=float(loss.margin),
-                       guide_margin_strategy=loss.margin_strategy)
+                       guide_margin_strategy=loss.margin_strategy, guide_exclude_self=GIST_EXCLUDES_SELF)
         return _BaseLossOptions(1.0 / temperature, gather, options, guide=loss.guide, **cached)
     if loss.similarity_fct is cos_sim or (loss.similarity_fct is dot_score and renormalises):
         similarity = "cos"

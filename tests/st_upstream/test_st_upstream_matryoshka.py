@@ -3,7 +3,8 @@
 # which has no tag in the repository), file tests/sentence_transformer/losses/test_matryoshka.py.
 # Copyright the sentence-transformers authors, licensed under the Apache License, Version 2.0
 # (https://www.apache.org/licenses/LICENSE-2.0). Changes: the fused m2d-kernels classes are imported under
-# the upstream names; the Hub models are replaced by the tiny local ones of tests/st_upstream/conftest.py.
+# the upstream names; the Hub models are replaced by the tiny local ones of tests/st_upstream/conftest.py; the mock model also answers
+# _get_untruncated_embedding_dimension, which MatryoshkaLoss asks from 6.3 on.
 # ruff: noqa
 from __future__ import annotations
 
@@ -94,6 +95,9 @@ def test_model_dimension_none_no_validation(mock_loss):
 
     class _MockModel:
         def get_embedding_dimension(self):
+            return None
+
+        def _get_untruncated_embedding_dimension(self):  # what sentence-transformers >= 6.3 asks instead
             return None
 
     model = _MockModel()
