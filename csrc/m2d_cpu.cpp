@@ -1344,9 +1344,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "m2d cpp backend: tensors must be on the CPU");
   // The rows may be a prefix of a longer tensor's (rules.triangle: the first R columns): contiguous rows whose
   // layers lie further apart.
-  TORCH_CHECK(k.is_contiguous() && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+  // A size-1 dimension's stride is never used (PyTorch calls such tensors contiguous whatever it is).
+  TORCH_CHECK(q.dim() == 3 && (q.size(2) == 1 || q.stride(2) == 1) && (q.size(1) == 1 || q.stride(1) == q.size(2)) &&
                   (q.size(0) == 1 || q.stride(0) >= q.size(1) * q.size(2)),
-              "m2d cpp backend: docs must be contiguous, queries [L, B, D] with contiguous rows");
+              "m2d cpp backend: queries (rows) must be [L, B, D] with contiguous rows, layers at least B x D apart");
+  TORCH_CHECK(k.is_contiguous(), "m2d cpp backend: docs (columns) must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "m2d cpp backend: queries and docs must share a dtype");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "m2d cpp backend: expects float32 or float64 (convert low precision first)");

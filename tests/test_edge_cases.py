@@ -232,3 +232,77 @@ def test_beyond_the_claimed_scales_results_stay_finite(backend, dtype, scale):
     loss, grad_q, grad_d = loss_and_grads(queries.to(dtype), docs.to(dtype), DIMS, None, backend, scale=scale,
                                           symmetric=True)
     assert torch.isfinite(loss) and torch.isfinite(grad_q).all() and torch.isfinite(grad_d).all()
+
+
+# --- Found by differential fuzzing against the float64 reference (issue 28) ---------------------------------
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+def test_float64_column_statistics_at_a_scale_not_exact_in_float32(backend):
+    """doc_to_query's rows from query_to_doc's column statistics: their fixed offset (scale 20.1, not a float32
+    number) must stay float64; a float32 offset put the loss off by 2e-8 and the gradients by 2e-7."""
+    queries, docs = make_inputs(1, 4, 8, 8, seed=5)
+    kwargs = dict(scale=20.1, directions=("query_to_doc", "doc_to_query"))
+    expected = loss_and_grads(queries, docs, (8,), None, "reference", **kwargs)
+    got = loss_and_grads(queries, docs, (8,), None, backend, **kwargs)
+    for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+@pytest.mark.parametrize("shape", ["cls_batch_of_one", "one_feature"])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_size_one_dimensions_with_any_stride(backend, shape, n_layers):
+    """PyTorch calls a tensor contiguous whatever the stride of a size-1 dimension: CLS pooling of a batch of
+    one (``hidden[:, :, 0]``, B = 1) or one feature taken from a wider tensor (D = 1)."""
+    generator = torch.Generator().manual_seed(6)
+    if shape == "cls_batch_of_one":
+        queries = torch.randn(n_layers, 1, 7, 16, generator=generator, dtype=torch.float64)[:, :, 0]  # (112, 112, 1)
+        docs = torch.randn(n_layers, 3, 16, generator=generator, dtype=torch.float64)
+        dims = (8, 16)
+    else:
+        queries = torch.randn(n_layers, 4, 5, generator=generator, dtype=torch.float64)[:, :, 2:3]  # strides (20, 5, 1)
+        docs = torch.randn(n_layers, 6, 5, generator=generator, dtype=torch.float64)[:, :, 3:4].contiguous()
+        docs = docs.as_strided(docs.shape, (6, 1, 99))  # D = 1: a stride PyTorch ignores
+        dims = (1,)
+    assert docs.is_contiguous() and (queries.is_contiguous() or n_layers > 1 or shape == "one_feature")
+    for directions in (("query_to_doc",), ("query_to_doc", "query_to_query", "doc_to_query")):
+        expected = loss_and_grads(queries, docs, dims, None, "reference", directions=directions)
+        got = loss_and_grads(queries, docs, dims, None, backend, directions=directions)
+        for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+@pytest.mark.parametrize("directions", [("query_to_doc", "query_to_query"), ("query_to_doc", "query_to_query",
+                                                                            "doc_to_query", "doc_to_doc")])
+def test_one_query_with_query_to_query(backend, directions):
+    """B = 1: query_to_query has no other query (the merged pass's triangle keeps no column of the square)."""
+    queries, docs = make_inputs(2, 1, 3, 8, seed=7)
+    expected = loss_and_grads(queries, docs, (4, 8), None, "reference", directions=directions)
+    got = loss_and_grads(queries, docs, (4, 8), None, backend, directions=directions)
+    for name, g, e in zip(("loss", "grad_queries", "grad_docs"), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+def test_distillation_with_one_direction_in_either_partition(backend):
+    """One direction: ``partition_mode="per_direction"`` is the same softmax as "joint" (it raised
+    UnboundLocalError). Truth: cross-entropy and ``F.kl_div`` against the detached teacher, written here."""
+    queries, docs = make_inputs(2, 4, 8, 8, seed=8)
+    dims, scale, distill = (4, 8), 20.0, [[0.5, 0.0], [1.0, 2.0]]
+
+    def logits(layer, dim):
+        return scale * F.normalize(queries[layer, :, :dim], dim=-1) @ F.normalize(docs[layer, :, :dim], dim=-1).T
+
+    labels = torch.arange(4)
+    teacher = F.softmax(logits(1, 8), dim=1)
+    expected_losses = torch.stack([torch.stack([F.cross_entropy(logits(layer, dim), labels) for dim in dims])
+                                   for layer in range(2)])
+    expected_distill = torch.stack([torch.stack([
+        F.kl_div(F.log_softmax(logits(layer, dim), dim=1), teacher, reduction="batchmean") * (w > 0)
+        for dim, w in zip(dims, distill[layer])]) for layer in range(2)])
+    losses, terms = m2d.matryoshka_2d_infonce(queries, docs, dims, scale=scale, partition_mode="per_direction",
+                                              distill_weights=distill, reduction="none", backend=backend)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms, expected_distill, rtol=1e-10, atol=1e-12)

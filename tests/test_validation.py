@@ -51,11 +51,43 @@ def _call(queries=None, docs=None, dims=(8, 16), weights=None, **kwargs):
         (dict(symmetric="yes"), TypeError, "symmetric must be a bool"),
         (dict(reduction="mean"), ValueError, "reduction must be one of"),
         (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
+        # Options that only mean something beside another: given alone they would be silently ignored.
+        (dict(hardness_strength=9.0), ValueError, "hardness_strength=9.0 needs a hardness_mode"),
+        (dict(guide_margin=0.1), ValueError, "guide_margin apply to a guide"),
+        (dict(guide_margin=float("nan")), ValueError, "guide_margin must be a finite number"),
+        (dict(guide_margin_strategy="relative"), ValueError, "guide_margin_strategy apply to a guide"),
+        (dict(guide_exclude_self=False), ValueError, "guide_exclude_self apply to a guide"),
+        (dict(guide_exclude_self="no"), TypeError, "guide_exclude_self must be a bool"),
+        (dict(check_finite="yes"), TypeError, "check_finite must be a bool"),
+        (dict(check_finite=1), TypeError, "check_finite must be a bool"),
+        # Beyond the float32 accumulator the logits overflow (NaN); fp64 inputs have fp64's range.
+        (dict(scale=3.5e38), ValueError, r"scale \+ hardness_strength must be at most 2.13e\+37 for torch.float32"),
+        (dict(scale=1e37, hardness_mode="in_batch_negatives", hardness_strength=2e37, positive_index=None),
+         ValueError, "scale \\+ hardness_strength must be at most"),
     ],
 )
 def test_bad_input_is_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         _call(**kwargs)
+
+
+def test_check_finite_checks_the_guide():
+    q, d = _inputs(N=8)
+    guide = (torch.randn(4, 3), torch.full((8, 3), float("nan")))  # NaN cosines would drop nothing, silently
+    with pytest.raises(ValueError, match=r"guide \(guide_docs\) contains NaN or Inf"):
+        m2d.matryoshka_2d_infonce(q, d, (16,), guide=guide, check_finite=True)
+    assert torch.isfinite(m2d.matryoshka_2d_infonce(q, d, (16,), guide=guide, backend="torch"))
+
+
+def test_largest_scale_is_finite_on_every_cpu_backend():
+    """The bound of the scale check: just below it, fp32 inputs still give a finite loss and gradients."""
+    limit = torch.finfo(torch.float32).max / 16
+    for backend in ("reference", "torch", "cpp"):
+        for directions in (("query_to_doc",), ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")):
+            q, d = (x.requires_grad_() for x in _inputs(N=8))
+            loss = m2d.matryoshka_2d_infonce(q, d, (8, 16), scale=limit, directions=directions, backend=backend)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(q.grad).all() and torch.isfinite(d.grad).all(), backend
 
 
 def test_check_finite_raises_only_when_asked():

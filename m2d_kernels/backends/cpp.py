@@ -292,7 +292,7 @@ def _rows_read_in_place(rows: torch.Tensor) -> bool:
     """Whether the kernels read ``rows`` [L, R, D] without a copy (the extension's check_inputs): contiguous
     rows whose layers lie at least ``R * D`` apart, e.g. a prefix ``cols[:, :R]`` (objective._merged_pass)."""
     n_layers, n_rows, n_features = rows.shape
-    return (rows.stride(2) == 1 and rows.stride(1) == n_features
+    return ((n_features == 1 or rows.stride(2) == 1) and (n_rows == 1 or rows.stride(1) == n_features)
             and (n_layers == 1 or rows.stride(0) >= n_rows * n_features))
 
 

@@ -326,7 +326,7 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
             # The positive's -inf where it is excluded (before the chunk's columns with the triangle, or in the
             # bias): the unmasked logits (fixed maximum) do not carry it.
             positive_bias = torch.where(local_positives >= 0, 0.0, -torch.inf).to(acc)
-            if tile is not None and tile.bias is not None:
+            if tile is not None and tile.bias is not None and tile.bias.shape[1] > 0:  # B = 1: the triangle's is empty
                 in_bias = local_positives.clamp(0, tile.bias.shape[1] - 1)[:, None]
                 positive_bias += torch.where(local_positives < tile.bias.shape[1],
                                              tile.bias.gather(1, in_bias)[:, 0], 0.0)
@@ -397,7 +397,7 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
     if col_stats is not None:
         col_offset, col_exp_sum, col_exp_logit_sum = col_stats
         if fixed_max is not None and not symmetric:  # summed above: offset fixed_max, 0 for an empty column
-            col_offset = torch.where(col_exp_sum > 0, fixed_max, 0.0)
+            col_offset = torch.where(col_exp_sum > 0, col_exp_sum.new_tensor(fixed_max), 0.0)  # not a float32 scalar
         col_log_sum = col_exp_sum.log()
         for layer, layer_active in enumerate(active):
             for m, on in enumerate(layer_active):
