@@ -495,9 +495,9 @@ def test_a_guide_that_ties_every_candidate_drops_nothing(backend, exclude_self):
         for m, dim in enumerate(DIMS):
             q = F.normalize(queries[layer, :, :dim], dim=-1)
             k = F.normalize(docs[layer, :, :dim], dim=-1)
-            self_entry = torch.eye(N_QUERIES, dtype=torch.bool) if exclude_self else torch.zeros(N_QUERIES, N_QUERIES,
-                                                                                                    dtype=torch.bool)
-            blocks = [q @ k.T, (q @ q.T).masked_fill(self_entry, -torch.inf), (k @ k.T).masked_fill(self_entry, -torch.inf)]
+            self_entry = torch.eye(N_QUERIES, dtype=torch.bool) & exclude_self
+            blocks = [q @ k.T, (q @ q.T).masked_fill(self_entry, -torch.inf),
+                      (k @ k.T).masked_fill(self_entry, -torch.inf)]
             expected = F.cross_entropy(scale * torch.cat(blocks, 1), torch.arange(N_QUERIES))
             tolerance = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
             torch.testing.assert_close(got[layer, m].double(), expected, **tolerance)
