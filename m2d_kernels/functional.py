@@ -146,9 +146,25 @@ def matryoshka_2d_infonce(
                                     similarity, hardness_mode, hardness_strength, guide, guide_margin,
                                     guide_margin_strategy, guide_exclude_self, distill_weights, check_finite, scale)
     if objective.symmetric is None:
-        return _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, objective,
-                          reduction, backend, gather_across_devices, leading_positives=not positive_index_given)
-    symmetric = objective.symmetric
+        result = _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index,
+                            objective, reduction, backend, gather_across_devices,
+                            leading_positives=not positive_index_given)
+    else:
+        result = _fused(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index,
+                        objective.symmetric, reduction, backend, gather_across_devices)
+    if torch.is_grad_enabled() and (queries.requires_grad or docs.requires_grad):
+        # No pair computed (all weights 0): the result still belongs to the graph, with a zero gradient.
+        if isinstance(result, tuple):
+            return tuple(_InGraph.apply(r, queries, docs) if not r.requires_grad else r for r in result)
+        if not result.requires_grad:
+            return _InGraph.apply(result, queries, docs)
+    return result
+
+
+def _fused(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, symmetric, reduction,
+           backend, gather_across_devices):
+    """The default options (query_to_doc, optionally per-direction doc_to_query, cos): each backend's
+    ``pair_losses``, locally, all-gathered or around the ring."""
     # Learned weights need every pair's loss (d total / d weights[l, m] = loss_lm, also where w = 0).
     active = tuple(tuple(weights_param is not None or w > 0 for w in row) for row in weights)
     scale_grad = scale_param is not None and torch.is_grad_enabled()
@@ -312,6 +328,18 @@ def _validate_objective(queries, docs, dims, positive_index_given, symmetric, di
             raise ValueError("distill_weights needs partition_mode='joint' when several directions are selected")
     return Objective(directions, partition_mode, similarity, hardness_mode, float(hardness_strength), guide_queries,
                      guide_docs, float(guide_margin), guide_margin_strategy, guide_exclude_self, distill_weights)
+
+
+class _InGraph(torch.autograd.Function):
+    """Identity on a result that no input reached, attached to the inputs with a zero gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, result, queries, docs):
+        return result.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 class _ScaleGradient(torch.autograd.Function):
