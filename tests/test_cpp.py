@@ -403,6 +403,7 @@ def test_compile_removes_stale_torch_lock_and_announces_once(monkeypatch, tmp_pa
         assert not (folder / "lock").exists(), "torch's stale lock would make load() wait forever"
         assert kwargs["build_directory"] == str(folder) and "-march=native" not in kwargs["extra_cflags"]
         built.append(kwargs["name"])
+        (folder / cpp.LIBRARY_NAME).write_bytes(b"a library")
         return "module"
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
@@ -411,6 +412,102 @@ def test_compile_removes_stale_torch_lock_and_announces_once(monkeypatch, tmp_pa
     assert built == [cpp.EXTENSION_NAME] and (folder / cpp.DONE_NAME).is_file()
     messages = capsys.readouterr().err.strip().splitlines()
     assert len(messages) == 1 and messages[0].startswith("m2d-kernels: compiling the C++ backend into")
+
+
+def _fake_build(monkeypatch, tmp_path, root=None):
+    """(build folder, list of builds, list of loads) with torch's build and the library's import replaced."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("M2D_BUILD_DIR", str(root or tmp_path))
+    folder = cpp.build_directory(cpp._source_path())
+    builds, loads = [], []
+
+    def fake_load(**kwargs):
+        builds.append(sorted(p.name for p in folder.iterdir()))
+        (folder / cpp.LIBRARY_NAME).write_bytes(b"the freshly built library")
+        return "built module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(cpp, "_load_built", lambda folder: loads.append(folder) or "loaded module")
+    return folder, builds, loads
+
+
+def _marker_for(data: bytes) -> str:
+    return __import__("json").dumps({"size": len(data), "sha256": __import__("hashlib").sha256(data).hexdigest()})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "legacy_marker"])
+def test_a_damaged_library_is_rebuilt_not_loaded(monkeypatch, tmp_path, damage):
+    """A library cut short (a crash mid-write; loading it was SIGBUS) or empty (which fell back to torch
+    forever) does not match its marker's size and SHA-256: it is rebuilt under the lock, then recorded."""
+    folder, builds, loads = _fake_build(monkeypatch, tmp_path)
+    folder.mkdir(parents=True, mode=0o700)
+    complete = b"\x7fELF" + bytes(4096)
+    library = {"truncated": complete[:100], "empty": b"", "legacy_marker": b""}[damage]
+    (folder / cpp.LIBRARY_NAME).write_bytes(library)
+    (folder / "m2d_cpu.o").write_bytes(b"an object file ninja would trust")
+    (folder / cpp.DONE_NAME).write_text("" if damage == "legacy_marker" else _marker_for(complete))
+    assert cpp._compile() == "built module" and loads == []
+    assert builds == [[cpp.LOCK_NAME]], "the damaged build's files must go, or ninja keeps the library"
+    assert (folder / cpp.DONE_NAME).read_text() == _marker_for(b"the freshly built library")
+    assert cpp._compile() == "loaded module" and loads == [folder]  # the next process loads it, unbuilt
+    assert len(builds) == 1
+
+
+def test_a_library_planted_in_a_shared_root_is_refused(monkeypatch, tmp_path):
+    """A world-writable root (/tmp, a CI cache) and a predictable key: a folder someone else can write is
+    never loaded from, even with a matching marker, and nothing is built into it."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(0o777)
+    folder, builds, loads = _fake_build(monkeypatch, tmp_path, root)
+    folder.mkdir()
+    planted = b"another user's library"
+    (folder / cpp.LIBRARY_NAME).write_bytes(planted)
+    (folder / cpp.DONE_NAME).write_text(_marker_for(planted))
+    folder.chmod(0o777)
+    with pytest.raises(PermissionError, match=f"build folder {folder}: it is writable by others .*M2D_BUILD_DIR"):
+        cpp._compile()
+    folder.chmod(0o755)
+    (folder / cpp.LIBRARY_NAME).chmod(0o666)
+    with pytest.raises(PermissionError, match="library .* it is writable by others"):
+        cpp._compile()
+    if os.getuid() == 0:  # as root the planted library can also belong to another user
+        (folder / cpp.LIBRARY_NAME).chmod(0o644)
+        os.chown(folder / cpp.LIBRARY_NAME, 12345, -1)
+        with pytest.raises(PermissionError, match="it belongs to user id 12345"):
+            cpp._compile()
+    assert builds == [] and loads == []
+
+
+def test_a_new_build_folder_is_private(monkeypatch, tmp_path):
+    folder, builds, loads = _fake_build(monkeypatch, tmp_path)
+    previous = os.umask(0)
+    try:
+        assert cpp._compile() == "built module"
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(cpp.fcntl is None, reason="flock needs a POSIX system")
+def test_build_lock_never_writes_through_a_link(tmp_path):
+    precious = tmp_path / "precious"
+    precious.write_text("a user's data")
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (folder / cpp.LOCK_NAME).symlink_to(precious)
+    with pytest.raises(OSError, match="is a symbolic link"), cpp.build_lock(folder, 1):
+        pass
+    assert precious.read_text() == "a user's data"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "soon"])
+def test_build_timeout_must_be_finite(monkeypatch, value):
+    monkeypatch.setenv("M2D_BUILD_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"M2D_BUILD_TIMEOUT must be a finite number of seconds >= 0, got '{value}'"):
+        cpp.build_timeout()
 
 
 def test_missing_ninja_is_named(monkeypatch, tmp_path):

@@ -99,19 +99,39 @@ def test_output_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path):
 
 
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    """Only the names this module creates (``.m2d-tmp.<name>.<8 random characters>.tmp``) are removed."""
     atomic_write(tmp_path / "keep.json", lambda file: file.write(b"{}"))
-    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
-    (tmp_path / ".model.xyz.tmp").mkdir()
-    (tmp_path / ".model.xyz.tmp" / "weights").write_bytes(b"half")
+    (tmp_path / ".m2d-tmp.checkpoint.pt.ab_c1234.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".m2d-tmp.model.xyz0_k9q.tmp").mkdir()
+    (tmp_path / ".m2d-tmp.model.xyz0_k9q.tmp" / "weights").write_bytes(b"half")
     (tmp_path / "notes.tmp").write_text("a user's file")
+    (tmp_path / ".my-experiment.tmp").mkdir()  # a user's hidden folders and files of the same suffix
+    (tmp_path / ".my-experiment.tmp" / "results.csv").write_text("a user's results")
+    (tmp_path / ".draft.abcdefgh.tmp").write_text("a user's draft")
     removed = remove_stale_temporaries(tmp_path)
-    assert sorted(p.name for p in removed) == [".checkpoint.pt.abc123.tmp", ".model.xyz.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json", "notes.tmp"]
+    assert sorted(p.name for p in removed) == [".m2d-tmp.checkpoint.pt.ab_c1234.tmp", ".m2d-tmp.model.xyz0_k9q.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".draft.abcdefgh.tmp", ".my-experiment.tmp", "keep.json",
+                                                          "notes.tmp"]
+    assert (tmp_path / ".my-experiment.tmp" / "results.csv").read_text() == "a user's results"
+
+
+def test_output_lock_never_writes_through_a_link(tmp_path):
+    """A symbolic link planted as the lock file: the lock refuses it and the link's target is untouched."""
+    precious = tmp_path / "precious"
+    precious.write_text("a user's data")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".m2d-train.lock").symlink_to(precious)
+    with pytest.raises(OSError, match="is a symbolic link"), output_lock(out):
+        pass
+    assert precious.read_text() == "a user's data"
+    assert (out / ".m2d-train.lock").is_symlink()
 
 
 def test_checkpoint_round_trip_and_checksum(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    state = {"model": {"w": torch.randn(64, 8)}, "step": 7, "config": {"lr": 0.1}}
+    state = {"model": {"w": torch.randn(64, 8)}, "optimizer": {}, "scheduler": {}, "scaler": {}, "rng": {},
+             "step": 7, "config": {"lr": 0.1}}
     loop.save_checkpoint(path, state)
     loaded = loop.load_checkpoint(path)
     assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], state["model"]["w"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from train_helpers import write_pairs_jsonl
@@ -129,7 +131,7 @@ def test_a_killed_save_leaves_nothing_behind_after_the_next_run(tiny_bert, tmp_p
     examples = read_examples(write_pairs_jsonl(tmp_path / "pairs.jsonl", 16))
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"the first half of a checkpoint")
+    (out / ".m2d-tmp.checkpoint.pt.k1ll3d_0.tmp").write_bytes(b"the first half of a checkpoint")
     loop.train(_config(tiny_bert, out, steps=2), examples, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "model"]
 
@@ -139,4 +141,39 @@ def test_resume_with_other_settings_is_refused(tiny_bert, tmp_path):
     loop.train(_config(tiny_bert, tmp_path / "run", steps=2), examples, stop_after=1, progress=False)
     with pytest.raises(loop.CheckpointError, match=r"other settings \(batch_size 4 -> 8; lr 0.001 -> 0.01\)"):
         loop.train(_config(tiny_bert, tmp_path / "run", steps=2, batch_size=8, lr=1e-2, resume=True), examples,
+                   progress=False)
+
+
+class _Payload:
+    """What an attacker puts in a checkpoint: unpickling it calls ``open(marker, "w")``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_crafted_checkpoint_runs_no_code(tiny_bert, tmp_path):
+    """The checksum header proves integrity, not origin: a checkpoint is loaded with weights_only=True."""
+    examples = read_examples(write_pairs_jsonl(tmp_path / "pairs.jsonl", 9))
+    config = _config(tiny_bert, tmp_path / "run", steps=2, grad_accum=1)
+    loop.train(config, examples, stop_after=1, progress=False)
+    checkpoint = tmp_path / "run" / loop.CHECKPOINT_NAME
+    state = loop.load_checkpoint(checkpoint)
+    marker = tmp_path / "pwned"
+    state["scaler"] = _Payload(marker)
+    loop.save_checkpoint(checkpoint, state)  # a valid header: the attacker computes the SHA-256 too
+    with pytest.raises(loop.CheckpointError, match="holds objects a safe load refuses"):
+        loop.train(_config(tiny_bert, tmp_path / "run", steps=2, grad_accum=1, resume=True), examples,
+                   progress=False)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_without_its_keys_is_named(tiny_bert, tmp_path):
+    examples = read_examples(write_pairs_jsonl(tmp_path / "pairs.jsonl", 9))
+    config = _config(tiny_bert, tmp_path / "run", steps=2, grad_accum=1)
+    loop.save_checkpoint(tmp_path / "run" / loop.CHECKPOINT_NAME, {"config": asdict(config), "step": 1})
+    with pytest.raises(loop.CheckpointError, match="lacks model, optimizer, scheduler, scaler, rng"):
+        loop.train(_config(tiny_bert, tmp_path / "run", steps=2, grad_accum=1, resume=True), examples,
                    progress=False)

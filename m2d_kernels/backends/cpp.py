@@ -19,6 +19,12 @@ two source versions never rebuild each other's folder or load a foreign build. N
 holder dies, so a process killed mid-build never blocks the next one; a live holder is
 waited for at most ``$M2D_BUILD_TIMEOUT`` seconds (default 900). The outcome, success or
 the compiler's error, is cached for the process.
+
+Code is loaded only from a folder and a library that belong to the current user and that no one
+else can write (a shared root such as ``/tmp`` could otherwise hold another user's library under
+the predictable key), and only when the library is the one the marker ``m2d-build.done``
+recorded after the build (size and SHA-256, both written durably): a truncated or replaced
+library is rebuilt under the lock instead of being loaded.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import json
+import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +46,7 @@ from types import ModuleType
 
 import torch
 
+from m2d_kernels._files import fsync_folder, not_private_reason, open_no_follow, write_durably
 from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms, prefix_norms
 from m2d_kernels.rules import PLAIN, check_rules
 
@@ -54,7 +64,8 @@ SOURCE_NAME = "m2d_cpu.cpp"
 # Lines of the compiler's output quoted when the build fails.
 REASON_LINES = 12
 LOCK_NAME = "m2d-build.lock"
-# Written after a successful build: its presence means the folder's library is complete.
+LIBRARY_NAME = f"{EXTENSION_NAME}.so"
+# Written after a successful build: the library's size and SHA-256, checked before every load.
 DONE_NAME = "m2d-build.done"
 DEFAULT_BUILD_TIMEOUT_S = 900.0
 LOCK_POLL_S = 0.2
@@ -131,7 +142,7 @@ def build_lock(folder: Path, timeout_s: float):
     if fcntl is None:
         yield
         return
-    with open(folder / LOCK_NAME, "a+") as handle:
+    with open(open_no_follow(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600), "r+") as handle:
         deadline = time.monotonic() + timeout_s
         announced = False
         while True:
@@ -159,11 +170,64 @@ def build_lock(folder: Path, timeout_s: float):
         yield
 
 
+def build_timeout() -> float:
+    """``$M2D_BUILD_TIMEOUT`` seconds (default 900): a finite number >= 0, or a ValueError naming it."""
+    raw = os.environ.get("M2D_BUILD_TIMEOUT")
+    if raw is None:
+        return DEFAULT_BUILD_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"M2D_BUILD_TIMEOUT must be a finite number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _check_private(path: Path, what: str) -> None:
+    reason = not_private_reason(path)
+    if reason is not None:
+        raise PermissionError(f"refusing to load the C++ backend from the {what} {path}: {reason}. Code is loaded "
+                              "only from your own folders that no one else can write; set M2D_BUILD_DIR to a "
+                              "private folder (or remove this one)")
+
+
+def _library_record(library: Path) -> dict:
+    data = library.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _built(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete build: the library its marker recorded, byte for byte."""
+    try:
+        recorded = json.loads((folder / DONE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    library = folder / LIBRARY_NAME
+    _check_private(library, "library")
+    try:
+        return isinstance(recorded, dict) and _library_record(library) == recorded
+    except OSError:
+        return False
+
+
 def _load_built(folder: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, folder / f"{EXTENSION_NAME}.so")
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, folder / LIBRARY_NAME)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _clear_build(folder: Path) -> None:
+    """Everything of a failed or damaged build but the lock, so that ninja rebuilds (it would trust the
+    timestamps of a truncated library)."""
+    for entry in folder.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _compile() -> ModuleType:
@@ -172,16 +236,20 @@ def _compile() -> ModuleType:
     source = _source_path()
     if source is None:
         raise RuntimeError(f"the C++ source csrc/{SOURCE_NAME} is missing from this installation")
+    timeout_s = build_timeout()
     folder = build_directory(source)
-    if (folder / DONE_NAME).is_file():
+    _check_private(folder, "build folder")
+    if _built(folder):
         return _load_built(folder)
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed: `pip install ninja` (a dependency of m2d-kernels)")
-    folder.mkdir(parents=True, exist_ok=True)
-    timeout_s = float(os.environ.get("M2D_BUILD_TIMEOUT", DEFAULT_BUILD_TIMEOUT_S))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    _check_private(folder, "build folder")  # created by someone else between the check and mkdir
     with build_lock(folder, timeout_s):
-        if (folder / DONE_NAME).is_file():  # built by the process we waited for
+        if _built(folder):  # built by the process we waited for
             return _load_built(folder)
+        _clear_build(folder)
         print(f"m2d-kernels: compiling the C++ backend into {folder} (once per torch version and source, "
               "1-2 min)...", file=sys.stderr, flush=True)
         cflags, ldflags = build_flags()
@@ -193,7 +261,11 @@ def _compile() -> ModuleType:
             build_directory=str(folder),
             verbose=False,
         )
-        (folder / DONE_NAME).touch()
+        library = folder / LIBRARY_NAME
+        with open(library, "rb") as file:  # the library on disk before the marker that vouches for it
+            os.fsync(file.fileno())
+        fsync_folder(folder)
+        write_durably(folder / DONE_NAME, json.dumps(_library_record(library)).encode())
     return module
 
 

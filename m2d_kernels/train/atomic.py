@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,14 +22,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from m2d_kernels._files import open_no_follow
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no output-folder lock
     fcntl = None
 
+# Temporaries are ``.m2d-tmp.<name>.<tempfile's 8 random characters>.tmp``: only such names are ever removed.
+TEMPORARY_PREFIX = ".m2d-tmp."
 TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY_NAME = re.compile(re.escape(TEMPORARY_PREFIX) + r".+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
 LOCK_NAME = ".m2d-train.lock"
 _RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _temporary_name(path: Path) -> dict[str, str]:
+    """``tempfile`` arguments for a temporary beside ``path``: ``.m2d-tmp.<name>.<random>.tmp``."""
+    return {"prefix": f"{TEMPORARY_PREFIX}{path.name}.", "suffix": TEMPORARY_SUFFIX}
 
 
 def _default_mode(directory: bool) -> int:
@@ -42,7 +53,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, **_temporary_name(path))
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
@@ -81,7 +92,7 @@ def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None]) -> N
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX))
+    staging = Path(tempfile.mkdtemp(dir=path.parent, **_temporary_name(path)))
     try:
         fill(staging)
         os.chmod(staging, _default_mode(directory=True))
@@ -98,7 +109,7 @@ def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None]) -> N
             except FileNotFoundError:  # another writer moved ``path`` away meanwhile: try again
                 continue
             # No atomic exchange: move the old folder aside under a name of our own, then rename.
-            previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX))
+            previous = Path(tempfile.mkdtemp(dir=path.parent, **_temporary_name(path)))
             try:
                 os.replace(path, previous)
             except FileNotFoundError:
@@ -110,13 +121,16 @@ def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None]) -> N
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files and folders that a killed writer left in ``folder``
-    (``.<name>.*.tmp``); call it only while holding the folder's :func:`output_lock`."""
+    """Delete the temporary files and folders that a killed writer of this module left in ``folder``
+    (``.m2d-tmp.<name>.<8 random characters>.tmp``); call it only while holding the folder's
+    :func:`output_lock`. A user's own ``.something.tmp`` is not of that form and stays."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for entry in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+    for entry in folder.iterdir():
+        if not _TEMPORARY_NAME.fullmatch(entry.name):
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -141,12 +155,12 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock_path = (folder / LOCK_NAME).resolve()
+    lock_path = folder.resolve() / LOCK_NAME  # the folder resolved, never the lock itself: it is not followed
     if lock_path in _held or fcntl is None:
         yield
         return
     while True:
-        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = open_no_follow(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -154,11 +168,8 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
             raise OutputFolderBusy(f"output folder {folder} is in use by another run (it holds {lock_path.name}); "
                                    "wait for it or choose another --output-dir") from None
         # The previous holder deletes the file when it finishes: make sure ours is still the one on disk.
-        try:
-            if os.stat(lock_path).st_ino == os.fstat(descriptor).st_ino:
-                break
-        except FileNotFoundError:
-            pass
+        if _same_file(lock_path, descriptor):
+            break
         os.close(descriptor)
     _held[lock_path] = descriptor
     try:
@@ -167,5 +178,15 @@ def output_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         del _held[lock_path]
-        lock_path.unlink(missing_ok=True)
+        if _same_file(lock_path, descriptor):  # only the file this process locked, never what replaced it
+            lock_path.unlink(missing_ok=True)
         os.close(descriptor)
+
+
+def _same_file(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` (not followed) is the file open as ``descriptor``."""
+    try:
+        entry, opened = os.lstat(path), os.fstat(descriptor)
+    except FileNotFoundError:
+        return False
+    return (entry.st_dev, entry.st_ino) == (opened.st_dev, opened.st_ino)

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Sequence
@@ -213,9 +214,11 @@ def step_weights(config: TrainConfig, layers: Sequence[int], dims: Sequence[int]
 
 
 def _rng_states(schedule_generator: torch.Generator) -> dict:
+    # Only types that torch.load(weights_only=True) rebuilds without running code: NumPy's key array as a tensor.
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "schedule": schedule_generator.get_state(),
@@ -224,7 +227,8 @@ def _rng_states(schedule_generator: torch.Generator) -> dict:
 
 def _set_rng_states(states: dict, schedule_generator: torch.Generator) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -301,14 +305,30 @@ def verify_checkpoint(path: str | os.PathLike, config: TrainConfig) -> int:
     return int(header.get("step") or 0)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "rng")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The state saved by :func:`save_checkpoint`, after checking its SHA-256."""
+    """The state saved by :func:`save_checkpoint`, after checking its SHA-256.
+
+    Loaded with ``weights_only=True``: tensors, numbers, strings and containers only, so a crafted file
+    can never run code (its checksum proves integrity, not origin). Raises CheckpointError naming the file.
+    """
     path = Path(path)
     _, payload = _read_verified(path)
     try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    except Exception as error:  # the checksum matched, so the writer itself produced this
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = str(error).split("WeightsUnpickler error: ")[-1].split(". ")[0]
+        raise CheckpointError(f"checkpoint {path} holds objects a safe load refuses ({refused}): it was not written "
+                              "by this version of m2d-train; delete it to start over") from None
+    except Exception as error:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(error).__name__}: {error}") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a complete m2d-train checkpoint; "
+                              "delete it to start over")
+    return state
 
 
 def save_model(encoder: LayerEncoder, directory: str | os.PathLike) -> None:
