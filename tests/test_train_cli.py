@@ -283,3 +283,70 @@ def test_hub_training_data_and_sts_evaluation(tiny_bert, tmp_path, capsys, monke
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["hf:sentence-transformers/stsb:test"]["size"] == 12
     assert (out / "heatmap_hf_sentence-transformers_stsb_test.png").is_file()
+
+
+# --- Files a user keeps: never lost to a typo, never written through a link, clear errors (issue 29) --------
+
+
+def test_a_fresh_run_never_overwrites_another_run(tiny_bert, pairs_file, tmp_path, capsys):
+    out = tmp_path / "finished"
+    args = _tiny_args(tiny_bert, pairs_file, out, "--no-progress", "--no-speed", "--eval", "none",
+                      "--checkpoint-every", "3")
+    assert main(args) == 0
+    before = {name: (out / name).stat().st_mtime_ns for name in ("checkpoint.pt", "summary.json")}
+    capsys.readouterr()
+    err = _error_of(args, capsys)  # the same command again: a typo away from losing the run
+    assert f"--output-dir {out} holds another run (checkpoint.pt, model, summary.json)" in err
+    assert "--resume" in err and "--resume-if-present" in err and "--overwrite" in err
+    assert {name: (out / name).stat().st_mtime_ns for name in before} == before
+    assert main(args[:-2] + ["--checkpoint-every", "0", "--overwrite"]) == 0  # asked for: replaced
+    assert not (out / "checkpoint.pt").exists(), "a later --resume must not find the replaced run's checkpoint"
+
+
+@pytest.mark.parametrize("planted", ["model", "summary.json", "checkpoint.pt"])
+def test_an_output_path_that_is_a_link_is_refused_before_training(planted, tiny_bert, pairs_file, tmp_path, capsys,
+                                                                  no_model_loading):
+    out = tmp_path / "run"
+    out.mkdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (out / planted).symlink_to(target)
+    err = _error_of(_tiny_args(tiny_bert, pairs_file, out, "--overwrite"), capsys)
+    assert f"{out / planted} is a symbolic link" in err
+    assert list(target.iterdir()) == []
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tiny_bert, pairs_file, tmp_path, capsys,
+                                                                            no_model_loading):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model").write_text("a file where the model folder goes")
+    err = _error_of(_tiny_args(tiny_bert, pairs_file, out, "--overwrite"), capsys)
+    assert f"{out / 'model'} is not a folder" in err
+    if os.getuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        err = _error_of(_tiny_args(tiny_bert, pairs_file, locked / "run"), capsys)
+        assert f"{locked} is not writable" in err
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_bert, pairs_file, tmp_path,
+                                                                               capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = _tiny_args(tiny_bert, pairs_file, out, "--no-progress", "--no-speed", "--eval", "none",
+                      "--checkpoint-every", "1")
+    saves = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor):  # the second checkpoint finds the disk full
+        if os.readlink(f"/proc/self/fd/{descriptor}").rsplit("/", 1)[-1].startswith(".m2d-tmp.checkpoint.pt."):
+            saves.append(descriptor)
+            if len(saves) == 2:
+                raise OSError(28, "No space left on device")
+        return real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    err = _error_of(args, capsys, code=1)
+    assert f"could not write {out / 'checkpoint.pt'}: No space left on device; its previous version" in err
+    assert loop.load_checkpoint(out / "checkpoint.pt")["step"] == 1  # the first one, whole
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # no temporary left behind

@@ -49,21 +49,47 @@ def _default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+class OutputWriteError(OSError):
+    """A file or folder of the run could not be written (disk full, no permission); the previous
+    version, if any, is intact and nothing was written half."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError while writing ``path`` as an OutputWriteError naming ``path`` (not the temporary)."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno == errno.ELOOP:  # _refuse_link's message already names the path
+            raise OutputWriteError(error.errno, f"could not write {path}: {reason}") from error
+        raise OutputWriteError(error.errno, f"could not write {path}: {reason}; its previous version (if any) is "
+                                            "intact. Free some space or fix the permissions, or choose another "
+                                            "--output-dir") from error
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, **_temporary_name(path))
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, _default_mode(directory=False))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with _naming(path):
+        _refuse_link(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, **_temporary_name(path))
+        try:
+            with os.fdopen(handle, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temporary, _default_mode(directory=False))
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -91,6 +117,17 @@ def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None]) -> N
     moved the old folder first).
     """
     path = Path(path)
+    with _naming(path):
+        _refuse_link(path)
+        _atomic_directory(path, fill)
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise OSError(errno.ELOOP, f"{path} is a symbolic link; m2d-kernels never writes through one (remove it)")
+
+
+def _atomic_directory(path: Path, fill: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, **_temporary_name(path)))
     try:

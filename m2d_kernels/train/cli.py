@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from m2d_kernels.train import data as datasets
 from m2d_kernels.train import evaluate, loop, parallel
-from m2d_kernels.train.atomic import OutputFolderBusy, output_lock
+from m2d_kernels.train.atomic import OutputFolderBusy, OutputWriteError, output_lock
 from m2d_kernels.train.encoder import POOLINGS, LayerEncoder, check_layers_and_dims, model_shape
 from m2d_kernels.train.loop import PRECISIONS, SCHEDULES, TrainConfig, default_dims, step_weights, train
 from m2d_kernels.train.speed import compare_with_reference, format_speed
@@ -30,6 +31,7 @@ PROG = "m2d-train"
 DEFAULT_STEPS = 30
 DEFAULT_HOLDOUT = 150
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+SUMMARY_NAME = "summary.json"
 
 
 class UsageError(ValueError):
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue from --output-dir/checkpoint.pt (an error when there is none)")
     runtime.add_argument("--resume-if-present", action="store_true",
                          help="like --resume, but start afresh when there is no checkpoint yet")
+    runtime.add_argument("--overwrite", action="store_true",
+                         help="start afresh in an --output-dir that holds another run, replacing its files")
     runtime.add_argument("--eval-batch-size", type=int, default=64, help="texts per evaluation forward")
     runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
     runtime.add_argument("--no-speed", action="store_true", help="skip the loss speed comparison")
@@ -239,6 +243,7 @@ def plan_run(args) -> Plan:
         reason = backends.unavailable_reason(config.backend, device)
         if reason is not None:
             raise UsageError(f"--backend {config.backend} cannot run on {device}: {reason}")
+    _check_outputs(output_dir, args)
     checkpoint = output_dir / loop.CHECKPOINT_NAME
     if config.resume and checkpoint.is_file():
         loop.verify_checkpoint(checkpoint, config)
@@ -247,6 +252,32 @@ def plan_run(args) -> Plan:
                                 "when there is none)")
     label = DEFAULT_MODEL_NAME if args.model is None else Path(model_path).resolve().name
     return Plan(config, str(model_path), label, output_dir, eval_names, data_dir, world, device)
+
+
+# What a run writes in --output-dir (and heat maps, replaced with the summary).
+RUN_FILES = (loop.CHECKPOINT_NAME, loop.MODEL_DIR_NAME, SUMMARY_NAME)
+
+
+def _check_outputs(output_dir: Path, args) -> None:
+    """Before anything slow: every output path can be written, and another run's files are not overwritten
+    by a typo (a fresh run needs --overwrite there)."""
+    for name in RUN_FILES:
+        path = output_dir / name
+        if path.is_symlink():
+            raise UsageError(f"--output-dir: {path} is a symbolic link; m2d-train never writes through one "
+                             "(remove it or choose another --output-dir)")
+        wrong_kind = path.exists() and (path.is_dir() != (name == loop.MODEL_DIR_NAME))
+        if wrong_kind:
+            raise UsageError(f"--output-dir: {path} is {'a folder' if path.is_dir() else 'not a folder'}, where "
+                             "m2d-train writes its own (remove it or choose another --output-dir)")
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {output_dir}: {existing} is not writable")
+    held = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if held and not (args.resume or args.resume_if_present or args.overwrite):
+        raise UsageError(f"--output-dir {output_dir} holds another run ({', '.join(held)}): pass --resume or "
+                         "--resume-if-present to continue it, --overwrite to replace it, or choose another "
+                         "--output-dir")
 
 
 def load_training_examples(args, data_dir: Path | None) -> list[datasets.Example]:
@@ -302,6 +333,9 @@ def run(args) -> dict | None:
     if plan.world.is_main_process:
         # Held for the whole run, so a second run on this folder is refused at once.
         with output_lock(plan.output_dir):
+            checkpoint = plan.output_dir / loop.CHECKPOINT_NAME
+            if args.overwrite and not plan.config.resume:
+                checkpoint.unlink(missing_ok=True)  # a later --resume must not find the replaced run's state
             return _run(args, plan)
     return _run(args, plan)
 
@@ -351,7 +385,7 @@ def _run(args, plan: Plan) -> dict | None:
         summary["loss_speed"] = speed
         print()
         print(format_speed(speed))
-    evaluate.write_json_atomic(output_dir / "summary.json", summary)
+    evaluate.write_json_atomic(output_dir / SUMMARY_NAME, summary)
     written = ["summary.json"] + (["heat maps"] if before else []) + \
         (["checkpoint.pt"] if config.checkpoint_every else [])
     print(f"\nwrote {', '.join(written)} and the model (model/) in {output_dir}")
@@ -369,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except loop.NonFiniteLossError as error:
+    except (loop.NonFiniteLossError, OutputWriteError) as error:  # the run failed; what it wrote is whole
         parser.exit(1, f"{PROG}: error: {error}\n")
     except (FileNotFoundError, ValueError, ImportError, OutputFolderBusy) as error:
         parser.exit(2, f"{PROG}: error: {error}\n")
