@@ -116,6 +116,17 @@ def _call(queries, docs, dims, options, backend, guide, positive_index):
     return losses, distill, *grads
 
 
+def _gradient_terms(queries, docs, dims, options):
+    """The size of the terms a gradient sums: ``scale * |y| / |x[:d]|`` for the cosine of the narrowest
+    prefix (``d/dx cos = (y_hat - cos x_hat) / |x|``), ``scale * |y|`` for the dot product."""
+    rows = torch.cat([queries, docs], 1)
+    widest = rows.norm(dim=-1).max().item()
+    if options["similarity"] == "dot":
+        return options["scale"] * widest
+    narrowest = rows[..., :dims[0]].norm(dim=-1).min().item()
+    return options["scale"] / max(narrowest, 1e-30)
+
+
 def _names_an_argument(error):
     return any(name in str(error) for name in ARGUMENTS)
 
@@ -160,9 +171,10 @@ def test_every_call_matches_the_oracle_or_names_its_bad_argument(call):
         if reference_low is None:
             bound = BOUND[dtype] * max(largest, 1.0)
         else:
-            # The floor: one rounding of that dtype, of the gradient's terms (about scale each) for a gradient,
-            # which a degenerate shape can cancel exactly in the reference (D = 1: every cosine is +-1).
-            terms = options["scale"] if name.startswith("grad") else 1.0
+            # The floor: one rounding of that dtype, of the largest term a gradient sums, which a degenerate
+            # shape cancels exactly in the reference (a 1-wide prefix: every cosine is +-1, the gradient 0).
+            terms = _gradient_terms(low_q.double(), low_d.double(), layout["dims"], options) if name.startswith(
+                "grad") else 1.0
             floor = torch.finfo(dtype).eps * max(largest, 1.0, terms)
             bound = 2 * (reference_low[i].double() - want).abs().max().item() + floor
         assert error <= bound, f"{name}: error {error:.3g} > {bound:.3g} ({backend}, {dtype}, {layout}, {options})"
