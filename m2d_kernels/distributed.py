@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
+from m2d_kernels.backends.torch_prefix import device_table
+
 # torch >= 2.13 names it all_gather_single_autograd and deprecates the older name, which
 # is the only one torch 2.11 has; both gather along dim 0 and reduce-scatter (sum) in backward.
 _all_gather_with_grad = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -217,7 +219,7 @@ class _RingInfoNCE(torch.autograd.Function):
                 offset, log_sum, positive = stats
             else:
                 offset, log_sum = _combine(offset, log_sum, *stats[:2])
-        active_pairs = torch.tensor(active, device=rows.device)
+        active_pairs = device_table(active, rows.device)
         losses = torch.where(active_pairs, ((offset - positive) + log_sum).mean(1), 0.0)
         ctx.save_for_backward(rows, cols, positives, offset, log_sum)
         ctx.config = (backend, dims, active, scale, group)

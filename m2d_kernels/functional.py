@@ -14,7 +14,7 @@ from numbers import Real
 import torch
 
 from m2d_kernels import backends
-from m2d_kernels.backends.torch_prefix import first_order_only
+from m2d_kernels.backends.torch_prefix import device_table, first_order_only
 from m2d_kernels.objective import (
     DIRECTIONS,
     HARDNESS_MODES,
@@ -191,7 +191,7 @@ def _fused(queries, docs, dims, weights, weights_param, scale, scale_param, posi
         return losses
     if weights_param is not None:
         return (losses * weights_param.to(device=losses.device, dtype=losses.dtype)).sum()
-    return (losses * torch.tensor(weights, device=losses.device, dtype=losses.dtype)).sum()
+    return (losses * device_table(weights, losses.device, losses.dtype)).sum()
 
 
 def _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, objective, reduction,
@@ -211,11 +211,11 @@ def _objective(queries, docs, dims, weights, weights_param, scale, scale_param, 
     losses, distill_terms = objective_losses(impl, queries, docs, dims, active, scale, positive_index, objective,
                                              gather=bool(gather_across_devices), leading_positives=leading_positives)
     weight_tensor = (weights_param.to(device=losses.device, dtype=losses.dtype) if weights_param is not None
-                     else torch.tensor(weights, device=losses.device, dtype=losses.dtype))
+                     else device_table(weights, losses.device, losses.dtype))
     if weights_param is None:  # pairs computed only for the distillation report 0, as documented
         losses = torch.where(weight_tensor > 0, losses, 0.0)
     if distill is not None:
-        distill_tensor = torch.tensor(distill, device=losses.device, dtype=losses.dtype)
+        distill_tensor = device_table(distill, losses.device, losses.dtype)
         distill_terms = torch.where(distill_tensor > 0, distill_terms, 0.0)
     if reduction == "none":
         return losses if distill is None else (losses, distill_terms)
@@ -443,8 +443,11 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
             raise ValueError(
                 f"positive_index must be on the embeddings' device {queries.device}, got {positive_index.device}"
             )
-        if not torch.compiler.is_compiling():  # reading the values syncs; torch.compile cannot trace it
-            low, high = positive_index.min().item(), positive_index.max().item()
+        # Reading the values syncs once (a GPU index); torch.compile cannot trace it and a CUDA graph cannot
+        # capture it, so there the kernels trust the index.
+        capturing = positive_index.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not (torch.compiler.is_compiling() or capturing):
+            low, high = torch.stack([positive_index.min(), positive_index.max()]).tolist()
             if low < 0 or high >= docs.shape[1]:
                 raise ValueError(f"positive_index values must be in [0, N={docs.shape[1]}), got range [{low}, {high}]")
 

@@ -36,7 +36,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms
+from m2d_kernels.backends.torch_prefix import accumulator_dtype, device_table, first_order_only, inverse_prefix_norms
 from m2d_kernels.rules import Rules, guide_tie_tolerance
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -335,7 +335,7 @@ class _PassesFunction(torch.autograd.Function):
         else:
             log_z = sum(s[0] + s[1] for s in stats) / len(stats)
             pass_stats = [s[:2] for s in stats]
-        active_pairs = torch.tensor(active, device=positive.device)
+        active_pairs = device_table(active, positive.device)
         losses = torch.where(active_pairs, (log_z - positive).mean(1), 0.0)
         distill_terms = torch.zeros_like(losses)
         if distill:

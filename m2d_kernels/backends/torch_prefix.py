@@ -32,6 +32,7 @@ rows' exponentials serve them: plain sums), and the backward adds the columns' p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -101,6 +102,14 @@ def _fixed_max_is_safe(scale: float, dtype: torch.dtype) -> bool:
     """Whether ``exp(scale * (cos - 1)) >= exp(-2 * scale)`` stays a normal float, so that
     ``scale`` can serve as the log-sum-exp maximum with no running max."""
     return 2 * scale < (700.0 if dtype == torch.float64 else 80.0)
+
+
+@functools.lru_cache(maxsize=256)
+def device_table(values: tuple, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small constant table (pair weights, active flags) on ``device``, copied from the host once per
+    value: repeated calls of a training step copy nothing (a host-to-device copy per call stalls the host and
+    breaks CUDA-graph capture). Shared: never modify it in place."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -683,7 +692,7 @@ def positive_logits(rows, cols, dims, active, scale, positives) -> torch.Tensor:
     x, y = rows.to(acc), cols.index_select(1, positives.clamp_min(0)).to(acc)
     products = torch.stack([(x[..., a:b] * y[..., a:b]).sum(-1) for a, b in _segments(dims)], -1).cumsum(-1)
     logits = products * inverse_prefix_norms(x, dims, acc)[0] * inverse_prefix_norms(y, dims, acc)[0] * scale
-    keep = (positives >= 0)[None, :, None] & torch.tensor(active, device=rows.device)[:, None, :]
+    keep = (positives >= 0)[None, :, None] & device_table(active, rows.device)[:, None, :]
     return torch.where(keep, logits, 0.0)
 
 

@@ -49,6 +49,7 @@ number; above that the forward keeps a running maximum.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -57,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m2d_kernels.backends.torch_prefix import SECOND_DERIVATIVE_ERROR, inverse_prefix_norms, prefix_norms
+from m2d_kernels.backends.torch_prefix import SECOND_DERIVATIVE_ERROR, device_table, inverse_prefix_norms, prefix_norms
 from m2d_kernels.rules import PLAIN, Rules, check_rules
 
 LOG2E = 1.4426950408889634
@@ -168,10 +169,12 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _autotuned(kernel, configs, key):
+def _autotuned(kernel, configs, key, reset_to_zero=None):
     """At most 12 configs, keyed by size class (next power of two of R and C, so a smaller last
-    batch reuses the choice), the choice cached on disk by Triton (``cache_results``)."""
+    batch reuses the choice), the choice cached on disk by Triton (``cache_results``). ``reset_to_zero``:
+    the outputs a kernel adds to (atomics), zeroed before every trial run and before the chosen one."""
     return triton.autotune(configs=_triton_configs(configs), key=list(key), cache_results=True,
+                           reset_to_zero=reset_to_zero,
                            prune_configs_by={"early_config_prune": _prune_configs})(kernel)
 
 
@@ -496,11 +499,15 @@ def _forward_tile(
             lo, hi = _segment(bounds_ptr, m, ALIGNED)
             acc = _accumulate_segment(acc, x_base, x_offsets, y_base, y_offsets, r_mask, c_mask, lo, hi, ALIGNED,
                                       BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
-            run_max, run_sum, run_wsum, pos_logit, t_sum = _forward_epilogue(
+            run_max, run_sum, wsum, pos_logit, tsum = _forward_epilogue(
                 acc, m, run_max, run_sum, run_wsum, pos_logit, t_sum, t_weight, t_rescale, r, c, r_mask, c_mask,
                 keep, penalised, is_pos, has_pos, layer, active_ptr, inv_rows_ptr, inv_cols_ptr, R, C, scale_log2,
                 penalty_log2, col_sum_ptr, K, stat_cols, M, M_PAD, FIXED_MAX, SCALE_GRAD, SIMILARITY_DOT, EXCLUDES,
                 PENALTY_MODE, TEACHER, COLUMN_STATS)
+            if SCALE_GRAD:  # as above: the unused loop-carried values stay the caller's constants
+                run_wsum = wsum
+            if TEACHER:
+                t_sum = tsum
     return run_max, run_sum, run_wsum, pos_logit, t_sum
 
 
@@ -564,7 +571,7 @@ def _m2d_fwd_kernel(
             tl.store(logsum_ptr + stat_offsets, run_sum, mask=stat_mask)  # the sum itself until the end
             tl.store(row_loss_ptr + stat_offsets, tl.zeros([BLOCK_R, M_PAD], tl.float32), mask=stat_mask)
             tl.store(teacher_sum_ptr + stat_offsets, tl.zeros([BLOCK_R, M_PAD], tl.float32), mask=stat_mask)
-        t_layer = (L - 1).to(tl.int64)
+        t_layer = tl.cast(L - 1, tl.int64)  # L may be the constant 1 (Triton specialises 1s)
         t_seg = tl.load(n_seg_ptr + t_layer)  # the caller guarantees pair (L - 1, M - 1) is active
         t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
         for c0 in range(c_start, C, BLOCK_C):
@@ -794,7 +801,7 @@ def _backward_tile(
                                   BLOCK_C, BLOCK_DG)
     p_teacher = 0.0
     if TEACHER:
-        t_layer = (L - 1).to(tl.int64)
+        t_layer = tl.cast(L - 1, tl.int64)  # L may be the constant 1 (Triton specialises 1s)
         acc = _accumulate_layer(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), rows_ptr + t_layer * R * D, x_offsets,
                                 cols_ptr + t_layer * C * D, y_offsets, r_mask, c_mask, bounds_ptr,
                                 tl.load(n_seg_ptr + t_layer), ALIGNED, FLAT_K, BLOCK_D, DOT_PRECISION, DOT_IN_FP32)
@@ -988,11 +995,12 @@ def _m2d_bwd_kernel(
 
 _m2d_fwd_kernel = triton.jit(_m2d_fwd_kernel)
 _m2d_bwd_kernel = triton.jit(_m2d_bwd_kernel)
-# Autotuned variants of the same kernels (opt-in). Every kernel overwrites its outputs (the
-# backward zeroes its work rows first), so autotuning's repeated runs are harmless.
+# Autotuned variants of the same kernels (opt-in). The kernels overwrite their outputs (the backward
+# zeroes its work rows first) except the forward's column sums, atomic adds of every row block: those are
+# zeroed before each of the autotuner's runs.
 _m2d_fwd_tuned = _autotuned(_m2d_fwd_kernel, FORWARD_CONFIGS,
                             ("R_CLASS", "C_CLASS", "D", "M", "FIXED_MAX", "ALIGNED", "SCALE_GRAD", "BLOCK_D",
-                             *RULE_FLAGS))
+                             *RULE_FLAGS), reset_to_zero=["col_sum_ptr"])
 _m2d_bwd_tuned = _autotuned(_m2d_bwd_kernel, BACKWARD_CONFIGS,
                             ("R_CLASS", "C_CLASS", "D", "M", "ALIGNED", "FOR_COLS", "BLOCK_D", *RULE_FLAGS))
 
@@ -1092,6 +1100,26 @@ def _patch_interpreter_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def _on_device(device: torch.device):
+    """Launches on the tensors' GPU, whatever the current one is (DDP-style per-rank devices)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# The kernels index a layer's rows with int32 offsets (row * D): past 2^31 elements per layer they wrap.
+MAX_LAYER_ELEMENTS = 2**31 - 1
+
+
+def _operand(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` contiguous, 16-byte aligned (an odd storage offset would compile another, untested variant
+    without the pointers' divisibility) and small enough for the kernels' int32 offsets."""
+    n_rows, n_features = x.shape[-2], x.shape[-1]
+    if n_rows * n_features > MAX_LAYER_ELEMENTS:
+        raise ValueError(f"{name}: the triton backend indexes a layer with int32 offsets, so rows x D must be below "
+                         f"2^31, got {n_rows} x {n_features}; split the batch or use backend='torch'")
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def _check_dtype(x: torch.Tensor) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"queries/docs: the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
@@ -1139,7 +1167,7 @@ def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rule
     ``sum_i exp(z_col(i, j) - scale)`` ``[L, K, M]`` (fp32; else None)."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
-    rows, cols = rows.contiguous(), cols.contiguous()
+    rows, cols = _operand(rows, "queries (rows)"), _operand(cols, "docs (columns)")
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
@@ -1167,10 +1195,11 @@ def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rule
     # With TEACHER one program walks every layer (the teacher tile is shared), else one per layer.
     layer_programs = 1 if rules.teacher else n_layers
     tiles = _tile_kwargs("forward", rows, n_rows, n_cols, rules)
-    if tiles is None:
-        _m2d_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), layer_programs)](*args, **options)
-    else:
-        _m2d_fwd_kernel[(triton.cdiv(n_rows, tiles["BLOCK_R"]), layer_programs)](*args, **options, **tiles)
+    with _on_device(rows.device):
+        if tiles is None:
+            _m2d_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), layer_programs)](*args, **options)
+        else:
+            _m2d_fwd_kernel[(triton.cdiv(n_rows, tiles["BLOCK_R"]), layer_programs)](*args, **options, **tiles)
     return (row_max, row_logsum, row_loss, row_dscale, inv_rows, norm_rows, inv_cols, norm_cols,
             teacher_sum if rules.teacher else None, col_sum if rules.column_statistics else None)
 
@@ -1211,7 +1240,7 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
     and times ``scale`` (d / d s = scale * d / d z)."""
     if rows.device.type == "cpu":
         _patch_interpreter_loop_bounds()
-    rows, cols = rows.contiguous(), cols.contiguous()
+    rows, cols = _operand(rows, "queries (rows)"), _operand(cols, "docs (columns)")
     n_layers, n_rows, n_features = rows.shape
     n_cols = cols.shape[1]
     bounds, flags, n_seg = _segment_tables(tuple(dims), tuple(active), rows.device)
@@ -1220,15 +1249,14 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
     options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols), **rule_flags,
                    TEACHER=distill_coef is not None)
     launch_tiles = {kind: _tile_kwargs(kind, rows, n_rows, n_cols, rules) for kind in ("backward_dX", "backward_dY")}
-    configs = (BACKWARD_CONFIGS if launch_tiles["backward_dX"] is None
+    configs = ([config[:2] for config in BACKWARD_CONFIGS] if launch_tiles["backward_dX"] is None
                else [(tiles["BLOCK_R"], tiles["BLOCK_C"]) for tiles in launch_tiles.values()])
-    largest_own = max(max(config[0], config[1]) for config in configs)
-    largest_tile = max(config[0] * config[1] for config in configs)
-    # Programs: one per SM, fewer if their scratch would not fit the L2 budget (at least one).
-    per_program = 4 * (largest_own * n_features + (len(dims) - 1) * largest_tile)
-    programs = max(1, min(_multiprocessors(rows.device), SCRATCH_BUDGET // per_program))
-    work = rows.new_empty(programs * largest_own, n_features, dtype=torch.float32)
-    slots = rows.new_empty(max(1, programs * (len(dims) - 1) * largest_tile), dtype=torch.float32)
+    sms = _multiprocessors(rows.device)
+    # Each config's programs hold their own work rows and tile slots: the buffers fit the largest need.
+    programs_of = {config: _backward_programs(*config, n_features, len(dims), sms) for config in configs}
+    work = rows.new_empty(max(p * max(config) for config, p in programs_of.items()), n_features, dtype=torch.float32)
+    slots = rows.new_empty(max(1, max(p * (len(dims) - 1) * config[0] * config[1]
+                                      for config, p in programs_of.items())), dtype=torch.float32)
     grads = []
     for for_cols, n_own, block, norm in ((False, n_rows, "BLOCK_R", norm_rows), (True, n_cols, "BLOCK_C", norm_cols)):
         tiles = launch_tiles["backward_dY" if for_cols else "backward_dX"]
@@ -1236,14 +1264,25 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
         args = (rows, cols, positives, bounds, flags, n_seg, inv_rows, inv_cols, norm, row_max, row_logsum, coef,
                 grad, work, slots, *pointers.values(), n_layers, n_rows, n_cols, n_features, scalars["DG"],
                 scalars["G"], scalars["K"], scale * LOG2E, scalars["penalty_log2"])
-        if tiles is None:
-            grid = lambda meta, n_own=n_own, block=block: (min(n_layers * triton.cdiv(n_own, meta[block]), programs),)
-            _m2d_bwd_tuned[grid](*args, FOR_COLS=for_cols, **options)
-        else:
-            grid = (min(n_layers * triton.cdiv(n_own, tiles[block]), programs),)
-            _m2d_bwd_kernel[grid](*args, FOR_COLS=for_cols, **options, **tiles)
+        with _on_device(rows.device):
+            if tiles is None:
+                def grid(meta, n_own=n_own, block=block):
+                    programs = programs_of[(meta["BLOCK_R"], meta["BLOCK_C"])]
+                    return (min(n_layers * triton.cdiv(n_own, meta[block]), programs),)
+                _m2d_bwd_tuned[grid](*args, FOR_COLS=for_cols, **options)
+            else:
+                programs = programs_of[(tiles["BLOCK_R"], tiles["BLOCK_C"])]
+                grid = (min(n_layers * triton.cdiv(n_own, tiles[block]), programs),)
+                _m2d_bwd_kernel[grid](*args, FOR_COLS=for_cols, **options, **tiles)
         grads.append(grad)
     return grads[0], grads[1]
+
+
+def _backward_programs(block_r: int, block_c: int, n_features: int, n_dims: int, sms: int) -> int:
+    """Persistent backward programs of a tile: one per SM, fewer if their fp32 scratch (work rows of the
+    owned block, ``n_dims - 1`` tile slots) would not stay in the L2 budget; at least one."""
+    per_program = 4 * (max(block_r, block_c) * n_features + (n_dims - 1) * block_r * block_c)
+    return max(1, min(sms, SCRATCH_BUDGET // per_program))
 
 
 @torch.library.custom_op("m2d_kernels::infonce_backward", mutates_args=())
@@ -1352,7 +1391,7 @@ def _positive_logits(rows, cols, dims, active, scale, positives, rules):
     logits = logits * factor[None, :, None]
     if rules.exclude_own_group:
         logits = torch.where(torch.isinf(factor)[None, :, None], -torch.inf, logits)
-    keep = (positives >= 0)[None, :, None] & torch.tensor(active, device=rows.device)[:, None, :]
+    keep = (positives >= 0)[None, :, None] & device_table(active, rows.device)[:, None, :]
     return torch.where(keep, logits, 0.0)
 
 
