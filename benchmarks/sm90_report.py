@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def compile_launch(launch: Launch, compiled_keys: set) -> dict | None:
     kernel._do_compile = do_compile
     previous = driver._active  # None without a GPU: reset_active() would look for a real driver
     driver.set_active(_CompileOnlyDriver())
+    started = time.perf_counter()
     try:
         compiled, error = kernel.run(*launch.args, grid=launch.grid, warmup=True, **launch.kwargs), None
     except _Repeated:
@@ -212,7 +214,8 @@ def compile_launch(launch: Launch, compiled_keys: set) -> dict | None:
                                           for k, v in constexprs.items()},
            "attrs": {k: v for k, v in _by_name(kernel, seen["attrs"]).items()},
            "num_warps": seen["options"].num_warps, "num_stages": seen["options"].num_stages,
-           "compiled": compiled is not None, "error": error}
+           "compiled": compiled is not None, "error": error,
+           "compile_seconds": round(time.perf_counter() - started, 2)}  # this CPU; 0 when Triton's cache had it
     if compiled is not None:
         row.update(inspect_cubin(compiled.asm["cubin"], compiled.metadata.shared))
     return row
@@ -311,8 +314,9 @@ def main(argv=None) -> int:
     cases = [case for case in CASES if args.case is None or case.name in args.case]
     data = report(cases, tuple(args.dtype or DTYPES), args.candidates)
     failed = [row for row in data["kernels"] if not row["compiled"]]
-    print(f"{len(data['kernels'])} specialisations compiled for sm_90 (triton {triton.__version__}), "
-          f"{len(failed)} failed; * = what the launcher selects")
+    seconds = sum(row["compile_seconds"] for row in data["kernels"])
+    print(f"{len(data['kernels'])} specialisations compiled for sm_90 (triton {triton.__version__}) in "
+          f"{seconds:.0f} s, {len(failed)} failed; * = what the launcher selects")
     if args.json:
         atomic_write(args.json, lambda file: file.write((json.dumps(data, indent=1) + "\n").encode()))
     return 1 if failed else 0

@@ -113,14 +113,14 @@ FP32_FORWARD_CONFIG = (64, 64, 4, 3)
 FP32_BACKWARD_CONFIGS = {"backward_dX": (64, 64, 8, 2), "backward_dY": (32, 64, 8, 2)}
 # With rules on (mask, penalty and teacher tiles live across the dim loop) the forward spills at the plain
 # tiles (up to 1 KB per thread at 64x128/4w); 64x64 over 8 warps is spill-free for each rule and for
-# dot+penalty+guided in bf16 (sm90_report.py --rules), 48 B (bf16) and 40 B (fp32) with all four of
-# exclude+penalty+guided+teacher (benchmarks/results/sm90_report_rules.json).
+# dot+penalty+guided in bf16, 48 B (bf16) and 40 B (fp32) with all four of exclude+penalty+guided+teacher
+# (Triton 3.6). What every launched specialisation spills today: benchmarks/results/sm90_report.json.
 RULES_FORWARD_CONFIG = (64, 64, 8, 3)
 # The shared-tile passes of the joint directions (rules.triangle / column_statistics: query_to_doc with
 # doc_to_query's column sums, the triangles with and without own-group exclusion) keep column statistics
 # live in the backward: at the plain tiles they spilled up to 352 B (bf16 dY) and 536 B (fp32 dY). These
-# are spill-free for each of those three rule sets on Triton 3.6, the GPU machine's (sm90_report.py --rules
-# ..., worked example), except fp32 dY, whose 32-row tile spills 8 B with the triangle and 64x32 16 B
+# are spill-free for each of those three rule sets on Triton 3.6, the GPU machine's (sm90_report.py, the
+# worked example's shared-tile cases), except fp32 dY, whose 32-row tile spills 8 B with the triangle and 64x32 16 B
 # without: the triangle takes 64x32. fp32 dX streams 32-wide column tiles over 4 warps: 32x64/8 spilled 16 B
 # once the gradient stores took int32 offsets (which made the other passes' backward spill less). Triton 3.9
 # allocates differently: some spill 8-16 B there.
