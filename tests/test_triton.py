@@ -816,9 +816,11 @@ def _launcher_call(options, seed=0):
     options = dict(options)
     if options.get("guide"):
         generator = torch.Generator().manual_seed(seed)
-        options["guide"] = (torch.randn(5, 8, generator=generator), torch.randn(10, 8, generator=generator))
+        options["guide"] = (torch.randn(5, 8, generator=generator).to(DEVICE),
+                            torch.randn(10, 8, generator=generator).to(DEVICE))
     loss = m2d.matryoshka_2d_infonce(queries, docs, (16, 32), backend="triton", **options)
     loss.backward()
+    return queries.device
 
 
 class _RecordingKernel:
@@ -855,8 +857,8 @@ def test_every_launch_runs_under_the_guard_of_its_tensors_device(options, monkey
     monkeypatch.setattr(tk, "_on_device", Guard)
     for name in ("_m2d_fwd_kernel", "_m2d_bwd_kernel"):
         monkeypatch.setattr(tk, name, _RecordingKernel(getattr(tk, name), guarded, launches))
-    _launcher_call(options)
-    assert launches and all(state == [torch.device(DEVICE)] for state in launches), launches
+    device = _launcher_call(options)
+    assert launches and all(state == [device] for state in launches), launches
     guard = real_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
