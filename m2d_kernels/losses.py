@@ -25,14 +25,15 @@ class Matryoshka2dInfoNCELoss(nn.Module):
             torch.distributed; ``"ring"``: the same by a ring exchange, memory independent of ``W``).
         **options: the loss-family options of :func:`matryoshka_2d_infonce` that do not change
             per step (``directions``, ``partition_mode``, ``similarity``, ``hardness_mode``,
-            ``hardness_strength``, ``guide_margin``, ``guide_margin_strategy``, ``distill_weights``).
+            ``hardness_strength``, ``guide_margin``, ``guide_margin_strategy``, ``guide_exclude_self``,
+            ``distill_weights``).
 
     ``forward(queries [L, B, D], docs [L, N, D], positive_index=None, reduction="sum", guide=None)``:
     ``guide`` is the step's ``(guide_queries, guide_docs)`` when guided filtering is on.
     """
 
     OPTIONS = ("directions", "partition_mode", "similarity", "hardness_mode", "hardness_strength", "guide_margin",
-               "guide_margin_strategy", "distill_weights")
+               "guide_margin_strategy", "guide_exclude_self", "distill_weights")
 
     def __init__(self, dims: Sequence[int], weights: WeightsLike = None, scale: float = 20.0,
                  symmetric: bool = False, backend: str = "auto", gather_across_devices: bool | str = False,

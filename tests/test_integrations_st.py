@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -272,7 +273,9 @@ def test_model_fit_trains_with_the_fused_loss(bert_dir, words, tmp_path):
                 for _ in range(8)]
     loss = FusedMatryoshka2dLoss(model, _mnrl(model, False), DIMS, mini_batch_size=2)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    started = time.time()
     model.fit([(DataLoader(examples, batch_size=4, shuffle=False), loss)], epochs=1, show_progress_bar=False,
-              optimizer_params={"lr": 1e-3})
+              optimizer_params={"lr": 1e-3}, checkpoint_path=str(tmp_path / "checkpoints"))  # not ./checkpoints
+    assert not (Path.cwd() / "checkpoints").exists() or (Path.cwd() / "checkpoints").stat().st_mtime < started
     changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
     assert "2.linear.weight" in changed and any(name.startswith("0.model.encoder.layer.0.") for name in changed)

@@ -82,7 +82,7 @@ def _tiny_args(model, data, out, *extra):
     (["--backend", "triton"], "--backend triton cannot run on cpu"),
     (["--backend", "fast"], "backend must be one of"),
     (["--checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
-    (["--layers", ","], "unknown layer(s) []"),
+    (["--layers", ","], "argument --layers: expected comma-separated integers, got ','"),
     (["--epochs", "0", "--steps", "3"], "epochs must be a finite number > 0"),
     (["--layers-per-step", "0"], "layers_per_step must be >= 1 or -1"),
     (["--lr", "inf"], "lr must be a finite number > 0"),
@@ -99,6 +99,8 @@ def _tiny_args(model, data, out, *extra):
     (["--precision", "fp16"], "fp16 needs a CUDA device"),
     (["--resume"], "--resume: no checkpoint at"),
     (["--layers", "x"], "expected comma-separated integers"),
+    (["--dims", "8,,32"], "argument --dims: expected comma-separated integers, got '8,,32'"),
+    (["--layers", "1,2,"], "argument --layers: expected comma-separated integers, got '1,2,'"),
 ])
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(extra, words, tiny_bert, pairs_file, tmp_path,
                                                                capsys, no_model_loading, monkeypatch):

@@ -48,8 +48,11 @@ def default_model_path() -> str:
 
 
 def _int_list(text: str) -> tuple[int, ...]:
+    items = [item.strip() for item in text.split(",")]
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        if "" in items:  # "32,,64" is a typo, not (32, 64)
+            raise ValueError
+        return tuple(int(item) for item in items)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
 
