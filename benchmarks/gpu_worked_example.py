@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+from memory import peak_extra_bytes  # benchmarks/memory.py, beside this script
 
 L, B, N, D = 12, 8192, 8192, 768
 DIMS = (32, 64, 128, 256, 512, 768)
@@ -72,14 +73,9 @@ def _with_rate(timing, flops):
 
 
 def _peak_extra_bytes(step, before):
-    """Peak allocation during one ``step`` beyond what was allocated before it."""
+    """Peak allocation during one ``step`` beyond what was allocated before it (``before`` runs first)."""
     before()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    allocated = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - allocated
+    return peak_extra_bytes(step, torch.device("cuda"))
 
 
 class _Expired(Exception):
