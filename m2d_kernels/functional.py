@@ -360,6 +360,20 @@ class _ScaleGradient(torch.autograd.Function):
         return grad_losses, None, grad_scale
 
 
+def validate_dims(dims) -> tuple[int, ...]:
+    """``dims`` as a tuple of strictly increasing positive ints, or a TypeError/ValueError naming ``dims``."""
+    if isinstance(dims, torch.Tensor):
+        dims = dims.tolist()
+    if isinstance(dims, (int, str)) or not isinstance(dims, Sequence):
+        raise TypeError(f"dims must be a sequence of ints, got {type(dims).__name__}")
+    if len(dims) == 0 or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"dims must be a non-empty sequence of ints, got {dims!r}")
+    dims = tuple(int(d) for d in dims)
+    if dims[0] < 1 or any(b <= a for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"dims must be strictly increasing positive ints, got {dims}")
+    return dims
+
+
 def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite,
               gather_across_devices):
     for name, x in (("queries", queries), ("docs", docs)):
@@ -386,15 +400,7 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
     if docs.shape[1] < n_queries:
         raise ValueError(f"docs must have at least as many rows N as queries B, got N={docs.shape[1]} < B={n_queries}")
 
-    if isinstance(dims, torch.Tensor):
-        dims = dims.tolist()
-    if isinstance(dims, (int, str)) or not isinstance(dims, Sequence):
-        raise TypeError(f"dims must be a sequence of ints, got {type(dims).__name__}")
-    if len(dims) == 0 or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-        raise TypeError(f"dims must be a non-empty sequence of ints, got {dims!r}")
-    dims = tuple(int(d) for d in dims)
-    if dims[0] < 1 or any(b <= a for a, b in zip(dims, dims[1:])):
-        raise ValueError(f"dims must be strictly increasing positive ints, got {dims}")
+    dims = validate_dims(dims)
     if dims[-1] > n_features:
         raise ValueError(f"dims must not exceed the feature size D={n_features}, got {dims}")
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from m2d_kernels.functional import matryoshka_2d_infonce
+from m2d_kernels.functional import matryoshka_2d_infonce, validate_dims
 
 WeightsLike = torch.Tensor | Sequence[Sequence[float]] | Callable[[], torch.Tensor] | None
 
@@ -43,7 +43,7 @@ class Matryoshka2dInfoNCELoss(nn.Module):
             raise TypeError(f"Matryoshka2dInfoNCELoss got unknown options {unknown}; options are {self.OPTIONS}")
         super().__init__()
         self.options = options
-        self.dims = tuple(dims)
+        self.dims = validate_dims(dims)  # at construction, not at the first call
         self.weights = weights
         self.scale = scale
         self.symmetric = symmetric

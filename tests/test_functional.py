@@ -200,6 +200,15 @@ def test_loss_module_matches_functional_and_accepts_callable_weights():
     assert "symmetric=True" in repr(module)
 
 
+@pytest.mark.parametrize(("dims", "error", "match"), [((64, 32), ValueError, "dims must be strictly increasing"),
+                                                      ((), TypeError, "dims must be a non-empty sequence"),
+                                                      (16, TypeError, "dims must be a sequence of ints")])
+def test_loss_module_checks_its_dims_when_built(dims, error, match):
+    """A wrong dims is named at construction, not at the first call (possibly minutes into training)."""
+    with pytest.raises(error, match=match):
+        m2d.Matryoshka2dInfoNCELoss(dims)
+
+
 def test_auto_backend_and_available_backends():
     names = m2d.available_backends()
     assert "torch" in names and "reference" in names
