@@ -46,7 +46,7 @@ from types import ModuleType
 
 import torch
 
-from m2d_kernels._files import fsync_folder, not_private_reason, open_no_follow, write_durably
+from m2d_kernels._files import atomic_write, fsync_folder, not_private_reason, open_no_follow
 from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms, prefix_norms
 from m2d_kernels.rules import PLAIN, check_rules
 
@@ -265,7 +265,8 @@ def _compile() -> ModuleType:
         with open(library, "rb") as file:  # the library on disk before the marker that vouches for it
             os.fsync(file.fileno())
         fsync_folder(folder)
-        write_durably(folder / DONE_NAME, json.dumps(_library_record(library)).encode())
+        record = json.dumps(_library_record(library)).encode()
+        atomic_write(folder / DONE_NAME, lambda file: file.write(record))
     return module
 
 

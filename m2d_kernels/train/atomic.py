@@ -22,31 +22,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from m2d_kernels._files import open_no_follow
+from m2d_kernels import _files
+from m2d_kernels._files import (
+    TEMPORARY_PREFIX,
+    TEMPORARY_SUFFIX,
+    default_mode,
+    open_no_follow,
+    refuse_link,
+    temporary_name,
+)
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no output-folder lock
     fcntl = None
 
-# Temporaries are ``.m2d-tmp.<name>.<tempfile's 8 random characters>.tmp``: only such names are ever removed.
-TEMPORARY_PREFIX = ".m2d-tmp."
-TEMPORARY_SUFFIX = ".tmp"
 _TEMPORARY_NAME = re.compile(re.escape(TEMPORARY_PREFIX) + r".+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
 LOCK_NAME = ".m2d-train.lock"
 _RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def _temporary_name(path: Path) -> dict[str, str]:
-    """``tempfile`` arguments for a temporary beside ``path``: ``.m2d-tmp.<name>.<random>.tmp``."""
-    return {"prefix": f"{TEMPORARY_PREFIX}{path.name}.", "suffix": TEMPORARY_SUFFIX}
-
-
-def _default_mode(directory: bool) -> int:
-    # mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask modes.
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
 
 
 class OutputWriteError(OSError):
@@ -66,7 +59,7 @@ def _naming(path: Path) -> Iterator[None]:
         raise
     except OSError as error:
         reason = error.strerror or str(error)
-        if error.errno == errno.ELOOP:  # _refuse_link's message already names the path
+        if error.errno == errno.ELOOP:  # refuse_link's message already names the path
             raise OutputWriteError(error.errno, f"could not write {path}: {reason}") from error
         raise OutputWriteError(error.errno, f"could not write {path}: {reason}; its previous version (if any) is "
                                             "intact. Free some space or fix the permissions, or choose another "
@@ -74,22 +67,10 @@ def _naming(path: Path) -> Iterator[None]:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    with _naming(path):
-        _refuse_link(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, **_temporary_name(path))
-        try:
-            with os.fdopen(handle, "wb") as file:
-                write(file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temporary, _default_mode(directory=False))
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``
+    (:func:`m2d_kernels._files.atomic_write`); an OSError becomes an OutputWriteError naming ``path``."""
+    with _naming(Path(path)):
+        _files.atomic_write(path, write)
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -118,21 +99,16 @@ def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None]) -> N
     """
     path = Path(path)
     with _naming(path):
-        _refuse_link(path)
+        refuse_link(path)
         _atomic_directory(path, fill)
-
-
-def _refuse_link(path: Path) -> None:
-    if path.is_symlink():
-        raise OSError(errno.ELOOP, f"{path} is a symbolic link; m2d-kernels never writes through one (remove it)")
 
 
 def _atomic_directory(path: Path, fill: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, **_temporary_name(path)))
+    staging = Path(tempfile.mkdtemp(dir=path.parent, **temporary_name(path)))
     try:
         fill(staging)
-        os.chmod(staging, _default_mode(directory=True))
+        os.chmod(staging, default_mode(directory=True))
         for _ in range(100):  # each retry means another writer won a race; one of them always progresses
             try:
                 os.rename(staging, path)  # succeeds only while ``path`` is absent (or an empty folder)
@@ -146,7 +122,7 @@ def _atomic_directory(path: Path, fill: Callable[[Path], None]) -> None:
             except FileNotFoundError:  # another writer moved ``path`` away meanwhile: try again
                 continue
             # No atomic exchange: move the old folder aside under a name of our own, then rename.
-            previous = Path(tempfile.mkdtemp(dir=path.parent, **_temporary_name(path)))
+            previous = Path(tempfile.mkdtemp(dir=path.parent, **temporary_name(path)))
             try:
                 os.replace(path, previous)
             except FileNotFoundError:
