@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -262,8 +261,8 @@ RUN_FILES = (loop.CHECKPOINT_NAME, loop.MODEL_DIR_NAME, SUMMARY_NAME)
 
 
 def _check_outputs(output_dir: Path, args) -> None:
-    """Before anything slow: every output path can be written, and another run's files are not overwritten
-    by a typo (a fresh run needs --overwrite there)."""
+    """Before anything slow: every output path can be written (the folder itself: loop.check_output_dir), and
+    another run's files are not overwritten by a typo (a fresh run needs --overwrite there)."""
     for name in RUN_FILES:
         path = output_dir / name
         if path.is_symlink():
@@ -273,9 +272,6 @@ def _check_outputs(output_dir: Path, args) -> None:
         if wrong_kind:
             raise UsageError(f"--output-dir: {path} is {'a folder' if path.is_dir() else 'not a folder'}, where "
                              "m2d-train writes its own (remove it or choose another --output-dir)")
-    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path("."))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--output-dir {output_dir}: {existing} is not writable")
     held = [name for name in RUN_FILES if (output_dir / name).exists()]
     if held and not (args.resume or args.resume_if_present or args.overwrite):
         raise UsageError(f"--output-dir {output_dir} holds another run ({', '.join(held)}): pass --resume or "

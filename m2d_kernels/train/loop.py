@@ -167,11 +167,16 @@ def check_config(config: TrainConfig, n_examples: int | None = None, world_size:
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
-    """The output folder as a Path; ValueError when it (or a parent) is not a folder."""
+    """The output folder as a Path; ValueError when it (or a parent) is not a folder, or when the nearest of
+    them that exists cannot be written."""
     path = Path(path)
-    for candidate in (path, *path.parents):
-        if candidate.exists() and not candidate.is_dir():
+    existing = [candidate for candidate in (path, *path.parents) if candidate.exists()]
+    for candidate in existing:
+        if not candidate.is_dir():
             raise ValueError(f"output_dir {path}: {candidate} exists and is not a folder")
+    nearest = existing[0] if existing else Path(".")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {path}: {nearest} is not writable")
     return path
 
 
