@@ -1252,7 +1252,9 @@ def _launch_backward(coef, rows, cols, positives, row_max, row_logsum, inv_rows,
     configs = ([config[:2] for config in BACKWARD_CONFIGS] if launch_tiles["backward_dX"] is None
                else [(tiles["BLOCK_R"], tiles["BLOCK_C"]) for tiles in launch_tiles.values()])
     sms = _multiprocessors(rows.device)
-    # Each config's programs hold their own work rows and tile slots: the buffers fit the largest need.
+    # Each config's programs hold their own work rows and tile slots, within SCRATCH_BUDGET per launch. The
+    # buffers fit the largest need of each (work rows of one config, slots of another when dX and dY tiles
+    # differ), so the allocation is at most twice the budget; a launch touches only its own config's part.
     programs_of = {config: _backward_programs(*config, n_features, len(dims), sms) for config in configs}
     work = rows.new_empty(max(p * max(config) for config, p in programs_of.items()), n_features, dtype=torch.float32)
     slots = rows.new_empty(max(1, max(p * (len(dims) - 1) * config[0] * config[1]
