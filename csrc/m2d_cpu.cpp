@@ -1,12 +1,11 @@
 // Fused 2D Matryoshka InfoNCE on the CPU: every (layer, nested dim) pair in one call.
 //
-// Math (docs/design.md, section 1), for layer l, nested dims d_1 < ... < d_M, segments
+// Math (docs/design.md, "The loss" and "The prefix trick"), for layer l, nested dims d_1 < ... < d_M, segments
 // seg_m = [d_{m-1}, d_m):
 //
 //   S_m     = S_{m-1} + Q[:, seg_m] K[:, seg_m]^T         one accumulator over D
 //   z_m     = scale * diag(rq_m) S_m diag(rk_m)             rq_m = 1 / max(|q[:d_m]|, eps)
-//   loss_lm = mean_i [(max_i - z_m(i, p(i))) + log sum_j exp(z_m(i, j) - max_i)]
-//             (+ the same over the positive columns, halved when symmetric)
+//   LSE_i   = max_i + log sum_j exp(z_m(i, j) - max_i)          one pass: rows against a block of columns
 //
 // Row statistics are kept RELATIVE to the row maximum (max and log-sum stored apart), and
 // the backward recomputes every logit with the same tiles, GEMM calls and expression as
@@ -29,13 +28,13 @@
 // added "in turn" (tile 0, then 1, ...; a thread waits on a condition variable, never
 // spins), so results are bitwise independent of the number of threads.
 //
-// The pass API (pass_forward / pass_backward) runs the same kernels under the rules of
-// m2d_kernels/rules.py: "dot" (unit inverse norms, running maximum, no norm term), a per-tile
+// The extension is one pass of the backend contract (m2d_kernels/backends/base.py): pass_forward and
+// pass_backward, rows against a block of columns, under the rules of m2d_kernels/rules.py: "dot" (unit inverse norms, running maximum, no norm term), a per-tile
 // keep mask (own group, guide similarity above the row's threshold) applied before any
 // exponential, a per-tile penalty coefficient (stop-gradient: it changes z, not d z / d s),
 // and the teacher (pair L-1, M-1) whose tile weights are formed once per tile and shared by
 // every pair. The rules become template arguments once per call (pick_forward /
-// pick_backward), so the plain pass and pair_losses run the original loops. The guide
+// pick_backward), so the plain pass runs loops with no rule in them. The guide
 // product and the teacher tile are per tile for all layers, so with them a task covers every
 // layer of its row block (forward) or column tile (backward); extra memory stays
 // O(threads x M x tile).
@@ -44,9 +43,8 @@
 // j > i or j >= R scored) a (row block, column tile) pair wholly at or below the diagonal is
 // skipped, no GEMM and no exponential, and a tile crossing it is multiplied in strips that skip
 // most of what lies below it (kStripRows); with rules.column_statistics = K the first K columns also
-// get softmax statistics over the rows (no penalty), computed and merged like the doc->query
-// direction's positive columns of pair_losses: one machinery for both, the "statistic columns" of
-// Problem. Under a fixed maximum and no penalty a column's logits and maximum are its rows', so one
+// get softmax statistics over the rows (no penalty), the "statistic columns" of Problem (the symmetric
+// loss's doc->query direction, when the positives are the first K columns). Under a fixed maximum and no penalty a column's logits and maximum are its rows', so one
 // exponential per entry serves both softmaxes, forward and backward (Problem::shares_exponentials).
 // Only the tiles that hold an excluded entry run the kernels that read the keep mask
 // (Problem::tile_excludes): own-group columns are every group_period-th, so most tiles hold none.
@@ -208,7 +206,7 @@ class Turns {
 
 // The rules of one rows-vs-columns pass (m2d_kernels/rules.py), runtime values: each kernel
 // call turns them into template arguments once (pick_* below), so the inner loops of the
-// plain pass are the original ones. pair_losses passes the default (plain) rules.
+// plain pass have no rule in them.
 enum Penalty : int64_t { kNoPenalty = 0, kInBatchNegatives = 1, kHardNegatives = 2, kAllNegatives = 3 };
 
 template <typename T>
@@ -250,26 +248,20 @@ struct Problem {
   int64_t L, B, N, D, M, col_tile, n_blocks, n_tiles, q_stride;
   T scale;
   T max_logit;  // bound of every cosine logit: scale, plus the penalty strength when there is one
-  bool symmetric, fixed_max;
+  bool fixed_max;
   PassRules<T> rules;
   std::vector<int64_t> starts, ends;  // segment m is [starts[m], ends[m])
   std::vector<uint8_t> active;        // [L, M]
   std::vector<int64_t> last;          // [L] largest active m, -1 if none
-  // The statistic columns: columns that are also softmaxes over the rows, sorted, and the slot of
-  // each in the column statistics [L, n_slots, M]. pair_losses' doc->query direction: the positive
-  // columns, slot = the query (a column repeats when queries share a positive); a pass with
-  // rules.column_statistics = K: columns 0..K-1, slot = column (contiguous_stats).
-  std::vector<int64_t> stat_cols, stat_slots;
+  // The statistic columns (rules.column_statistics = K): columns 0..K-1 are also softmaxes over the rows;
+  // their statistics are [L, K, M].
   int64_t n_slots = 0;
-  bool contiguous_stats = false;
   // Backward with shares_exponentials(): softmax_weight of every row [L, B, M] and statistic column
   // [L, K, M], once per call rather than per tile.
   std::vector<T> row_weights, col_weights;
 
-  // First statistic entry whose column is >= col.
-  int64_t stats_begin(int64_t col) const {
-    return std::lower_bound(stat_cols.begin(), stat_cols.end(), col) - stat_cols.begin();
-  }
+  // The statistic columns before column `col`.
+  int64_t stats_begin(int64_t col) const { return std::min(col, n_slots); }
   // Triangle: the pair (row block at r0, column tile [c0, c0 + nc)) has only j <= i entries.
   bool skipped(int64_t r0, int64_t c0, int64_t nc) const { return rules.triangle && c0 + nc - 1 <= r0; }
   // Triangle: a pair that is not skipped but holds some j <= i entry (needs the keep mask).
@@ -290,7 +282,7 @@ struct Problem {
   }
   // Column statistics 0..K-1 whose logits and maximum are their rows' (cos, fixed maximum, no penalty):
   // one exponential per entry serves the row and the column softmax, forward and backward.
-  bool shares_exponentials() const { return contiguous_stats && fixed_max && !rules.penalises() && !rules.teacher; }
+  bool shares_exponentials() const { return n_slots > 0 && fixed_max && !rules.penalises() && !rules.teacher; }
   // Whether the tile holds an excluded entry that the epilogues would reach, so that it needs the keep
   // mask and the kernels that read it: with a guide every tile; the tiles where some row's own-group
   // column lies at or after the row's first scored column (the own group is every group_period-th
@@ -329,17 +321,13 @@ inline T entry_logit(const Problem<T>& p, T row_scale, T rq, T s, T rk, const T*
   return p.logit(row_scale, s, rk);
 }
 
-// Because |cos| <= 1, `scale` bounds every logit: when exp(-2 * scale) is still a normal
-// number, sum_j exp(logit - scale) is exact without a running maximum.
-template <typename T>
-bool fixed_max_is_exact(T scale) {
-  return 2 * scale <= (sizeof(T) == sizeof(float) ? T(80) : T(700));
-}
-
+// `fixed_max`: the caller's decision (m2d_kernels.numerics.fixed_max_is_exact) that max_logit bounds every
+// logit with exp(-2 * max_logit) still a normal number, so sum_j exp(logit - max_logit) is exact without a
+// running maximum. Only cosines have the bound.
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q, const at::Tensor& inv_k,
                         const at::Tensor& positive, const std::vector<int64_t>& dims, const at::Tensor& active,
-                        double scale, bool symmetric, const PassRules<T>& rules = PassRules<T>()) {
+                        double scale, bool fixed_max, const PassRules<T>& rules) {
   Problem<T> p;
   p.q = q.data_ptr<T>();
   p.k = k.data_ptr<T>();
@@ -356,11 +344,10 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.n_blocks = (p.B + kRowBlock - 1) / kRowBlock;
   p.n_tiles = (p.N + p.col_tile - 1) / p.col_tile;
   p.scale = static_cast<T>(scale);
-  p.symmetric = symmetric;
   p.rules = rules;
   p.max_logit = p.scale + (rules.penalises() ? rules.penalty_strength : T(0));
-  // "dot" has no bound: the running maximum.
-  p.fixed_max = rules.normalised && fixed_max_is_exact(p.max_logit);
+  TORCH_CHECK(!fixed_max || rules.normalised, "m2d cpp backend: a fixed maximum needs cosine similarity");
+  p.fixed_max = fixed_max;
   for (int64_t m = 0; m < p.M; ++m) {
     p.starts.push_back(m == 0 ? 0 : dims[m - 1]);
     p.ends.push_back(dims[m]);
@@ -376,22 +363,9 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(!rules.triangle || p.B <= p.N, "m2d cpp backend: rules.triangle needs R <= C");
   TORCH_CHECK(rules.column_statistics >= 0 && rules.column_statistics <= p.N,
               "m2d cpp backend: rules.column_statistics must be in [0, C]");
-  TORCH_CHECK(!rules.column_statistics || !(symmetric || rules.shares_tiles_across_layers()),
-              "m2d cpp backend: rules.column_statistics takes no doc->query direction, guide or teacher");
-  if (symmetric) {  // queries sorted by the doc row of their positive
-    p.stat_slots.resize(p.B);
-    for (int64_t i = 0; i < p.B; ++i) p.stat_slots[i] = i;
-    std::stable_sort(p.stat_slots.begin(), p.stat_slots.end(),
-                     [&](int64_t a, int64_t b) { return p.positive[a] < p.positive[b]; });
-    for (int64_t i : p.stat_slots) p.stat_cols.push_back(p.positive[i]);
-    p.n_slots = p.B;
-  } else if (rules.column_statistics > 0) {
-    p.n_slots = rules.column_statistics;
-    p.stat_cols.resize(p.n_slots);
-    for (int64_t j = 0; j < p.n_slots; ++j) p.stat_cols[j] = j;
-    p.stat_slots = p.stat_cols;
-    p.contiguous_stats = true;
-  }
+  TORCH_CHECK(!rules.column_statistics || !rules.shares_tiles_across_layers(),
+              "m2d cpp backend: rules.column_statistics takes no guide or teacher");
+  p.n_slots = rules.column_statistics;
   return p;
 }
 
@@ -631,7 +605,7 @@ void merge(SoftmaxStats<T>& total, const SoftmaxStats<T>& part) {
 template <typename T>
 struct BlockStats {
   std::vector<SoftmaxStats<T>> rows, columns;
-  std::vector<T> positive_logit, positive_cos, teacher_sum;
+  std::vector<T> positive_logit, teacher_sum;
 };
 
 // Folds one tile of pair (l, m) into the row statistics (at `slot`). kScaleGrad adds sum_j exp(z_j - max) * cos_j beside the sum, for d loss / d scale;
@@ -725,7 +699,6 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
       T z = entry_logit<kPenalty>(p, row_scale, rq, s_row[pos], rk[pos], pen_row, pos);
       if constexpr (kExclude) z = keep_row[pos] != 0 ? z : kMinusInf;
       stats.positive_logit[slot * nr + i] = z;
-      if constexpr (kScaleGrad) stats.positive_cos[slot * nr + i] = rq * s_row[pos] * rk[pos];
     }
   }
   for (int64_t j = 0; j < n_columns; ++j) stats.columns[(c0 + j) * p.M + m] = SoftmaxStats<T>{p.scale, column_sums[j], 0};
@@ -734,19 +707,16 @@ void forward_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t slot, i
 // The statistic columns (Problem) of one tile of pair (l, m), over this row block: each lies in
 // exactly one tile, so a block writes each slot once. Column logits carry no penalty; excluded
 // entries are dropped before any exponential; the fixed maximum of a column is `scale`.
-// Row-major, vectorised across the tile's statistic columns: kContiguous, entry e is tile column
-// j0 + e (the row pointers below start at j0); else gathered through stat_cols. The index is an
-// inline expression, not a lambda: GCC does not vectorise the loops through a closure's references.
-// `buffer` holds 3 x col_tile.
-template <bool kScaleGrad, bool kExclude, bool kContiguous, typename T>
+// Row-major, vectorised across the tile's statistic columns: entry e is tile column j0 + e (the row
+// pointers below start at j0). `buffer` holds 3 x col_tile.
+template <bool kScaleGrad, bool kExclude, typename T>
 void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                      const T* s, T* rk, T* buffer, BlockStats<T>& stats, const TileRules<T>& rules) {
   static_assert(!(kScaleGrad && kExclude), "d loss / d scale is for plain rules only");
   constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
   const int64_t e0 = p.stats_begin(c0), n = p.stats_begin(c0 + nc) - e0;
   if (n == 0) return;
-  const int64_t* cols = p.stat_cols.data() + e0;
-  const int64_t j0 = cols[0] - c0, shift = kContiguous ? j0 : 0;
+  const int64_t j0 = e0 - c0, shift = j0;
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   const T* inv_q = p.inv_q + (l * p.B + r0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
@@ -765,12 +735,11 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
       const T row_scale = p.scale * inv_q[i * p.M];
       const T* s_row = s + i * nc + shift;
       const T* keep_row = rules.keep + i * nc + shift;
-      const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
+      const int64_t first = std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n);
 #pragma omp simd
       for (int64_t e = first; e < n; ++e) {
-        const int64_t j = kContiguous ? e : cols[e] - c0;
-        T z = p.logit(row_scale, s_row[j], rk_at[j]);
-        if constexpr (kExclude) z = keep_row[j] != 0 ? z : kMinusInf;
+        T z = p.logit(row_scale, s_row[e], rk_at[e]);
+        if constexpr (kExclude) z = keep_row[e] != 0 ? z : kMinusInf;
         col_max[e] = std::max(col_max[e], z);
       }
     }
@@ -780,23 +749,22 @@ void column_epilogue(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int6
     const T row_scale = p.scale * rq;
     const T* s_row = s + i * nc + shift;
     const T* keep_row = rules.keep + i * nc + shift;
-    const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
+    const int64_t first = std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n);
 #pragma omp simd
     for (int64_t e = first; e < n; ++e) {
-      const int64_t j = kContiguous ? e : cols[e] - c0;
-      const T z = p.logit(row_scale, s_row[j], rk_at[j]);
+      const T z = p.logit(row_scale, s_row[e], rk_at[e]);
       if constexpr (kExclude) {
         const T base = col_max[e] == kMinusInf ? T(0) : col_max[e];  // a column with nothing kept so far
-        col_sum[e] += exp_if_kept(keep_row[j] != 0, z - base);
+        col_sum[e] += exp_if_kept(keep_row[e] != 0, z - base);
       } else {
         const T x = vector_exp(z - col_max[e]);
         col_sum[e] += x;
-        if constexpr (kScaleGrad) col_cos_sum[e] += x * (rq * s_row[j] * rk_at[j]);
+        if constexpr (kScaleGrad) col_cos_sum[e] += x * (rq * s_row[e] * rk_at[e]);
       }
     }
   }
   for (int64_t e = 0; e < n; ++e)
-    stats.columns[p.stat_slots[e0 + e] * p.M + m] = SoftmaxStats<T>{col_max[e], col_sum[e], col_cos_sum[e]};
+    stats.columns[(e0 + e) * p.M + m] = SoftmaxStats<T>{col_max[e], col_sum[e], col_cos_sum[e]};
 }
 
 // The forward's kernels for one call's rules, chosen once (outside every loop).
@@ -826,7 +794,7 @@ ForwardKernels<T> pick_forward(const Problem<T>& p, bool excludes) {
   const PassRules<T>& rules = p.rules;
   if constexpr (kScaleGrad) {
     return {&forward_epilogue<true, false, false, false, false, T>, nullptr, nullptr,
-            &column_epilogue<true, false, false, T>};  // pair_losses: the positive columns
+            &column_epilogue<true, false, T>};  // plain rules, optionally with column statistics
   } else {
     return with_flag(excludes, [&](auto exclude) {
       constexpr bool kE = decltype(exclude)::value;
@@ -837,21 +805,22 @@ ForwardKernels<T> pick_forward(const Problem<T>& p, bool excludes) {
         return ForwardKernels<T>{
             rules.teacher ? &forward_epilogue<false, kE, kP, true, false, T>
                           : &forward_epilogue<false, kE, kP, false, false, T>,
-            &forward_epilogue<false, kE, kP, false, false, T>, &teacher_tile<kE, kP, T>,
-            p.contiguous_stats ? &column_epilogue<false, kE, true, T> : &column_epilogue<false, kE, false, T>};
+            &forward_epilogue<false, kE, kP, false, false, T>, &teacher_tile<kE, kP, T>, &column_epilogue<false, kE, T>};
       });
     });
   }
 }
 
+// kScaleGrad: also each softmax's mean cosine E_p[cos] (rows and statistic columns), for d loss / d scale;
+// plain rules only (rules.scale_slope).
 template <typename T, bool kScaleGrad>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
                                      const at::Tensor& inv_k, const at::Tensor& positive,
                                      const std::vector<int64_t>& dims, const at::Tensor& active, double scale,
-                                     bool symmetric, int64_t n_threads, const PassRules<T>& rules = PassRules<T>()) {
-  const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
-  TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
-              "m2d cpp backend: the doc->query direction takes plain rules");
+                                     bool fixed_max, int64_t n_threads, const PassRules<T>& rules) {
+  const Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, fixed_max, rules);
+  TORCH_CHECK(!kScaleGrad || !(rules.masked() || rules.penalises() || rules.teacher || rules.triangle),
+              "m2d cpp backend: the scale's slope takes plain rules");
   // [0]: the tiles with nothing excluded; [1]: the others (Problem::tile_excludes).
   const ForwardKernels<T> kernels[2] = {pick_forward<kScaleGrad>(p, false), pick_forward<kScaleGrad>(p, true)};
   auto opts = q.options();
@@ -864,9 +833,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   at::Tensor col_logsum = at::zeros({p.n_slots > 0 ? p.L : 0, p.n_slots, p.M}, opts);
   at::Tensor positive_logit = at::zeros({p.L, p.B, p.M}, opts);
   at::Tensor teacher_sum = at::zeros({rules.teacher ? p.L : 0, p.B, p.M}, opts);
-  // Forward-only: the rows' d/dscale terms, the columns' merged statistics.
-  std::vector<T> row_dscale(kScaleGrad ? p.L * p.B * p.M : 0, 0);
-  std::vector<T> positive_cos(kScaleGrad ? p.L * p.B * p.M : 0, 0);
+  // E_p[cos] of each row and statistic column (kScaleGrad).
+  at::Tensor row_mean_cos = at::zeros({kScaleGrad ? p.L : 0, p.B, p.M}, opts);
+  at::Tensor col_mean_cos = at::zeros({kScaleGrad && p.n_slots > 0 ? p.L : 0, p.n_slots, p.M}, opts);
+  // Forward-only: the columns' merged statistics.
   std::vector<SoftmaxStats<T>> columns(p.L * p.n_slots * p.M, SoftmaxStats<T>{column_start_max, 0, 0});
   T* row_max_ptr = row_max.data_ptr<T>();
   T* row_logsum_ptr = row_logsum.data_ptr<T>();
@@ -899,7 +869,6 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       if (layers_per_task == 1 && p.last[l0] < 0) continue;
       stats.rows.assign(slots, SoftmaxStats<T>{start_max, 0, 0});
       stats.positive_logit.assign(slots, 0);
-      stats.positive_cos.assign(kScaleGrad ? slots : 0, 0);
       stats.teacher_sum.assign(rules.teacher ? slots : 0, 0);
       stats.columns.assign(p.n_slots * p.M, SoftmaxStats<T>{column_start_max, 0, 0});
       for (int64_t c0 = 0; c0 < p.N; c0 += p.col_tile) {
@@ -963,10 +932,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
             const int64_t positive_col = p.positive[r0 + i];
             const bool below = rules.triangle && positive_col >= 0 && positive_col <= r0 + i;
             positive_logit_ptr[at] = below ? kMinusInf : stats.positive_logit[slot + i];
-            if constexpr (kScaleGrad) {
-              positive_cos[at] = stats.positive_cos[slot + i];
-              row_dscale[at] = row.cos_sum / row.sum - positive_cos[at];
-            }
+            if constexpr (kScaleGrad) row_mean_cos.data_ptr<T>()[at] = row.cos_sum / row.sum;
             if (rules.teacher) teacher_sum_ptr[at] = stats.teacher_sum[slot + i];
           }
         }
@@ -990,37 +956,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         const int64_t at = (l * p.n_slots + slot) * p.M + m;
         col_max_ptr[at] = columns[at].sum == 0 ? T(0) : columns[at].max;
         col_logsum_ptr[at] = std::log(columns[at].sum);
+        if constexpr (kScaleGrad) col_mean_cos.data_ptr<T>()[at] = columns[at].cos_sum / columns[at].sum;
       }
-  // Serial, fixed-order means over the queries.
-  at::Tensor losses = at::zeros({p.L, p.M}, opts);
-  at::Tensor dscale = at::zeros({kScaleGrad ? p.L : 0, p.M}, opts);
-  for (int64_t l = 0; l < p.L; ++l) {
-    for (int64_t m = 0; m < p.M; ++m) {
-      if (!p.active[l * p.M + m]) continue;
-      T row_total = 0, column_total = 0, row_dscale_total = 0, column_dscale_total = 0;
-      for (int64_t i = 0; i < p.B; ++i) {
-        const int64_t at = (l * p.B + i) * p.M + m;
-        const T positive_logit_i = positive_logit_ptr[at];
-        row_total += (row_max_ptr[at] - positive_logit_i) + row_logsum_ptr[at];
-        if constexpr (kScaleGrad) row_dscale_total += row_dscale[at];
-        if (!symmetric) continue;  // slot = query
-        column_total += (col_max_ptr[at] - positive_logit_i) + col_logsum_ptr[at];
-        if constexpr (kScaleGrad) column_dscale_total += columns[at].cos_sum / columns[at].sum - positive_cos[at];
-      }
-      losses.data_ptr<T>()[l * p.M + m] = (symmetric ? (row_total + column_total) / 2 : row_total) / p.B;
-      if constexpr (kScaleGrad)
-        dscale.data_ptr<T>()[l * p.M + m] =
-            (symmetric ? (row_dscale_total + column_dscale_total) / 2 : row_dscale_total) / p.B;
-    }
-  }
-  return {losses, row_max, row_logsum, col_max, col_logsum, dscale, positive_logit, teacher_sum};
+  return {row_max, row_logsum, positive_logit, teacher_sum, col_max, col_logsum, row_mean_cos, col_mean_cos};
 }
 
 // ---------------------------------------------------------------- backward
 
-// Which statistic columns (Problem) a kernel handles: none, columns 0..K-1, or gathered ones;
+// Which statistic columns (Problem) a kernel handles: none, or columns 0..K-1 (kColumns);
 // kSharedColumns: columns 0..K-1 with one exponential for both softmaxes (Problem::shares_exponentials).
-enum StatColumns : int { kNoColumns = 0, kContiguousColumns = 1, kGatheredColumns = 2, kSharedColumns = 3 };
+enum StatColumns : int { kNoColumns = 0, kColumns = 1, kSharedColumns = 2 };
 
 // 1 / sum_j exp(z_j - scale) of each softmax under the fixed maximum, from its saved (max, log_sum):
 // exp(z - max - log_sum) = exp(z - scale) * weight. 0 for a softmax with nothing kept (its max is 0
@@ -1035,23 +980,23 @@ std::vector<T> softmax_weights(const Problem<T>& p, const T* max, const T* log_s
 
 // W_m = G_m * rq * rk for one tile, into w; writes rowsum(G_m * cos_m) into gc_row and adds
 // the column sums to gc_col. G_m = coef * (softmax_row - onehot(p)) (+ softmax_column on the
-// statistic columns, - onehot for pair_losses' positive columns), softmax = exp((z - max) - logsum)
+// statistic columns), softmax = exp((z - max) - logsum)
 // with the forward's z (the column side without penalty); with kDistill, G_m = (coef + distill) *
 // softmax - coef * onehot - distill * p_T. Excluded entries get 0 (kExclude), penalised ones the
 // penalty in z only (it carries no gradient). Both softmaxes enter G before W and the norm terms'
 // sums (gc_row, gc_col) are formed, so those need nothing more. `col_buffer` holds 2 x col_tile.
 // kSharedColumns: both softmaxes as exp(z - scale) times each one's softmax weight, one exponential.
-template <bool kExclude, bool kPenalty, bool kDistill, int kColumns, typename T>
+template <bool kExclude, bool kPenalty, bool kDistill, int kStatColumns, typename T>
 void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                    const T* s, T* w, T* rk, T coef, T distill, const T* row_max, const T* row_logsum,
                    const T* col_max, const T* col_logsum, T* gc_row, T* gc_col, T* col_buffer,
                    const TileRules<T>& rules) {
-  static_assert(!(kDistill && kColumns != kNoColumns), "column statistics take no distillation");
-  static_assert(!(kPenalty && kColumns == kSharedColumns), "shared exponentials: no penalty");
+  static_assert(!(kDistill && kStatColumns != kNoColumns), "column statistics take no distillation");
+  static_assert(!(kPenalty && kStatColumns == kSharedColumns), "shared exponentials: no penalty");
   const T* inv_k = p.inv_k + (l * p.N + c0) * p.M + m;
   for (int64_t j = 0; j < nc; ++j) rk[j] = inv_k[j * p.M];
   // kSharedColumns: the tile's statistic columns [0, n_columns) and their softmax weights.
-  const int64_t n_columns = kColumns == kSharedColumns ? std::clamp<int64_t>(p.n_slots - c0, 0, nc) : 0;
+  const int64_t n_columns = kStatColumns == kSharedColumns ? std::clamp<int64_t>(p.n_slots - c0, 0, nc) : 0;
   T* column_weight = col_buffer;
   for (int64_t j = 0; j < n_columns; ++j) column_weight[j] = p.col_weights[(l * p.n_slots + c0 + j) * p.M + m];
   for (int64_t i = 0; i < nr; ++i) {
@@ -1066,7 +1011,7 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     T* w_row = w + i * nc;
     const int64_t first = p.first_scored(r0 + i, c0, nc);
     std::fill(w_row, w_row + first, T(0));
-    if constexpr (kColumns == kSharedColumns) {
+    if constexpr (kStatColumns == kSharedColumns) {
       const T row_weight = p.row_weights[at];
       const int64_t j_rest = std::max(first, n_columns);
 #pragma omp simd
@@ -1102,42 +1047,31 @@ void gradient_tile(const Problem<T>& p, int64_t l, int64_t m, int64_t r0, int64_
     // Before `first` (the triangle's j <= i) the positive is excluded.
     if (pos >= first && pos < nc && (!kExclude || keep_row[pos] != 0)) w_row[pos] -= kDistill ? coef : T(1);
   }
-  if constexpr (kColumns == kContiguousColumns || kColumns == kGatheredColumns) {
+  if constexpr (kStatColumns == kColumns) {
     const int64_t e0 = p.stats_begin(c0), n = p.stats_begin(c0 + nc) - e0;
-    constexpr bool kContiguous = kColumns == kContiguousColumns;
-    const int64_t* cols = p.stat_cols.data() + e0;
-    const int64_t j0 = n > 0 ? cols[0] - c0 : 0, shift = kContiguous ? j0 : 0;  // as in column_epilogue
-    const T* rk_at = rk + shift;
+    const int64_t j0 = e0 - c0;  // as in column_epilogue
+    const T* rk_at = rk + j0;
     T* max = col_buffer;
     T* logsum = col_buffer + p.col_tile;
     for (int64_t e = 0; e < n; ++e) {
-      const int64_t at = (l * p.n_slots + p.stat_slots[e0 + e]) * p.M + m;
+      const int64_t at = (l * p.n_slots + e0 + e) * p.M + m;
       max[e] = col_max[at];
       logsum[e] = col_logsum[at];
     }
     for (int64_t i = 0; i < nr; ++i) {
       const T row_scale = p.scale * p.inv_q[(l * p.B + r0 + i) * p.M + m];
-      const T* s_row = s + i * nc + shift;
-      const T* keep_row = rules.keep + i * nc + shift;
-      T* w_row = w + i * nc + shift;
-      const int64_t first = kContiguous ? std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n) : 0;
-      // Contiguous: vectorised. Gathered (pair_losses' positive columns), a column repeats when
-      // queries share a positive, so a vector scatter would lose updates: the loop stays scalar.
-#pragma omp simd if (kContiguous)
+      const T* s_row = s + i * nc + j0;
+      const T* keep_row = rules.keep + i * nc + j0;
+      T* w_row = w + i * nc + j0;
+      const int64_t first = std::clamp<int64_t>(p.first_scored(r0 + i, c0, nc) - j0, 0, n);
+#pragma omp simd
       for (int64_t e = first; e < n; ++e) {
-        const int64_t j = kContiguous ? e : cols[e] - c0;
-        const T z = p.logit(row_scale, s_row[j], rk_at[j]);
+        const T z = p.logit(row_scale, s_row[e], rk_at[e]);
         if constexpr (kExclude) {
-          w_row[j] += exp_if_kept(keep_row[j] != 0, (z - max[e]) - logsum[e]);
+          w_row[e] += exp_if_kept(keep_row[e] != 0, (z - max[e]) - logsum[e]);
         } else {
-          w_row[j] += vector_exp((z - max[e]) - logsum[e]);
+          w_row[e] += vector_exp((z - max[e]) - logsum[e]);
         }
-      }
-    }
-    if (p.symmetric) {  // the column softmax's positive: the slot's query
-      for (int64_t e = 0; e < n; ++e) {
-        const int64_t i = p.stat_slots[e0 + e] - r0;
-        if (i >= 0 && i < nr) w[i * nc + cols[e] - c0] -= T(1);
       }
     }
   }
@@ -1176,9 +1110,7 @@ BackwardKernels<T> pick_backward(const Problem<T>& p, bool excludes) {
       constexpr bool kE = decltype(exclude)::value, kP = decltype(penalty)::value;
       typename BackwardKernels<T>::Gradient gradient = &gradient_tile<kE, kP, false, kNoColumns, T>;
       if (rules.teacher) gradient = &gradient_tile<kE, kP, true, kNoColumns, T>;
-      if (p.n_slots > 0)
-        gradient = p.contiguous_stats ? &gradient_tile<kE, kP, false, kContiguousColumns, T>
-                                      : &gradient_tile<kE, kP, false, kGatheredColumns, T>;
+      if (p.n_slots > 0) gradient = &gradient_tile<kE, kP, false, kColumns, T>;
       if (p.shares_exponentials()) gradient = &gradient_tile<kE, false, false, kSharedColumns, T>;
       return BackwardKernels<T>{gradient, &teacher_tile<kE, kP, T>};
     });
@@ -1206,13 +1138,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& inv_k, const at::Tensor& norm_grad_q,
                                       const at::Tensor& norm_grad_k, const at::Tensor& positive,
                                       const std::vector<int64_t>& dims, const at::Tensor& active, double scale,
-                                      bool symmetric, const at::Tensor& row_max, const at::Tensor& row_logsum,
+                                      bool fixed_max, const at::Tensor& row_max, const at::Tensor& row_logsum,
                                       const at::Tensor& col_max, const at::Tensor& col_logsum, const at::Tensor& coef,
-                                      int64_t n_threads, const PassRules<T>& rules = PassRules<T>(),
-                                      const T* distill_coef = nullptr) {
-  Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, rules);
-  TORCH_CHECK(!symmetric || (!rules.masked() && !rules.shares_tiles_across_layers()),
-              "m2d cpp backend: the doc->query direction takes plain rules");
+                                      int64_t n_threads, const PassRules<T>& rules, const T* distill_coef) {
+  Problem<T> p = make_problem<T>(q, k, inv_q, inv_k, positive, dims, active, scale, fixed_max, rules);
   // [0]: the tiles with nothing excluded; [1]: the others (Problem::tile_excludes).
   const BackwardKernels<T> kernels[2] = {pick_backward(p, false), pick_backward(p, true)};
   if (p.n_slots > 0)
@@ -1400,36 +1329,6 @@ PassRules<T> make_rules(const at::Tensor& q, const at::Tensor& k, bool normalise
 
 }  // namespace
 
-std::vector<at::Tensor> m2d_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
-                                    const at::Tensor& inv_k, const at::Tensor& positive, std::vector<int64_t> dims,
-                                    const at::Tensor& active, double scale, bool symmetric, bool scale_grad,
-                                    int64_t n_threads) {
-  check_inputs(q, k, positive);
-  std::vector<at::Tensor> out;
-  if (q.scalar_type() == at::kDouble)
-    out = scale_grad ? forward_impl<double, true>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads)
-                     : forward_impl<double, false>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads);
-  else
-    out = scale_grad ? forward_impl<float, true>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads)
-                     : forward_impl<float, false>(q, k, inv_q, inv_k, positive, dims, active, scale, symmetric, n_threads);
-  out.resize(6);  // pair_losses: no positive logits or teacher sums
-  return out;
-}
-
-std::vector<at::Tensor> m2d_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
-                                     const at::Tensor& inv_k, const at::Tensor& norm_grad_q,
-                                     const at::Tensor& norm_grad_k, const at::Tensor& positive,
-                                     std::vector<int64_t> dims, const at::Tensor& active, double scale, bool symmetric,
-                                     const at::Tensor& row_max, const at::Tensor& row_logsum, const at::Tensor& col_max,
-                                     const at::Tensor& col_logsum, const at::Tensor& coef, int64_t n_threads) {
-  check_inputs(q, k, positive);
-  if (q.scalar_type() == at::kDouble)
-    return backward_impl<double>(q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positive, dims, active, scale,
-                                 symmetric, row_max, row_logsum, col_max, col_logsum, coef, n_threads);
-  return backward_impl<float>(q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positive, dims, active, scale, symmetric,
-                              row_max, row_logsum, col_max, col_logsum, coef, n_threads);
-}
-
 // The pass API with rules (m2d_kernels/rules.py): rows against one block of columns.
 std::vector<at::Tensor> m2d_pass_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
                                          const at::Tensor& inv_k, const at::Tensor& positive, std::vector<int64_t> dims,
@@ -1437,18 +1336,19 @@ std::vector<at::Tensor> m2d_pass_forward(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& row_group, bool exclude_own_group, int64_t penalty,
                                          double penalty_strength, const at::Tensor& guide_rows,
                                          const at::Tensor& guide_cols, const at::Tensor& guide_threshold,
-                                         bool triangle, int64_t column_statistics, bool teacher, int64_t n_threads) {
+                                         bool triangle, int64_t column_statistics, bool teacher, bool scale_grad,
+                                         bool fixed_max, int64_t n_threads) {
   check_inputs(q, k, positive);
   auto run = [&](auto zero) {
     using T = decltype(zero);
     const PassRules<T> rules =
         make_rules<T>(q, k, normalised, group_period, row_group, exclude_own_group, penalty, penalty_strength,
                       guide_rows, guide_cols, guide_threshold, triangle, column_statistics, teacher);
-    return forward_impl<T, false>(q, k, inv_q, inv_k, positive, dims, active, scale, false, n_threads, rules);
+    return scale_grad
+               ? forward_impl<T, true>(q, k, inv_q, inv_k, positive, dims, active, scale, fixed_max, n_threads, rules)
+               : forward_impl<T, false>(q, k, inv_q, inv_k, positive, dims, active, scale, fixed_max, n_threads, rules);
   };
-  std::vector<at::Tensor> out = q.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
-  // offset, log_sum, positive_logit, teacher_sum (empty without teacher), col_offset, col_log_sum (empty without K)
-  return {out[1], out[2], out[6], out[7], out[3], out[4]};
+  return q.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
 }
 
 std::vector<at::Tensor> m2d_pass_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
@@ -1459,7 +1359,7 @@ std::vector<at::Tensor> m2d_pass_backward(const at::Tensor& q, const at::Tensor&
                                           bool exclude_own_group, int64_t penalty, double penalty_strength,
                                           const at::Tensor& guide_rows, const at::Tensor& guide_cols,
                                           const at::Tensor& guide_threshold, bool triangle, int64_t column_statistics,
-                                          const at::Tensor& offset, const at::Tensor& log_sum,
+                                          bool fixed_max, const at::Tensor& offset, const at::Tensor& log_sum,
                                           const at::Tensor& col_offset, const at::Tensor& col_log_sum,
                                           const at::Tensor& coef, const at::Tensor& distill_coef, int64_t n_threads) {
   check_inputs(q, k, positive);
@@ -1472,8 +1372,8 @@ std::vector<at::Tensor> m2d_pass_backward(const at::Tensor& q, const at::Tensor&
     const PassRules<T> rules =
         make_rules<T>(q, k, normalised, group_period, row_group, exclude_own_group, penalty, penalty_strength,
                       guide_rows, guide_cols, guide_threshold, triangle, column_statistics, distill);
-    return backward_impl<T>(q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positive, dims, active, scale, false, offset,
-                            log_sum, col_offset, col_log_sum, coef, n_threads, rules,
+    return backward_impl<T>(q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positive, dims, active, scale, fixed_max,
+                            offset, log_sum, col_offset, col_log_sum, coef, n_threads, rules,
                             distill ? distill_coef.data_ptr<T>() : nullptr);
   };
   return q.scalar_type() == at::kDouble ? run(double(0)) : run(float(0));
@@ -1485,23 +1385,17 @@ std::vector<int64_t> m2d_tile_shape(int64_t n_cols) { return {kRowBlock, column_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "m2d-kernels: fused 2D Matryoshka InfoNCE for CPU tensors (OpenMP)";
-  module.def("forward", &m2d_forward,
-             "(queries, docs, inv_q, inv_k, positive_index, dims, active, scale, symmetric, scale_grad, n_threads) -> "
-             "(losses [L, M], row_max, row_logsum [L, B, M], col_max, col_logsum [L, B, M] or empty, "
-             "dloss_dscale [L, M] or empty)");
-  module.def("backward", &m2d_backward,
-             "(queries, docs, inv_q, inv_k, norm_grad_q, norm_grad_k, positive_index, dims, active, scale, "
-             "symmetric, row_max, row_logsum, col_max, col_logsum, coef [L, M], n_threads) -> (grad_queries, grad_docs)");
   module.def("pass_forward", &m2d_pass_forward,
              "(rows, cols, inv_r, inv_c, positives, dims, active, scale, normalised, group_period, row_group, "
              "exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols, guide_threshold, triangle, "
-             "column_statistics, teacher, n_threads) -> (offset, log_sum, positive_logit, teacher_sum or empty) "
-             "[L, R, M], (col_offset, col_log_sum) [L, K, M]");
+             "column_statistics, teacher, scale_grad, fixed_max, n_threads) -> (offset, log_sum, positive_logit, "
+             "teacher_sum or empty) [L, R, M], (col_offset, col_log_sum) [L, K, M] or empty, (row_mean_cos [L, R, M], "
+             "col_mean_cos [L, K, M]) or empty");
   module.def("pass_backward", &m2d_pass_backward,
              "(rows, cols, inv_r, inv_c, norm_grad_r, norm_grad_c, positives, dims, active, scale, normalised, "
              "group_period, row_group, exclude_own_group, penalty, penalty_strength, guide_rows, guide_cols, "
-             "guide_threshold, triangle, column_statistics, offset, log_sum, col_offset, col_log_sum [L, K, M] "
-             "or empty, coef [L, M], distill_coef [L, M] or empty, n_threads) -> (grad_rows, grad_cols)");
+             "guide_threshold, triangle, column_statistics, fixed_max, offset, log_sum, col_offset, col_log_sum "
+             "[L, K, M] or empty, coef [L, M], distill_coef [L, M] or empty, n_threads) -> (grad_rows, grad_cols)");
   module.def("tile_pairs_computed", &m2d_tile_pairs_computed,
              "() -> (row block, column tile) pairs computed so far by every forward and backward task");
   module.def("tile_shape", &m2d_tile_shape, "(n_cols) -> (rows per block, columns per tile)");

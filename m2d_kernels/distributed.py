@@ -26,8 +26,8 @@ gloo (CPU) alike; under gloo the backward reduce-scatter is emulated by an all-r
 candidate blocks: each rank keeps its rows and passes the column block ``[L, N, D]`` it
 holds to rank ``r + 1`` while it scores the current one (``batch_isend_irecv``, two
 buffers), ``W - 1`` times, folding every (layer, dim) pair's per-row softmax statistics
-``(offset, log_sum)`` of each block into running ones with the backend's pass API
-(``backends/__init__.py``). The positive of a row lies in the rank's own block, scored at
+``(offset, log_sum)`` of each block into running ones with the backend's pass
+(``backends/base.py``). The positive of a row lies in the rank's own block, scored at
 step 0. The backward circulates the blocks again, each followed by its gradient
 accumulator: every rank adds its block gradient (computed with the combined statistics)
 and forwards it; after ``W`` steps the accumulator of each block, now summed over all
@@ -45,7 +45,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from m2d_kernels.backends.torch_prefix import device_table
+from m2d_kernels.backends.base import Softmax, combine
+from m2d_kernels.numerics import device_table
 
 # torch >= 2.13 names it all_gather_single_autograd and deprecates the older name, which
 # is the only one torch 2.11 has; both gather along dim 0 and reduce-scatter (sum) in backward.
@@ -108,7 +109,8 @@ def pair_losses_across_devices(
     group: dist.ProcessGroup | None = None,
     scale_grad: bool = False,
 ):
-    """``backend.pair_losses`` of the local queries against the candidates of all ranks.
+    """``backend.pair_losses`` (the Triton backend's fused default path) of the local queries against the
+    candidates of all ranks; every other loss all-gathers through :mod:`m2d_kernels.objective`.
 
     ``positive_index`` holds local docs rows, as without gathering. ``symmetric`` adds the
     doc-to-query direction with the local positives as rows and the queries of all ranks
@@ -137,7 +139,7 @@ def pair_losses_across_devices(
     return (query_to_doc + doc_to_query) / 2
 
 
-def ring_pair_losses(
+def ring_losses(
     backend: ModuleType,
     queries: torch.Tensor,
     docs: torch.Tensor,
@@ -148,12 +150,10 @@ def ring_pair_losses(
     symmetric: bool,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """:func:`pair_losses_across_devices` by a ring exchange: equal losses and gradients, and per-rank
+    """The default loss's ``[L, M]`` losses of the local queries against the candidates of all ranks (W > 1),
+    by a ring exchange of the backend's passes: the losses and gradients of the all-gather, with per-rank
     memory independent of ``W`` (two blocks in flight, their gradient accumulators in backward).
     ``queries`` and ``docs`` must have the same shapes on every rank."""
-    world_size, _ = world_size_and_rank(group)
-    if world_size == 1:
-        return backend.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric)
     group = group if group is not None else dist.group.WORLD
     losses = _RingInfoNCE.apply(queries, docs, positive_index, backend, dims, active, scale, group)
     if not symmetric:
@@ -198,12 +198,6 @@ class _Ring:
                 current = incoming
 
 
-def _combine(offset, log_sum, block_offset, block_log_sum):
-    """Softmax statistics of two disjoint sets of columns, each relative to its own offset."""
-    new_offset = torch.maximum(offset, block_offset)
-    return new_offset, torch.logaddexp(log_sum + (offset - new_offset), block_log_sum + (block_offset - new_offset))
-
-
 class _RingInfoNCE(torch.autograd.Function):
     """Losses ``[L, M]`` of local ``rows`` against the column blocks of all ranks (mean over rows);
     backward returns every block's gradient, summed over all ranks' losses, to its owner."""
@@ -212,16 +206,16 @@ class _RingInfoNCE(torch.autograd.Function):
     def forward(ctx, rows, cols, positives, backend, dims, active, scale, group):
         rows, cols = rows.detach().contiguous(), cols.detach().contiguous()
         absent = torch.full_like(positives, -1)
-        offset = log_sum = positive = None
+        softmax = positive = None
         for step, block in enumerate(_Ring(group).blocks(cols)):
             stats = backend.row_statistics(rows, block, dims, active, scale, positives if step == 0 else absent)
             if step == 0:
-                offset, log_sum, positive = stats
+                softmax, positive = stats.rows, stats.positive_logit
             else:
-                offset, log_sum = _combine(offset, log_sum, *stats[:2])
+                softmax = combine(softmax, stats.rows)
         active_pairs = device_table(active, rows.device)
-        losses = torch.where(active_pairs, ((offset - positive) + log_sum).mean(1), 0.0)
-        ctx.save_for_backward(rows, cols, positives, offset, log_sum)
+        losses = torch.where(active_pairs, ((softmax.offset - positive) + softmax.log_sum).mean(1), 0.0)
+        ctx.save_for_backward(rows, cols, positives, softmax.offset, softmax.log_sum)
         ctx.config = (backend, dims, active, scale, group)
         return losses.to(rows.dtype)
 
@@ -236,9 +230,10 @@ class _RingInfoNCE(torch.autograd.Function):
         absent = torch.full_like(positives, -1)
         grad_rows, incoming, outgoing, requests = None, None, None, []
         for step, block in enumerate(ring.blocks(cols)):
-            d_rows, d_block = backend.pass_gradients(rows, block, dims, active, scale,
-                                                     positives if step == 0 else absent, offset, log_sum, coef)
-            grad_rows = d_rows.to(accumulate) if grad_rows is None else grad_rows.add_(d_rows)
+            grad = backend.pass_gradients(rows, block, dims, active, scale, positives if step == 0 else absent,
+                                          Softmax(offset, log_sum), coef)
+            d_block = grad.cols
+            grad_rows = grad.rows.to(accumulate) if grad_rows is None else grad_rows.add_(grad.rows)
             for request in requests:  # this block's accumulator, sent by the previous rank during our compute
                 request.wait()
             outgoing = d_block.to(accumulate)

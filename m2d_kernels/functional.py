@@ -1,20 +1,23 @@
 """``matryoshka_2d_infonce``: input validation and backend dispatch.
 
-Every input is checked once here, at the boundary; backends receive normalised
-arguments (a tuple of dims, an ``[L][M]`` tuple of active flags, a float scale, a long
-``positive_index`` on the embeddings' device) and never re-validate.
+Every input is checked once here, at the boundary, into one frozen :class:`Call`; backends receive
+normalised arguments (a tuple of dims, an ``[L][M]`` tuple of active flags, a float scale, a long
+``positive_index`` on the embeddings' device) and never re-validate. Every loss then takes one path:
+the passes of :mod:`m2d_kernels.objective` (locally, all-gathered, or around the ring), except the
+Triton backend's default options, which keep its fused kernels (``pair_losses``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
 
 from m2d_kernels import backends
-from m2d_kernels.backends.torch_prefix import device_table, first_order_only
+from m2d_kernels.numerics import device_table, first_order_only
 from m2d_kernels.objective import (
     DIRECTIONS,
     HARDNESS_MODES,
@@ -136,22 +139,12 @@ def matryoshka_2d_infonce(
     Returns:
         A scalar (``"sum"``) or an ``[L, M]`` tensor (``"none"``) in the input dtype.
     """
-    scale_param = scale if isinstance(scale, torch.Tensor) and scale.requires_grad else None
-    weights_param = weights if isinstance(weights, torch.Tensor) and weights.requires_grad else None
-    positive_index_given = positive_index is not None
-    dims, weights, scale, positive_index = _validate(
-        queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite, gather_across_devices
-    )
-    objective = _validate_objective(queries, docs, dims, positive_index_given, symmetric, directions, partition_mode,
-                                    similarity, hardness_mode, hardness_strength, guide, guide_margin,
-                                    guide_margin_strategy, guide_exclude_self, distill_weights, check_finite, scale)
-    if objective.symmetric is None:
-        result = _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index,
-                            objective, reduction, backend, gather_across_devices,
-                            leading_positives=not positive_index_given)
-    else:
-        result = _fused(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index,
-                        objective.symmetric, reduction, backend, gather_across_devices)
+    call = _validate(queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite,
+                     gather_across_devices)
+    objective = _validate_objective(queries, docs, call, symmetric, directions, partition_mode, similarity,
+                                    hardness_mode, hardness_strength, guide, guide_margin, guide_margin_strategy,
+                                    guide_exclude_self, distill_weights, check_finite)
+    result = _losses(queries, docs, call, objective, backend)
     if torch.is_grad_enabled() and (queries.requires_grad or docs.requires_grad):
         # No pair computed (all weights 0): the result still belongs to the graph, with a zero gradient.
         if isinstance(result, tuple):
@@ -161,72 +154,91 @@ def matryoshka_2d_infonce(
     return result
 
 
-def _fused(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, symmetric, reduction,
-           backend, gather_across_devices):
-    """The default options (query_to_doc, optionally per-direction doc_to_query, cos): each backend's
-    ``pair_losses``, locally, all-gathered or around the ring."""
-    # Learned weights need every pair's loss (d total / d weights[l, m] = loss_lm, also where w = 0).
-    active = tuple(tuple(weights_param is not None or w > 0 for w in row) for row in weights)
-    scale_grad = scale_param is not None and torch.is_grad_enabled()
-    impl = backends.resolve(backend, queries.device, queries.dtype)
-    gather = "all_gather" if gather_across_devices is True else gather_across_devices
-    if gather == "ring" and scale_grad:
-        raise ValueError("gather_across_devices='ring' needs a fixed scale (a number or a tensor without grad); "
-                         "use gather_across_devices='all_gather' to learn the scale")
-    if gather == "ring":
-        from m2d_kernels import distributed  # torch.distributed only when asked for: not every build has it
+@dataclass(frozen=True, eq=False)
+class Call:
+    """The (layer, dim) grid and the call's options, validated and normalised once (``_validate``)."""
 
-        losses = distributed.ring_pair_losses(impl, queries, docs, dims, active, scale, positive_index, symmetric)
-    elif gather:
-        from m2d_kernels import distributed
-
-        losses = distributed.pair_losses_across_devices(
-            impl, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad=scale_grad
-        )
-    else:
-        losses = impl.pair_losses(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad)
-    if scale_grad:
-        losses = _ScaleGradient.apply(*losses, scale_param)
-    if reduction == "none":
-        return losses
-    if weights_param is not None:
-        return (losses * weights_param.to(device=losses.device, dtype=losses.dtype)).sum()
-    return (losses * device_table(weights, losses.device, losses.dtype)).sum()
+    dims: tuple[int, ...]
+    weights: tuple[tuple[float, ...], ...]  # [L][M] host floats (a tensor's values, read once)
+    weights_param: torch.Tensor | None  # the weights when they require grad (learned pair weights)
+    scale: float
+    scale_param: torch.Tensor | None  # the scale when it requires grad (a learnable temperature)
+    positive_index: torch.Tensor  # [B] long on the embeddings' device
+    leading_positives: bool  # positive_index was not given: arange(B), the default layout
+    reduction: str
+    gather: str | None  # None, "all_gather" or "ring"
 
 
-def _objective(queries, docs, dims, weights, weights_param, scale, scale_param, positive_index, objective, reduction,
-               backend, gather_across_devices, leading_positives=False):
-    """The options beyond the fused defaults: passes with rules (m2d_kernels.objective)."""
-    if scale_param is not None and torch.is_grad_enabled():
+def _losses(queries, docs, call: Call, objective: Objective, backend: str):
+    """The loss (``"sum"``) or the ``[L, M]`` matrix (``"none"``) of one validated call."""
+    distill = objective.distill_weights
+    # Learned weights need every pair's loss (d total / d weights[l, m] = loss_lm, also where w = 0); the
+    # distillation needs the pairs it weighs.
+    active = tuple(tuple(call.weights_param is not None or w > 0 or (distill is not None and d > 0)
+                         for w, d in zip(row, distill[layer] if distill is not None else row))
+                   for layer, row in enumerate(call.weights))
+    scale_grad = call.scale_param is not None and torch.is_grad_enabled()
+    if scale_grad and not objective.is_default:
         raise ValueError("a learnable scale (a tensor that requires grad) is supported only with the default "
                          "options (query_to_doc, optionally symmetric; cos; no hardness, guide or distillation)")
-    if gather_across_devices == "ring":
-        raise ValueError("gather_across_devices='ring' is supported only with the default options; use "
-                         "gather_across_devices=True (all-gather)")
-    distill = objective.distill_weights
-    active = tuple(tuple(weights_param is not None or w > 0 or (distill is not None and d > 0) for w, d in
-                         zip(row, distill[layer] if distill is not None else row))
-                   for layer, row in enumerate(weights))
     impl = backends.resolve(backend, queries.device, queries.dtype)
-    losses, distill_terms = objective_losses(impl, queries, docs, dims, active, scale, positive_index, objective,
-                                             gather=bool(gather_across_devices), leading_positives=leading_positives)
-    weight_tensor = (weights_param.to(device=losses.device, dtype=losses.dtype) if weights_param is not None
-                     else device_table(weights, losses.device, losses.dtype))
-    if weights_param is None:  # pairs computed only for the distillation report 0, as documented
+    symmetric = "doc_to_query" in objective.directions
+    distill_terms = slope = None
+    if call.gather == "ring":
+        if not objective.is_default:
+            raise ValueError("gather_across_devices='ring' is supported only with the default options; use "
+                             "gather_across_devices=True (all-gather)")
+        if scale_grad:
+            raise ValueError("gather_across_devices='ring' needs a fixed scale (a number or a tensor without "
+                             "grad); use gather_across_devices='all_gather' to learn the scale")
+    from_fused = getattr(impl, "pair_losses", None) is not None and objective.is_default and call.gather != "ring"
+    if from_fused:  # Triton's tuned kernels for the default options
+        if call.gather:
+            from m2d_kernels import distributed  # torch.distributed only when asked for: not every build has it
+
+            out = distributed.pair_losses_across_devices(impl, queries, docs, call.dims, active, call.scale,
+                                                         call.positive_index, symmetric, scale_grad=scale_grad)
+        else:
+            out = impl.pair_losses(queries, docs, call.dims, active, call.scale, call.positive_index, symmetric,
+                                   scale_grad)
+        losses, slope = out if scale_grad else (out, None)
+    elif call.gather == "ring" and _world_size() > 1:
+        from m2d_kernels import distributed
+
+        losses = distributed.ring_losses(impl, queries, docs, call.dims, active, call.scale, call.positive_index,
+                                         symmetric)
+    else:
+        result = objective_losses(impl, queries, docs, call.dims, active, call.scale, call.positive_index, objective,
+                                  gather=call.gather == "all_gather", leading_positives=call.leading_positives,
+                                  scale_param=call.scale_param if scale_grad else None)
+        losses, distill_terms, slope = result.losses, result.distill, result.scale_slope
+    if slope is not None:
+        losses = _ScaleGradient.apply(losses, slope, call.scale_param)
+    weight_tensor = (call.weights_param.to(device=losses.device, dtype=losses.dtype) if call.weights_param is not None
+                     else device_table(call.weights, losses.device, losses.dtype))
+    if call.weights_param is None and distill is not None:  # pairs computed only for the distillation report 0
         losses = torch.where(weight_tensor > 0, losses, 0.0)
     if distill is not None:
         distill_tensor = device_table(distill, losses.device, losses.dtype)
         distill_terms = torch.where(distill_tensor > 0, distill_terms, 0.0)
-    if reduction == "none":
+    if call.reduction == "none":
         return losses if distill is None else (losses, distill_terms)
     total = (losses * weight_tensor).sum()
     return total if distill is None else total + (distill_terms * distill_tensor).sum()
 
 
-def _validate_objective(queries, docs, dims, positive_index_given, symmetric, directions, partition_mode, similarity,
-                        hardness_mode, hardness_strength, guide, guide_margin, guide_margin_strategy,
-                        guide_exclude_self, distill_weights, check_finite, scale) -> Objective:
+def _world_size() -> int:
+    """The number of ranks of an initialised default process group, else 1."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def _validate_objective(queries, docs, call: Call, symmetric, directions, partition_mode, similarity, hardness_mode,
+                        hardness_strength, guide, guide_margin, guide_margin_strategy, guide_exclude_self,
+                        distill_weights, check_finite) -> Objective:
     """The options beyond the (layer, dim) grid, checked and normalised into an Objective."""
+    dims, scale, positive_index_given = call.dims, call.scale, not call.leading_positives
     n_layers, n_queries, _ = queries.shape
     n_docs = docs.shape[1]
     if directions is None:
@@ -375,7 +387,11 @@ def validate_dims(dims) -> tuple[int, ...]:
 
 
 def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, reduction, check_finite,
-              gather_across_devices):
+              gather_across_devices) -> Call:
+    """The inputs and the (layer, dim) grid, checked and normalised (TypeError/ValueError naming the argument)."""
+    scale_param = scale if isinstance(scale, torch.Tensor) and scale.requires_grad else None
+    weights_param = weights if isinstance(weights, torch.Tensor) and weights.requires_grad else None
+    leading_positives = positive_index is None
     for name, x in (("queries", queries), ("docs", docs)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -478,4 +494,5 @@ def _validate(queries, docs, dims, weights, scale, positive_index, symmetric, re
         for name, x in (("queries", queries), ("docs", docs)):
             if not torch.isfinite(x).all():
                 raise ValueError(f"{name} contains NaN or Inf values")
-    return dims, weights, scale, positive_index
+    gather = "all_gather" if gather_across_devices is True else (gather_across_devices or None)
+    return Call(dims, weights, weights_param, scale, scale_param, positive_index, leading_positives, reduction, gather)

@@ -36,12 +36,19 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, device_table, first_order_only, inverse_prefix_norms
-from m2d_kernels.rules import Rules, guide_tie_tolerance
+from m2d_kernels.backends.base import Softmax, combine
+from m2d_kernels.numerics import (
+    accumulator_dtype,
+    device_table,
+    first_order_only,
+    inverse_prefix_norms,
+    positive_logits,
+)
+from m2d_kernels.rules import PENALTIES, Rules, guide_tie_tolerance
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
-HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+HARDNESS_MODES = PENALTIES  # MultipleNegativesRankingLoss's hardness modes are the rules' penalties
 MARGIN_STRATEGIES = ("absolute", "relative")
 
 
@@ -68,24 +75,35 @@ class Objective:
         return self.hardness_mode is not None and self.hardness_strength > 0
 
     @property
-    def symmetric(self) -> bool | None:
-        """The ``symmetric`` flag of the fused ``pair_losses`` path computing this objective, or None
-        when only passes can (an option beyond query_to_doc / per-direction doc_to_query)."""
+    def is_default(self) -> bool:
+        """The default options, MultipleNegativesRankingLoss's plain InfoNCE: query_to_doc, optionally with
+        a per-direction doc_to_query (``symmetric=True``); cosine; no hardness, guide or distillation. Only
+        these take a learnable scale and the ring exchange."""
         if self.similarity != "cos" or self.hardness or self.guide_queries is not None or self.distill_weights:
-            return None
-        if self.directions == ("query_to_doc",):
             return False
-        if sorted(self.directions) == ["doc_to_query", "query_to_doc"] and self.partition_mode == "per_direction":
-            return True
-        return None
+        return self.directions == ("query_to_doc",) or (
+            self.directions == ("query_to_doc", "doc_to_query") and self.partition_mode == "per_direction")
+
+
+@dataclass(frozen=True)
+class Losses:
+    """What :func:`objective_losses` returns, each ``[L, M]`` (0 for an inactive pair)."""
+
+    losses: torch.Tensor  # mean over the local rows of each pair's loss
+    distill: torch.Tensor | None = None  # the distillation terms (distill_weights), else None
+    # d losses / d scale (scale_slope: a learnable temperature), detached; else None.
+    scale_slope: torch.Tensor | None = None
 
 
 def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, positive_index, objective: Objective,
-                     gather: bool = False, leading_positives: bool = False):
-    """``(losses, distill)`` ``[L, M]`` of ``objective`` (``distill`` None without distillation), by the
-    passes of backend ``impl``; ``gather``: against the queries and docs of all ranks (all-gather).
-    ``leading_positives``: ``positive_index`` is ``arange(B)`` (the default layout), which lets a joint
-    partition share tiles between directions (``_shared_passes``)."""
+                     gather: bool = False, leading_positives: bool = False,
+                     scale_param: torch.Tensor | None = None) -> Losses:
+    """The ``[L, M]`` losses of ``objective`` by the passes of backend ``impl``; ``gather``: against the
+    queries and docs of all ranks (all-gather). ``leading_positives``: ``positive_index`` is ``arange(B)``
+    (the default layout), which lets directions share tiles. ``scale_param``: a learnable scale (its value
+    is ``scale``): the passes also return ``d losses / d scale`` (the default options only); the reference
+    oracle differentiates through it instead."""
+    scale_slope = scale_param is not None
     world_queries, world_docs, rank_offset, positives = queries, docs, 0, positive_index
     guide_docs = objective.guide_docs
     if gather:
@@ -106,21 +124,30 @@ def objective_losses(impl: ModuleType, queries, docs, dims, active, scale, posit
         if guide_docs is not objective.guide_docs:
             objective = dataclasses.replace(objective, guide_docs=guide_docs)
         losses, distill = impl.objective_losses(queries, world_queries, world_docs, rank_offset, positives, dims,
-                                                active, scale, objective)
-        return losses, (distill if objective.distill_weights is not None else None)
-    if _shares_tiles(impl, objective, leading_positives, world_queries is queries, scale):
+                                                active, scale if scale_param is None else scale_param, objective)
+        return Losses(losses, distill if objective.distill_weights is not None else None)
+    local = world_queries is queries
+    if scale_slope and not objective.is_default:
+        raise ValueError("a learnable scale needs the default options (query_to_doc, optionally symmetric; cos; "
+                         "no hardness, guide or distillation)")
+    if _symmetric_shares_tiles(impl, objective, leading_positives, local, scale):
+        passes = [_Pass(queries, docs, torch.arange(queries.shape[1], device=queries.device),
+                        Rules(column_statistics=queries.shape[1], scale_slope=scale_slope))]
+    elif _shares_tiles(impl, objective, leading_positives, local, scale):
         passes = (_merged_pass(queries, docs, objective) if _merges(objective)
                   else _shared_passes(queries, docs, objective))
     else:
         passes = _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective,
-                         guide_docs)
+                         guide_docs, scale_slope)
     tensors, specs = _unique_tensors(passes)
     if objective.distill_weights is not None:  # the teacher's statistics are needed, whatever its weight
         active = tuple(tuple(on or (layer == len(active) - 1 and m == len(dims) - 1) for m, on in enumerate(row))
                        for layer, row in enumerate(active))
-    losses, distill = _PassesFunction.apply(impl, specs, dims, active, scale, objective.partition_mode,
-                                            objective.distill_weights is not None, queries.shape[1], *tensors)
-    return losses, (distill if objective.distill_weights is not None else None)
+    losses, distill, slope = _PassesFunction.apply(impl, specs, dims, active, scale, objective.partition_mode,
+                                                   objective.distill_weights is not None, queries.shape[1],
+                                                   *tensors)
+    return Losses(losses, distill if objective.distill_weights is not None else None,
+                  slope if scale_slope else None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,14 +161,15 @@ class _Pass:
     row_limit: int | None = None
 
 
-def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective, guide_docs):
+def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_index, positives, objective, guide_docs,
+            scale_slope=False):
     n_queries, n_world = queries.shape[1], world_queries.shape[1]
     device = queries.device
     acc = accumulator_dtype(queries.dtype)
     row_group = torch.arange(n_queries, device=device) + rank_offset
     absent = torch.full_like(row_group, -1)
     teacher = objective.distill_weights is not None
-    common = {"similarity": objective.similarity, "teacher": teacher}
+    common = {"similarity": objective.similarity, "teacher": teacher, "scale_slope": scale_slope}
     groups = {"group_period": n_world, "row_group": row_group}
     guide = {}
     if objective.guide_queries is not None:
@@ -190,13 +218,18 @@ def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_inde
     return passes
 
 
+def _symmetric_shares_tiles(impl, objective, leading_positives, local, scale):
+    """Whether the symmetric default loss is one pass: doc_to_query's rows are query_to_doc's first B columns
+    (the default layout, one process's columns) and the backend returns their statistics at this scale."""
+    return (objective.is_default and len(objective.directions) == 2 and leading_positives and local
+            and impl.shares_tiles(objective.similarity, scale))
+
+
 def _shares_tiles(impl, objective, leading_positives, local, scale):
     """Whether the joint directions can share tiles: a backend with the rules, the default layout, one
     process's columns, and no guide or teacher (whose per-tile data the column side would also need)."""
-    backend_can = getattr(impl, "shares_tiles", None)  # support that depends on the similarity and scale
-    backend_can = (backend_can(objective.similarity, scale) if backend_can is not None
-                   else getattr(impl, "SHARED_TILES", False))
-    return (backend_can and leading_positives and local and len(objective.directions) > 1
+    return (impl.shares_tiles(objective.similarity, scale) and leading_positives and local
+            and len(objective.directions) > 1
             and objective.partition_mode == "joint" and objective.guide_queries is None
             and objective.distill_weights is None)
 
@@ -291,25 +324,33 @@ def _pass_norms(norms, rows, cols, limit):
     return norms and (tuple(_prefix(t, limit) for t in norms[rows]), norms[cols])
 
 
-def _anchor_parts(offset, log_sum, n_anchors):
+def _anchor_parts(softmax: Softmax, n_anchors: int) -> list[Softmax]:
     """Statistics ``[L, k * B, M]`` of k row (or column) sets as k parts ``[L, B, M]``, one per set of the
     anchors (``_merged_pass``: rows i and B + i are anchor i's; every other pass has k = 1)."""
-    return list(zip(offset.split(n_anchors, 1), log_sum.split(n_anchors, 1)))
+    def split(t):
+        return [None] * (softmax.offset.shape[1] // n_anchors) if t is None else t.split(n_anchors, 1)
+
+    return [Softmax(*fields) for fields in zip(*(split(t) for t in (softmax.offset, softmax.log_sum,
+                                                                      softmax.expected_logit)))]
 
 
-def _per_row(statistic, n_rows):
-    """An anchor's ``[L, B, M]`` statistic for each of ``n_rows`` rows (or columns) that are k sets of them."""
-    return statistic if statistic.shape[1] == n_rows else statistic.repeat(1, n_rows // statistic.shape[1], 1)
-
-
-def _combine(offset, log_sum, other_offset, other_log_sum):
-    """Statistics of the union of two disjoint column sets, each relative to its own offset."""
-    new = torch.maximum(offset, other_offset)
-    return new, torch.logaddexp(log_sum + (offset - new), other_log_sum + (other_offset - new))
+def _per_row(softmax: Softmax, n_rows: int) -> Softmax:
+    """An anchor's ``[L, B, M]`` statistics for each of ``n_rows`` rows (or columns) that are k sets of them."""
+    if softmax.offset.shape[1] == n_rows:
+        return softmax
+    k = n_rows // softmax.offset.shape[1]
+    return Softmax(softmax.offset.repeat(1, k, 1), softmax.log_sum.repeat(1, k, 1))
 
 
 class _PassesFunction(torch.autograd.Function):
-    """Losses (and distillation terms) ``[L, M]`` from the passes' statistics; backward through every pass."""
+    """Losses, distillation terms and the scale's slope ``[L, M]`` from the passes' statistics; backward
+    through every pass. The one autograd path of every loss a pass backend computes.
+
+    Each anchor (row of the first pass) has one softmax per part: each pass's rows of it, and the statistic
+    columns (``rules.column_statistics``) of its columns. A joint partition combines the parts into one
+    softmax; per_direction averages their log-sum-exps, each part keeping its own positive term (the same
+    logit: a column part's is its anchor row's positive, whose gradient the passes do not carry, added
+    here)."""
 
     @staticmethod
     def forward(ctx, impl, specs, dims, active, scale, partition_mode, distill, n_anchors, *tensors):
@@ -320,71 +361,98 @@ class _PassesFunction(torch.autograd.Function):
         stats = [impl.row_statistics(_prefix(tensors[r], limit), tensors[c], dims, active, scale, positives, rules,
                                      norms=_pass_norms(norms, r, c, limit))
                  for r, c, positives, rules, limit in specs]
-        positive = sum(stats[0][2].split(n_anchors, 1))  # the merged pass: rows B + i have none
+        positive = sum(stats[0].positive_logit.split(n_anchors, 1))  # the merged pass: rows B + i have none
+        row_parts = [part for s in stats for part in _anchor_parts(s.rows, n_anchors)]
+        column_parts = [part for s in stats if s.columns is not None for part in _anchor_parts(s.columns, n_anchors)]
+        parts = row_parts + column_parts
         if partition_mode == "joint":
-            # Every part of anchor i's softmax: each pass's rows of it, and the column statistics of its columns
-            # (rules.column_statistics: those columns' softmaxes are the rows').
-            parts = [part for s in stats for part in _anchor_parts(*s[:2], n_anchors)]
-            parts += [part for s, spec in zip(stats, specs) if spec[3].column_statistics
-                      for part in _anchor_parts(*s[3:5], n_anchors)]
-            offset, log_sum = parts[0]
+            joint = parts[0]
             for other in parts[1:]:
-                offset, log_sum = _combine(offset, log_sum, *other)
-            log_z = offset + log_sum
-            pass_stats = [(offset, log_sum)] * len(stats)
+                joint = combine(joint, other)
+            log_z, expected = joint.offset + joint.log_sum, joint.expected_logit
+            row_stats = [joint] * len(stats)
         else:
-            log_z = sum(s[0] + s[1] for s in stats) / len(stats)
-            pass_stats = [s[:2] for s in stats]
+            log_z = sum(part.offset + part.log_sum for part in parts) / len(parts)
+            expected = (None if parts[0].expected_logit is None
+                        else sum(part.expected_logit for part in parts) / len(parts))
+            row_stats = [s.rows for s in stats]
         active_pairs = device_table(active, positive.device)
         losses = torch.where(active_pairs, (log_z - positive).mean(1), 0.0)
+        slope = torch.zeros_like(losses)
+        if expected is not None:  # d (LSE_i - z_i,p(i)) / d scale = (E_p[z_i] - z_i,p(i)) / scale
+            slope = torch.where(active_pairs, ((expected - positive) / scale).mean(1), 0.0)
         distill_terms = torch.zeros_like(losses)
         if distill:
             # sum_j exp(z_T - o_T) z_lm over all passes, relative to the combined teacher offset.
-            teacher_offset = offset[-1, :, -1]
-            weighted = sum(s[3] * (s[0][-1, :, -1] - teacher_offset).exp()[None, :, None] for s in stats)
-            expected = weighted * (-log_sum[-1, :, -1]).exp()[None, :, None]  # E_pT[z_lm]
-            kl = (expected[-1:, :, -1:] - log_z[-1:, :, -1:]) - (expected - log_z)
+            teacher_offset = joint.offset[-1, :, -1]
+            weighted = sum(s.teacher_sum * (s.rows.offset[-1, :, -1] - teacher_offset).exp()[None, :, None]
+                           for s in stats)
+            expected_lm = weighted * (-joint.log_sum[-1, :, -1]).exp()[None, :, None]  # E_pT[z_lm]
+            kl = (expected_lm[-1:, :, -1:] - log_z[-1:, :, -1:]) - (expected_lm - log_z)
             distill_terms = torch.where(active_pairs, kl.mean(1), 0.0)
-        ctx.save_for_backward(*tensors, *(t for s in pass_stats for t in s))
-        ctx.config = (impl, specs, dims, active, scale, len(tensors), distill, partition_mode, n_anchors)
+        # Per pass: the statistics its rows' softmaxes had, and its columns' (joint: the anchors').
+        column_stats = [None if s.columns is None else (joint if partition_mode == "joint" else s.columns)
+                        for s in stats]
+        flat = [t for softmax in row_stats + column_stats if softmax is not None
+                for t in (softmax.offset, softmax.log_sum)]
+        ctx.save_for_backward(*tensors, *flat)
+        ctx.config = (impl, specs, dims, active, scale, len(tensors), distill, partition_mode, n_anchors,
+                      len(parts), [softmax is not None for softmax in column_stats])
         ctx.norms = norms
+        ctx.mark_non_differentiable(slope)
         if not distill:
             ctx.mark_non_differentiable(distill_terms)
         dtype = tensors[0].dtype
-        return losses.to(dtype), distill_terms.to(dtype)
+        return losses.to(dtype), distill_terms.to(dtype), slope
 
     @staticmethod
-    def backward(ctx, grad_losses, grad_distill):
-        impl, specs, dims, active, scale, n_tensors, distill, partition_mode, n_anchors = ctx.config
+    def backward(ctx, grad_losses, grad_distill, _grad_slope):
+        impl, specs, dims, active, scale, n_tensors, distill, partition_mode, n_anchors, n_parts, has_columns = \
+            ctx.config
         saved = ctx.saved_tensors
-        tensors, flat_stats = saved[:n_tensors], saved[n_tensors:]
-        acc = flat_stats[0].dtype
-        share = len(specs) if partition_mode == "per_direction" else 1
+        tensors, flat = saved[:n_tensors], list(saved[n_tensors:])
+        acc = flat[0].dtype
+
+        def take():
+            offset, log_sum = flat.pop(0), flat.pop(0)
+            return Softmax(offset, log_sum)
+
+        row_stats = [take() for _ in specs]
+        column_stats = [take() if present else None for present in has_columns]
+        # per_direction: each part's loss counts 1 / n_parts of the pair's.
+        share = n_parts if partition_mode == "per_direction" else 1
         coef = grad_losses.to(acc) / n_anchors / share
         distill_coef = grad_distill.to(acc) / n_anchors if distill and grad_distill is not None else None
         grads = [None] * n_tensors
         with torch.no_grad():
             for k, (r, c, positives, rules, limit) in enumerate(specs):
-                offset, log_sum = flat_stats[2 * k], flat_stats[2 * k + 1]
-                # Shared tiles: column j's softmax is its anchor's (joint), with the same statistics.
-                columns = {}
-                if rules.column_statistics:
-                    columns = dict(col_offset=_per_row(offset, rules.column_statistics),
-                                   col_log_sum=_per_row(log_sum, rules.column_statistics))
                 n_rows = positives.shape[0]
-                d_rows, d_cols = impl.pass_gradients(_prefix(tensors[r].detach(), limit), tensors[c].detach(), dims,
-                                                     active, scale, positives, _per_row(offset, n_rows),
-                                                     _per_row(log_sum, n_rows), coef, rules,
-                                                     distill_coef, norms=_pass_norms(ctx.norms, r, c, limit),
-                                                     **columns)
+                columns = column_stats[k]
+                if columns is not None:
+                    columns = _per_row(columns, rules.column_statistics)
+                grad = impl.pass_gradients(_prefix(tensors[r].detach(), limit), tensors[c].detach(), dims, active,
+                                           scale, positives, _per_row(row_stats[k], n_rows), coef, rules,
+                                           distill_coef, columns=columns, norms=_pass_norms(ctx.norms, r, c, limit))
                 # The columns first: a whole tensor's gradient, which a prefix of rows then adds to.
-                for i, g, rows_limit in ((c, d_cols, None), (r, d_rows, limit)):
+                for i, g, rows_limit in ((c, grad.cols, None), (r, grad.rows, limit)):
                     if grads[i] is None and rows_limit is None:
                         grads[i] = g.to(acc)
                         continue
                     if grads[i] is None:
                         grads[i] = tensors[i].new_zeros(tensors[i].shape, dtype=acc)
                     _prefix(grads[i], rows_limit).add_(g.to(acc))
+        if partition_mode == "per_direction":
+            # A statistic column's own positive term, -coef * z(j, j): the row's positive logit again.
+            for k, (r, c, positives, _, limit) in enumerate(specs):
+                if column_stats[k] is None:
+                    continue
+                with torch.enable_grad():
+                    x = _prefix(tensors[r].detach(), limit).requires_grad_()
+                    y = tensors[c].detach().requires_grad_()
+                    z = positive_logits(x, y, dims, active, scale, positives)
+                    d_x, d_y = torch.autograd.grad(-(z * coef[:, None, :]).sum(), (x, y))
+                _prefix(grads[r], limit).add_(d_x.to(acc))
+                grads[c].add_(d_y.to(acc))
         grads = [first_order_only(g.to(t.dtype), t) if ctx.needs_input_grad[8 + i] else None
                  for i, (g, t) in enumerate(zip(grads, tensors))]
         return (None,) * 8 + tuple(grads)

@@ -1,9 +1,9 @@
-"""The rules of one rows-vs-columns pass (DESIGN.md section 6).
+"""The rules of one rows-vs-columns pass (docs/design.md, "The loss family: passes with rules").
 
 Every objective of the library (MultipleNegativesRankingLoss's four directions and two partition
 modes, hardness weighting, dot similarity, guided false-negative filtering, score distillation)
 is a set of passes: rows ``[L, R, D]`` scored against columns ``[L, C, D]`` under these rules.
-The backends implement one pass (``row_statistics`` / ``pass_gradients``, backends/__init__.py)
+The backends implement one pass (``row_statistics`` / ``pass_gradients``, backends/base.py)
 with the rules as compile-time flags; :mod:`m2d_kernels.objective` composes the passes.
 
 For layer ``l``, dim ``d_m``, row ``i`` and column ``j`` the pass scores::
@@ -33,6 +33,10 @@ Shared tiles (the joint partition of several directions reuses one block's produ
                         (no penalty: the penalty belongs to the rows' softmax) and the same exclusions;
                         e.g. doc_to_query's rows are query_to_doc's positive columns
 
+With ``scale_slope`` the statistics also hold each softmax's mean logit ``E_p[z]`` (rows, and the
+statistic columns), from which ``d loss / d scale`` follows without a second pass (a learnable
+temperature); it takes the plain rules, optionally with column statistics.
+
 Exclusion never depends on (l, m), so every pair of a row sees the same columns. With ``teacher``
 the pass also accumulates, per pair, ``sum_j exp(z_T(i, j) - offset_T(i)) * z_lm(i, j)`` where the
 teacher ``z_T`` is the pair (L - 1, M - 1) of the same pass (score distillation).
@@ -46,6 +50,8 @@ import torch
 
 SIMILARITIES = ("cos", "dot")
 PENALTIES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+# The kernels' integer codes of the penalties (Triton constexpr, the C++ enum Penalty).
+PENALTY_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +74,7 @@ class Rules:
     # Shared tiles (module docstring): score only j > i or j >= R; return the first K columns' statistics.
     triangle: bool = False
     column_statistics: int = 0
+    scale_slope: bool = False  # also E_p[z] per softmax: d loss / d scale (module docstring)
 
     @property
     def guided(self) -> bool:
@@ -77,7 +84,8 @@ class Rules:
     def is_plain(self) -> bool:
         """Whether the pass is the plain cosine InfoNCE pass of the original kernels."""
         return (self.similarity == "cos" and not self.exclude_own_group and self.penalty is None
-                and not self.guided and not self.teacher and not self.triangle and not self.column_statistics)
+                and not self.guided and not self.teacher and not self.triangle and not self.column_statistics
+                and not self.scale_slope)
 
     def max_logit(self, scale: float) -> float | None:
         """A fixed maximum of every logit (cosine similarity), or None (dot: use the running maximum)."""
@@ -133,6 +141,10 @@ def check_rules(rules: Rules, n_rows: int, n_cols: int, active=None, distill: bo
         raise ValueError(f"rules.column_statistics must be an int in [0, {n_cols}], got {rules.column_statistics!r}")
     if rules.column_statistics and (rules.guided or rules.teacher or distill):
         raise ValueError("rules.column_statistics does not combine with a guide or a teacher (distillation)")
+    if rules.scale_slope and (rules.similarity != "cos" or rules.exclude_own_group or rules.penalty is not None
+                              or rules.guided or rules.teacher or rules.triangle or distill):
+        raise ValueError("rules.scale_slope takes the plain rules (cosine; no exclusion, penalty, guide, teacher or "
+                         "triangle), optionally with column_statistics")
     if active is not None and (rules.teacher or distill) and not active[-1][-1]:
         raise ValueError("the teacher pair (last layer, largest dim) must be active with rules.teacher or "
                          "distill_coef")

@@ -1,59 +1,16 @@
 """Backend registry.
 
-Each backend is one module exposing::
+Each backend is one module implementing the contract of :mod:`m2d_kernels.backends.base` (one pass of rows
+against a block of columns: ``row_statistics`` and ``pass_gradients``, with named results), plus
+``unavailable_reason(device)``, ``shares_tiles(similarity, scale)`` and ``SUPPORTED_DTYPES``:
 
-    unavailable_reason(device: torch.device) -> str | None   # None when it can run there
-    pair_losses(queries, docs, dims, active, scale, positive_index, symmetric) -> Tensor[L, M]
+    reference   the naive per-pair computation, sentence-transformers' code shape: the oracle
+    torch       the prefix trick in plain PyTorch, chunked over rows: any device
+    cpp         the prefix trick in C++ with OpenMP: CPU tensors
+    triton      the prefix trick in Triton: CUDA tensors; it also keeps fused kernels for the default
+                options (``pair_losses``), until its kernels move onto the contract
 
-``pair_losses`` returns the unweighted per-(layer, dim) losses (0 where ``active`` is
-False), differentiable with respect to ``queries`` and ``docs``; the weights reach the
-kernels' backward as the incoming gradient of that matrix. Modules are imported lazily so
-that ``import m2d_kernels`` needs neither Triton nor a compiler.
-
-The pass API (DESIGN.md section 6): ``rows [L, R, D]`` scored against one block of
-``cols [L, C, D]``, autograd-free, with the backend's own kernels, so that a softmax over
-several blocks (the ring exchange of ``m2d_kernels.distributed``) is the combination of
-per-block statistics::
-
-    row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None)
-        -> offset, log_sum, positive_logit                        # each [L, R, M]
-           (+ teacher_sum with rules.teacher)
-           (+ col_offset, col_log_sum [L, K, M] with rules.column_statistics = K)
-    pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef,
-                   rules=PLAIN, distill_coef=None, col_offset=None, col_log_sum=None, norms=None)
-        -> d_rows [L, R, D], d_cols [L, C, D]
-
-``norms`` (optional, cosine): ``(row_tables, col_tables)``, each the two ``[L, R, M]`` tables of
-``torch_prefix.inverse_prefix_norms`` for those rows / columns, so that a caller running several passes
-over the same tensors computes them once; a fused backend converts them to its dtype, the reference
-(an independent oracle) recomputes its own.
-
-``rules`` (:class:`m2d_kernels.rules.Rules`, whose docstring is the specification) select the
-similarity, the excluded columns, a hardness penalty and the teacher sums of score distillation;
-excluded columns are dropped before the exponentials, a row with none left has ``log_sum = -inf``.
-``teacher_sum = sum_j exp(z_T - offset_T) z_lm`` with the teacher pair (L - 1, M - 1) and its
-returned offset; ``pass_gradients`` then also differentiates ``distill_coef[l, m] * sum_i [LSE_i -
-sum_j p_T(i, j) z_ij]``. :mod:`m2d_kernels.objective` composes passes into the loss family.
-
-``positives [R]`` (long) is the column of this block holding row ``i``'s positive, or -1
-when it lies in another block. ``offset`` and ``log_sum`` are per row and pair, natural-log
-units: ``log sum_j exp(z_ij - offset_i)`` over this block's columns, ``z = scale * cos``,
-relative to the offset (the row maximum, or ``scale`` where the backend uses a fixed
-maximum); ``positive_logit`` is ``z_i,positives_i`` (0 for -1). Two blocks combine as
-``o = max(o1, o2)``, ``log_sum = logaddexp(l1 + o1 - o, l2 + o2 - o)``; a row's loss is
-``offset + log_sum - positive_logit``. ``pass_gradients`` returns the gradients, from this
-block's columns, of ``sum_lm coef[l, m] * sum_i (LSE_i - z_i,positives_i)`` where the softmax
-behind ``LSE`` has the given (combined) statistics, so summing it over the blocks gives the
-gradient of the whole softmax (``coef [L, M]`` per row loss: ``d total / d loss_lm / R`` for
-a mean over rows). With ``rules.column_statistics = K`` the first K columns are softmaxes of their
-own over the rows (``rules.triangle`` / ``column_statistics``: the shared tiles of the joint
-directions): the forward returns their statistics and ``pass_gradients`` adds the gradient of
-``sum_lm coef[l, m] * sum_{j < K} LSE_col_j`` with the given (combined) column statistics.
-Backends that implement these two rules set ``SHARED_TILES = True`` (or define
-``shares_tiles(similarity, scale) -> bool`` when it depends on them); the others get one pass per
-direction from :mod:`m2d_kernels.objective`. Inactive pairs have finite statistics and no gradient. Gradients are in
-the accumulator dtype where the backend computes them unrounded (torch, cpp), else in the
-input dtype (triton; reference: the input dtype, which is its accumulator).
+Modules are imported lazily so that ``import m2d_kernels`` needs neither Triton nor a compiler.
 """
 
 from __future__ import annotations

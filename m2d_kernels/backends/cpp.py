@@ -1,11 +1,10 @@
-"""Backend ``cpp``: the fused prefix-trick kernel in C++ with OpenMP, for CPU tensors.
+"""Backend ``cpp``: one pass of the backend contract (backends/base.py) in C++ with OpenMP, for CPU tensors.
 
 The math is the one of ``torch_prefix.py``; the kernels are in ``csrc/m2d_cpu.cpp``.
 Forward keeps per-row statistics only (the maximum and the log of the scaled sum, apart,
 so large scales lose no accuracy); backward recomputes the similarities tile by tile with
 the forward's exact operations, so nothing of size ``B x N`` is allocated. fp32 and fp64
-run natively; fp16/bf16 inputs are converted to fp32 on entry and the gradients converted
-back. The backward is first order only: differentiating it again raises.
+run natively; fp16/bf16 inputs are converted to fp32 on entry.
 
 The extension is taken from an ahead-of-time build (``m2d_kernels._C``, ``M2D_BUILD_EXT=1
 pip install --no-build-isolation .``) when present, otherwise compiled on first use with
@@ -47,12 +46,11 @@ from types import ModuleType
 import torch
 
 from m2d_kernels._files import atomic_write, fsync_folder, not_private_reason, open_no_follow
-from m2d_kernels.backends.torch_prefix import accumulator_dtype, first_order_only, inverse_prefix_norms, prefix_norms
-from m2d_kernels.rules import PLAIN, check_rules
+from m2d_kernels.backends.base import PassGradients, PassStatistics, Softmax, check_columns
+from m2d_kernels.numerics import accumulator_dtype, fixed_max_is_exact, prefix_norms
+from m2d_kernels.rules import PENALTY_CODES, PLAIN, check_rules
 
-# The pass applies rules.triangle and rules.column_statistics (backends/__init__.py): objective.py
-# composes the joint directions from shared tiles.
-SHARED_TILES = True
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 try:
     import fcntl
@@ -290,75 +288,16 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _extension()[1]
 
 
-class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad):
-        kernels = _extension()[0]
-        dtype = accumulator_dtype(queries.dtype)
-        q = queries.detach().to(dtype).contiguous()
-        k = docs.detach().to(dtype).contiguous()
-        # The kernels read the index as a dense [B] array: an expanded or strided index
-        # becomes one here, and that copy (not the caller's tensor) is what backward reads.
-        positives = positive_index.to(torch.int64).contiguous()
-        inv_q, norm_grad_q = inverse_prefix_norms(q, dims, dtype)
-        inv_k, norm_grad_k = inverse_prefix_norms(k, dims, dtype)
-        active_mask = torch.tensor(active, dtype=torch.bool)
-        losses, row_max, row_logsum, col_max, col_logsum, dloss_dscale = kernels.forward(
-            q, k, inv_q, inv_k, positives, list(dims), active_mask, scale, symmetric, scale_grad,
-            torch.get_num_threads(),
-        )
-        ctx.save_for_backward(q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max,
-                              col_logsum, queries, docs)
-        ctx.config = (dims, active_mask, scale, symmetric, queries.dtype)
-        if not scale_grad:
-            return losses.to(queries.dtype)
-        ctx.mark_non_differentiable(dloss_dscale)
-        return losses.to(queries.dtype), dloss_dscale
-
-    @staticmethod
-    def backward(ctx, grad_losses, *_):
-        (q, k, positives, inv_q, norm_grad_q, inv_k, norm_grad_k, row_max, row_logsum, col_max, col_logsum, queries,
-         docs) = ctx.saved_tensors
-        dims, active_mask, scale, symmetric, input_dtype = ctx.config
-        n_queries = q.shape[1]
-        # d pair-loss / d cos = coef * (P - onehot); each direction counts half when symmetric.
-        coef = (grad_losses.to(q.dtype) * (scale / n_queries / (2 if symmetric else 1))).contiguous()
-        grad_q, grad_k = _extension()[0].backward(
-            q, k, inv_q, inv_k, norm_grad_q, norm_grad_k, positives, list(dims), active_mask, scale, symmetric,
-            row_max, row_logsum, col_max, col_logsum, coef, torch.get_num_threads(),
-        )
-        # Under create_graph=True a later differentiation fails loudly instead of being first order.
-        grad_q = first_order_only(grad_q.to(input_dtype), queries)
-        grad_k = first_order_only(grad_k.to(input_dtype), docs)
-        return grad_q, grad_k, None, None, None, None, None, None
-
-
-def pair_losses(
-    queries: torch.Tensor,
-    docs: torch.Tensor,
-    dims: tuple[int, ...],
-    active: tuple[tuple[bool, ...], ...],
-    scale: float,
-    positive_index: torch.Tensor,
-    symmetric: bool,
-    scale_grad: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype.
-
-    With ``scale_grad=True`` also ``d loss_lm / d scale`` ``[L, M]`` (detached, in the
-    accumulator dtype: fp64 for fp64 inputs, else fp32), computed in the forward beside the
-    row statistics; the default path does not compute it.
-    """
-    return Matryoshka2dInfoNCEFunction.apply(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad)
+def shares_tiles(similarity: str, scale: float | None = None) -> bool:
+    """The pass applies rules.triangle and rules.column_statistics for every similarity and scale."""
+    return True
 
 
 # ---------------------------------------------------------------------------------------
-# Pass API (backends/__init__.py): the extension's forward and backward on one block of columns,
-# with the rules of m2d_kernels.rules as runtime arguments that the kernels turn into template
-# arguments once per call (the plain pass runs the original loops).
+# The pass (backends/base.py): the extension's forward and backward on one block of columns, with the
+# rules of m2d_kernels.rules as runtime arguments that the kernels turn into template arguments once per
+# call (the plain pass runs loops with no rule in them).
 # ---------------------------------------------------------------------------------------
-
-_PENALTY_CODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 
 
 def _rows_read_in_place(rows: torch.Tensor) -> bool:
@@ -398,52 +337,51 @@ def _rule_arguments(rules, dtype, n_rows, n_cols, active=None, distill=False):
         guide = tuple(t.detach().to(dtype).contiguous() for t in (rules.guide_rows, rules.guide_cols,
                                                                    rules.guide_threshold))
     return (rules.similarity == "cos", rules.group_period, row_group, rules.exclude_own_group,
-            _PENALTY_CODES[rules.penalty], float(rules.penalty_strength), *guide, rules.triangle,
+            PENALTY_CODES[rules.penalty], float(rules.penalty_strength), *guide, rules.triangle,
             rules.column_statistics)
 
 
-def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
-    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` (the row maximum, or the fixed maximum
-    ``rules.max_logit(scale)`` for cosines at moderate scales; log sum exp(z - offset)), and with
-    ``rules.teacher`` the teacher-weighted logit sums as a fourth tensor; with ``rules.column_statistics = K``
-    instead ``(col_offset, col_log_sum)`` ``[L, K, M]`` of the first K columns (offset ``scale`` for cosines at
-    moderate scales, else the column maximum; 0 and -inf for a column with every entry excluded)."""
+def _fixed_max(rules, scale, dtype) -> bool:
+    """Whether the kernels take ``rules.max_logit(scale)`` as every softmax's offset (numerics)."""
+    max_logit = rules.max_logit(scale)
+    return max_logit is not None and fixed_max_is_exact(max_logit, dtype)
+
+
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None) -> PassStatistics:
+    """The pass's forward (backends/base.py), in the accumulator dtype. A statistic column with every entry
+    excluded has offset 0 and log_sum -inf."""
     q, k, (inv_q, _), (inv_k, _) = _pass_operands(rows, cols, dims, rules, norms)
-    offset, log_sum, positive, teacher_sum, col_offset, col_log_sum = _extension()[0].pass_forward(
+    (offset, log_sum, positive, teacher_sum, col_offset, col_log_sum, row_mean_cos,
+     col_mean_cos) = _extension()[0].pass_forward(
         q, k, inv_q, inv_k, positives.to(torch.int64).contiguous(), list(dims), torch.tensor(active, dtype=torch.bool),
-        scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active), rules.teacher, torch.get_num_threads(),
+        scale, *_rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active), rules.teacher, rules.scale_slope,
+        _fixed_max(rules, scale, q.dtype), torch.get_num_threads(),
     )
-    if rules.teacher:
-        return offset, log_sum, positive, teacher_sum
+    # The kernels' slope is E_p[cos]; the contract's E_p[z] (plain rules: z = scale * cos).
+    columns = None
     if rules.column_statistics:
-        return offset, log_sum, positive, col_offset, col_log_sum
-    return offset, log_sum, positive
+        columns = Softmax(col_offset, col_log_sum, col_mean_cos * scale if rules.scale_slope else None)
+    return PassStatistics(Softmax(offset, log_sum, row_mean_cos * scale if rules.scale_slope else None), positive,
+                          teacher_sum if rules.teacher else None, columns)
 
 
-def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN, distill_coef=None,
-                   col_offset=None, col_log_sum=None, norms=None):
-    """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype, from the extension's backward with the given
-    (combined) statistics; ``positives == -1`` subtracts no one-hot; ``distill_coef`` adds the distillation
-    gradient (teacher = pair (L - 1, M - 1)); with ``rules.column_statistics = K`` the first K columns'
-    softmaxes over the rows, with the given ``col_offset`` / ``col_log_sum`` ``[L, K, M]``, add theirs."""
+def pass_gradients(rows, cols, dims, active, scale, positives, softmax, coef, rules=PLAIN, distill_coef=None,
+                   columns=None, norms=None) -> PassGradients:
+    """The pass's backward (backends/base.py), in the accumulator dtype."""
     q, k, (inv_q, norm_q), (inv_k, norm_k) = _pass_operands(rows, cols, dims, rules, norms)
     rule_arguments = _rule_arguments(rules, q.dtype, q.shape[1], k.shape[1], active, distill_coef is not None)
-    n_stat_cols = rules.column_statistics
-    if n_stat_cols and (col_offset is None or col_log_sum is None):
-        raise ValueError("col_offset and col_log_sum are required with rules.column_statistics")
-    if n_stat_cols:
-        expected = (len(active), n_stat_cols, len(dims))
-        for name, value in (("col_offset", col_offset), ("col_log_sum", col_log_sum)):
-            if tuple(value.shape) != expected:
-                raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
-        col_offset, col_log_sum = col_offset.to(q.dtype).contiguous(), col_log_sum.to(q.dtype).contiguous()
+    check_columns(rules, columns, len(active), len(dims))
+    if columns is not None:
+        col_offset, col_log_sum = columns.offset.to(q.dtype).contiguous(), columns.log_sum.to(q.dtype).contiguous()
     else:
         col_offset = col_log_sum = q.new_empty(0)
     # The extension's coefficients multiply d z / d s per similarity: scale times ours, per row loss.
     distill = q.new_empty(0) if distill_coef is None else (distill_coef * scale).to(q.dtype).contiguous()
-    return _extension()[0].pass_backward(
+    fixed_max = _fixed_max(rules, scale, q.dtype) and distill_coef is None
+    d_rows, d_cols = _extension()[0].pass_backward(
         q, k, inv_q, inv_k, norm_q, norm_k, positives.to(torch.int64).contiguous(), list(dims),
-        torch.tensor(active, dtype=torch.bool), scale,
-        *rule_arguments, offset.to(q.dtype).contiguous(), log_sum.to(q.dtype).contiguous(), col_offset, col_log_sum,
+        torch.tensor(active, dtype=torch.bool), scale, *rule_arguments, fixed_max,
+        softmax.offset.to(q.dtype).contiguous(), softmax.log_sum.to(q.dtype).contiguous(), col_offset, col_log_sum,
         (coef * scale).to(q.dtype).contiguous(), distill, torch.get_num_threads(),
     )
+    return PassGradients(d_rows, d_cols)

@@ -12,62 +12,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from m2d_kernels.rules import PLAIN, column_masks, guide_tie_tolerance
+from m2d_kernels.backends.base import PassGradients, PassStatistics, Softmax, check_columns
+from m2d_kernels.rules import PLAIN, check_rules, column_masks, guide_tie_tolerance
 
-SHARED_TILES = True  # the pass applies rules.triangle and rules.column_statistics (backends/__init__.py)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def pair_losses(
-    queries: torch.Tensor,
-    docs: torch.Tensor,
-    dims: tuple[int, ...],
-    active: tuple[tuple[bool, ...], ...],
-    scale: float,
-    positive_index: torch.Tensor,
-    symmetric: bool,
-    scale_grad: bool = False,
-):
-    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype; with
-    ``scale_grad`` also ``d loss_lm / d scale`` ``[L, M]`` (detached). Differentiable twice."""
-    n_queries = queries.shape[1]
-    query_labels = torch.arange(n_queries, device=queries.device)
-    zero = queries.new_zeros(())
-    losses, dloss_dscale = [], []
-    for layer, layer_active in enumerate(active):
-        for dim_index, dim in enumerate(dims):
-            if not layer_active[dim_index]:
-                losses.append(zero)
-                dloss_dscale.append(zero)
-                continue
-            q = F.normalize(queries[layer, :, :dim], p=2, dim=-1)
-            k = F.normalize(docs[layer, :, :dim], p=2, dim=-1)
-            # query_to_doc: each query against every candidate.
-            cos = q @ k.T
-            loss = F.cross_entropy(cos * scale, positive_index)
-            slope = _scale_slope(cos.detach(), positive_index, scale) if scale_grad else zero
-            if symmetric:
-                # doc_to_query, partition_mode="per_direction": each positive against every query.
-                cos_d2q = k[positive_index] @ q.T
-                loss = (loss + F.cross_entropy(cos_d2q * scale, query_labels)) / 2
-                if scale_grad:
-                    slope = (slope + _scale_slope(cos_d2q.detach(), query_labels, scale)) / 2
-            losses.append(loss)
-            dloss_dscale.append(slope)
-    losses = torch.stack(losses).view(len(active), len(dims))
-    return (losses, torch.stack(dloss_dscale).view_as(losses)) if scale_grad else losses
+def shares_tiles(similarity: str, scale: float | None = None) -> bool:
+    """The pass applies rules.triangle and rules.column_statistics for every similarity and scale."""
+    return True
 
 
-def _scale_slope(cos: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
-    """d/dscale of mean_i cross_entropy(scale * cos_i, labels_i) = mean_i [E_softmax(cos_i) - cos_i,label]."""
-    probs = torch.softmax(scale * cos, dim=1)
-    return ((probs * cos).sum(1) - cos.gather(1, labels[:, None])[:, 0]).mean()
-
-
-# Pass API (backends/__init__.py): plain torch, one (layer, dim) pair at a time, like pair_losses, every
+# Pass API (backends/base.py): plain torch, one (layer, dim) pair at a time, every
 # rule of m2d_kernels.rules applied to a materialised [R, C] logit matrix. It is the oracle of the backends'
 # passes; the whole objectives have their own oracle (objective_losses below), which does not use it.
 
@@ -112,15 +72,15 @@ def _kept(values, logits):
     return torch.where(torch.isfinite(logits), values, 0.0)
 
 
-def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
-    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, and with ``rules.teacher`` the
-    teacher-weighted logit sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor; with
-    ``rules.column_statistics = K`` instead ``(col_offset, col_log_sum)`` ``[L, K, M]`` as fourth and fifth."""
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None) -> PassStatistics:
+    """The pass's forward (backends/base.py) on materialised ``[R, C]`` logits, in the input dtype."""
+    check_rules(rules, rows.shape[1], cols.shape[1], active)
     n_layers, n_rows, n_stat_cols = len(active), rows.shape[1], rules.column_statistics
     offset = rows.new_zeros(n_layers, n_rows, len(dims))
     log_sum, positive, teacher_sum = torch.zeros_like(offset), torch.zeros_like(offset), torch.zeros_like(offset)
+    expected = torch.zeros_like(offset)
     col_offset = rows.new_zeros(n_layers, n_stat_cols, len(dims))
-    col_log_sum = torch.zeros_like(col_offset)
+    col_log_sum, col_expected = torch.zeros_like(col_offset), torch.zeros_like(col_offset)
     with torch.no_grad():
         masks = _masks(rows, cols, positives, rules)
         teacher_weight = None
@@ -134,6 +94,8 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norm
                     offset[layer, :, m] = _offset(logits)
                     log_sum[layer, :, m] = (logits - offset[layer, :, m, None]).exp().sum(1).log()
                     positive[layer, :, m] = _positive(logits, positives)
+                    if rules.scale_slope:  # nothing excluded (check_rules): no 0 * -inf
+                        expected[layer, :, m] = (torch.softmax(logits, 1) * logits).sum(1)
                     if teacher_weight is not None:
                         teacher_sum[layer, :, m] = _kept(teacher_weight * logits, logits).sum(1)
                     if n_stat_cols:
@@ -141,21 +103,23 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norm
                         col_logits = col_logits[:, :n_stat_cols]
                         col_offset[layer, :, m] = _offset(col_logits, dim=0)
                         col_log_sum[layer, :, m] = (col_logits - col_offset[layer, None, :, m]).exp().sum(0).log()
-    if rules.teacher:
-        return offset, log_sum, positive, teacher_sum
-    return (offset, log_sum, positive, col_offset, col_log_sum) if n_stat_cols else (offset, log_sum, positive)
+                        if rules.scale_slope:
+                            col_expected[layer, :, m] = (torch.softmax(col_logits, 0) * col_logits).sum(0)
+    slope = rules.scale_slope
+    columns = Softmax(col_offset, col_log_sum, col_expected if slope else None) if n_stat_cols else None
+    return PassStatistics(Softmax(offset, log_sum, expected if slope else None), positive,
+                          teacher_sum if rules.teacher else None, columns)
 
 
-def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None, col_offset=None, col_log_sum=None, norms=None):
-    """Pass API: gradients of ``sum_lm coef_lm sum_i [LSE_i - z_i,p(i)]
-    + distill_coef_lm sum_i [LSE_i - sum_j p_T(i, j) z_ij]`` where the softmaxes of LSE and of the teacher
-    ``p_T`` (pair (L - 1, M - 1)) have the given statistics, from this block's columns; with
-    ``rules.column_statistics = K`` also of ``sum_lm coef_lm sum_{j < K} LSE_col_j`` (the columns' softmaxes
-    over these rows, with the given ``col_offset`` / ``col_log_sum`` ``[L, K, M]``; no positive term)."""
+def pass_gradients(rows, cols, dims, active, scale, positives, softmax, coef, rules=PLAIN, distill_coef=None,
+                   columns=None, norms=None) -> PassGradients:
+    """The pass's backward (backends/base.py) by autograd through materialised logits, with the given
+    statistics as constants: ``P = exp(z - offset - log_sum)`` enters as ``sum P * z``, whose gradient is
+    ``P dz``."""
+    check_rules(rules, rows.shape[1], cols.shape[1], active, distill_coef is not None)
+    check_columns(rules, columns, len(active), len(dims))
     n_layers, n_stat_cols = len(active), rules.column_statistics
-    if n_stat_cols and (col_offset is None or col_log_sum is None):
-        raise ValueError("col_offset and col_log_sum are required with rules.column_statistics")
+    offset, log_sum = softmax.offset, softmax.log_sum
     with torch.enable_grad():
         x, y = rows.detach().requires_grad_(), cols.detach().requires_grad_()
         masks = _masks(x, y, positives, rules)
@@ -176,10 +140,11 @@ def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, 
                     if n_stat_cols:
                         col_logits = _pass_logits(x, y, layer, dim, scale, rules, masks, penalty=False)
                         col_logits = col_logits[:, :n_stat_cols]
-                        col_probs = (col_logits.detach() - col_offset[layer, None, :, m]
-                                     - col_log_sum[layer, None, :, m]).exp()
+                        col_probs = (col_logits.detach() - columns.offset[layer, None, :, m]
+                                     - columns.log_sum[layer, None, :, m]).exp()
                         total = total + coef[layer, m] * _kept(col_probs * col_logits, col_logits).sum()
-        return torch.autograd.grad(total, (x, y), allow_unused=True, materialize_grads=True)
+        d_rows, d_cols = torch.autograd.grad(total, (x, y), allow_unused=True, materialize_grads=True)
+    return PassGradients(d_rows, d_cols)
 
 
 # The objectives of m2d_kernels.objective (directions, partitions, hardness, dot, guide, distillation),

@@ -1,29 +1,25 @@
-"""Backend ``torch``: the prefix trick in plain PyTorch, chunked over query rows.
+"""Backend ``torch``: the prefix trick in plain PyTorch, chunked over rows; one pass of the contract.
 
-Math (DESIGN.md section 1). For layer l and nested dim d_m, with segments
-``seg_m = [d_{m-1}, d_m)``::
+Math (docs/design.md, "The prefix trick" and "The backward pass"). For layer l and nested dim d_m, with
+segments ``seg_m = [d_{m-1}, d_m)``::
 
     S_m      = S_{m-1} + Q[:, seg_m] K[:, seg_m]^T          one accumulator over D
     cos_m    = diag(rq_m) S_m diag(rk_m)                     rq_m = 1 / max(|q[:d_m]|, eps)
-    loss_lm  = mean_i [ logsumexp_j(scale * cos_m(i, j)) - scale * cos_m(i, p(i)) ]
 
 Backward, with ``G_m = dLoss/dcos_m`` and suffix sums over dims ``m >= s``::
 
     dQ[:, seg_s] = H_s K[:, seg_s] - alpha_s * Q[:, seg_s]     H_s = sum_{m>=s} diag(rq_m) G_m diag(rk_m)
     dK[:, seg_s] = H_s^T Q[:, seg_s] - beta_s * K[:, seg_s]    alpha_s = sum_{m>=s} rq_m^2 rowsum(G_m * cos_m)
 
-Query rows are processed in chunks inside one ``torch.autograd.Function`` that saves only
-``[L, B, M]`` statistics and recomputes the similarities in backward, so the extra memory
-is ``O(chunk * N * M)``, never ``O(L * M * B * N)``. Runs on any device.
-
-The pass API (``row_statistics`` / ``pass_gradients``, backends/__init__.py) runs the same loops
-with the rules of m2d_kernels/rules.py as Python branches, so ``rules=PLAIN`` and ``pair_losses``
-pay nothing: "dot" takes inverse norms of one and drops the norm terms; each chunk of rows gets,
-once for every (layer, dim) pair, its penalty factors (the logit scale per column, the penalty
+The pass (``row_statistics`` / ``pass_gradients``, backends/base.py) processes the rows in chunks and
+recomputes the similarities in backward, so the extra memory is ``O(chunk * C * M)``, never
+``O(L * M * R * C)``. Runs on any device. The rules of m2d_kernels/rules.py are Python branches, so the
+plain pass pays nothing for them: "dot" takes inverse norms of one and drops the norm terms; each chunk of
+rows gets, once for every (layer, dim) pair, its penalty factors (the logit scale per column, the penalty
 being stop-grad: the gradient keeps ``scale``), an additive -inf bias on the excluded columns
-(rules.column_masks on the chunk, guide similarities one ``[chunk, Dg] x [Dg, C]`` product) and,
-for distillation, the teacher pair's tile (one extra product over D per chunk). The loops are
-chunk-major (every layer of a chunk, then the next chunk) so that these are shared by the layers.
+(rules.column_masks on the chunk, guide similarities one ``[chunk, Dg] x [Dg, C]`` product) and, for
+distillation, the teacher pair's tile (one extra product over D per chunk). The loops are chunk-major
+(every layer of a chunk, then the next chunk) so that these are shared by the layers.
 Shared tiles: with ``rules.triangle`` a chunk of rows ``[r0, r1)`` is scored against ``cols[r0 + 1:]`` only
 (the skipped columns are the speed-up); with ``rules.column_statistics`` each chunk also yields partial
 statistics of the first K columns over its rows, merged over the chunks in order (with a fixed maximum the
@@ -32,34 +28,32 @@ rows' exponentials serve them: plain sums), and the backward adds the columns' p
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
+from m2d_kernels.backends.base import PassGradients, PassStatistics, Softmax, check_columns
+from m2d_kernels.numerics import accumulator_dtype, device_table, fixed_max_is_exact, prefix_norms, segments
 from m2d_kernels.rules import PLAIN, Rules, check_rules, column_masks
 
-EPS = 1e-12  # F.normalize's default
 # Elements of one [chunk, N] working set; the backward keeps about (M + 4) of them.
 CHUNK_ELEMENTS = 1 << 22
 # A triangle pass (rules.triangle) splits its rows into up to this many chunks, of at least this many rows
 # (and at most what the chunk's width allows, _pass_chunk): more chunks skip more of the square, but every
-# chunk costs each (layer, dim) pair ~50 small ops, whose fixed cost dominates below ~256 rows on the 2-core
-# VM: the joint four directions' merged pass (objective._merged_pass, 2B rows) at L=4, B=512, D=384 took
-# 2.4-2.5x query_to_doc's step in chunks of ~250 rows, 2.7x in chunks of 128, though these compute 5 % less.
+# chunk costs each (layer, dim) pair ~50 small ops, whose fixed cost dominates below ~256 rows on a 2-core CPU.
 TRIANGLE_CHUNKS = 8
 MIN_TRIANGLE_CHUNK = 256
-SHARED_TILES = True  # the pass applies rules.triangle and rules.column_statistics (backends/__init__.py)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _segments(dims: tuple[int, ...]) -> list[tuple[int, int]]:
-    starts = (0,) + dims[:-1]
-    return list(zip(starts, dims))
+def shares_tiles(similarity: str, scale: float | None = None) -> bool:
+    """The pass applies rules.triangle and rules.column_statistics for every similarity and scale."""
+    return True
 
 
 def _prefix_tables(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype, similarity: str, given=None):
@@ -69,51 +63,15 @@ def _prefix_tables(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype, s
     return prefix_norms(x, dims, dtype, given)
 
 
-def prefix_norms(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype, given=None):
-    """``inverse_prefix_norms(x, dims, dtype)``, or ``given``, the same two tables computed once by a caller
-    that runs several passes over ``x`` (the pass API's ``norms``), in ``dtype``."""
-    if given is None:
-        return inverse_prefix_norms(x, dims, dtype)
-    expected = (x.shape[0], x.shape[1], len(dims))
-    if len(given) != 2 or any(tuple(t.shape) != expected for t in given):
-        raise ValueError(f"norms: each side must be the two [L, R, M] = {list(expected)} tables of "
-                         "inverse_prefix_norms")
-    return tuple(t.to(dtype).contiguous() for t in given)
-
-
 def _guide_dtype(rules: Rules, acc: torch.dtype) -> torch.dtype:
     """The guide similarities' dtype: the accumulator's, or the guide's if finer (fp64 guide, fp32 rows)."""
     return torch.promote_types(torch.promote_types(rules.guide_rows.dtype, rules.guide_cols.dtype), acc)
 
 
-def inverse_prefix_norms(
-    x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[L, R, M]`` tables in ``dtype``: ``rx_m = 1 / max(|x[..., :d_m]|, eps)`` and the norm factor
-    of the backward, ``rx_m^2`` where the norm was not clamped, else 0. Shared by every fused backend."""
-    # vector_norm accumulates in `dtype` without materialising a copy of x in that dtype.
-    norms = torch.stack([torch.linalg.vector_norm(x[..., a:b], dim=-1, dtype=dtype) for a, b in _segments(dims)], -1)
-    norms = norms.square().cumsum(-1).sqrt()
-    inverse = 1.0 / norms.clamp_min(EPS)
-    return inverse.contiguous(), torch.where(norms >= EPS, inverse.square(), 0.0).contiguous()
-
-
-def _fixed_max_is_safe(scale: float, dtype: torch.dtype) -> bool:
-    """Whether ``exp(scale * (cos - 1)) >= exp(-2 * scale)`` stays a normal float, so that
-    ``scale`` can serve as the log-sum-exp maximum with no running max."""
-    return 2 * scale < (700.0 if dtype == torch.float64 else 80.0)
-
-
-@functools.lru_cache(maxsize=256)
-def device_table(values: tuple, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small constant table (pair weights, active flags) on ``device``, copied from the host once per
-    value: repeated calls of a training step copy nothing (a host-to-device copy per call stalls the host and
-    breaks CUDA-graph capture). Shared: never modify it in place."""
-    return torch.tensor(values, device=device, dtype=dtype)
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _fixed_max(rules: Rules, scale: float, acc: torch.dtype) -> float | None:
+    """The fixed maximum of every logit when it is exact in ``acc`` (numerics.fixed_max_is_exact), else None."""
+    max_logit = rules.max_logit(scale)
+    return max_logit if max_logit is not None and fixed_max_is_exact(max_logit, acc) else None
 
 
 def _chunk_rows(n_queries: int, n_docs: int, n_dims: int, n_extra: int = 0) -> int:
@@ -252,83 +210,47 @@ def _teacher_logits(q, k, segments, rq_scaled, rk, tile):
     return _logits(sim, rq_scaled, rk, tile)[0]
 
 
-class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
-    """Forward and backward of all (layer, dim) pairs; the last output is ``d loss_lm / d scale``
-    (zeros unless ``scale_grad``), which carries no gradient of its own."""
-
-    @staticmethod
-    def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad):
-        acc = accumulator_dtype(queries.dtype)
-        inv_q, norm_factor_q = inverse_prefix_norms(queries, dims, acc)
-        inv_k, norm_factor_k = inverse_prefix_norms(docs, dims, acc)
-        chunk = _chunk_rows(queries.shape[1], docs.shape[1], len(dims))
-        losses, dloss_dscale, row_offset, row_log_sum, col_offset, col_log_sum, _, _ = _statistics(
-            queries, docs, dims, active, scale, positive_index, symmetric, scale_grad, inv_q, inv_k, chunk)
-        ctx.save_for_backward(queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_offset,
-                              row_log_sum, col_offset, col_log_sum)
-        ctx.config = (dims, active, scale, symmetric, chunk, PLAIN, None, None)
-        n_queries = queries.shape[1]
-        dloss_dscale /= n_queries
-        ctx.mark_non_differentiable(dloss_dscale)
-        return (losses / n_queries).to(queries.dtype), dloss_dscale
-
-    @staticmethod
-    def backward(ctx, grad_losses, _grad_dloss_dscale):
-        queries, docs = ctx.saved_tensors[:2]
-        with torch.no_grad():
-            grad_q, grad_k = _backward(ctx, grad_losses)
-        return first_order_only(grad_q, queries), first_order_only(grad_k, docs), None, None, None, None, None, None
-
-
-def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, scale_grad, inv_q, inv_k, chunk,
-                rules=PLAIN, positives=None):
-    """The forward loop: ``(losses [L, M] summed over rows, d losses / d scale, row offset, row log_sum,
-    column offset, column log_sum, positive logits, teacher sums)``, the row statistics ``[L, B, M]``, the
-    column ones ``[L, K, M]`` of the B positives with ``symmetric`` (K = B) or of the first
-    ``rules.column_statistics`` columns (else None), positive logits None unless ``positives`` is given,
-    teacher sums None unless ``rules.teacher``. ``inv_k`` None: dot similarity (``inv_q`` then ones).
-    ``positives`` (the pass API's) may hold -1 (positive in another block; ``positive_index`` is then any
-    valid column): the guide exempts no column of that row. Chunk-major, so that a chunk's masks and teacher
-    tile serve every layer; ``rules`` only without ``symmetric``."""
-    acc = inv_q.dtype
-    n_layers, n_queries, _ = queries.shape
-    n_docs = docs.shape[1]
+def _statistics(rows_in, cols_in, dims, active, scale, positives, rules, inv_rows, inv_cols, chunk) -> PassStatistics:
+    """The forward loop of a pass (``row_statistics``). ``inv_cols`` None: dot similarity (``inv_rows`` then
+    ones). ``positives`` may hold -1 (positive in another block): the guide then exempts no column of that row.
+    Chunk-major, so that a chunk's masks and teacher tile serve every layer."""
+    acc = inv_rows.dtype
+    n_layers, n_rows, _ = rows_in.shape
+    n_cols = cols_in.shape[1]
     n_dims = len(dims)
-    segments = _segments(dims)
-    max_logit = rules.max_logit(scale)
-    fixed_max = max_logit if max_logit is not None and _fixed_max_is_safe(max_logit, acc) else None
+    segs = segments(dims)
+    fixed_max = _fixed_max(rules, scale, acc)
     # With a penalty the chunk's factor matrix carries the scale.
-    inv_q_scaled = inv_q * (scale if rules.penalty is None else 1.0)
+    inv_rows_scaled = inv_rows * (scale if rules.penalty is None else 1.0)
     may_be_empty = rules.exclude_own_group or rules.guided or rules.triangle
     guide_cols = None if not rules.guided else rules.guide_cols.to(_guide_dtype(rules, acc))
-    mask_positives = positive_index if positives is None else positives
-    # Per-row softmax statistics of both directions, the only ones backward needs, kept relative to
-    # the row's maximum (offset) so that no number of magnitude `scale` is ever rounded into them.
-    row_offset = queries.new_full((n_layers, n_queries, n_dims), 0.0 if fixed_max is None else fixed_max, dtype=acc)
+    positive_index = positives.clamp_min(0)
+    slope = rules.scale_slope
+    # Per-row softmax statistics, the only ones backward needs, kept relative to the row's maximum (offset)
+    # so that no number of magnitude `scale` is ever rounded into them.
+    row_offset = rows_in.new_full((n_layers, n_rows, n_dims), 0.0 if fixed_max is None else fixed_max, dtype=acc)
     row_log_sum = torch.zeros_like(row_offset)
-    row_positive = None if positives is None else torch.zeros_like(row_log_sum)
+    row_positive = torch.zeros_like(row_log_sum)
+    row_expected = torch.zeros_like(row_log_sum) if slope else None
     teacher_sum = torch.zeros_like(row_log_sum) if rules.teacher else None
-    losses = queries.new_zeros(n_layers, n_dims, dtype=acc)
-    dloss_dscale = torch.zeros_like(losses)
     lasts = [_last_active(layer_active) for layer_active in active]
     # Column statistics (offset, sum exp, sum exp * z), merged over the chunks of rows in chunk order.
-    n_stat_cols = n_queries if symmetric else rules.column_statistics
+    n_stat_cols = rules.column_statistics
     col_stats = None
     if n_stat_cols:
-        col_offset = queries.new_zeros(n_layers, n_stat_cols, n_dims, dtype=acc)
-        col_stats = (col_offset, torch.zeros_like(col_offset), torch.zeros_like(col_offset) if scale_grad else None)
-    col_positive = [[[] for _ in range(n_dims)] for _ in active]
+        col_offset = rows_in.new_zeros(n_layers, n_stat_cols, n_dims, dtype=acc)
+        col_stats = (col_offset, torch.zeros_like(col_offset), torch.zeros_like(col_offset) if slope else None)
 
-    for rows in _row_chunks(n_queries, chunk):
-        start = _column_start(rules, rows, n_docs)
-        if start == n_docs:  # triangle, R = C: the last row scores no column (inactive pairs stay finite)
+    for rows in _row_chunks(n_rows, chunk):
+        start = _column_start(rules, rows, n_cols)
+        if start == n_cols:  # triangle, R = C: the last row scores no column (inactive pairs stay finite)
             for layer, layer_active in enumerate(active):
                 for m, on in enumerate(layer_active):
                     if on:
                         row_log_sum[layer, rows, m] = -torch.inf
             continue
-        tile = _chunk_tile(rules, rows, mask_positives, n_docs, scale, guide_cols, acc)
-        n_stat = max(0, rules.column_statistics - start)  # the chunk's columns among the first K
+        tile = _chunk_tile(rules, rows, positives, n_cols, scale, guide_cols, acc)
+        n_stat = max(0, n_stat_cols - start)  # the chunk's columns among the first K
         local_positives = positive_index[rows] - start
         positive_bias = None
         if start or (tile is not None and tile.bias is not None):
@@ -342,23 +264,23 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
             local_positives = local_positives.clamp_min(0)
         teacher_weight = None
         if rules.teacher:
-            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1, start:].to(acc), segments,
-                                      inv_q_scaled[-1, rows, -1], None if inv_k is None else inv_k[-1, start:, -1],
-                                      tile)
+            teacher = _teacher_logits(rows_in[-1, rows].to(acc), cols_in[-1, start:].to(acc), segs,
+                                      inv_rows_scaled[-1, rows, -1],
+                                      None if inv_cols is None else inv_cols[-1, start:, -1], tile)
             teacher_weight = teacher.sub_(_offset(teacher, fixed_max, may_be_empty)[:, None]).exp_()
         for layer, layer_active in enumerate(active):
             last = lasts[layer]
             if last is None:
                 continue
-            q = queries[layer, rows].to(acc)
-            k_all = docs[layer, start:].to(acc)  # a copy only for fp16/bf16, one layer at a time
-            sim = q.new_zeros(q.shape[0], n_docs - start)
-            for m, (a, b) in enumerate(segments[: last + 1]):
+            q = rows_in[layer, rows].to(acc)
+            k_all = cols_in[layer, start:].to(acc)  # a copy only for fp16/bf16, one layer at a time
+            sim = q.new_zeros(q.shape[0], n_cols - start)
+            for m, (a, b) in enumerate(segs[: last + 1]):
                 sim.addmm_(q[:, a:b], k_all[:, a:b].T)
                 if not layer_active[m]:
                     continue
-                rk = None if inv_k is None else inv_k[layer, start:, m]
-                logits, weighted = _logits(sim, inv_q_scaled[layer, rows, m], rk, tile, teacher_weight,
+                rk = None if inv_cols is None else inv_cols[layer, start:, m]
+                logits, weighted = _logits(sim, inv_rows_scaled[layer, rows, m], rk, tile, teacher_weight,
                                            exclude=fixed_max is None)
                 positive = logits.gather(1, local_positives[:, None])[:, 0]
                 if positive_bias is not None:  # -inf where the positive is excluded
@@ -366,104 +288,88 @@ def _statistics(queries, docs, dims, active, scale, positive_index, symmetric, s
                 if fixed_max is None:
                     offset, exps = _exponentials(logits, 1, None, may_be_empty)
                 else:
-                    # In place unless the logits serve again (the scale's slope, the symmetric columns).
-                    offset, exps = fixed_max, _exponentials_kept(logits.clone() if scale_grad or symmetric else logits,
-                                                                 fixed_max, tile)
+                    # In place unless the logits serve again (the scale's slope).
+                    offset, exps = fixed_max, _exponentials_kept(logits.clone() if slope else logits, fixed_max,
+                                                                 tile)
                 exp_sum = exps.sum(1)
-                log_sum = exp_sum.log()
                 if fixed_max is None:  # else row_offset holds it already
                     row_offset[layer, rows, m] = offset
-                row_log_sum[layer, rows, m] = log_sum
+                row_log_sum[layer, rows, m] = exp_sum.log()
+                row_positive[layer, rows, m] = positive
                 if weighted is not None:
                     teacher_sum[layer, rows, m] = weighted
-                if row_positive is not None:  # the pass API: statistics only
-                    row_positive[layer, rows, m] = positive
-                else:
-                    losses[layer, m] += ((offset - positive) + log_sum).sum()
-                if scale_grad:
-                    dloss_dscale[layer, m] += (torch.linalg.vecdot(exps, logits) / exp_sum - positive).sum() / scale
-                if symmetric:
-                    # This chunk of queries against the B positives (rules=PLAIN: the row logits).
-                    _merge_partial_stats(col_stats, layer, m, slice(None),
-                                         _partial_stats(logits[:, positive_index], 0, fixed_max, scale_grad))
-                    col_positive[layer][m].append(positive)
-                elif n_stat:
+                if slope:
+                    row_expected[layer, rows, m] = torch.linalg.vecdot(exps, logits) / exp_sum
+                if n_stat:
                     # The chunk's rows against its columns among the first K: no penalty, the same exclusions.
                     columns = slice(start, start + n_stat)
                     column = logits[:, :n_stat] if rules.penalty is None else _column_logits(
-                        sim[:, :n_stat], scale * inv_q[layer, rows, m], None if rk is None else rk[:n_stat], tile,
+                        sim[:, :n_stat], scale * inv_rows[layer, rows, m], None if rk is None else rk[:n_stat], tile,
                         exclude=fixed_max is None)
                     if fixed_max is not None:
                         # One fixed maximum: plain sums over the chunks, and without a penalty the rows' exponentials.
                         column_exps = exps[:, :n_stat] if rules.penalty is None else _exponentials_kept(
                             column, fixed_max, tile)
                         col_stats[1][layer, columns, m] += column_exps.sum(0)
+                        if slope:
+                            col_stats[2][layer, columns, m] += (column_exps * column).sum(0)
                     else:
                         _merge_partial_stats(col_stats, layer, m, columns,
-                                             _partial_stats(column, 0, fixed_max, False, may_be_empty))
+                                             _partial_stats(column, 0, fixed_max, slope, may_be_empty))
 
-    col_offset = col_log_sum = None
+    row_positive = torch.where((positives >= 0)[None, :, None], row_positive, 0.0)
+    columns = None
     if col_stats is not None:
         col_offset, col_exp_sum, col_exp_logit_sum = col_stats
-        if fixed_max is not None and not symmetric:  # summed above: offset fixed_max, 0 for an empty column
+        if fixed_max is not None:  # summed above: offset fixed_max, 0 for an empty column
             col_offset = torch.where(col_exp_sum > 0, col_exp_sum.new_tensor(fixed_max), 0.0)  # not a float32 scalar
         col_log_sum = col_exp_sum.log()
-        for layer, layer_active in enumerate(active):
-            for m, on in enumerate(layer_active):
-                if not on:
-                    col_log_sum[layer, :, m] = 0.0  # inactive pairs have finite statistics
-    if symmetric:
-        for layer, layer_active in enumerate(active):
-            for m, on in enumerate(layer_active):
-                if not on:
-                    continue
-                positive = torch.cat(col_positive[layer][m])  # query i's positive logit is column i's too
-                column_lse = (col_offset[layer, :, m] - positive) + col_log_sum[layer, :, m]
-                losses[layer, m] = (losses[layer, m] + column_lse.sum()) / 2
-                if scale_grad:
-                    column = (col_exp_logit_sum[layer, :, m] / col_exp_sum[layer, :, m] - positive).sum() / scale
-                    dloss_dscale[layer, m] = (dloss_dscale[layer, m] + column) / 2
-    return losses, dloss_dscale, row_offset, row_log_sum, col_offset, col_log_sum, row_positive, teacher_sum
+        pair_active = device_table(active, col_log_sum.device)[:, None, :]
+        col_log_sum = torch.where(pair_active, col_log_sum, 0.0)  # inactive pairs have finite statistics
+        expected = None if col_exp_logit_sum is None else torch.where(pair_active, col_exp_logit_sum / col_exp_sum, 0.0)
+        columns = Softmax(col_offset, col_log_sum, expected)
+    return PassStatistics(Softmax(row_offset, row_log_sum, row_expected), row_positive, teacher_sum, columns)
 
 
-def _backward(ctx, grad_losses):
-    """Gradients of ``sum_lm grad_losses[l, m] * loss_lm`` (a mean over rows) and, with ``distill_grad``
-    ``[L, M]``, of ``distill_grad[l, m] * mean_i [LSE_lm(i) - sum_j p_T(i, j) z_lm(i, j)]``; with
-    ``rules.column_statistics = K`` also of ``grad_losses[l, m] * mean_i sum_{j<K} LSE_col_lm(j)`` (the saved
-    column statistics). ``positives`` (None: ``positive_index``) holds -1 for a row without a positive term
-    (``positive_index`` is then any valid column). Chunk-major like the forward."""
-    (queries, docs, positive_index, inv_q, norm_factor_q, inv_k, norm_factor_k, row_offset, row_log_sum,
-     col_offset, col_log_sum) = ctx.saved_tensors
-    dims, active, scale, symmetric, chunk, rules, distill_grad, positives = ctx.config
-    acc = row_offset.dtype
+def _backward(rows_in, cols_in, dims, active, scale, positives, softmax: Softmax, coef, rules, distill_coef,
+              columns: Softmax | None, row_tables, col_tables, chunk):
+    """Gradients ``(d_rows, d_cols)`` in the accumulator dtype of ``pass_gradients``' objective, with the given
+    statistics. ``row_tables`` / ``col_tables``: the ``(inverse norms, norm factors)`` of ``_prefix_tables``
+    (``col_tables`` None: dot similarity). Chunk-major like the forward."""
+    inv_q, norm_factor_q = row_tables
+    inv_k, norm_factor_k = col_tables if col_tables is not None else (None, None)
+    acc = inv_q.dtype
+    row_offset, row_log_sum = softmax.offset.to(acc), softmax.log_sum.to(acc)
+    col_offset = col_log_sum = None
+    if columns is not None:
+        col_offset, col_log_sum = columns.offset.to(acc), columns.log_sum.to(acc)
+    queries, docs = rows_in, cols_in
     n_layers, n_queries, _ = queries.shape
     n_docs = docs.shape[1]
-    segments = _segments(dims)
+    segs = segments(dims)
     normalised = inv_k is not None  # dot similarity: no norms, no norm term
-    # d pair-loss / d cos = coef * (P - onehot); each direction counts half when symmetric.
-    coef = grad_losses.to(acc) * (scale / n_queries / (2 if symmetric else 1))
-    distill = None if distill_grad is None else distill_grad.to(acc) * (scale / n_queries)
+    # d loss / d cos per row = coef * scale * (P - onehot).
+    coef = coef.to(acc) * scale
+    distill = None if distill_coef is None else distill_coef.to(acc) * scale
     inv_q_scaled_factor = scale if rules.penalty is None else 1.0
     guide_cols = None if not rules.guided else rules.guide_cols.to(_guide_dtype(rules, acc))
-    max_logit = rules.max_logit(scale)
-    fixed_max = None
-    if max_logit is not None and _fixed_max_is_safe(max_logit, acc) and distill is None and not symmetric:
+    fixed_max = _fixed_max(rules, scale, acc) if distill is None else None
+    if fixed_max is not None:
         # P = exp(z - fixed_max) * exp(fixed_max - offset - log_sum): one exponential of the tile serves the
         # rows' and the columns' softmaxes. The weights are at most exp(2 * fixed_max) (log_sum covers the
         # row's maximum, at least -fixed_max), 0 for a row or column with every entry excluded.
-        fixed_max = max_logit
         row_weight = _softmax_weights(fixed_max, row_offset, row_log_sum)
         col_weight = None if col_log_sum is None else _softmax_weights(fixed_max, col_offset, col_log_sum)
     elif rules.exclude_own_group or rules.guided or rules.triangle:
         # A row (column) whose every entry is excluded has log_sum -inf and all logits -inf: P = 0, not NaN.
         row_log_sum = row_log_sum.nan_to_num(neginf=0.0)
         col_log_sum = None if col_log_sum is None else col_log_sum.nan_to_num(neginf=0.0)
-    onehot = None if positives is None else (positives >= 0).to(acc)
-    positives = positive_index if positives is None else positives
+    onehot = (positives >= 0).to(acc)
+    positive_index = positives.clamp_min(0)
     grad_q = torch.zeros_like(queries, dtype=acc)
     grad_k = torch.zeros_like(docs, dtype=acc)
     lasts = [_last_active(layer_active) for layer_active in active]
-    # beta before the rk^2 factor: colsum(G_m * cos_m) = colsum(H_m * S_m), summed over query chunks.
+    # beta before the rk^2 factor: colsum(G_m * cos_m) = colsum(H_m * S_m), summed over row chunks.
     gc_colsum = grad_k.new_zeros(n_layers, n_docs, len(dims))
 
     for rows in _row_chunks(n_queries, chunk):
@@ -475,16 +381,16 @@ def _backward(ctx, grad_losses):
         n_stat = max(0, rules.column_statistics - start)
         row_ids = torch.arange(n_rows, device=queries.device)
         positive_ids = positive_index[rows] - start
-        chunk_onehot = None if onehot is None else onehot[rows]
+        chunk_onehot = onehot[rows]
         if rules.triangle:
             # A positive at j <= i is excluded: no one-hot term (and none before the chunk's columns).
             kept = positive_index[rows] > row_ids + r0
-            chunk_onehot = kept.to(acc) if chunk_onehot is None else chunk_onehot * kept
+            chunk_onehot = chunk_onehot * kept
             positive_ids = positive_ids.clamp_min(0)
         tile = _chunk_tile(rules, rows, positives, n_docs, scale, guide_cols, acc)
         teacher_probs = None
         if distill is not None:
-            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1, start:].to(acc), segments,
+            teacher = _teacher_logits(queries[-1, rows].to(acc), docs[-1, start:].to(acc), segs,
                                       inv_q[-1, rows, -1] * inv_q_scaled_factor,
                                       inv_k[-1, start:, -1] if normalised else None, tile)
             teacher_probs = teacher.sub_(row_offset[-1, rows, -1, None]).sub_(row_log_sum[-1, rows, -1, None]).exp_()
@@ -496,7 +402,7 @@ def _backward(ctx, grad_losses):
             k_all = docs[layer, start:].to(acc)
             sim = q.new_zeros(n_rows, n_docs - start)
             h_terms = {}
-            for m, (a, b) in enumerate(segments[: last + 1]):
+            for m, (a, b) in enumerate(segs[: last + 1]):
                 # The same operations in the same order as the forward: bit-identical logits.
                 sim.addmm_(q[:, a:b], k_all[:, a:b].T)
                 if not layer_active[m]:
@@ -525,22 +431,16 @@ def _backward(ctx, grad_losses):
                     grad.sub_(row_offset[layer, rows, m, None])
                     grad.sub_(row_log_sum[layer, rows, m, None]).exp_()
                 if teacher_probs is None:
-                    grad[row_ids, positive_ids] -= 1.0 if chunk_onehot is None else chunk_onehot
+                    grad[row_ids, positive_ids] -= chunk_onehot
                     row_coef = coef[layer, m] * rq
                 else:
                     # dz = (coef + distill) P - coef onehot - distill P_T, already times coef.
                     grad.mul_(coef[layer, m] + distill[layer, m]).addcmul_(teacher_probs, -distill[layer, m])
-                    grad[row_ids, positive_ids] -= (coef[layer, m] if chunk_onehot is None
-                                                    else coef[layer, m] * chunk_onehot)
+                    grad[row_ids, positive_ids] -= coef[layer, m] * chunk_onehot
                     row_coef = rq
                 # The columns' softmaxes: + P_col (d LSE_col / d z_col; z_col has z's gradient, the penalty
-                # being stop-grad), minus the one-hot of the symmetric loss's positives.
-                if symmetric:
-                    column_probs = _column_probs(sim[:, positive_index], scale * rq, rk[positive_index], None,
-                                                 col_offset[layer, :, m], col_log_sum[layer, :, m])
-                    column_probs[row_ids, row_ids + r0] -= 1.0
-                    grad.index_add_(1, positive_index, column_probs)
-                elif n_stat and fixed_max is None:
+                # being stop-grad).
+                if n_stat and fixed_max is None:
                     columns = slice(start, start + n_stat)
                     grad[:, :n_stat] += _column_probs(
                         sim[:, :n_stat], scale * rq, None if rk is None else rk[:n_stat], tile,
@@ -562,7 +462,7 @@ def _backward(ctx, grad_losses):
                     h_suffix = h_m if h_suffix is None else h_suffix.add_(h_m)
                     if normalised:
                         alpha_suffix = alpha_m if alpha_suffix is None else alpha_suffix + alpha_m
-                a, b = segments[m]
+                a, b = segs[m]
                 if normalised:
                     grad_q[layer, rows, a:b] = h_suffix @ k_all[:, a:b] - alpha_suffix[:, None] * q[:, a:b]
                 else:
@@ -575,36 +475,10 @@ def _backward(ctx, grad_losses):
                 continue
             beta = (norm_factor_k[layer] * gc_colsum[layer]).flip(-1).cumsum(-1).flip(-1)
             k_all = docs[layer].to(acc)
-            for m, (a, b) in enumerate(segments[: last + 1]):
+            for m, (a, b) in enumerate(segs[: last + 1]):
                 grad_k[layer, :, a:b] -= beta[:, m, None] * k_all[:, a:b]
 
-    return grad_q.to(queries.dtype), grad_k.to(docs.dtype)
-
-
-# Raised by every fused backend when its gradient is differentiated again.
-SECOND_DERIVATIVE_ERROR = (
-    "m2d-kernels: the fused backends compute first derivatives only; a second derivative (double "
-    "backward through a gradient taken with create_graph=True) needs backend='reference'"
-)
-
-
-class _RefuseSecondDerivative(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, grad, anchor):
-        return grad.view_as(grad)
-
-    @staticmethod
-    def backward(ctx, *unused):
-        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
-
-
-def first_order_only(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """``grad`` as a backward returns it; under ``create_graph=True`` its graph raises a clear error
-    when differentiated, so a second derivative is refused instead of silently wrong. ``anchor``
-    is the input whose gradient ``grad`` is. Shared by every fused backend."""
-    if torch.is_grad_enabled() and anchor.requires_grad:
-        return _RefuseSecondDerivative.apply(grad, anchor)
-    return grad
+    return grad_q, grad_k
 
 
 def _offset(logits: torch.Tensor, fixed_max: float | None, may_be_empty: bool = False, dim: int = 1):
@@ -651,51 +525,6 @@ def _merge_partial_stats(stats, layer, m, columns, part):
             total[layer, columns, m] = total[layer, columns, m] * rescale[0] + chunk_value * rescale[1]
 
 
-def pair_losses(
-    queries: torch.Tensor,
-    docs: torch.Tensor,
-    dims: tuple[int, ...],
-    active: tuple[tuple[bool, ...], ...],
-    scale: float,
-    positive_index: torch.Tensor,
-    symmetric: bool,
-    scale_grad: bool = False,
-):
-    """Per-pair InfoNCE losses ``[L, M]`` (0 where a pair is inactive), in the input dtype; with
-    ``scale_grad`` also ``d loss_lm / d scale`` ``[L, M]`` (accumulator dtype)."""
-    losses, dloss_dscale = Matryoshka2dInfoNCEFunction.apply(
-        queries, docs, dims, active, scale, positive_index, symmetric, scale_grad
-    )
-    return (losses, dloss_dscale) if scale_grad else losses
-
-
-# ---------------------------------------------------------------------------------------
-# Pass API (see backends/__init__.py): one block of columns, statistics given, no autograd
-# ---------------------------------------------------------------------------------------
-
-
-class _Saved:
-    """Stands in for an autograd ctx so that a pass runs this backend's forward and backward unchanged."""
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-    def mark_non_differentiable(self, *tensors):
-        pass
-
-
-def positive_logits(rows, cols, dims, active, scale, positives) -> torch.Tensor:
-    """``[L, R, M]`` ``scale * cos_m(rows_i, cols_{positives_i})`` in the accumulator dtype, 0 where
-    ``positives_i == -1`` or the pair is inactive. Differentiable; ``O(L * R * D)``. Shared by the fused
-    backends' passes, whose kernels keep the positive logit of a row to themselves."""
-    acc = accumulator_dtype(rows.dtype)
-    x, y = rows.to(acc), cols.index_select(1, positives.clamp_min(0)).to(acc)
-    products = torch.stack([(x[..., a:b] * y[..., a:b]).sum(-1) for a, b in _segments(dims)], -1).cumsum(-1)
-    logits = products * inverse_prefix_norms(x, dims, acc)[0] * inverse_prefix_norms(y, dims, acc)[0] * scale
-    keep = (positives >= 0)[None, :, None] & device_table(active, rows.device)[:, None, :]
-    return torch.where(keep, logits, 0.0)
-
-
 def _row_chunks(n_rows: int, chunk: int | tuple[int, ...]) -> list[slice]:
     """The chunks of rows, in order: ``chunk`` rows each (an int), or starting at each of ``chunk`` (a tuple)."""
     starts = list(range(0, n_rows, chunk)) if isinstance(chunk, int) else list(chunk)
@@ -724,10 +553,8 @@ def _pass_chunk(rules: Rules, n_rows: int, n_cols: int, n_dims: int) -> int | tu
     return tuple(starts)
 
 
-def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
-    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]`` of rows against this block of columns,
-    with ``rules.teacher`` the teacher-weighted logit sums, with ``rules.column_statistics = K`` the first K
-    columns' ``(col_offset, col_log_sum)`` ``[L, K, M]`` (backends/__init__.py, rules.py)."""
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None) -> PassStatistics:
+    """The pass's forward (backends/base.py), in the accumulator dtype."""
     check_rules(rules, rows.shape[1], cols.shape[1], active)
     acc = accumulator_dtype(rows.dtype)
     row_norms, col_norms = norms or (None, None)
@@ -735,49 +562,24 @@ def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norm
         inv_rows = _prefix_tables(rows, dims, acc, rules.similarity, row_norms)[0]
         inv_cols = (_prefix_tables(cols, dims, acc, rules.similarity, col_norms)[0] if rules.similarity == "cos"
                     else None)
-        _, _, offset, log_sum, col_offset, col_log_sum, positive, teacher_sum = _statistics(
-            rows, cols, dims, active, scale, positives.clamp_min(0), False, False, inv_rows, inv_cols,
-            _pass_chunk(rules, rows.shape[1], cols.shape[1], len(dims)), rules, positives)
-        positive = torch.where((positives >= 0)[None, :, None], positive, 0.0)
-        if rules.teacher:
-            return offset, log_sum, positive, teacher_sum
-        if rules.column_statistics:
-            return offset, log_sum, positive, col_offset, col_log_sum
-        return offset, log_sum, positive
+        return _statistics(rows, cols, dims, active, scale, positives, rules, inv_rows, inv_cols,
+                           _pass_chunk(rules, rows.shape[1], cols.shape[1], len(dims)))
 
 
-def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None, col_offset=None, col_log_sum=None, norms=None):
-    """Pass API: ``(d_rows, d_cols)`` in the accumulator dtype (backends/__init__.py); ``distill_coef``
-    ``[L, M]`` (None: zeros) weighs the score-distillation terms towards the teacher pair (L - 1, M - 1);
-    ``col_offset`` / ``col_log_sum`` ``[L, K, M]``: the (combined) column statistics, required with
-    ``rules.column_statistics = K``."""
+def pass_gradients(rows, cols, dims, active, scale, positives, softmax, coef, rules=PLAIN, distill_coef=None,
+                   columns=None, norms=None) -> PassGradients:
+    """The pass's backward (backends/base.py), in the accumulator dtype: unrounded, so that a caller summing
+    the blocks rounds once."""
     check_rules(rules, rows.shape[1], cols.shape[1], active, distill_coef is not None)
-    n_stat_cols = rules.column_statistics
-    if n_stat_cols:
-        if col_offset is None or col_log_sum is None:
-            raise ValueError("col_offset and col_log_sum are required with rules.column_statistics")
-        expected = (len(active), n_stat_cols, len(dims))
-        if tuple(col_offset.shape) != expected or tuple(col_log_sum.shape) != expected:
-            raise ValueError(f"col_offset and col_log_sum must have shape {expected}, got "
-                             f"{tuple(col_offset.shape)} and {tuple(col_log_sum.shape)}")
+    check_columns(rules, columns, len(active), len(dims))
     acc = accumulator_dtype(rows.dtype)
-    n_rows, n_cols = rows.shape[1], cols.shape[1]
-    saved = _Saved()
-    # Inputs in the accumulator dtype (_backward converts them chunk by chunk anyway; a copy only for
-    # fp16/bf16): the gradients come back unrounded and the caller rounds the sum over blocks once.
-    rows, cols = rows.to(acc), cols.to(acc)
-    col_stats = (col_offset.to(acc), col_log_sum.to(acc)) if n_stat_cols else (None, None)
     row_norms, col_norms = norms or (None, None)
-    saved.save_for_backward(rows, cols, positives.clamp_min(0),
-                            *_prefix_tables(rows, dims, acc, rules.similarity, row_norms),
-                            *(_prefix_tables(cols, dims, acc, "cos", col_norms) if rules.similarity == "cos"
-                              else (None, None)),
-                            offset, log_sum, *col_stats)
-    saved.config = (dims, active, scale, False, _pass_chunk(rules, n_rows, n_cols, len(dims)),
-                    rules, None if distill_coef is None else distill_coef * n_rows,
-                    positives)
     with torch.no_grad():
-        # _backward's coefficient is grad_losses * scale / R per cosine; ours is per row loss.
-        d_rows, d_cols = (g.to(acc) for g in _backward(saved, coef * n_rows))
-    return d_rows, d_cols
+        # Inputs in the accumulator dtype (a copy only for fp16/bf16).
+        rows, cols = rows.to(acc), cols.to(acc)
+        row_tables = _prefix_tables(rows, dims, acc, rules.similarity, row_norms)
+        col_tables = _prefix_tables(cols, dims, acc, "cos", col_norms) if rules.similarity == "cos" else None
+        d_rows, d_cols = _backward(rows, cols, dims, active, scale, positives, softmax, coef, rules, distill_coef,
+                                   columns, row_tables, col_tables,
+                                   _pass_chunk(rules, rows.shape[1], cols.shape[1], len(dims)))
+    return PassGradients(d_rows, d_cols)

@@ -58,17 +58,21 @@ import torch
 import triton
 import triton.language as tl
 
-from m2d_kernels.backends.torch_prefix import SECOND_DERIVATIVE_ERROR, device_table, inverse_prefix_norms, prefix_norms
-from m2d_kernels.rules import PLAIN, Rules, check_rules
+from m2d_kernels.backends.base import PassGradients, PassStatistics, Softmax, check_columns
+from m2d_kernels.numerics import (
+    FIXED_MAX_SPAN,
+    SECOND_DERIVATIVE_ERROR,
+    device_table,
+    fixed_max_is_exact,
+    inverse_prefix_norms,
+    positive_logits,
+    prefix_norms,
+)
+from m2d_kernels.rules import PENALTY_CODES, PLAIN, Rules, check_rules
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# exp2 of anything down to -FIXED_MAX_LIMIT is a normal fp32 number (2^-126 is the smallest).
-FIXED_MAX_LIMIT = 120.0
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The pass applies rules.triangle and rules.column_statistics (backends/__init__.py); column statistics only
-# where `shares_tiles(similarity, scale)` (a fixed maximum), which the composer asks per call.
-SHARED_TILES = True
 # Bytes of fp32 scratch all backward programs may hold together: stays resident in L2 (50 MB on H100).
 SCRATCH_BUDGET = 32 << 20
 # Opt-in autotuning; otherwise `_heuristic_config` picks the tile without a single trial run.
@@ -77,7 +81,6 @@ AUTOTUNE_ENV = "M2D_TRITON_AUTOTUNE"
 INTERPRET_FP32_ENV = "M2D_TRITON_INTERPRET_FP32"
 # The rules of a pass (m2d_kernels.rules) as compile-time flags of both kernels; all off = the plain pass.
 RULE_FLAGS = ("SIMILARITY_DOT", "EXCLUDE_GROUP", "PENALTY_MODE", "GUIDED", "TEACHER", "TRIANGLE", "COLUMN_STATS")
-PENALTY_MODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
 BLOCK_DG = 32  # chunk of the guide embeddings' width in the per-tile guide product
 
 
@@ -1154,7 +1157,7 @@ def _rule_arguments(rules: Rules, rows: torch.Tensor, distill_coef=None, col_off
                "K": rules.column_statistics,
                "penalty_log2": rules.penalty_strength * LOG2E if rules.penalty is not None else 0.0}
     flags = {"SIMILARITY_DOT": rules.similarity == "dot", "EXCLUDE_GROUP": rules.exclude_own_group,
-             "PENALTY_MODE": PENALTY_MODES[rules.penalty], "GUIDED": rules.guided, "TRIANGLE": rules.triangle,
+             "PENALTY_MODE": PENALTY_CODES[rules.penalty], "GUIDED": rules.guided, "TRIANGLE": rules.triangle,
              "COLUMN_STATS": rules.column_statistics > 0, "BLOCK_DG": BLOCK_DG}
     return pointers, scalars, flags
 
@@ -1190,7 +1193,7 @@ def _launch_forward(rows, cols, positives, dims, active, scale, scale_grad, rule
             scalars["G"], scalars["K"], scale_log2, scalars["penalty_log2"])
     max_logit = rules.max_logit(scale)
     options = dict(_kernel_options(rows, dims, scale), **_size_classes(n_rows, n_cols), **rule_flags,
-                   FIXED_MAX=max_logit is not None and 2 * max_logit * LOG2E <= FIXED_MAX_LIMIT,
+                   FIXED_MAX=max_logit is not None and fixed_max_is_exact(max_logit, torch.float32),
                    SCALE_GRAD=scale_grad, TEACHER=rules.teacher)
     # With TEACHER one program walks every layer (the teacher tile is shared), else one per layer.
     layer_programs = 1 if rules.teacher else n_layers
@@ -1369,8 +1372,6 @@ def _positive_logits(rows, cols, dims, active, scale, positives, rules):
     """``[L, R, M]`` ``z(i, positives_i)`` under ``rules`` in float64 (the kernels keep the positive logit of
     a row to themselves): the penalty where the positive's column is penalised, -inf where it is excluded,
     0 where ``positives_i == -1`` or the pair is inactive. ``O(L * R * D)``."""
-    from m2d_kernels.backends.torch_prefix import positive_logits
-
     if rules.similarity == "cos" and rules.penalty is None and not rules.exclude_own_group:
         return positive_logits(rows, cols, dims, active, scale, positives).double()
     column = positives.clamp_min(0)
@@ -1400,9 +1401,8 @@ def _positive_logits(rows, cols, dims, active, scale, positives, rules):
 def shares_tiles(similarity: str, scale: float | None = None) -> bool:
     """Whether this backend's forward returns ``rules.column_statistics`` for ``similarity`` (and ``scale``,
     when given): the columns' sums are atomic adds relative to a fixed maximum, so cosine only, with
-    ``exp(-2 * scale)`` a normal fp32 number (scale <= FIXED_MAX_LIMIT / (2 * log2(e)), about 41.6).
-    ``SHARED_TILES`` says the rules exist at all; the composer asks this per call."""
-    return similarity == "cos" and (scale is None or 2 * scale * LOG2E <= FIXED_MAX_LIMIT)
+    the fixed maximum exact in fp32 (numerics.fixed_max_is_exact: scale <= 40)."""
+    return similarity == "cos" and (scale is None or fixed_max_is_exact(scale, torch.float32))
 
 
 def _check_column_statistics(rules: Rules, scale: float) -> None:
@@ -1412,59 +1412,55 @@ def _check_column_statistics(rules: Rules, scale: float) -> None:
         raise ValueError("rules.column_statistics needs similarity 'cos' on the triton backend (a fixed maximum "
                          f"for the columns' atomic sums), got similarity={rules.similarity!r}")
     if not shares_tiles(rules.similarity, scale):
-        raise ValueError(f"rules.column_statistics needs scale <= {FIXED_MAX_LIMIT / (2 * LOG2E):.1f} on the triton "
-                         f"backend (a fixed maximum whose exp(-2 * scale) stays a normal fp32 number), got "
+        raise ValueError(f"rules.column_statistics needs scale <= {FIXED_MAX_SPAN[torch.float32] / 2:g} on the "
+                         f"triton backend (a fixed maximum whose exp(-2 * scale) stays a normal fp32 number), got "
                          f"scale={scale}")
 
 
-def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None):
-    """Pass API: ``(offset, log_sum, positive_logit)`` ``[L, R, M]``, natural-log units, and with
-    ``rules.teacher`` the teacher sums ``sum_j exp(z_T - offset_T) z_lm`` as a fourth tensor; with
-    ``rules.column_statistics = K`` (``shares_tiles``: cosine, scale <= 41.6, else ValueError) the first K
-    columns' ``(col_offset, col_log_sum)`` ``[L, K, M]`` as fourth and fifth, with the fixed offset ``scale``
-    (0 and -inf for a column with every entry excluded, 0 and 0 for an inactive pair). The column sums are
-    fp32 atomic adds of the row blocks: their last bits depend on the order the blocks ran in. The kernels
-    keep log2 units: the tables are fp64 so that the round trip ln <-> log2 gives back the kernels' fp32
-    values (an fp32 round trip costs ulp(scale * log2(e)) in every probability)."""
+def row_statistics(rows, cols, dims, active, scale, positives, rules=PLAIN, norms=None) -> PassStatistics:
+    """The pass's forward (backends/base.py), float64 statistics. With ``rules.column_statistics = K``
+    (``shares_tiles``: cosine, scale <= 40, else ValueError) the columns have the fixed offset ``scale`` (0 and
+    -inf for a column with every entry excluded, 0 and 0 for an inactive pair); their sums are fp32 atomic adds
+    of the row blocks, whose last bits depend on the order the blocks ran in. The kernels keep log2 units: the
+    tables are fp64 so that the round trip ln <-> log2 gives back the kernels' fp32 values (an fp32 round trip
+    costs ulp(scale * log2(e)) in every probability). ``rules.scale_slope`` is the fused path's
+    (``pair_losses``), not the pass's: ValueError."""
     _check_dtype(rows)
     check_rules(rules, rows.shape[1], cols.shape[1], active)
+    if rules.scale_slope:
+        raise ValueError("rules.scale_slope is not implemented by the triton pass; the learnable scale takes "
+                         "the fused default path (pair_losses)")
     _check_column_statistics(rules, scale)
     flat_active = [on for row in active for on in row]
     out = _launch_forward(rows, cols, positives, list(dims), flat_active, scale, False, rules, norms)
     positive = _positive_logits(rows, cols, dims, active, scale, positives, rules)
-    stats = (out[0].double() * LN2, out[1].double() * LN2, positive)
-    if rules.teacher:
-        return stats + (out[-2].double() * LN2,)
+    softmax = Softmax(out[0].double() * LN2, out[1].double() * LN2)
+    columns = None
     if rules.column_statistics:
         col_sum = out[-1].double()
         pair_active = _segment_tables(tuple(dims), tuple(flat_active), rows.device)[1].bool()[:, None, :]
-        col_offset = torch.where(pair_active & (col_sum > 0), float(scale), 0.0)
-        col_log_sum = torch.where(pair_active, col_sum.log(), 0.0)
-        return stats + (col_offset, col_log_sum)
-    return stats
+        columns = Softmax(torch.where(pair_active & (col_sum > 0), float(scale), 0.0),
+                          torch.where(pair_active, col_sum.log(), 0.0))
+    return PassStatistics(softmax, positive, out[-2].double() * LN2 if rules.teacher else None, columns)
 
 
-def pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules=PLAIN,
-                   distill_coef=None, col_offset=None, col_log_sum=None, norms=None):
-    """Pass API: ``(d_rows, d_cols)`` in the input dtype with the given (combined) statistics; the
-    teacher term when ``distill_coef`` is given; with ``rules.column_statistics = K`` also the first K
-    columns' softmaxes with the given ``col_offset`` / ``col_log_sum`` ``[L, K, M]`` (any similarity and
-    scale: the backward needs no fixed maximum)."""
+def pass_gradients(rows, cols, dims, active, scale, positives, softmax, coef, rules=PLAIN, distill_coef=None,
+                   columns=None, norms=None) -> PassGradients:
+    """The pass's backward (backends/base.py), in the input dtype; the column statistics take any similarity
+    and scale (the backward needs no fixed maximum)."""
     _check_dtype(rows)
     check_rules(rules, rows.shape[1], cols.shape[1], active, distill_coef is not None)
-    if rules.column_statistics:
-        expected = (len(active), rules.column_statistics, len(dims))
-        if col_offset is None or col_log_sum is None:
-            raise ValueError("col_offset and col_log_sum are required with rules.column_statistics")
-        if tuple(col_offset.shape) != expected or tuple(col_log_sum.shape) != expected:
-            raise ValueError(f"col_offset and col_log_sum must have shape {expected} ([L, K, M]), got "
-                             f"{tuple(col_offset.shape)} and {tuple(col_log_sum.shape)}")
+    check_columns(rules, columns, len(active), len(dims))
     flat_active = [on for row in active for on in row]
     row_norms, col_norms = norms or (None, None)
     inv_rows, norm_rows = prefix_norms(rows, tuple(dims), torch.float32, row_norms)
     inv_cols, norm_cols = prefix_norms(cols, tuple(dims), torch.float32, col_norms)
     # The kernels' coefficients multiply d / d z per row loss by scale (d z / d s).
     distill = None if distill_coef is None else (distill_coef * scale).float()
-    return _launch_backward((coef * scale).float(), rows, cols, positives, (offset * LOG2E).float().contiguous(),
-                            (log_sum * LOG2E).float().contiguous(), inv_rows, norm_rows, inv_cols, norm_cols,
-                            list(dims), flat_active, scale, rules, distill, col_offset, col_log_sum)
+    d_rows, d_cols = _launch_backward((coef * scale).float(), rows, cols, positives,
+                                      (softmax.offset * LOG2E).float().contiguous(),
+                                      (softmax.log_sum * LOG2E).float().contiguous(), inv_rows, norm_rows, inv_cols,
+                                      norm_cols, list(dims), flat_active, scale, rules, distill,
+                                      None if columns is None else columns.offset,
+                                      None if columns is None else columns.log_sum)
+    return PassGradients(d_rows, d_cols)
