@@ -98,3 +98,30 @@ def first_order_only(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and anchor.requires_grad:
         return _RefuseSecondDerivative.apply(grad, anchor)
     return grad
+
+
+def positive_logit_gradients(rows, cols, dims, active, scale, positives, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients ``(d_rows [L, R, D], d_cols [L, C, D])``, in the accumulator dtype, of
+    ``sum_lm weight[l, m] * sum_i z_lm(i, positives_i)`` (cosine logits, every ``positives_i >= 0``), in the
+    closed form the kernels use: ``d z_m / d x[seg_s] = scale rx_m ry_m y - z_m nx_m x`` summed over the dims
+    ``m >= s`` that contain the segment, with ``nx_m = rx_m^2`` where the norm was not clamped, else 0 (as
+    F.normalize: a clamped norm passes no gradient). ``O(L * R * D)``."""
+    acc = accumulator_dtype(rows.dtype)
+    x, y = rows.to(acc), cols.index_select(1, positives).to(acc)
+    inv_x, norm_x = inverse_prefix_norms(x, dims, acc)
+    inv_y, norm_y = inverse_prefix_norms(y, dims, acc)
+    products = torch.stack([(x[..., a:b] * y[..., a:b]).sum(-1) for a, b in segments(dims)], -1).cumsum(-1)
+    logits = products * inv_x * inv_y * scale
+    w = weight.to(acc)[:, None, :] * device_table(active, rows.device, acc)[:, None, :]
+    # Suffix sums over the dims: segment s belongs to every dim m >= s.
+    def suffix(t):
+        return t.flip(-1).cumsum(-1).flip(-1)
+
+    cross = suffix(w * scale * inv_x * inv_y)
+    own_x, own_y = suffix(w * logits * norm_x), suffix(w * logits * norm_y)
+    d_rows, d_pos = torch.zeros_like(x), torch.zeros_like(y)
+    for m, (a, b) in enumerate(segments(dims)):
+        d_rows[..., a:b] = cross[..., m, None] * y[..., a:b] - own_x[..., m, None] * x[..., a:b]
+        d_pos[..., a:b] = cross[..., m, None] * x[..., a:b] - own_y[..., m, None] * y[..., a:b]
+    d_cols = torch.zeros(cols.shape, dtype=acc, device=cols.device).index_add_(1, positives, d_pos)
+    return d_rows, d_cols

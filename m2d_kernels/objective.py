@@ -42,7 +42,7 @@ from m2d_kernels.numerics import (
     device_table,
     first_order_only,
     inverse_prefix_norms,
-    positive_logits,
+    positive_logit_gradients,
 )
 from m2d_kernels.rules import PENALTIES, Rules, guide_tie_tolerance
 
@@ -365,6 +365,7 @@ class _PassesFunction(torch.autograd.Function):
         row_parts = [part for s in stats for part in _anchor_parts(s.rows, n_anchors)]
         column_parts = [part for s in stats if s.columns is not None for part in _anchor_parts(s.columns, n_anchors)]
         parts = row_parts + column_parts
+        joint = None
         if partition_mode == "joint":
             joint = parts[0]
             for other in parts[1:]:
@@ -444,15 +445,11 @@ class _PassesFunction(torch.autograd.Function):
         if partition_mode == "per_direction":
             # A statistic column's own positive term, -coef * z(j, j): the row's positive logit again.
             for k, (r, c, positives, _, limit) in enumerate(specs):
-                if column_stats[k] is None:
-                    continue
-                with torch.enable_grad():
-                    x = _prefix(tensors[r].detach(), limit).requires_grad_()
-                    y = tensors[c].detach().requires_grad_()
-                    z = positive_logits(x, y, dims, active, scale, positives)
-                    d_x, d_y = torch.autograd.grad(-(z * coef[:, None, :]).sum(), (x, y))
-                _prefix(grads[r], limit).add_(d_x.to(acc))
-                grads[c].add_(d_y.to(acc))
+                if column_stats[k] is not None:
+                    d_x, d_y = positive_logit_gradients(_prefix(tensors[r].detach(), limit), tensors[c].detach(),
+                                                        dims, active, scale, positives, -coef)
+                    _prefix(grads[r], limit).add_(d_x)
+                    grads[c].add_(d_y)
         grads = [first_order_only(g.to(t.dtype), t) if ctx.needs_input_grad[8 + i] else None
                  for i, (g, t) in enumerate(zip(grads, tensors))]
         return (None,) * 8 + tuple(grads)

@@ -43,13 +43,13 @@ def _worker(rank: int, world_size: int, port: int, model: Path, examples: list, 
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     ring_calls = []
-    ring_pair_losses = distributed.ring_pair_losses
+    ring_losses = distributed.ring_losses
 
     def counted(*args, **kwargs):  # the loop must take the ring, not the all-gather (same numbers)
         ring_calls.append(1)
-        return ring_pair_losses(*args, **kwargs)
+        return ring_losses(*args, **kwargs)
 
-    distributed.ring_pair_losses = counted
+    distributed.ring_losses = counted
     result = loop.train(_config(model, output_dir / "run", cross_device="ring"), examples, encoder=_encoder(model),
                         progress=False)
     torch.save({"losses": result.losses, "state": result.encoder.model.state_dict(), "ring_calls": len(ring_calls)},

@@ -28,7 +28,7 @@ from sentence_transformers.util import cos_sim, dot_score
 import m2d_kernels as m2d
 from m2d_kernels import objective
 from m2d_kernels.backends import reference
-from m2d_kernels.backends.torch_prefix import inverse_prefix_norms
+from m2d_kernels.numerics import inverse_prefix_norms
 from m2d_kernels.integrations.sentence_transformers import GIST_EXCLUDES_SELF
 
 N_LAYERS, N_QUERIES, N_FEATURES = 2, 5, 24
@@ -191,8 +191,9 @@ def test_oracle_distillation_matches_kl_div(similarity):
 
 def _pass_backend(name):
     if name in ("reference-passes", "reference-shared"):  # the composition over the reference's materialised passes
+        shares = name == "reference-shared"
         return types.SimpleNamespace(row_statistics=reference.row_statistics, pass_gradients=reference.pass_gradients,
-                                     SHARED_TILES=name == "reference-shared")
+                                     shares_tiles=lambda similarity, scale=None: shares)
     reason = m2d.backends.unavailable_reason(name, torch.device("cpu"))
     if reason is not None:
         pytest.skip(reason)
@@ -211,9 +212,9 @@ def _compare(impl, case, n_groups, seed, dtype=torch.float64, guide=False):
     results = []
     low_q, low_d = (x.detach().to(dtype).requires_grad_() for x in (queries, docs))
     for backend, x, y in ((reference, queries, docs), (impl, low_q, low_d)):
-        # The default layout: a backend with SHARED_TILES composes the joint directions from shared tiles.
-        losses, distill = objective.objective_losses(backend, x, y, DIMS, ACTIVE, scale, positives, obj,
-                                                     leading_positives=True)
+        # The default layout: a backend that shares tiles composes the joint directions from them.
+        result = objective.objective_losses(backend, x, y, DIMS, ACTIVE, scale, positives, obj, leading_positives=True)
+        losses, distill = result.losses, result.distill
         total = (losses.double() * loss_weights).sum()
         if distill is not None:
             total = total + (distill.double() * distill_weights).sum()
@@ -275,7 +276,7 @@ def test_shared_tiles_across_blocks_match_oracle(backend, case, merged, n_querie
     [queries; docs] where the case allows it, at batches that cross the backends' row blocks and chunks,
     against the oracle; the composition must be the one expected."""
     impl = _pass_backend(backend)
-    if not getattr(impl, "SHARED_TILES", False):
+    if not impl.shares_tiles("cos"):
         pytest.skip(f"{backend}: no shared tiles")
     monkeypatch.setattr(objective, "_passes", lambda *a, **k: pytest.fail("took one pass per direction"))
     unexpected = "_shared_passes" if merged else "_merged_pass"
@@ -286,8 +287,8 @@ def test_shared_tiles_across_blocks_match_oracle(backend, case, merged, n_querie
     results = []
     for backend_impl in (reference, impl):
         x, y = queries.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
-        losses, _ = objective.objective_losses(backend_impl, x, y, (8, 16), ((True, True),), scale,
-                                               torch.arange(n_queries), obj, leading_positives=True)
+        losses = objective.objective_losses(backend_impl, x, y, (8, 16), ((True, True),), scale,
+                                            torch.arange(n_queries), obj, leading_positives=True).losses
         grads = torch.autograd.grad((losses * torch.tensor([[0.7, 1.3]], dtype=torch.float64)).sum(), (x, y))
         results.append((losses, *grads))
     for name, got, want in zip(("losses", "grad_queries", "grad_docs"), results[1], results[0]):
@@ -312,17 +313,19 @@ def test_pass_api_takes_precomputed_norms(backend):
     on = torch.tensor(active)[:, None, :]  # inactive pairs' statistics are the backend's own
 
     def log_sum_exps(stats):  # offsets differ (fixed or running maximum): compare offset + log_sum
-        return [torch.where(on, t.double(), 0.0) for t in (stats[0] + stats[1], stats[2], stats[3] + stats[4])]
+        return [torch.where(on, t.double(), 0.0) for t in (stats.rows.offset + stats.rows.log_sum,
+                                                           stats.positive_logit,
+                                                           stats.columns.offset + stats.columns.log_sum)]
 
     for g, w in zip(log_sum_exps(got), log_sum_exps(want)):
         torch.testing.assert_close(g, w, **tolerance)
     want_stats = want
     coef = torch.full((2, 2), 1.0 / 37, dtype=torch.float64)
-    got = impl.pass_gradients(queries, docs, dims, active, scale, positives, want[0], want[1], coef, rules,
-                              col_offset=want[3], col_log_sum=want[4], norms=norms)
-    want = reference.pass_gradients(queries.double(), docs.double(), dims, active, scale, positives, want[0],
-                                    want[1], coef, rules, col_offset=want[3], col_log_sum=want[4])
-    for g, w in zip(got, want):
+    got = impl.pass_gradients(queries, docs, dims, active, scale, positives, want.rows, coef, rules,
+                              columns=want.columns, norms=norms)
+    want = reference.pass_gradients(queries.double(), docs.double(), dims, active, scale, positives, want.rows,
+                                    coef, rules, columns=want.columns)
+    for g, w in ((got.rows, want.rows), (got.cols, want.cols)):
         torch.testing.assert_close(g.double(), w, **tolerance)
     halved = tuple((inverse / 2, factor) for inverse, factor in norms)  # the given tables are the ones used
     stats = impl.row_statistics(queries, docs, dims, active, scale, positives, rules, norms=halved)
@@ -344,15 +347,36 @@ def test_every_candidate_filtered_but_the_positive():
         torch.testing.assert_close(losses, torch.zeros_like(losses), atol=1e-12, rtol=0)
 
 
-def test_default_options_take_the_fused_path(monkeypatch):
-    """query_to_doc (and symmetric) with cosines stay on the fused pair_losses path of every backend."""
-    queries, docs, _ = _inputs(1, seed=24)
-    monkeypatch.setattr(objective, "objective_losses", lambda *a, **k: pytest.fail("took the passes path"))
-    m2d.matryoshka_2d_infonce(queries, docs, DIMS, backend="torch", directions=("query_to_doc",))
-    m2d.matryoshka_2d_infonce(queries, docs, DIMS, backend="torch", directions=("doc_to_query", "query_to_doc"),
-                              partition_mode="per_direction")
-    m2d.matryoshka_2d_infonce(queries, docs, DIMS, backend="torch", hardness_mode="all_negatives",
-                              hardness_strength=0.0)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_symmetric_default_is_one_pass_with_column_statistics(backend, monkeypatch):
+    """The symmetric default loss in the default layout is one pass whose first B columns' statistics are
+    doc_to_query's rows (no second pass), and it equals the oracle; with a given positive_index it is two."""
+    impl = _pass_backend(backend)
+    queries, docs, _ = _inputs(2, seed=24)
+    calls = []
+    row_statistics = impl.row_statistics
+
+    def counted(rows, cols, *args, **kwargs):
+        calls.append(args[4] if len(args) > 4 else kwargs.get("rules"))
+        return row_statistics(rows, cols, *args, **kwargs)
+
+    monkeypatch.setattr(impl, "row_statistics", counted)
+    for positive_index, n_passes in ((None, 1), (torch.arange(N_QUERIES), 2)):
+        calls.clear()
+        x, y = queries.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
+        got = m2d.matryoshka_2d_infonce(x, y, DIMS, positive_index=positive_index, symmetric=True, backend=backend,
+                                        reduction="none")
+        assert len(calls) == n_passes
+        if n_passes == 1:
+            assert calls[0].column_statistics == N_QUERIES
+        got_grads = torch.autograd.grad(got.sum(), (x, y))
+        x, y = queries.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
+        want = m2d.matryoshka_2d_infonce(x, y, DIMS, positive_index=positive_index, symmetric=True,
+                                         backend="reference", reduction="none")
+        want_grads = torch.autograd.grad(want.sum(), (x, y))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
 # --- validation --------------------------------------------------------------------------------------

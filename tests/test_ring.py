@@ -6,7 +6,7 @@ every case in both modes. Here:
 
 - the pass API of every backend, one process: rows scored against column blocks of uneven
   sizes, statistics combined, gradients taken per block with the combined statistics, must
-  equal the float64 reference's ``pair_losses`` and its autograd gradients (positives spread
+  equal the float64 reference's losses and their autograd gradients (positives spread
   over the blocks, -1 where a row's positive is elsewhere);
 - each rank's peak tensor memory during a forward and backward, with 2 and 4 gloo processes:
   the ring's does not grow with ``W`` (the all-gather's does, which shows the measurement sees growth).
@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import m2d_kernels as m2d
 from m2d_kernels import backends
-from m2d_kernels.distributed import _combine
+from m2d_kernels.backends.base import combine
 
 DIMS = (8, 24, 40)
 ACTIVE = ((True, False, True), (True, True, True))
@@ -48,28 +48,29 @@ def test_passes_over_column_blocks_combine_to_the_whole_softmax(backend, scale):
     weights = torch.rand(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     x, y = queries.clone().requires_grad_(), docs.clone().requires_grad_()
-    expected = backends.resolve("reference", device).pair_losses(x, y, DIMS, ACTIVE, scale, positive_index, False)
+    expected = m2d.matryoshka_2d_infonce(x, y, DIMS, torch.tensor(ACTIVE, dtype=torch.float64), scale=scale,
+                                         positive_index=positive_index, reduction="none", backend="reference")
     grad_x, grad_y = torch.autograd.grad((expected * weights).sum(), (x, y))
 
     rows, cols = queries.to(dtype), docs.to(dtype)
     blocks = [(cols[:, a:b], torch.where((positive_index >= a) & (positive_index < b), positive_index - a, -1))
               for a, b in zip(bounds, bounds[1:])]
-    offset = log_sum = positive = None
+    softmax = positive = None
     for block, positives in blocks:
-        block_offset, block_log_sum, block_positive = impl.row_statistics(rows, block, DIMS, ACTIVE, scale, positives)
-        if offset is None:
-            offset, log_sum, positive = block_offset, block_log_sum, block_positive
+        stats = impl.row_statistics(rows, block, DIMS, ACTIVE, scale, positives)
+        if softmax is None:
+            softmax, positive = stats.rows, stats.positive_logit
         else:
-            offset, log_sum = _combine(offset, log_sum, block_offset, block_log_sum)
-            positive = positive + block_positive
-    losses = torch.where(torch.tensor(ACTIVE), ((offset - positive) + log_sum).mean(1), 0.0)
+            softmax = combine(softmax, stats.rows)
+            positive = positive + stats.positive_logit
+    losses = torch.where(torch.tensor(ACTIVE), ((softmax.offset - positive) + softmax.log_sum).mean(1), 0.0)
     assert_close(losses, expected, dtype, f"{backend} losses")
 
-    coef = weights.to(offset.dtype) / rows.shape[1]
-    parts = [impl.pass_gradients(rows, block, DIMS, ACTIVE, scale, positives, offset, log_sum, coef)
+    coef = weights.to(softmax.offset.dtype) / rows.shape[1]
+    parts = [impl.pass_gradients(rows, block, DIMS, ACTIVE, scale, positives, softmax, coef)
              for block, positives in blocks]
-    assert_close(sum(d_rows for d_rows, _ in parts), grad_x, dtype, f"{backend} d rows")
-    assert_close(torch.cat([d_block for _, d_block in parts], 1), grad_y, dtype, f"{backend} d cols")
+    assert_close(sum(part.rows for part in parts), grad_x, dtype, f"{backend} d rows")
+    assert_close(torch.cat([part.cols for part in parts], 1), grad_y, dtype, f"{backend} d cols")
 
 
 def test_ring_refuses_a_learnable_scale():
