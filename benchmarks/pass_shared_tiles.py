@@ -56,8 +56,8 @@ def main() -> None:
 
     def step(rows, cols, positives, rules):
         stats = backend.row_statistics(rows, cols, dims, active, scale, positives, rules)
-        extra = dict(col_offset=stats[3], col_log_sum=stats[4]) if rules.column_statistics else {}
-        backend.pass_gradients(rows, cols, dims, active, scale, positives, stats[0], stats[1], coef, rules, **extra)
+        backend.pass_gradients(rows, cols, dims, active, scale, positives, stats.rows, coef, rules,
+                               columns=stats.columns)
 
     times = {name: [] for name in cases}
     for case in cases.values():  # warm-up

@@ -66,9 +66,9 @@ def _worker(rank: int, world_size: int, port: int, args, out_dir: str) -> None:
     positives = torch.arange(args.batch)
 
     def block_compute():
-        offset, log_sum, _ = impl.row_statistics(rows, block, dims, active, 20.0, positives)
-        impl.pass_gradients(rows, block, dims, active, 20.0, positives, offset, log_sum,
-                            torch.ones(args.layers, len(dims), dtype=offset.dtype))
+        stats = impl.row_statistics(rows, block, dims, active, 20.0, positives)
+        impl.pass_gradients(rows, block, dims, active, 20.0, positives, stats.rows,
+                            torch.ones(args.layers, len(dims), dtype=stats.rows.offset.dtype))
 
     ring = _Ring(dist.group.WORLD)
     incoming = torch.empty_like(block)

@@ -26,6 +26,7 @@ from memory import peak_extra_bytes
 import m2d_kernels as m2d
 from m2d_kernels import backends
 from m2d_kernels.backends import reference
+from m2d_kernels.objective import Objective
 
 DIMS = (32, 64, 128, 256, 384)
 # (L, B, N, D): DESIGN.md / issue shapes; N = 2B (one hard negative per query).
@@ -45,7 +46,8 @@ def _loss_fn(provider, dims):
         @torch.compile(dynamic=False)
         def compiled(queries, docs, positive_index):
             active = ((True,) * n_dims,) * queries.shape[0]
-            return reference.pair_losses(queries, docs, dims, active, 20.0, positive_index, False).sum()
+            return reference.objective_losses(queries, queries, docs, 0, positive_index, dims, active, 20.0,
+                                              Objective())[0].sum()
 
         return lambda q, d: compiled(q, d, torch.arange(q.shape[1], device=q.device))
     reason = backends.unavailable_reason(provider, DEVICE)
