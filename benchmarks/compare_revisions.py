@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,7 +93,12 @@ def _run(worktree: Path, repeats: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # the worktrees are removed in main's finally
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="git revision A (the baseline)")
     parser.add_argument("after", help="git revision B")
@@ -113,6 +119,7 @@ def main() -> None:
         try:
             for index in range(args.rounds):
                 entry = {label: _run(tree, args.repeats) for label, tree in trees.items()}
+                entry["load_average"] = os.getloadavg()
                 rounds.append(entry)
                 print(f"round {index + 1}/{args.rounds}: " + ", ".join(
                     f"{key} {entry['after']['medians'][key] / entry['before']['medians'][key]:.3f}"

@@ -40,6 +40,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 import m2d_kernels as m2d  # noqa: E402
+from m2d_kernels.backends import triton_configs as tc  # noqa: E402
 from m2d_kernels.backends import triton_kernels as tk  # noqa: E402
 from m2d_kernels.train.atomic import atomic_write  # noqa: E402
 
@@ -260,7 +261,7 @@ def flops(example=WORKED_EXAMPLE) -> tuple[int, int]:
 
 def _candidate_launches(launch: Launch) -> list[Launch]:
     """The worked example's plain launch with each of the autotuner's other tiles (not selected)."""
-    listed = tk.FORWARD_CONFIGS if launch.kernel is tk._m2d_fwd_kernel else tk.BACKWARD_CONFIGS
+    listed = tc.FORWARD_CONFIGS if launch.kernel is tk._m2d_fwd_kernel else tc.BACKWARD_CONFIGS
     chosen = (launch.kwargs["BLOCK_R"], launch.kwargs["BLOCK_C"], launch.kwargs["num_warps"],
               launch.kwargs["num_stages"])
     return [Launch(launch.kernel, launch.args, {**launch.kwargs, **dict(zip(
@@ -290,7 +291,7 @@ def report(cases=CASES, dtypes=tuple(DTYPES), candidates=False, echo=True) -> di
 def _format(row):
     c = row["constexprs"]
     tile = f"{c.get('BLOCK_R')}x{c.get('BLOCK_C')}/{row['num_warps']}w/{row['num_stages']}s"
-    flags = ",".join(f"{k}={v}" for k, v in c.items() if k in tk.RULE_FLAGS and v) or "plain"
+    flags = ",".join(f"{k}={v}" for k, v in c.items() if k in tc.RULE_FLAGS and v) or "plain"
     head = f"{row['case']:<24} {row['kernel']:<12} {row['dtype']:<5} {tile:<16} {'*' if row['selected'] else ' '}"
     if not row["compiled"]:
         return f"{head} FAILED {row['error']}"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import m2d_kernels as m2d
-from m2d_kernels.backends import triton_kernels as tk
+from m2d_kernels.backends import triton_configs as tc
 from m2d_kernels.train.atomic import atomic_write
 
 MODES = ("ieee", "tf32x3-emulated", "tf32-emulated")
@@ -62,9 +62,9 @@ def measure(seed: int = 0) -> list[dict]:
         row = {"case": name, "kwargs": kwargs,
                "reference_fp32": _relative_errors(_loss_and_grads(queries, docs, "reference", kwargs), truth)}
         for mode in MODES:
-            os.environ[tk.INTERPRET_FP32_ENV] = mode
+            os.environ[tc.INTERPRET_FP32_ENV] = mode
             row[mode] = _relative_errors(_loss_and_grads(queries, docs, "triton", kwargs), truth)
-        os.environ.pop(tk.INTERPRET_FP32_ENV)
+        os.environ.pop(tc.INTERPRET_FP32_ENV)
         rows.append(row)
         print(_format(row), flush=True)
     return rows
