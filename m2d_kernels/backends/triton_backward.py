@@ -268,15 +268,52 @@ def _store_gradient(grad_base, work_base, own_base, own_offsets, work_offsets, m
     _zero_columns(grad_base, own_offsets, mask, top, D, ALIGNED, BLOCK, BLOCK_D)
 
 def _m2d_bwd_kernel(
-    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
-    norm_ptr, max_ptr, logsum_ptr, coef_ptr, grad_ptr, work_ptr, slots_ptr, row_group_ptr, guide_rows_ptr,
-    guide_cols_ptr, guide_thr_ptr, distill_ptr, col_offset_ptr, col_logsum_ptr, L, R, C, D, DG, G, K, scale_log2,
-    penalty_log2, R_CLASS, C_CLASS,
-    M: tl.constexpr, M_PAD: tl.constexpr, ALIGNED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, FOR_COLS: tl.constexpr,
-    SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
-    TEACHER: tl.constexpr, TRIANGLE: tl.constexpr, COLUMN_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DG: tl.constexpr,
+    rows_ptr,          # [L, R, D] bf16/fp16/fp32, rows contiguous
+    cols_ptr,          # [L, C, D] same dtype
+    positives_ptr,     # [R] int32: row i's positive column, -1 when it lies in another block
+    bounds_ptr,        # [M + 1] int32: 0, d_1, ..., d_M
+    active_ptr,        # [L, M] int32: 1 where pair (l, m) is computed
+    n_seg_ptr,         # [L] int32: segments up to the layer's largest active dim
+    inv_rows_ptr,      # [L, R, M] fp32: 1 / max(|x[:d_m]|, eps) (ones for dot)
+    inv_cols_ptr,      # [L, C, M] fp32: the same for the columns
+    norm_ptr,          # [L, R or C, M] fp32: the owner's rx^2 (ry^2 with FOR_COLS), 0 where the norm was clamped
+    max_ptr,           # [L, R, M] fp32: the forward's (combined) row maximum, log2 units
+    logsum_ptr,        # [L, R, M] fp32: its log2 sum
+    coef_ptr,          # [L, M] fp32: d total / d row loss, times scale
+    grad_ptr,          # [L, R or C, D] out, the input dtype: dX, or dY with FOR_COLS
+    work_ptr,          # [programs * block, D] fp32 scratch: each program's owner-block accumulator
+    slots_ptr,         # [programs * (M - 1) * BLOCK_R * BLOCK_C] fp32 scratch: each program's W_m tiles
+    row_group_ptr,     # [R] int32 (EXCLUDE_GROUP, PENALTY_MODE): row i's group
+    guide_rows_ptr,    # [R, DG] fp32 (GUIDED)
+    guide_cols_ptr,    # [C, DG] fp32 (GUIDED)
+    guide_thr_ptr,     # [R] fp32 (GUIDED)
+    distill_ptr,       # [L, M] fp32 (TEACHER): the distillation coefficients, times scale
+    col_offset_ptr,    # [L, K, M] fp32 (COLUMN_STATS): the columns' (combined) offsets, log2 units
+    col_logsum_ptr,    # [L, K, M] fp32 (COLUMN_STATS): their log2 sums
+    L, R, C, D,        # layers, rows, columns, features
+    DG,                # guide width
+    G,                 # group period
+    K,                 # statistic columns
+    scale_log2,        # scale * log2(e)
+    penalty_log2,      # penalty strength * log2(e)
+    R_CLASS, C_CLASS,  # the autotuner's key, unused in the body
+    M: tl.constexpr,             # number of dims
+    M_PAD: tl.constexpr,         # M rounded up to a power of two (>= 2)
+    ALIGNED: tl.constexpr,       # every dim a multiple of BLOCK_D
+    DOT_PRECISION: tl.constexpr,  # tl.dot precision of fp32 inputs
+    DOT_IN_FP32: tl.constexpr,   # multiply bf16 tiles in fp32 (interpreter)
+    FOR_COLS: tl.constexpr,      # False: dX, programs own row blocks; True: dY, programs own column blocks
+    SIMILARITY_DOT: tl.constexpr,  # the rules, as in the forward
+    EXCLUDE_GROUP: tl.constexpr,
+    PENALTY_MODE: tl.constexpr,
+    GUIDED: tl.constexpr,
+    TEACHER: tl.constexpr,         # here: a distillation gradient (distill_ptr)
+    TRIANGLE: tl.constexpr,
+    COLUMN_STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr,       # rows per tile
+    BLOCK_C: tl.constexpr,       # columns per tile
+    BLOCK_D: tl.constexpr,       # the forward's k-chunk: bit-identical recompute
+    BLOCK_DG: tl.constexpr,      # k-chunk of the guide product
 ):
     """Persistent grid over work items (layer, owner block): dX of a row block streaming over column
     tiles, or (FOR_COLS) dY of a column block streaming over row tiles; 4 * R * C * top FLOPs per
@@ -287,9 +324,8 @@ def _m2d_bwd_kernel(
     the first K columns' softmaxes (col_offset / col_logsum [L, K, M], log2 units) join G."""
     pid = tl.program_id(0)
     ELEMENT: tl.constexpr = rows_ptr.dtype.element_ty
-    # Flat k-loops (as the forward's) for the plain pass only. With rules the mask, column-statistic and teacher
-    # tiles stay live across the loops: flat, the shared-tile passes spilled 8-64 B at their tiles, where the
-    # segment loops spill nothing, and penalty / teacher spilled more than with segment loops (sm_90, Triton 3.6).
+    # Flat k-loops (as the forward's) for the plain pass only: with rules the mask, column-statistic and
+    # teacher tiles stay live across the loops, and per-segment loops keep their register pressure lower.
     FLAT_K: tl.constexpr = ALIGNED and not (SIMILARITY_DOT or EXCLUDE_GROUP or PENALTY_MODE != 0 or GUIDED or TEACHER
                                             or TRIANGLE or COLUMN_STATS)
     own_block: tl.constexpr = BLOCK_C if FOR_COLS else BLOCK_R

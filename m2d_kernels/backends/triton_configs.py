@@ -32,38 +32,28 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-
 # ---------------------------------------------------------------------------------------
-# Tile configurations
+# Tile configurations: (BLOCK_R, BLOCK_C, num_warps, num_stages)
 # ---------------------------------------------------------------------------------------
 
-# (BLOCK_R, BLOCK_C, num_warps, num_stages). Forward and backward share BLOCK_D (a function of
-# the dims, see `_block_d`) so that the backward's recompute adds the same chunks in the same order.
-# Heuristic = the first config the problem fills; the first ones compile for sm_90 without spills
-# (benchmarks/sm90_report.py), the rest are there for the opt-in autotuner.
+# Forward and backward share BLOCK_D (a function of the dims, `_block_d`) so that the backward's recompute
+# adds the same chunks in the same order as the forward: bit-identical logits. The heuristic takes the first
+# config the problem fills; the first ones are spill-free on sm_90, the rest are there for the opt-in
+# autotuner. Each choice below is the spill-free one of the sm_90 report for its launch
+# (`python benchmarks/sm90_report.py`, stored in benchmarks/results/sm90_report.json with its Triton version).
 FORWARD_CONFIGS = ((64, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 3),
                    (128, 64, 4, 3), (128, 128, 8, 4))
 BACKWARD_CONFIGS = ((64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3),
                     (64, 128, 8, 3), (128, 128, 8, 3))
-# tf32x3 holds hi and lo halves of both operands in registers: fp32's spill-free forward tile is narrower,
-# its k-chunk is 16 (`_block_d`), and its dY launch streams 32-row tiles (sm_90, worked example: dX 0 B and
-# dY 0 B of spill; with 32-wide k-chunks and 64x64 tiles they spilled 40 and 56 B, with 16-wide chunks
-# and a 64x64 dY, 8 B).
+# fp32 runs as tf32x3, which keeps hi and lo halves of both operands in registers: narrower tiles, a 16-wide
+# k-chunk (`_block_d`) and 32-row dY tiles.
 FP32_FORWARD_CONFIG = (64, 64, 4, 3)
 FP32_BACKWARD_CONFIGS = {"backward_dX": (64, 64, 8, 2), "backward_dY": (32, 64, 8, 2)}
-# With rules on (mask, penalty and teacher tiles live across the dim loop) the forward spills at the plain
-# tiles (up to 1 KB per thread at 64x128/4w); 64x64 over 8 warps is spill-free for each rule and for
-# dot+penalty+guided in bf16, 48 B (bf16) and 40 B (fp32) with all four of exclude+penalty+guided+teacher
-# (Triton 3.6). What every launched specialisation spills today: benchmarks/results/sm90_report.json.
+# With rules the mask, penalty and teacher tiles stay live across the dim loop: the forward takes 64x64 over
+# 8 warps.
 RULES_FORWARD_CONFIG = (64, 64, 8, 3)
-# The shared-tile passes of the joint directions (rules.triangle / column_statistics: query_to_doc with
-# doc_to_query's column sums, the triangles with and without own-group exclusion) keep column statistics
-# live in the backward: at the plain tiles they spilled up to 352 B (bf16 dY) and 536 B (fp32 dY). These
-# are spill-free for each of those three rule sets on Triton 3.6, the GPU machine's (sm90_report.py, the
-# worked example's shared-tile cases), except fp32 dY, whose 32-row tile spills 8 B with the triangle and 64x32 16 B
-# without: the triangle takes 64x32. fp32 dX streams 32-wide column tiles over 4 warps: 32x64/8 spilled 16 B
-# once the gradient stores took int32 offsets (which made the other passes' backward spill less). Triton 3.9
-# allocates differently: some spill 8-16 B there.
+# The shared-tile passes (rules.triangle / column_statistics) keep the column statistics live in the
+# backward: smaller tiles, per dtype and launch; fp32's triangle dY takes 64x32.
 SHARED_TILES_BACKWARD_CONFIGS = {
     torch.bfloat16: {"backward_dX": (64, 32, 4, 2), "backward_dY": (32, 128, 8, 2)},
     torch.float32: {"backward_dX": (32, 32, 4, 2), "backward_dY": (32, 64, 8, 2)},

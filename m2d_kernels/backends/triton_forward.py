@@ -156,14 +156,49 @@ def _initial_statistics(active_ptr, layer, m_ids, FIXED_MAX: tl.constexpr, fixed
 
 
 def _m2d_fwd_kernel(
-    rows_ptr, cols_ptr, positives_ptr, bounds_ptr, active_ptr, n_seg_ptr, inv_rows_ptr, inv_cols_ptr,
-    max_ptr, logsum_ptr, row_loss_ptr, dscale_ptr, row_group_ptr, guide_rows_ptr, guide_cols_ptr, guide_thr_ptr,
-    teacher_sum_ptr, col_sum_ptr, L, R, C, D, DG, G, K, scale_log2, penalty_log2, R_CLASS, C_CLASS,
-    M: tl.constexpr, M_PAD: tl.constexpr, FIXED_MAX: tl.constexpr, ALIGNED: tl.constexpr,
-    SCALE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    SIMILARITY_DOT: tl.constexpr, EXCLUDE_GROUP: tl.constexpr, PENALTY_MODE: tl.constexpr, GUIDED: tl.constexpr,
-    TEACHER: tl.constexpr, TRIANGLE: tl.constexpr, COLUMN_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DG: tl.constexpr,
+    rows_ptr,          # [L, R, D] bf16/fp16/fp32, rows contiguous: the queries (or the pass's rows)
+    cols_ptr,          # [L, C, D] same dtype: the candidates
+    positives_ptr,     # [R] int32: row i's positive column, -1 when it lies in another block
+    bounds_ptr,        # [M + 1] int32: 0, d_1, ..., d_M (segment m is [bounds[m], bounds[m + 1]))
+    active_ptr,        # [L, M] int32: 1 where pair (l, m) is computed
+    n_seg_ptr,         # [L] int32: segments up to the layer's largest active dim (its `top`)
+    inv_rows_ptr,      # [L, R, M] fp32: 1 / max(|x[:d_m]|, eps) (ones for dot)
+    inv_cols_ptr,      # [L, C, M] fp32: the same for the columns
+    max_ptr,           # [L, R, M] fp32 out: the row maximum (or the fixed one), log2 units
+    logsum_ptr,        # [L, R, M] fp32 out: log2 sum_j exp2(z_j - max)
+    row_loss_ptr,      # [L, R, M] fp32 out: (max - z_p) + logsum, log2 units
+    dscale_ptr,        # [L, R, M] fp32 out (SCALE_GRAD): d row loss / d scale
+    row_group_ptr,     # [R] int32 (EXCLUDE_GROUP, PENALTY_MODE): row i's group g_i
+    guide_rows_ptr,    # [R, DG] fp32 (GUIDED): unit guide embeddings of the rows
+    guide_cols_ptr,    # [C, DG] fp32 (GUIDED): of the columns
+    guide_thr_ptr,     # [R] fp32 (GUIDED): drop column j when guide_i . guide_j > thr_i
+    teacher_sum_ptr,   # [L, R, M] fp32 out (TEACHER): sum_j exp2(z_T,j - max_T) z_j
+    col_sum_ptr,       # [L, K, M] fp32 in/out (COLUMN_STATS): atomic sums of exp2(z_col - scale_log2)
+    L, R, C, D,        # layers, rows, columns, features (the row stride)
+    DG,                # guide width (GUIDED)
+    G,                 # group period: column j belongs to group j % G
+    K,                 # statistic columns: the first K (COLUMN_STATS)
+    scale_log2,        # scale * log2(e): logits in log2 units
+    penalty_log2,      # penalty strength * log2(e) (PENALTY_MODE)
+    R_CLASS, C_CLASS,  # next powers of two of R and C: the autotuner's key, unused in the body
+    M: tl.constexpr,             # number of dims
+    M_PAD: tl.constexpr,         # M rounded up to a power of two (>= 2): the width of the statistics tiles
+    FIXED_MAX: tl.constexpr,     # every logit <= scale (+ penalty): no running maximum (numerics.fixed_max_is_exact)
+    ALIGNED: tl.constexpr,       # every dim a multiple of BLOCK_D: flat k-loop, no k mask
+    SCALE_GRAD: tl.constexpr,    # also write dscale
+    DOT_PRECISION: tl.constexpr,  # tl.dot precision of fp32 inputs ("tf32x3" on the GPU)
+    DOT_IN_FP32: tl.constexpr,   # multiply bf16 tiles in fp32 (the interpreter's tl.dot misreads bf16)
+    SIMILARITY_DOT: tl.constexpr,  # rules.similarity == "dot": no norms, running maximum
+    EXCLUDE_GROUP: tl.constexpr,   # rules.exclude_own_group
+    PENALTY_MODE: tl.constexpr,    # rules.PENALTY_CODES[rules.penalty]
+    GUIDED: tl.constexpr,          # rules.guided
+    TEACHER: tl.constexpr,         # rules.teacher: one program walks every layer per column tile
+    TRIANGLE: tl.constexpr,        # rules.triangle: only j > i is scored
+    COLUMN_STATS: tl.constexpr,    # rules.column_statistics > 0
+    BLOCK_R: tl.constexpr,       # rows per tile
+    BLOCK_C: tl.constexpr,       # columns per tile
+    BLOCK_D: tl.constexpr,       # k-chunk of the product (triton_configs._block_d), shared with the backward
+    BLOCK_DG: tl.constexpr,      # k-chunk of the guide product
 ):
     """Grid (row block, layer), or (row block, 1) with TEACHER; 2 * R * C * top FLOPs per layer (plus
     one teacher product per tile with TEACHER, plus the guide product per tile when GUIDED). Per row

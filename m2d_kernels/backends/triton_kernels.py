@@ -1,12 +1,21 @@
-"""Backend ``triton``: fused kernels for all layers x all nested dims.
+"""Backend ``triton``: the launchers, custom ops and pass of the Triton kernels, for CUDA tensors.
 
-Everything is phrased as one "rows vs columns" InfoNCE: ``rows`` ``[L, R, D]`` are scored
-against ``cols`` ``[L, C, D]`` and row ``i``'s positive is column ``positives[i]``. The
-query-to-doc direction is (queries, docs, positive_index); the doc-to-query direction of
-``symmetric`` is the same computation with roles swapped (docs[positive_index], queries,
-arange(B)), so it reuses these kernels instead of a copy.
+The module is split by role, top to bottom:
 
-Math (DESIGN.md section 1), per layer l, dim index m, segment ``seg_m = [d_{m-1}, d_m)``::
+    triton_configs.py   tile configurations, launch heuristics, the backward's program count
+    triton_tiles.py     @triton.jit helpers of both kernels: loads, products, the logits of a tile under the rules
+    triton_forward.py   the forward kernel: row statistics of every (layer, dim) pair
+    triton_backward.py  the backward kernel: dX over row blocks, dY over column blocks
+    triton_kernels.py   (this file) launchers, torch custom ops, autograd, ``pair_losses``, the pass
+
+Everything is phrased as one "rows vs columns" InfoNCE: ``rows`` ``[L, R, D]`` are scored against ``cols``
+``[L, C, D]`` and row ``i``'s positive is column ``positives[i]``. The pass (backends/base.py) runs the
+kernels under the rules of a pass; ``pair_losses`` is the fused path of the default options (query_to_doc,
+and ``symmetric``'s doc_to_query as the same kernels with roles swapped: docs[positive_index], queries,
+arange(B)), kept until the kernels move onto the contract.
+
+Math (docs/design.md, "The prefix trick" and "The backward pass"), per layer l, dim index m, segment
+``seg_m = [d_{m-1}, d_m)``::
 
     S_m      = S_{m-1} + X[:, seg_m] Y[:, seg_m]^T          one fp32 accumulator over [0, top)
     z_m      = scale * cos_m = scale * diag(rx_m) S_m diag(ry_m),   rx_m = 1 / max(|x[:d_m]|, eps)
@@ -23,28 +32,27 @@ Work, with ``top`` the largest active dim of a layer (FLOPs of the tensor-core p
     forward  : 2 * L * R * C * top                     (one accumulation over [0, top) per tile)
     backward : 2 launches x 2 * (2 * L * R * C * top)  (recompute S + one product per launch) = 4x forward
 
-The backward kernel is launched twice (dX over row blocks, dY over column blocks). For each
-[rows, cols] tile it walks k upwards over [0, top) in exactly the forward's order (same chunks,
-same BLOCK_D), so the recomputed logits are bit-identical to the forward's and the probabilities
-``exp2((z - max) - logsum)`` are exact up to fp32 rounding; at each active boundary it writes
-``W_m`` to a per-program tile slot. Then it walks the segments downwards, summing the slots into
-``H`` on chip (no subtraction, no cancellation) and accumulating ``H Y[:, seg]`` into the owner
-block's fp32 work rows. Nothing of size ``R x C`` reaches memory; the grid is persistent and the
-number of programs is bounded so that all scratch (work rows + tile slots) stays under
-``SCRATCH_BUDGET`` bytes (below the H100's 50 MB L2). Each block has one owner program: no
-atomics, results are deterministic.
+The backward kernel is launched twice (dX over row blocks, dY over column blocks). For each [rows, cols]
+tile it walks k upwards over [0, top) in exactly the forward's order (same chunks, same BLOCK_D), so the
+recomputed logits are bit-identical to the forward's and the probabilities ``exp2((z - max) - logsum)``
+are exact up to fp32 rounding; at each active boundary it writes ``W_m`` to a per-program tile slot. Then
+it walks the segments downwards, summing the slots into ``H`` on chip (no subtraction, no cancellation)
+and accumulating ``H Y[:, seg]`` into the owner block's fp32 work rows. Nothing of size ``R x C`` reaches
+memory; the grid is persistent and the number of programs is bounded so that all scratch (work rows +
+tile slots) stays under ``SCRATCH_BUDGET`` bytes (below the H100's 50 MB L2). Each output block has one
+owner program, so the gradients are deterministic; the forward's column statistics
+(``rules.column_statistics``) are ``tl.atomic_add`` sums of the row blocks, whose last bits depend on the
+order the blocks ran in.
 
-When every dim is a multiple of BLOCK_D (``ALIGNED``), the forward's accumulation is one flat k-loop
-over [0, top) with the epilogue inside it at each boundary (`_forward_tile`), and so are the plain
-backward's recompute and its downward product loop: the software pipeline keeps loading the next chunks
-across a boundary instead of draining and refilling at every segment (dims 32..768 in 32-wide chunks
-have segments of 1, 1, 2, 4, 8 and 8 chunks). The backward with rules keeps a loop per segment (see
-``FLAT_K``); other dims take the per-segment loops with masked chunks.
+When every dim is a multiple of BLOCK_D (``ALIGNED``), the forward's accumulation is one flat k-loop over
+[0, top) with the epilogue inside it at each boundary, and so are the plain backward's recompute and its
+downward product loop: the software pipeline keeps loading the next chunks across a boundary instead of
+draining and refilling at every segment. Other dims take per-segment loops with masked chunks.
 
-Row statistics are kept relative to the row maximum (``max`` and ``log2 sum exp2(z - max)``
-stored separately), so a large ``scale`` costs no ulp(scale) error in the probabilities. ``scale``
-is a fixed maximum (``|cos| <= 1``) while ``exp2(-2 * scale * log2(e))`` stays a normal fp32
-number; above that the forward keeps a running maximum.
+Row statistics are kept relative to the row maximum (``max`` and ``log2 sum exp2(z - max)`` stored
+separately), so a large ``scale`` costs no ulp(scale) error in the probabilities. ``scale`` is a fixed
+maximum (``|cos| <= 1``) where numerics.fixed_max_is_exact allows it; above that the forward keeps a
+running maximum.
 """
 
 from __future__ import annotations
@@ -385,7 +393,7 @@ def pair_losses(
 
 
 # ---------------------------------------------------------------------------------------
-# Pass API (backends/__init__.py): the custom ops above on one block of columns
+# The pass (backends/base.py): the custom ops above on one block of columns
 # ---------------------------------------------------------------------------------------
 
 
