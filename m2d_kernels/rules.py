@@ -1,4 +1,4 @@
-"""The rules of one rows-vs-columns pass (DESIGN.md section 6).
+"""The rules of one rows-vs-columns pass (docs/design.md, "6. The loss family: passes with rules").
 
 Every objective of the library (MultipleNegativesRankingLoss's four directions and two partition
 modes, hardness weighting, dot similarity, guided false-negative filtering, score distillation)

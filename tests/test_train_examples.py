@@ -38,8 +38,8 @@ def test_hf_trainer(tiny_bert, tmp_path):
 
 @pytest.fixture
 def no_data_folder(tmp_path, monkeypatch):
-    """A clean clone: no ../shared/data and $M2D_DATA_DIR pointing nowhere."""
-    monkeypatch.setenv("M2D_DATA_DIR", str(tmp_path / "no-such-folder"))
+    """A user with no data folder: no --data-dir, no $M2D_DATA_DIR (the examples use the built-in pairs)."""
+    monkeypatch.delenv("M2D_DATA_DIR", raising=False)
     assert resolve_data_dir() is None
 
 

@@ -10,7 +10,7 @@ False), differentiable with respect to ``queries`` and ``docs``; the weights rea
 kernels' backward as the incoming gradient of that matrix. Modules are imported lazily so
 that ``import m2d_kernels`` needs neither Triton nor a compiler.
 
-The pass API (DESIGN.md section 6): ``rows [L, R, D]`` scored against one block of
+The pass API (docs/design.md, "6. The loss family"): ``rows [L, R, D]`` scored against one block of
 ``cols [L, C, D]``, autograd-free, with the backend's own kernels, so that a softmax over
 several blocks (the ring exchange of ``m2d_kernels.distributed``) is the combination of
 per-block statistics::

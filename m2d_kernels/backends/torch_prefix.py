@@ -1,6 +1,6 @@
 """Backend ``torch``: the prefix trick in plain PyTorch, chunked over query rows.
 
-Math (DESIGN.md section 1). For layer l and nested dim d_m, with segments
+Math (docs/design.md, sections 1-3: the loss, the prefix trick, the backward). For layer l, dim d_m, segments
 ``seg_m = [d_{m-1}, d_m)``::
 
     S_m      = S_{m-1} + Q[:, seg_m] K[:, seg_m]^T          one accumulator over D

@@ -6,7 +6,7 @@ query-to-doc direction is (queries, docs, positive_index); the doc-to-query dire
 ``symmetric`` is the same computation with roles swapped (docs[positive_index], queries,
 arange(B)), so it reuses these kernels instead of a copy.
 
-Math (DESIGN.md section 1), per layer l, dim index m, segment ``seg_m = [d_{m-1}, d_m)``::
+Math (docs/design.md, sections 1-3), per layer l, dim index m, segment ``seg_m = [d_{m-1}, d_m)``::
 
     S_m      = S_{m-1} + X[:, seg_m] Y[:, seg_m]^T          one fp32 accumulator over [0, top)
     z_m      = scale * cos_m = scale * diag(rx_m) S_m diag(ry_m),   rx_m = 1 / max(|x[:d_m]|, eps)
