@@ -51,7 +51,7 @@ def test_examples_run_on_the_built_in_data(name, tiny_bert, tmp_path, no_data_fo
 
 
 def test_sentence_transformers_trainer_runs_without_a_data_folder(tiny_bert, tmp_path, no_data_folder):
-    # The README's command with its default batch of 16 (drop_last): the built-in data must fill a batch.
+    # docs/sentence-transformers.md's command, default batch 16 (drop_last): the built-in data must fill a batch.
     losses = _load("sentence_transformers_trainer").main(["--model", str(tiny_bert), "--steps", "2",
                                                           "--output-dir", str(tmp_path / "st")])
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
