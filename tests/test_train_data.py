@@ -151,7 +151,7 @@ SHARED = data.resolve_data_dir()
 
 @pytest.mark.skipif(SHARED is None, reason="no data folder named (pass one with M2D_DATA_DIR)")
 def test_data_folder_sizes_match_the_public_sets():
-    # Scored-pair counts of the public sets (SentEval copies), as the data folder's own README lists them.
+    # Scored-pair counts of the public sets in their SentEval copies (the format docs/training.md describes).
     sizes = {"stsb-test": 1379, "stsb-dev": 1500, "sick-test": 4927, "sts12": 3108, "sts13": 1500, "sts14": 3750,
              "sts15": 3000, "sts16": 1186}
     for name, size in sizes.items():
@@ -222,3 +222,27 @@ def test_snli_triplets_from_the_hub_copy(monkeypatch):
     fake.load_dataset = lambda name, config=None, split=None: _FakeDataset(rows)
     monkeypatch.setitem(sys.modules, "datasets", fake)
     assert data.load_hf_snli_triplets(("validation",)) == [("P1", "e1", "c1"), ("P2", "e2", "c2")]
+
+
+def _cli_error(argv, capsys) -> str:
+    from m2d_kernels.train.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m2d-train: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_m2d_train_reads_a_data_folder_only_where_the_user_names_one(tmp_path, monkeypatch, capsys):
+    # Checked before any model loads: the model named here does not exist.
+    args = ["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "out")]
+    monkeypatch.delenv("M2D_DATA_DIR", raising=False)
+    err = _cli_error([*args, "--data", "snli"], capsys)
+    assert "--data snli reads SNLI from a data folder: pass --data-dir or set M2D_DATA_DIR" in err
+    err = _cli_error([*args, "--eval", "stsb-test"], capsys)
+    assert "--eval stsb-test reads a data folder: pass --data-dir or set M2D_DATA_DIR" in err
+    monkeypatch.setenv("M2D_DATA_DIR", str(tmp_path / "typo"))
+    err = _cli_error([*args, "--eval", "stsb-test"], capsys)
+    assert f"data directory not found: {tmp_path / 'typo'} (from $M2D_DATA_DIR)" in err
