@@ -7,7 +7,7 @@ queries and ``[L, N, D]`` docs with ``gather_across_devices="all_gather"`` and `
 alternately (side by side, so both see the same machine load); the step time is the slowest
 rank's, median over ``--repeats``. Also measured: one block's compute alone (the pass API,
 forward + backward, no communication) and one block's transfer alone (an isend/irecv of
-``L * N * D`` elements to the neighbour), the two terms of the rule in the README. Peak
+``L * N * D`` elements to the neighbour), the two terms of the rule in docs/multi-device.md. Peak
 memory per rank is the peak of the profiler's CPU allocation total (as ``tests/test_ring.py``).
 Prints one JSON object.
 """

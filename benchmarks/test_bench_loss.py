@@ -29,7 +29,7 @@ from m2d_kernels.backends import reference
 from m2d_kernels.objective import Objective
 
 DIMS = (32, 64, 128, 256, 384)
-# (L, B, N, D): DESIGN.md / issue shapes; N = 2B (one hard negative per query).
+# (L, B, N, D): the shapes of the README's CPU tables; N = 2B (one hard negative per query).
 CPU_SHAPES = [(7, 256, 512, 384), (7, 1024, 2048, 384)]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROVIDERS = ["reference", "reference-compile", "torch", "cpp", "triton"]

@@ -1,4 +1,4 @@
-"""Reproduce the README's SNLI recipe: all-MiniLM-L6-v2, full 6 x 5 grid, STS Benchmark test.
+"""Reproduce the SNLI recipe of docs/training.md: all-MiniLM-L6-v2, full 6 x 5 grid, STS Benchmark test.
 
 Trains the same model on the same (premise, entailment, contradiction) triplets, in the
 same order, with the same optimiser and schedule, twice: once with m2d-kernels' fused
@@ -10,9 +10,9 @@ model) with the layer x dim evaluator.
     PYTHONPATH=. python python/reproduce_snli.py --steps 100 --batch-size 16 --output-dir runs/snli
 
 Data: SNLI dev + test and STS Benchmark test from a data folder (``--data-dir``, else
-``$M2D_DATA_DIR``, else ``../shared/data``) when there is one; otherwise from the Hugging
-Face Hub (``stanfordnlp/snli`` validation + test, untokenised; ``sentence-transformers/stsb`` test,
-scores scaled to 0-1, which leaves Spearman unchanged): needs ``datasets`` and the network.
+``$M2D_DATA_DIR``) when one is named; otherwise from the Hugging Face Hub (``stanfordnlp/snli``
+validation + test, untokenised; ``sentence-transformers/stsb`` test, scores scaled to 0-1, which
+leaves Spearman unchanged): needs ``datasets`` and the network.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def train_sentence_transformers(config: TrainConfig, examples: list[data.Example
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="folder with snli/ and stsbenchmark/ (default: $M2D_DATA_DIR, "
-                        "else ../shared/data, else the Hugging Face Hub)")
+                        "else the Hugging Face Hub)")
     parser.add_argument("--model", help="default: the offline all-MiniLM-L6-v2")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)

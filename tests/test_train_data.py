@@ -1,8 +1,9 @@
-"""Readers of m2d_kernels.train.data on small files written here, and on the shared data when present."""
+"""Readers of m2d_kernels.train.data on small files written here, and on a data folder when one is named."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import sys
@@ -117,16 +118,40 @@ def test_shared_readers_on_miniature_files(fake_shared):
 def test_resolve_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("M2D_DATA_DIR", str(tmp_path))
     assert data.resolve_data_dir() == tmp_path
+    other = tmp_path / "other"
+    other.mkdir()
+    assert data.resolve_data_dir(other) == other  # the argument wins over the variable
     with pytest.raises(FileNotFoundError, match="data directory not found"):
         data.resolve_data_dir(tmp_path / "absent")
+    monkeypatch.setenv("M2D_DATA_DIR", str(tmp_path / "absent"))  # a mistyped variable is an error, not "no data"
+    with pytest.raises(FileNotFoundError, match=r"data directory not found: .*absent \(from \$M2D_DATA_DIR\)"):
+        data.resolve_data_dir()
+    monkeypatch.setenv("M2D_DATA_DIR", "")
+    assert data.resolve_data_dir() is None
+
+
+def test_no_data_folder_is_found_beside_the_checkout(tmp_path, monkeypatch):
+    # A copy of the module in a checkout whose parent holds shared/data (the layout of a development
+    # machine): without --data-dir or $M2D_DATA_DIR there is no data folder, wherever the package lies.
+    package = tmp_path / "checkout" / "m2d_kernels" / "train"
+    package.mkdir(parents=True)
+    (package / "data.py").write_text(inspect.getsource(data), encoding="utf-8")
+    (tmp_path / "shared" / "data" / "snli").mkdir(parents=True)
+    spec = importlib.util.spec_from_file_location("data_copy", package / "data.py")
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "data_copy", copy)  # its dataclasses look their module up there
+    spec.loader.exec_module(copy)
+    monkeypatch.delenv("M2D_DATA_DIR", raising=False)
+    assert copy.resolve_data_dir() is None
+    assert copy.resolve_data_dir(tmp_path / "shared" / "data") == tmp_path / "shared" / "data"
 
 
 SHARED = data.resolve_data_dir()
 
 
-@pytest.mark.skipif(SHARED is None, reason="shared data folder not found (set M2D_DATA_DIR)")
-def test_shared_data_sizes_match_its_readme():
-    # Scored-pair counts as documented in the shared data README.
+@pytest.mark.skipif(SHARED is None, reason="no data folder named (pass one with M2D_DATA_DIR)")
+def test_data_folder_sizes_match_the_public_sets():
+    # Scored-pair counts of the public sets in their SentEval copies (the format docs/training.md describes).
     sizes = {"stsb-test": 1379, "stsb-dev": 1500, "sick-test": 4927, "sts12": 3108, "sts13": 1500, "sts14": 3750,
              "sts15": 3000, "sts16": 1186}
     for name, size in sizes.items():
@@ -197,3 +222,27 @@ def test_snli_triplets_from_the_hub_copy(monkeypatch):
     fake.load_dataset = lambda name, config=None, split=None: _FakeDataset(rows)
     monkeypatch.setitem(sys.modules, "datasets", fake)
     assert data.load_hf_snli_triplets(("validation",)) == [("P1", "e1", "c1"), ("P2", "e2", "c2")]
+
+
+def _cli_error(argv, capsys) -> str:
+    from m2d_kernels.train.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m2d-train: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_m2d_train_reads_a_data_folder_only_where_the_user_names_one(tmp_path, monkeypatch, capsys):
+    # Checked before any model loads: the model named here does not exist.
+    args = ["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "out")]
+    monkeypatch.delenv("M2D_DATA_DIR", raising=False)
+    err = _cli_error([*args, "--data", "snli"], capsys)
+    assert "--data snli reads SNLI from a data folder: pass --data-dir or set M2D_DATA_DIR" in err
+    err = _cli_error([*args, "--eval", "stsb-test"], capsys)
+    assert "--eval stsb-test reads a data folder: pass --data-dir or set M2D_DATA_DIR" in err
+    monkeypatch.setenv("M2D_DATA_DIR", str(tmp_path / "typo"))
+    err = _cli_error([*args, "--eval", "stsb-test"], capsys)
+    assert f"data directory not found: {tmp_path / 'typo'} (from $M2D_DATA_DIR)" in err

@@ -38,8 +38,8 @@ def test_hf_trainer(tiny_bert, tmp_path):
 
 @pytest.fixture
 def no_data_folder(tmp_path, monkeypatch):
-    """A clean clone: no ../shared/data and $M2D_DATA_DIR pointing nowhere."""
-    monkeypatch.setenv("M2D_DATA_DIR", str(tmp_path / "no-such-folder"))
+    """A user with no data folder: no --data-dir, no $M2D_DATA_DIR (the examples use the built-in pairs)."""
+    monkeypatch.delenv("M2D_DATA_DIR", raising=False)
     assert resolve_data_dir() is None
 
 
@@ -51,7 +51,7 @@ def test_examples_run_on_the_built_in_data(name, tiny_bert, tmp_path, no_data_fo
 
 
 def test_sentence_transformers_trainer_runs_without_a_data_folder(tiny_bert, tmp_path, no_data_folder):
-    # The README's command with its default batch of 16 (drop_last): the built-in data must fill a batch.
+    # docs/sentence-transformers.md's command, default batch 16 (drop_last): the built-in data must fill a batch.
     losses = _load("sentence_transformers_trainer").main(["--model", str(tiny_bert), "--steps", "2",
                                                           "--output-dir", str(tmp_path / "st")])
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md section 2 gets a clear error naming the argument."""
+"""Every bad input of the call (its arguments: docs/design.md, "1. The loss") gets a clear error naming the argument."""
 
 import pytest
 import torch

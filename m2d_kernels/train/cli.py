@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or triplets, or hf:NAME[:CONFIG][:SPLIT] (Hugging Face datasets, e.g. "
                              "hf:sentence-transformers/all-nli:triplet:train)")
     source.add_argument("--data-dir", help="folder with snli/, stsbenchmark/, sick/, sts12-16/ "
-                                           "(default: $M2D_DATA_DIR, else ../shared/data when it exists)")
+                                           "(default: $M2D_DATA_DIR, else none)")
     source.add_argument("--eval", default="heldout",
                         help="comma-separated evaluation sets: heldout (retrieval on held-out training pairs), "
                              f"{', '.join(datasets.SHARED_EVAL_SETS)} (in --data-dir), hf:NAME[:CONFIG]:SPLIT "

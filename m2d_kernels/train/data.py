@@ -1,5 +1,5 @@
 """Training and evaluation data: pair/triplet files, Hugging Face datasets, built-in text,
-and readers for the public sets in the shared data folder.
+and readers for the public sets in a data folder the user names (``--data-dir`` or ``$M2D_DATA_DIR``).
 
 Training examples are tuples of strings, all of one length: ``(anchor, positive)`` or
 ``(anchor, positive, negative)``. Scored pairs (STS) are :class:`ScoredPairs`.
@@ -249,12 +249,15 @@ def split_holdout(examples: list[Example], holdout: int, seed: int = 0) -> tuple
     return [examples[i] for i in order[:-holdout]], [examples[i] for i in order[-holdout:]]
 
 
-# --------------------------------------------------------------------------- shared data folder
+# --------------------------------------------------------------------------- the user's data folder
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The shared data folder: the argument, else ``$M2D_DATA_DIR``, else ``../shared/data``
-    beside the repository when it exists; None when none is found."""
+    """The data folder of the public sets (snli/, stsbenchmark/, sick/, sts12-16/): the argument, else
+    ``$M2D_DATA_DIR``; None when neither names one (the callers then use the built-in pairs or the Hub).
+
+    There is no default folder: the data are the user's, named by the user. A name that is not a
+    folder is a ``FileNotFoundError`` (a mistyped variable must not fall back to other data)."""
     if data_dir is not None:
         path = Path(data_dir)
         if not path.is_dir():
@@ -262,9 +265,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
         return path
     if os.environ.get("M2D_DATA_DIR"):
         path = Path(os.environ["M2D_DATA_DIR"])
-        return path if path.is_dir() else None
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return default if default.is_dir() else None
+        if not path.is_dir():
+            raise FileNotFoundError(f"data directory not found: {path} (from $M2D_DATA_DIR)")
+        return path
+    return None
 
 
 def _required(path: Path) -> Path:
