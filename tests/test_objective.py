@@ -24,12 +24,13 @@ from helpers import make_inputs
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MultipleNegativesRankingLoss
 from sentence_transformers.sentence_transformer.losses import gist_embed as gist_module
 from sentence_transformers.util import cos_sim, dot_score
+from st_helpers import tiny_model, write_tiny_bert
 
 import m2d_kernels as m2d
 from m2d_kernels import objective
 from m2d_kernels.backends import reference
-from m2d_kernels.numerics import inverse_prefix_norms
 from m2d_kernels.integrations.sentence_transformers import GIST_EXCLUDES_SELF
+from m2d_kernels.numerics import inverse_prefix_norms
 
 N_LAYERS, N_QUERIES, N_FEATURES = 2, 5, 24
 DIMS = (5, 16, 24)
@@ -124,23 +125,25 @@ def test_oracle_matches_sentence_transformers_mnrl(case, n_groups):
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(scope="module")
+def gist_models(tmp_path_factory):
+    """A tiny real model and guide (one tokenizer: GIST does not re-tokenise), built from a config."""
+    bert = write_tiny_bert(tmp_path_factory.mktemp("gist-bert"))
+    return tiny_model(bert, seed=1), tiny_model(bert, seed=2)
+
+
 @pytest.mark.parametrize("case", GUIDE_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 @pytest.mark.parametrize("n_groups", [1, 2])
-def test_oracle_matches_sentence_transformers_gist(case, n_groups, monkeypatch):
+def test_oracle_matches_sentence_transformers_gist(case, n_groups, gist_models, monkeypatch):
     queries, docs, guide = _inputs(n_groups, seed=12, guide=True)
     scale = 20.0
     ours = m2d.matryoshka_2d_infonce(queries, docs, DIMS, scale=scale, reduction="none", backend="reference",
                                      guide=guide, guide_exclude_self=GIST_EXCLUDES_SELF, **case)
-    # GISTEmbedLoss.forward embeds the columns itself: hand it ours (the model) and the guide's.
-    gist = GISTEmbedLoss.__new__(GISTEmbedLoss)
-    torch.nn.Module.__init__(gist)
-    model, guide_model = object(), object()
-    gist.__dict__.update(model=model, guide=guide_model, temperature=1 / scale, must_retokenize=False,
-                         similarity_fct=torch.nn.CosineSimilarity(dim=-1), margin=case["guide_margin"],
-                         margin_strategy=case["guide_margin_strategy"],
-                         contrast_anchors="query_to_query" in case["directions"],
-                         contrast_positives="doc_to_doc" in case["directions"], gather_across_devices=False,
-                         cross_entropy_loss=torch.nn.CrossEntropyLoss())
+    model, guide_model = gist_models
+    gist = GISTEmbedLoss(model, guide_model, temperature=1 / scale, margin_strategy=case["guide_margin_strategy"],
+                         margin=case["guide_margin"], contrast_anchors="query_to_query" in case["directions"],
+                         contrast_positives="doc_to_doc" in case["directions"])
+    # GISTEmbedLoss.forward embeds the columns itself: its model's become ours, its guide's the guide's.
     guide_columns = [guide[0]] + list(guide[1].split(N_QUERIES))
     for layer in range(N_LAYERS):
         for m, dim in enumerate(DIMS):
