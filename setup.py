@@ -34,7 +34,7 @@ def extension_options():
     extension = CppExtension(
         "m2d_kernels._C",
         ["csrc/m2d_cpu.cpp"],
-        # Portable flags, as for the JIT build (which adds -march=native only under M2D_NATIVE=1).
+        # Portable flags, as for the JIT build (whose instruction set M2D_ISA picks).
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],  # see cpp.build_flags
         extra_link_args=["-fopenmp"],
     )

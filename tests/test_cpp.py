@@ -27,10 +27,12 @@ from helpers import (
     make_inputs,
     oracle_pair_losses,
 )
+from test_passes import check_pass
 
 import m2d_kernels as m2d
 from m2d_kernels import backends
 from m2d_kernels.backends import cpp
+from m2d_kernels.backends.base import Softmax, combine
 from m2d_kernels.rules import Rules
 
 needs_extension = pytest.mark.skipif(
@@ -279,21 +281,29 @@ def _oracle_dloss_dscale(queries, docs, dims, scale, positive_index, symmetric):
 @pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
 @pytest.mark.parametrize("scale", [20.0, 300.0], ids=["fixed-max", "running-max"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_scale_grad_matches_autograd_oracle(dtype, scale, symmetric):
+def test_learnable_scale_gradient_matches_autograd_oracle(dtype, scale, symmetric):
+    """A learnable temperature (a scale tensor that requires grad) through the public function: its gradient of
+    a random weighting of the [L, M] losses against float64 autograd through a naive implementation."""
     queries, docs = make_inputs(2, 70, 600, 48, seed=14, requires_grad=False)
     positive_index = torch.randperm(600, generator=torch.Generator().manual_seed(15))[:70]
     positive_index[3] = positive_index[4]
-    dims, active = (16, 32, 48), ((True, False, True), (True, True, True))
-    losses, dloss_dscale = cpp.pair_losses(queries.to(dtype), docs.to(dtype), dims, active, scale, positive_index,
-                                           symmetric, scale_grad=True)
-    expected = _oracle_dloss_dscale(queries, docs, dims, scale, positive_index, symmetric)
+    dims = (16, 32, 48)
+    weights = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]], dtype=dtype)  # an inactive pair
+    mix = torch.rand(2, 3, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    scale_param = torch.tensor(scale, dtype=dtype, requires_grad=True)
+    losses = m2d.matryoshka_2d_infonce(queries.to(dtype), docs.to(dtype), dims, weights, scale=scale_param,
+                                       positive_index=positive_index, symmetric=symmetric, reduction="none",
+                                       backend="cpp")
+    (losses * mix.to(dtype)).sum().backward()
+    expected = _oracle_dloss_dscale(queries.to(dtype), docs.to(dtype), dims, scale, positive_index, symmetric)
     expected[0, 1] = 0.0  # inactive pair
-    assert dloss_dscale.dtype == dtype and not dloss_dscale.requires_grad
     atol, rtol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
-    torch.testing.assert_close(dloss_dscale.double(), expected, atol=atol, rtol=rtol)
-    # The default path returns the losses alone, equal to the scale_grad path's.
-    plain = cpp.pair_losses(queries.to(dtype), docs.to(dtype), dims, active, scale, positive_index, symmetric)
-    torch.testing.assert_close(plain, losses, atol=0, rtol=0)
+    torch.testing.assert_close(scale_param.grad.double(), (expected * mix).sum(), atol=atol, rtol=rtol)
+    # The losses themselves: those of a fixed scale.
+    fixed = m2d.matryoshka_2d_infonce(queries.to(dtype), docs.to(dtype), dims, weights, scale=scale,
+                                      positive_index=positive_index, symmetric=symmetric, reduction="none",
+                                      backend="reference")
+    assert_close(losses.detach(), fixed, dtype, "losses")
 
 
 # Bounds against the float64 reference: loss relative error and max-abs gradient error over the
@@ -561,64 +571,6 @@ def _rules_case(case, n_rows, n_cols, generator):
     raise AssertionError(case)
 
 
-RULE_CASES = ["cos", "dot", "self", "dot-self", "groups", "guided", "dot-guided", "guided-penalty"] + [
-    f"{prefix}penalty-{mode}-{strength}" for prefix in ("", "dot-") for mode in ("batch", "hard", "all")
-    for strength in ("0.5", "9")
-]
-# (R, C, D, dims): R = 1, 3, 37, 70 (two row blocks, four column tiles at C = 3R); dims not multiples of 16.
-PASS_SHAPES = [(1, 1, 48, (10, 30, 48)), (3, 9, 100, (24, 40, 100)), (37, 37, 100, (20, 70, 100)),
-               (70, 210, 48, (10, 30, 48))]
-
-
-def _assert_pass_matches_reference(rows, cols, dims, active, scale, positives, rules, generator):
-    from m2d_kernels.backends import reference
-
-    tolerance = dict(atol=1e-9, rtol=1e-9)
-    expected = reference.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    got = cpp.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    assert len(got) == len(expected) == (4 if rules.teacher else 3)
-    # The LSE (offsets may legitimately differ); -inf on both sides where every column is excluded.
-    torch.testing.assert_close(got[0] + got[1], expected[0] + expected[1], **tolerance, msg=lambda m: f"LSE: {m}")
-    if rules.guided and rows.shape[1] > 1:
-        assert torch.isinf(expected[1][:, 1][torch.tensor(active)]).all()  # the grid's all-masked row is there
-    torch.testing.assert_close(got[2], expected[2], **tolerance, msg=lambda m: f"positive logit: {m}")
-    if rules.teacher:  # relative to each side's own teacher offset: bring ours to the reference's
-        shift = (got[0][-1, :, -1] - expected[0][-1, :, -1]).exp()[None, :, None]
-        torch.testing.assert_close(got[3] * shift, expected[3], **tolerance, msg=lambda m: f"teacher sum: {m}")
-
-    offset, log_sum = expected[:2]
-    coef = torch.rand(len(active), len(dims), generator=generator, dtype=torch.float64)
-    coef[0, -1] = 0.0  # a zero weight
-    distill = torch.rand(len(active), len(dims), generator=generator, dtype=torch.float64) if rules.teacher else None
-    want = reference.pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules, distill)
-    have = cpp.pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules, distill)
-    for name, h, w in zip(("d rows", "d cols"), have, want, strict=True):
-        torch.testing.assert_close(h, w, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
-
-
-# cos at scales 1, 20, 100; dot at 1 and 0.05 (its logits are unbounded: the running maximum).
-CASES_AND_SCALES = [(case, scale) for case in RULE_CASES
-                    for scale in ((1.0, 0.05) if case.startswith("dot") else (1.0, 20.0, 100.0))]
-
-
-@needs_extension
-@pytest.mark.parametrize("shape", PASS_SHAPES, ids=lambda s: "R{}-C{}-D{}".format(*s[:3]))
-@pytest.mark.parametrize(("case", "scale"), CASES_AND_SCALES, ids=[f"{c}-scale{s:g}" for c, s in CASES_AND_SCALES])
-@pytest.mark.parametrize("teacher", [False, True], ids=["no-teacher", "teacher"])
-def test_pass_with_rules_matches_reference(shape, case, scale, teacher):
-    """Statistics (LSE, positive logit, teacher sums) and both gradients (random coef and distill_coef)."""
-    n_rows, n_cols, n_features, dims = shape
-    generator = torch.Generator().manual_seed(n_rows * 1000 + int(scale * 100))
-    rules, positives, n_cols = _rules_case(case, n_rows, n_cols, generator)
-    if teacher:
-        rules = dataclasses.replace(rules, teacher=True)
-    rows, cols = make_inputs(2, n_rows, n_cols, n_features, seed=n_rows + n_cols, requires_grad=False)
-    if rules.similarity == "dot":  # dot scores of magnitude ~ 10-100
-        rows, cols = rows * 1.5, cols * 1.5
-    active = ((True, False, True), (True, True, True))  # an inactive pair; the teacher (1, 2) is active
-    _assert_pass_matches_reference(rows, cols, dims, active, scale, positives, rules, generator)
-
-
 @needs_extension
 def test_pass_with_every_rule_independent_of_thread_count():
     generator = torch.Generator().manual_seed(4)
@@ -633,41 +585,13 @@ def test_pass_with_every_rule_independent_of_thread_count():
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
             stats = cpp.row_statistics(rows, cols, dims, active, 50.0, positives, rules)
-            grads = cpp.pass_gradients(rows, cols, dims, active, 50.0, positives, stats[0], stats[1], coef, rules,
-                                       distill)
-            results.append((*stats, *grads))
+            grads = cpp.pass_gradients(rows, cols, dims, active, 50.0, positives, stats.rows, coef, rules, distill)
+            results.append((stats.rows.offset, stats.rows.log_sum, stats.positive_logit, stats.teacher_sum,
+                            grads.rows, grads.cols))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)  # bitwise
-
-
-@needs_extension
-@pytest.mark.parametrize("case", ["dot", "groups", "penalty-hard-9", "guided-penalty"])
-def test_pass_with_rules_float32_within_tolerance_of_float64_reference(case):
-    from m2d_kernels.backends import reference
-
-    generator = torch.Generator().manual_seed(6)
-    rules, positives, n_cols = _rules_case(case, 37, 111, generator)
-    rules = dataclasses.replace(rules, teacher=True)
-    rows, cols = make_inputs(2, 37, n_cols, 100, seed=7, requires_grad=False)
-    dims, active, scale = (20, 70, 100), ((True, False, True), (True, True, True)), 20.0 if case != "dot" else 1.0
-    expected = reference.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    got = cpp.row_statistics(rows.float(), cols.float(), dims, active, scale, positives, rules)
-    assert got[0].dtype == torch.float32
-    assert_close(got[0] + got[1], expected[0] + expected[1], torch.float32, "LSE")
-    coef, distill = torch.rand(2, 3, generator=generator), torch.rand(2, 3, generator=generator)
-    want = reference.pass_gradients(rows, cols, dims, active, scale, positives, *expected[:2], coef.double(), rules,
-                                    distill.double())
-    have = cpp.pass_gradients(rows.float(), cols.float(), dims, active, scale, positives, *expected[:2], coef, rules,
-                              distill)
-    # dot logits reach ~100 at scale 1: at most twice the error of the reference computed in fp32 (helpers' rule).
-    low = reference.pass_gradients(rows.float(), cols.float(), dims, active, scale, positives,
-                                   *(e.float() for e in expected[:2]), coef, rules, distill)
-    for name, h, w, r in zip(("d rows", "d cols"), have, want, low, strict=True):
-        assert h.dtype == torch.float32
-        error, reference_error = (h.double() - w).abs().max().item(), (r.double() - w).abs().max().item()
-        assert error <= 2 * reference_error + 1e-6 * w.abs().max().item(), (name, error, reference_error)
 
 
 def test_pass_rules_errors_name_the_rule():
@@ -682,8 +606,9 @@ def test_pass_rules_errors_name_the_rule():
 # ---------------------------------------------------------------- shared tiles (rules.triangle, column_statistics)
 #
 # The joint directions' passes: a triangle (rows = the first R columns, only j > i or j >= R scored) and the
-# first K columns' own softmaxes over the rows, against the float64 reference pass.
-
+# first K columns' own softmaxes over the rows. Their statistics and gradients against the float64 reference
+# pass are test_passes.py's grid; here what is the extension's own: layouts read in place, tile skipping,
+# threads, errors.
 
 
 def _shared_case(mode, similarity, extra, n_rows, seed):
@@ -714,99 +639,12 @@ def _shared_case(mode, similarity, extra, n_rows, seed):
     return rows, cols, Rules(**fields), positives
 
 
-def _shared_grid():
-    for mode, (triangle, _, _) in SHARED_PASS_MODES.items():
-        extras = ["none", "groups"] + (["penalty", "penalty-batch"] if not triangle else [])
-        for similarity in ("cos", "dot"):
-            for scale in ((1.0, 20.0, 1e4) if similarity == "cos" else (1.0, 0.05)):
-                for extra in extras:
-                    yield mode, similarity, extra, scale
-
-
-SHARED_GRID = list(_shared_grid())
 SHARED_ACTIVE = ((True, False, True), (True, True, True))  # an inactive pair
 SHARED_DIMS = (10, 30, 48)
 
 
-def _lse(offset, log_sum):
-    return offset + log_sum
-
-
-def _assert_shared_pass_matches_reference(rows, cols, rules, positives, scale, generator, tolerance):
-    from m2d_kernels.backends import reference
-
-    dims, active = SHARED_DIMS, SHARED_ACTIVE
-    expected = reference.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    got = cpp.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    n_stat = 5 if rules.column_statistics else 3
-    assert len(got) == len(expected) == n_stat
-    on = torch.tensor(active)
-    torch.testing.assert_close(_lse(*got[:2]), _lse(*expected[:2]), **tolerance, msg=lambda m: f"row LSE: {m}")
-    torch.testing.assert_close(got[2], expected[2], **tolerance, msg=lambda m: f"positive logit: {m}")
-    if rules.column_statistics:
-        assert got[3].shape == (len(active), rules.column_statistics, len(dims))
-        torch.testing.assert_close(_lse(*got[3:5]), _lse(*expected[3:5]), **tolerance,
-                                   msg=lambda m: f"column LSE: {m}")
-        empty = torch.isinf(expected[4]) & on[:, None, :]
-        assert (got[3][empty] == 0).all(), "a column with every entry excluded has offset 0"
-        if rules.triangle:  # column 0 is at or below the diagonal of every row
-            assert empty[:, 0][on].all()
-    # Joint statistics are larger than this pass's own: shift them so that the given ones are what counts.
-    offset, log_sum = expected[0], expected[1] + 0.25
-    coef = torch.rand(len(active), len(dims), generator=generator, dtype=torch.float64)
-    coef[0, -1] = 0.0  # a zero weight
-    columns = {}
-    if rules.column_statistics:
-        columns = dict(col_offset=expected[3], col_log_sum=expected[4] + 0.5)
-    want = reference.pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules, **columns)
-    have = cpp.pass_gradients(rows, cols, dims, active, scale, positives, offset, log_sum, coef, rules, **columns)
-    for name, h, w in zip(("d rows", "d cols"), have, want, strict=True):
-        torch.testing.assert_close(h.double(), w, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
-
-
-@needs_extension
-@pytest.mark.parametrize("n_rows", [37, 130], ids=lambda r: f"R{r}")
-@pytest.mark.parametrize(("mode", "similarity", "extra", "scale"), SHARED_GRID,
-                         ids=[f"{m}-{s}-{e}-scale{c:g}" for m, s, e, c in SHARED_GRID])
-def test_shared_tiles_match_reference(n_rows, mode, similarity, extra, scale):
-    """Row and column statistics and both gradients (given joint statistics) of the triangle and the column
-    statistics, alone and together, with cos (fixed maximum; 1e4: the running maximum) and dot, the own group
-    excluded and the hardness penalty; R = 37 (one row block) and 130 (two, the second of two rows)."""
-    generator = torch.Generator().manual_seed(n_rows)
-    rows, cols, rules, positives = _shared_case(mode, similarity, extra, n_rows, seed=n_rows + 1)
-    # Logit errors grow with the scale (ulp(scale)): at 1e4 the float64 bound is 100x looser.
-    loose = max(1.0, scale / 100)
-    _assert_shared_pass_matches_reference(rows, cols, rules, positives, scale, generator,
-                                          dict(atol=1e-9 * loose, rtol=1e-9 * loose))
-
-
-@needs_extension
-@pytest.mark.parametrize(("mode", "similarity", "extra"),
-                         [("both", "cos", "groups"), ("both-square", "dot", "none"), ("columns", "cos", "penalty")])
-def test_shared_tiles_float32_within_tolerance_of_float64_reference(mode, similarity, extra):
-    from m2d_kernels.backends import reference
-
-    generator = torch.Generator().manual_seed(8)
-    rows, cols, rules, positives = _shared_case(mode, similarity, extra, 130, seed=9)
-    dims, active, scale = SHARED_DIMS, SHARED_ACTIVE, 20.0 if similarity == "cos" else 1.0
-    expected = reference.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    got = cpp.row_statistics(rows.float(), cols.float(), dims, active, scale, positives, rules)
-    assert got[0].dtype == got[3].dtype == torch.float32
-    finite = torch.isfinite(expected[4])
-    assert_close(_lse(*got[3:5])[finite], _lse(*expected[3:5])[finite], torch.float32, "column LSE")
-    coef = torch.rand(2, 3, generator=generator)
-    statistics = dict(col_offset=expected[3], col_log_sum=expected[4])
-    want = reference.pass_gradients(rows, cols, dims, active, scale, positives, *expected[:2], coef.double(), rules,
-                                    **statistics)
-    have = cpp.pass_gradients(rows.float(), cols.float(), dims, active, scale, positives, *expected[:2], coef, rules,
-                              **statistics)
-    low = reference.pass_gradients(rows.float(), cols.float(), dims, active, scale, positives,
-                                   *(e.float() for e in expected[:2]), coef, rules,
-                                   **{k: v.float() for k, v in statistics.items()})
-    for name, h, w, r in zip(("d rows", "d cols"), have, want, low, strict=True):
-        assert h.dtype == torch.float32
-        error, reference_error = (h.double() - w).abs().max().item(), (r.double() - w).abs().max().item()
-        assert error <= 2 * reference_error + 1e-6 * w.abs().max().item(), (name, error, reference_error)
+def _lse(softmax):
+    return softmax.offset + softmax.log_sum
 
 
 @needs_extension
@@ -824,8 +662,8 @@ def test_merged_joint_pass_on_a_prefix_view_matches_reference(similarity):
     rules = Rules(similarity=similarity, triangle=True, column_statistics=2 * n_queries, exclude_own_group=True,
                   group_period=n_queries, row_group=torch.cat([absent, anchors]))
     positives = torch.cat([anchors + n_queries, absent])
-    _assert_shared_pass_matches_reference(rows, both, rules, positives, 20.0 if similarity == "cos" else 1.0,
-                                          generator, dict(atol=1e-9, rtol=1e-9))
+    check_pass("cpp", cpp, rows, both, SHARED_DIMS, SHARED_ACTIVE, 20.0 if similarity == "cos" else 1.0, positives,
+               rules, torch.float64)
 
 
 @needs_extension
@@ -844,18 +682,12 @@ def test_pass_rows_of_any_strides_match_reference(layout):
     positives, active, dims = torch.arange(5), ((True, True),) * 2, (8, 16)
     got = cpp.row_statistics(rows, cols, dims, active, 20.0, positives)
     want = reference.row_statistics(rows, cols, dims, active, 20.0, positives)
-    torch.testing.assert_close(_lse(*got[:2]), _lse(*want[:2]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_lse(got.rows), _lse(want.rows), rtol=1e-12, atol=1e-12)
     coef = torch.rand(2, 2, generator=generator, dtype=torch.float64)
-    have = cpp.pass_gradients(rows, cols, dims, active, 20.0, positives, *want[:2], coef)
-    expected = reference.pass_gradients(rows, cols, dims, active, 20.0, positives, *want[:2], coef)
-    for h, w in zip(have, expected, strict=True):
+    have = cpp.pass_gradients(rows, cols, dims, active, 20.0, positives, want.rows, coef)
+    expected = reference.pass_gradients(rows, cols, dims, active, 20.0, positives, want.rows, coef)
+    for h, w in ((have.rows, expected.rows), (have.cols, expected.cols)):
         torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-12)
-
-
-def _combine(offset_a, log_sum_a, offset_b, log_sum_b):
-    """Two partial softmax statistics of the same rows as one (backends/__init__.py)."""
-    offset = torch.maximum(offset_a, offset_b)
-    return offset, torch.logaddexp(log_sum_a + offset_a - offset, log_sum_b + offset_b - offset)
 
 
 @needs_extension
@@ -870,16 +702,16 @@ def test_triangle_row_and_column_statistics_compose_to_the_full_pass(similarity,
     full_rules = dataclasses.replace(rules, triangle=False, column_statistics=0)
     dims, active, scale = SHARED_DIMS, SHARED_ACTIVE, 20.0 if similarity == "cos" else 1.0
     tolerance = dict(atol=1e-9, rtol=1e-9)
-    offset, log_sum, _, col_offset, col_log_sum = cpp.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    joint = _combine(offset, log_sum, col_offset, col_log_sum)
-    full = cpp.row_statistics(rows, cols, dims, active, scale, positives, full_rules)
-    on = torch.tensor(active)[:, None, :].expand_as(offset)  # inactive pairs' statistics mean nothing
-    torch.testing.assert_close(_lse(*joint)[on], _lse(*full[:2])[on], **tolerance)
+    stats = cpp.row_statistics(rows, cols, dims, active, scale, positives, rules)
+    joint = combine(stats.rows, stats.columns)
+    full = cpp.row_statistics(rows, cols, dims, active, scale, positives, full_rules).rows
+    on = torch.tensor(active)[:, None, :].expand_as(full.offset)  # inactive pairs' statistics mean nothing
+    torch.testing.assert_close(_lse(joint)[on], _lse(full)[on], **tolerance)
 
     coef = torch.rand(2, 3, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    d_rows, d_cols = cpp.pass_gradients(rows, cols, dims, active, scale, positives, *joint, coef, rules,
-                                        col_offset=joint[0], col_log_sum=joint[1])
-    full_rows, full_cols = cpp.pass_gradients(rows, cols, dims, active, scale, positives, *full[:2], coef, full_rules)
+    got = cpp.pass_gradients(rows, cols, dims, active, scale, positives, joint, coef, rules, columns=joint)
+    want = cpp.pass_gradients(rows, cols, dims, active, scale, positives, full, coef, full_rules)
+    d_rows, d_cols, full_rows, full_cols = got.rows, got.cols.clone(), want.rows, want.cols.clone()
     # rows are cols[:, :R]: their gradient is the sum of both sides'.
     d_cols[:, :n_rows] += d_rows
     full_cols[:, :n_rows] += full_rows
@@ -915,7 +747,7 @@ def test_triangle_skips_tiles_wholly_below_the_diagonal(n_rows, n_cols):
         stats = cpp.row_statistics(rows, cols, dims, active, 20.0, positives, pass_rules)
         assert kernels.tile_pairs_computed() - before == expected, "forward"
         before = kernels.tile_pairs_computed()
-        cpp.pass_gradients(rows, cols, dims, active, 20.0, positives, *stats[:2], coef, pass_rules)
+        cpp.pass_gradients(rows, cols, dims, active, 20.0, positives, stats.rows, coef, pass_rules)
         assert kernels.tile_pairs_computed() - before == expected, "backward"
     if n_rows == n_cols == 1024:  # 128 x 256 tiles: the 8 crossing the diagonal are computed whole
         assert kept / total == 20 / 32
@@ -933,9 +765,10 @@ def test_shared_tiles_independent_of_thread_count():
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
             stats = cpp.row_statistics(rows, cols, dims, active, 1.0, positives, rules)
-            grads = cpp.pass_gradients(rows, cols, dims, active, 1.0, positives, stats[0], stats[1], coef, rules,
-                                       col_offset=stats[3], col_log_sum=stats[4])
-            results.append((*stats, *grads))
+            grads = cpp.pass_gradients(rows, cols, dims, active, 1.0, positives, stats.rows, coef, rules,
+                                       columns=stats.columns)
+            results.append((stats.rows.offset, stats.rows.log_sum, stats.positive_logit, stats.columns.offset,
+                            stats.columns.log_sum, grads.rows, grads.cols))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
@@ -944,13 +777,13 @@ def test_shared_tiles_independent_of_thread_count():
 
 def test_shared_tiles_errors_name_the_argument():
     rows, cols = torch.randn(1, 3, 8), torch.randn(1, 6, 8)
-    stats = torch.zeros(1, 3, 1)
+    stats = Softmax(torch.zeros(1, 3, 1), torch.zeros(1, 3, 1))
     rules = Rules(column_statistics=3)
-    with pytest.raises(ValueError, match="col_offset and col_log_sum"):
-        cpp.pass_gradients(rows, cols, (8,), ((True,),), 1.0, torch.arange(3), stats, stats, torch.ones(1, 1), rules)
-    with pytest.raises(ValueError, match="col_log_sum must have shape"):
-        cpp.pass_gradients(rows, cols, (8,), ((True,),), 1.0, torch.arange(3), stats, stats, torch.ones(1, 1), rules,
-                           col_offset=stats, col_log_sum=torch.zeros(1, 2, 1))
+    with pytest.raises(ValueError, match="columns .* are required with rules.column_statistics"):
+        cpp.pass_gradients(rows, cols, (8,), ((True,),), 1.0, torch.arange(3), stats, torch.ones(1, 1), rules)
+    with pytest.raises(ValueError, match="columns.log_sum must have shape"):
+        cpp.pass_gradients(rows, cols, (8,), ((True,),), 1.0, torch.arange(3), stats, torch.ones(1, 1), rules,
+                           columns=Softmax(stats.offset, torch.zeros(1, 2, 1)))
     with pytest.raises(ValueError, match="rules.triangle"):
         cpp._rule_arguments(Rules(triangle=True), torch.float64, 7, 6)
     with pytest.raises(ValueError, match="rules.column_statistics"):
@@ -993,7 +826,7 @@ def run(b, n, d=64):
     positives, coef = torch.arange(b), torch.ones(1, 2)
     def step():
         stats = cpp.row_statistics(rows, cols, (32, d), ((True, True),), 20.0, positives, rules)
-        cpp.pass_gradients(rows, cols, (32, d), ((True, True),), 20.0, positives, stats[0], stats[1], coef, rules, coef)
+        cpp.pass_gradients(rows, cols, (32, d), ((True, True),), 20.0, positives, stats.rows, coef, rules, coef)
     return step, (rows.numel() + cols.numel()) * 4
 
 run(128, 256)[0]()  # extension load, thread pools, BLAS buffers: not the call's memory

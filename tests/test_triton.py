@@ -26,6 +26,7 @@ from helpers import (
 
 import m2d_kernels as m2d
 from m2d_kernels.backends import unavailable_reason
+from m2d_kernels.backends.base import Softmax
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +36,7 @@ if unavailable_reason("triton", torch.device(DEVICE)) is not None:
 
 import triton.language as tl  # noqa: E402
 
-from m2d_kernels.backends.triton_kernels import _dot, _mma_operand, _to_tf32  # noqa: E402
+from m2d_kernels.backends.triton_tiles import _dot, _mma_operand, _to_tf32  # noqa: E402
 
 FP32 = torch.float32
 # The tolerance of fp32 results: fp32 products run as tf32x3 (emulated under the interpreter, as on the GPU).
@@ -358,7 +359,7 @@ def test_tf32x3_emulation_is_the_three_product_decomposition():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the variable only chooses the interpreter's product")
 def test_interpreter_fp32_precision_is_validated(monkeypatch):
-    from m2d_kernels.backends import triton_kernels as tk
+    from m2d_kernels.backends import triton_configs as tk
 
     monkeypatch.setenv(tk.INTERPRET_FP32_ENV, "tf16")
     queries, docs = make_inputs(1, 3, 3, 48, dtype=FP32, device=DEVICE, requires_grad=False, seed=9)
@@ -444,122 +445,9 @@ def test_sm90_shared_tile_backward_configs_do_not_spill(sm90_report):
 
 
 # ---------------------------------------------------------------------------------------
-# The pass with rules (m2d_kernels.rules) against the float64 reference pass
+# The pass (backends/base.py): what is Triton's own. Its statistics and gradients under every rule against the
+# float64 reference pass are test_passes.py's grid.
 # ---------------------------------------------------------------------------------------
-
-# (id, L, R, C, D, dims, similarity, scale, rules fields): R = 1, 3, 5, 37; C = R or 3R; D = 48, 100; dims not
-# multiples of 16 except the "aligned" cases (the forward's flat k-loop with rules); each penalty mode at
-# strengths 0.5 and 9; cos at scales 1, 20, 100 (100 + penalty: the running maximum), dot at 1 and 0.05.
-# "guided" masks some columns and every column of the last row.
-RULE_CASES = [
-    ("cos-R1", 1, 1, 3, 48, (16, 48), "cos", 20.0, {}),
-    ("cos-s1-teacher", 2, 3, 9, 100, (24, 40, 100), "cos", 1.0, {"teacher": True}),
-    ("cos-s100-R37", 1, 37, 37, 48, (8, 20, 48), "cos", 100.0, {}),
-    ("dot-s1", 2, 3, 9, 100, (24, 40, 100), "dot", 1.0, {}),
-    # The positives (the row maxima) in the last column tile: the running maxima move, the sums are rescaled.
-    ("dot-s0.05-teacher", 2, 7, 21, 48, (5, 30), "dot", 0.05, {"teacher": True, "late_positives": True}),
-    ("exclude-self", 2, 5, 5, 48, (20, 48), "cos", 20.0, {"exclude_own_group": True, "G": 5}),
-    ("exclude-groups-dot", 2, 5, 15, 48, (20, 48), "dot", 1.0, {"exclude_own_group": True, "G": 5}),
-    ("in_batch-0.5", 2, 5, 15, 48, (20, 48), "cos", 20.0, {"penalty": "in_batch_negatives", "alpha": 0.5}),
-    ("in_batch-9-dot", 1, 3, 9, 100, (24, 100), "dot", 1.0, {"penalty": "in_batch_negatives", "alpha": 9.0}),
-    ("hard-0.5-s100", 2, 3, 9, 48, (5, 48), "cos", 100.0, {"penalty": "hard_negatives", "alpha": 0.5}),
-    ("hard-9-teacher", 2, 5, 15, 48, (20, 48), "cos", 20.0, {"penalty": "hard_negatives", "alpha": 9.0,
-                                                              "teacher": True}),
-    ("all-0.5-dot", 1, 5, 15, 100, (24, 100), "dot", 0.05, {"penalty": "all_negatives", "alpha": 0.5}),
-    ("all-9-s1", 2, 3, 9, 48, (20, 48), "cos", 1.0, {"penalty": "all_negatives", "alpha": 9.0}),
-    ("guided-teacher", 2, 5, 15, 48, (20, 48), "cos", 20.0, {"guided": True, "teacher": True}),
-    # dot at scale 1 with D = 100 puts logits near 100: p - p_T then cancels beyond fp32 (the float32 reference
-    # is as far off), so the distillation case with dot runs at 0.05.
-    ("guided-dot-teacher", 2, 5, 15, 100, (24, 100), "dot", 0.05, {"guided": True, "teacher": True}),
-    ("guided-exclude-penalty", 1, 5, 15, 48, (20, 48), "cos", 20.0, {"guided": True, "exclude_own_group": True,
-                                                                      "G": 5, "penalty": "all_negatives",
-                                                                      "alpha": 0.5}),
-    ("aligned-hard-9-s100", 2, 3, 9, 64, (16, 32, 64), "cos", 100.0, {"penalty": "hard_negatives", "alpha": 9.0}),
-    ("aligned-guided-teacher", 2, 5, 15, 64, (16, 64), "cos", 20.0, {"guided": True, "teacher": True}),
-    ("aligned-exclude-dot", 2, 5, 15, 48, (16, 48), "dot", 1.0, {"exclude_own_group": True, "G": 5}),
-]
-
-
-def _rule_inputs(n_layers, n_rows, n_cols, n_features, dims, fields, seed):
-    """fp32 rows/cols, positives (-1 where the own group is excluded or every column is guided away),
-    an inactive pair when L = 2 (the teacher pair (L - 1, M - 1) stays active) and the Rules."""
-    from m2d_kernels.rules import Rules
-
-    generator = torch.Generator().manual_seed(seed)
-    rows, cols = make_inputs(n_layers, n_rows, n_cols, n_features, dtype=FP32, device=DEVICE, seed=seed,
-                             requires_grad=False)
-    positives = torch.arange(n_rows) % n_cols
-    if fields.get("late_positives"):
-        cols = cols.roll(n_cols - n_rows, dims=1)
-        positives = positives + n_cols - n_rows
-    kwargs = {"teacher": fields.get("teacher", False)}
-    period = fields.get("G", n_rows)
-    if fields.get("exclude_own_group") or "penalty" in fields:
-        kwargs.update(group_period=period, row_group=torch.arange(n_rows) % period,
-                      exclude_own_group=fields.get("exclude_own_group", False), penalty=fields.get("penalty"),
-                      penalty_strength=fields.get("alpha", 0.0))
-    if fields.get("exclude_own_group"):
-        positives = torch.full((n_rows,), -1)
-    if fields.get("guided"):
-        guide_rows = torch.nn.functional.normalize(torch.randn(n_rows, 7, generator=generator, dtype=torch.float64),
-                                                   dim=-1)
-        guide_cols = torch.nn.functional.normalize(torch.randn(n_cols, 7, generator=generator, dtype=torch.float64),
-                                                   dim=-1)
-        threshold = torch.full((n_rows,), 0.2, dtype=torch.float64)
-        threshold[-1] = -2.0  # every column of the last row masked (its positive is elsewhere: -1)
-        positives[-1] = -1
-        kwargs.update(guide_rows=guide_rows, guide_cols=guide_cols, guide_threshold=threshold)
-    active = tuple(tuple(not (layer == 0 and m == 0 and n_layers > 1) for m in range(len(dims)))
-                   for layer in range(n_layers))
-    return rows, cols, positives.to(DEVICE), active, Rules(**kwargs)
-
-
-@pytest.mark.parametrize("case", RULE_CASES, ids=[case[0] for case in RULE_CASES])
-def test_pass_with_rules_matches_reference(case):
-    from m2d_kernels.backends import reference
-    from m2d_kernels.backends import triton_kernels as tk
-    from m2d_kernels.rules import Rules
-
-    _, n_layers, n_rows, n_cols, n_features, dims, similarity, scale, fields = case
-    rows, cols, positives, active, rules = _rule_inputs(n_layers, n_rows, n_cols, n_features, dims, fields, seed=21)
-    rules = Rules(**{**rules.__dict__, "similarity": similarity})
-    rows64, cols64, positives64 = rows.double().cpu(), cols.double().cpu(), positives.cpu()
-    got = tk.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    expected = reference.row_statistics(rows64, cols64, dims, active, scale, positives64, rules)
-    assert len(got) == len(expected) == (4 if rules.teacher else 3)
-    on = torch.tensor(active)[:, None, :].expand_as(expected[0])
-    lse, lse_expected = (got[0] + got[1]).cpu()[on], (expected[0] + expected[1])[on]
-    assert torch.isfinite(got[0]).all() and not torch.isnan(got[1]).any()
-    assert torch.equal(torch.isinf(lse), torch.isinf(lse_expected))
-    if fields.get("guided"):
-        assert torch.isinf(lse_expected).any() and torch.isfinite(lse_expected).any()  # the grid covers both
-    finite = torch.isfinite(lse_expected)
-    assert_close(lse[finite], lse_expected[finite], TF32X3, "log-sum-exp")
-    assert_close(got[2].cpu()[on], expected[2][on], TF32X3, "positive logit")
-    if rules.teacher:
-        # sum_j p_T(i, j) z_lm(i, j): independent of the offset each side chose for the teacher pair.
-        def teacher_mean(stats):
-            log_sum = stats[1][-1, :, -1].double().cpu()[None, :, None]
-            return torch.where(torch.isfinite(log_sum), stats[3].double().cpu() * (-log_sum).exp(), 0.0)[on]
-
-        expected_mean = teacher_mean(expected)
-        torch.testing.assert_close(teacher_mean(got), expected_mean, rtol=1e-4 * TF32X3_FACTOR,
-                                   atol=1e-5 * TF32X3_FACTOR * max(1.0, expected_mean.abs().max().item()))
-    generator = torch.Generator().manual_seed(22)
-    coef = torch.rand(n_layers, len(dims), generator=generator, dtype=torch.float64)
-    coef[0, -1] = 0.0  # a zero weight
-    distill = torch.rand(n_layers, len(dims), generator=generator, dtype=torch.float64) if rules.teacher else None
-    grads = tk.pass_gradients(rows, cols, dims, active, scale, positives, expected[0].to(DEVICE),
-                              expected[1].to(DEVICE), coef.to(DEVICE), rules,
-                              None if distill is None else distill.to(DEVICE))
-    grads_expected = reference.pass_gradients(rows64, cols64, dims, active, scale, positives64, expected[0],
-                                              expected[1], coef, rules, distill)
-    for name, g, t in zip(("d_rows", "d_cols"), grads, grads_expected, strict=True):
-        assert g.dtype == FP32 and torch.isfinite(g).all(), name
-        # Gradients scale with `scale`: compare relative to the largest entry.
-        torch.testing.assert_close(g.double().cpu(), t, rtol=1e-4 * TF32X3_FACTOR,
-                                   atol=1e-5 * TF32X3_FACTOR * max(1.0, t.abs().max().item()),
-                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_pass_rules_errors_name_the_field():
@@ -577,126 +465,9 @@ def test_pass_rules_errors_name_the_field():
         tk.row_statistics(rows, cols, (16, 48), ((True, False),), 20.0, positives, Rules(teacher=True))
 
 
-# ---------------------------------------------------------------------------------------
-# Shared tiles (rules.triangle, rules.column_statistics) against the float64 reference pass
-# ---------------------------------------------------------------------------------------
-
-# (id, L, R, C, similarity, scale, fields): R = 33, 37 and C = R or 2R + 5 cross the interpreter's 16 x 16
-# tiles; dims (8, 20, 48), not multiples of 16, unless fields["dims"]; L = 2 has an inactive pair. "K" is
-# rules.column_statistics, "G" the group period of exclude_own_group / penalty (row i in group i). Triangle
-# passes have rows = cols[:R] and no positives (query_to_query, doc_to_doc); column-statistics passes without a
-# triangle have the positive of row i in column i (query_to_doc with doc_to_query's columns). Scale 40 is near
-# the largest fixed maximum (shares_tiles), 1e4 keeps the rows' running maximum. "forward": False = only the
-# backward runs (the forward refuses dot / a large scale with column statistics, the backward takes any given
-# statistics). The backward gets the float64 statistics (any combined statistics must do), except at 1e4 where
-# an fp32 logit is off the float64 one by ~1e-3: there each side gets its own forward's (the recompute is
-# bit-identical to the forward).
-SHARED_CASES = [
-    ("tri-square-cos-s20", 2, 33, 33, "cos", 20.0, {"triangle": True}),
-    ("tri-wide-dot-s1", 2, 37, 79, "dot", 1.0, {"triangle": True}),
-    ("tri-square-cos-s1e4", 1, 33, 33, "cos", 1e4, {"triangle": True}),
-    ("tri-exclude-wide-dot", 2, 37, 79, "dot", 0.05, {"triangle": True, "exclude_own_group": True}),
-    ("col-K=R-cos-s20", 2, 37, 79, "cos", 20.0, {"K": 37}),
-    ("col-K=C-cos-s1", 2, 33, 33, "cos", 1.0, {"K": 33}),
-    ("col-exclude-cos-s20", 1, 37, 79, "cos", 20.0, {"K": 79, "exclude_own_group": True}),
-    ("col-in_batch-0.5-s20", 2, 37, 79, "cos", 20.0, {"K": 37, "penalty": "in_batch_negatives", "alpha": 0.5}),
-    ("col-hard-9-s20", 2, 37, 79, "cos", 20.0, {"K": 37, "penalty": "hard_negatives", "alpha": 9.0}),
-    ("col-all-9-s1", 1, 37, 79, "cos", 1.0, {"K": 37, "penalty": "all_negatives", "alpha": 9.0}),
-    ("both-square-cos-s1", 2, 33, 33, "cos", 1.0, {"triangle": True, "K": 33}),
-    ("both-exclude-cos-s20", 2, 37, 79, "cos", 20.0, {"triangle": True, "K": 37, "exclude_own_group": True}),
-    ("both-exclude-cos-s40", 1, 37, 79, "cos", 40.0, {"triangle": True, "K": 37, "exclude_own_group": True}),
-    ("both-exclude-dot-bwd", 2, 37, 79, "dot", 0.05, {"triangle": True, "K": 37, "exclude_own_group": True,
-                                                      "forward": False}),
-    ("col-in_batch-s100-bwd", 1, 37, 79, "cos", 100.0, {"K": 37, "penalty": "in_batch_negatives", "alpha": 0.5,
-                                                        "forward": False}),
-    # Aligned dims: the forward's flat k-loop and the backward's aligned segment loops.
-    ("aligned-both-exclude-s20", 2, 37, 79, "cos", 20.0, {"triangle": True, "K": 37, "exclude_own_group": True,
-                                                          "dims": (16, 32, 48)}),
-    ("aligned-col-hard-9-s20", 2, 37, 79, "cos", 20.0, {"K": 37, "penalty": "hard_negatives", "alpha": 9.0,
-                                                        "dims": (16, 48)}),
-]
+# Shared tiles (rules.triangle, rules.column_statistics): how the triangle's rows and columns compose, the tiles
+# it skips, and the forward's limits (cosine, a fixed maximum).
 SHARED_DIMS = (8, 20, 48)
-
-
-def _shared_inputs(n_layers, n_rows, n_cols, similarity, fields, seed):
-    from m2d_kernels.rules import Rules
-
-    rows, cols = make_inputs(n_layers, n_rows, n_cols, 48, dtype=FP32, device=DEVICE, seed=seed, requires_grad=False)
-    if fields.get("triangle"):
-        cols[:, :n_rows] = rows  # the rule's premise: rows are cols[:R]
-        positives = torch.full((n_rows,), -1)
-    else:
-        positives = torch.arange(n_rows)
-    kwargs = {"similarity": similarity, "triangle": fields.get("triangle", False),
-              "column_statistics": fields.get("K", 0)}
-    if fields.get("exclude_own_group") or "penalty" in fields:
-        kwargs.update(group_period=n_rows, row_group=torch.arange(n_rows, device=DEVICE),
-                      exclude_own_group=fields.get("exclude_own_group", False), penalty=fields.get("penalty"),
-                      penalty_strength=fields.get("alpha", 0.0))
-    if fields.get("exclude_own_group"):
-        positives = torch.full((n_rows,), -1)
-    n_dims = len(fields.get("dims", SHARED_DIMS))
-    active = tuple(tuple(not (layer == 0 and m == 0 and n_layers > 1) for m in range(n_dims))
-                   for layer in range(n_layers))
-    return rows, cols, positives.to(DEVICE), active, Rules(**kwargs)
-
-
-def _assert_same_lse(got, expected, on, name):
-    """offset + log_sum where the pair is active: the same infinities (rows / columns with nothing kept), the
-    finite ones at the fp32 tolerance (the offsets themselves may differ: fixed or running maximum)."""
-    lse, lse_expected = (got[0] + got[1]).double().cpu()[on], (expected[0] + expected[1])[on]
-    assert torch.isfinite(got[0]).all() and not torch.isnan(got[1]).any(), name
-    assert torch.equal(torch.isinf(lse), torch.isinf(lse_expected)), name
-    finite = torch.isfinite(lse_expected)
-    assert finite.any(), name
-    assert_close(lse[finite], lse_expected[finite], TF32X3, name)
-
-
-@pytest.mark.parametrize("case", SHARED_CASES, ids=[case[0] for case in SHARED_CASES])
-def test_shared_tile_pass_matches_reference(case):
-    from m2d_kernels.backends import reference
-    from m2d_kernels.backends import triton_kernels as tk
-
-    _, n_layers, n_rows, n_cols, similarity, scale, fields = case
-    dims = fields.get("dims", SHARED_DIMS)
-    rows, cols, positives, active, rules = _shared_inputs(n_layers, n_rows, n_cols, similarity, fields, seed=31)
-    rows64, cols64, positives64 = rows.double().cpu(), cols.double().cpu(), positives.cpu()
-    expected = reference.row_statistics(rows64, cols64, dims, active, scale, positives64, rules)
-    n_stats = 5 if rules.column_statistics else 3
-    assert len(expected) == n_stats
-    if rules.triangle and n_rows == n_cols:  # the last row of a square keeps nothing, the others something
-        lse = expected[0] + expected[1]
-        assert torch.isinf(lse).any() and torch.isfinite(lse).any()
-    if fields.get("forward", True):
-        got = tk.row_statistics(rows, cols, dims, active, scale, positives, rules)
-        assert len(got) == n_stats
-        on = torch.tensor(active)[:, None, :]
-        _assert_same_lse(got[:2], expected[:2], on.expand_as(expected[0]), "rows' log-sum-exp")
-        assert_close(got[2].cpu()[on.expand_as(expected[2])], expected[2][on.expand_as(expected[2])], TF32X3,
-                     "positive logit")
-        if rules.column_statistics:
-            assert got[3].shape == got[4].shape == (n_layers, rules.column_statistics, len(dims))
-            _assert_same_lse(got[3:], expected[3:], on.expand_as(expected[3]), "columns' log-sum-exp")
-    else:
-        with pytest.raises(ValueError, match="column_statistics"):
-            tk.row_statistics(rows, cols, dims, active, scale, positives, rules)
-    generator = torch.Generator().manual_seed(32)
-    coef = torch.rand(n_layers, len(dims), generator=generator, dtype=torch.float64)
-    coef[0, -1] = 0.0  # a zero weight
-    columns = {}
-    if rules.column_statistics:
-        columns = {"col_offset": expected[3], "col_log_sum": expected[4]}
-    given = got if scale > 1e3 else expected
-    grads = tk.pass_gradients(rows, cols, dims, active, scale, positives, given[0].to(DEVICE),
-                              given[1].to(DEVICE), coef.to(DEVICE), rules,
-                              **{k: v.to(DEVICE) for k, v in columns.items()})
-    grads_expected = reference.pass_gradients(rows64, cols64, dims, active, scale, positives64, expected[0],
-                                              expected[1], coef, rules, **columns)
-    for name, g, t in zip(("d_rows", "d_cols"), grads, grads_expected, strict=True):
-        assert g.dtype == FP32 and torch.isfinite(g).all(), name
-        torch.testing.assert_close(g.double().cpu(), t, rtol=1e-4 * TF32X3_FACTOR,
-                                   atol=1e-5 * TF32X3_FACTOR * max(1.0, t.abs().max().item()),
-                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("n_cols", [37, 79])
@@ -714,13 +485,12 @@ def test_triangle_rows_and_columns_combine_to_the_excluded_pass(n_cols):
     active = ((False, True, True), (True, True, True))
     groups = {"group_period": n_rows, "row_group": torch.arange(n_rows, device=DEVICE), "exclude_own_group": True}
     shared = Rules(triangle=True, column_statistics=n_rows, **(groups if n_cols > n_rows else {}))
-    offset, log_sum, _, col_offset, col_log_sum = tk.row_statistics(rows, cols, SHARED_DIMS, active, 20.0, absent,
-                                                                    shared)
-    combined = torch.logaddexp(offset + log_sum, col_offset + col_log_sum).cpu()
+    stats = tk.row_statistics(rows, cols, SHARED_DIMS, active, 20.0, absent, shared)
+    combined = torch.logaddexp(stats.rows.offset + stats.rows.log_sum, stats.columns.offset + stats.columns.log_sum)
     expected = reference.row_statistics(rows.double().cpu(), cols.double().cpu(), SHARED_DIMS, active, 20.0,
-                                        absent.cpu(), Rules(**groups))
+                                        absent.cpu(), Rules(**groups)).rows
     on = torch.tensor(active)[:, None, :].expand_as(combined)
-    assert_close(combined[on], (expected[0] + expected[1])[on], TF32X3, "row (+) column")
+    assert_close(combined.cpu()[on], (expected.offset + expected.log_sum)[on], TF32X3, "row (+) column")
 
 
 def test_triangle_skips_tiles_below_the_diagonal(monkeypatch):
@@ -754,10 +524,10 @@ def test_triangle_skips_tiles_below_the_diagonal(monkeypatch):
     work = {}
     for name, rules in (("plain", Rules()), ("triangle", Rules(triangle=True))):
         counts.update(dot=0, exp2=0)
-        offset, log_sum, _ = tk.row_statistics(rows, cols, dims, active, 20.0, absent, rules)
+        softmax = tk.row_statistics(rows, cols, dims, active, 20.0, absent, rules).rows
         forward = dict(counts)
         counts.update(dot=0, exp2=0)
-        tk.pass_gradients(rows, cols, dims, active, 20.0, absent, offset, log_sum, torch.ones(1, 2), rules)
+        tk.pass_gradients(rows, cols, dims, active, 20.0, absent, softmax, torch.ones(1, 2), rules)
         work[name] = (forward, dict(counts))
     (plain_fwd, plain_bwd), (tri_fwd, tri_bwd) = work["plain"], work["triangle"]
     assert plain_fwd["dot"] > 0 and plain_bwd["dot"] > 0
@@ -779,20 +549,23 @@ def test_column_statistics_errors():
     rows, cols = make_inputs(1, 3, 6, 48, dtype=FP32, device=DEVICE, seed=35, requires_grad=False)
     positives = torch.arange(3, device=DEVICE)
     dims, active = (16, 48), ((True, True),)
-    assert tk.SHARED_TILES and tk.shares_tiles("cos") and tk.shares_tiles("cos", 20.0)
-    assert not tk.shares_tiles("dot") and not tk.shares_tiles("cos", 100.0)
+    # numerics.FIXED_MAX_SPAN: 2 * scale <= 80 in fp32.
+    assert tk.shares_tiles("cos") and tk.shares_tiles("cos", 20.0) and tk.shares_tiles("cos", 40.0)
+    assert not tk.shares_tiles("dot") and not tk.shares_tiles("cos", 40.5) and not tk.shares_tiles("cos", 100.0)
     with pytest.raises(ValueError, match="column_statistics needs similarity 'cos' on the triton backend"):
         tk.row_statistics(rows, cols, dims, active, 1.0, positives, Rules(similarity="dot", column_statistics=3))
     with pytest.raises(ValueError, match="rules.column_statistics needs scale"):
         tk.row_statistics(rows, cols, dims, active, 100.0, positives, Rules(column_statistics=3))
     stats = tk.row_statistics(rows, cols, dims, active, 20.0, positives, Rules(column_statistics=3))
     coef = torch.ones(1, 2, device=DEVICE)
-    with pytest.raises(ValueError, match="col_offset and col_log_sum are required"):
-        tk.pass_gradients(rows, cols, dims, active, 20.0, positives, stats[0], stats[1], coef,
-                          Rules(column_statistics=3))
-    with pytest.raises(ValueError, match=r"col_offset and col_log_sum must have shape \(1, 3, 2\)"):
-        tk.pass_gradients(rows, cols, dims, active, 20.0, positives, stats[0], stats[1], coef,
-                          Rules(column_statistics=3), col_offset=stats[3][:, :2], col_log_sum=stats[4][:, :2])
+    with pytest.raises(ValueError, match="columns .* are required with rules.column_statistics"):
+        tk.pass_gradients(rows, cols, dims, active, 20.0, positives, stats.rows, coef, Rules(column_statistics=3))
+    two_columns = Softmax(stats.columns.offset[:, :2], stats.columns.log_sum[:, :2])
+    with pytest.raises(ValueError, match=r"columns.offset must have shape \(1, 3, 2\)"):
+        tk.pass_gradients(rows, cols, dims, active, 20.0, positives, stats.rows, coef, Rules(column_statistics=3),
+                          columns=two_columns)
+    with pytest.raises(ValueError, match="scale_slope"):
+        tk.row_statistics(rows, cols, dims, active, 20.0, positives, Rules(scale_slope=True))
 
 
 # ---------------------------------------------------------------------------------------

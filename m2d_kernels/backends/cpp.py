@@ -13,8 +13,8 @@ pip install --no-build-isolation .``) when present, otherwise compiled on first 
 root (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), and ``<key>`` hashes the
 torch and Python versions, the compiler and its flags and the source, so two environments or
 two source versions never rebuild each other's folder or load a foreign build. No
-``-march=native`` unless ``M2D_NATIVE=1`` (the key then includes the CPU model); see
-``build_flags``. Builds are serialised by an ``flock`` that the kernel drops when its
+``-march=native`` unless ``M2D_ISA=native`` (the key then includes the CPU model); ``M2D_ISA`` picks the
+epilogues' instruction set (``isa``). Builds are serialised by an ``flock`` that the kernel drops when its
 holder dies, so a process killed mid-build never blocks the next one; a live holder is
 waited for at most ``$M2D_BUILD_TIMEOUT`` seconds (default 900). The outcome, success or
 the compiler's error, is cached for the process.
@@ -78,21 +78,42 @@ def _source_path() -> Path | None:
     return None
 
 
+ISA_ENV = "M2D_ISA"
+# The instruction sets the epilogue loops can be compiled for (the products go through PyTorch's BLAS, which
+# picks its own at run time): the flags, and the CPU flags each needs.
+ISA_FLAGS = {
+    "baseline": ([], set()),
+    "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
+    "avx512": (["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"],
+               {"avx512f", "avx512dq", "avx512bw", "avx512vl", "fma"}),
+    "native": (["-march=native"], set()),
+}
+
+
+def isa() -> str:
+    """The ISA the extension is built for: ``$M2D_ISA`` (one of ``ISA_FLAGS``), else ``avx2`` on an x86-64 CPU
+    with AVX2 and FMA, else ``baseline``. ``native`` (``-march=native``) keys the build by the CPU model."""
+    chosen = os.environ.get(ISA_ENV)
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    if chosen is None:
+        return "avx2" if x86 and ISA_FLAGS["avx2"][1] <= _cpu_flags() else "baseline"
+    if chosen not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV} must be one of {tuple(ISA_FLAGS)}, got {chosen!r}")
+    missing = ISA_FLAGS[chosen][1] - _cpu_flags()
+    if missing and x86:
+        raise ValueError(f"{ISA_ENV}={chosen}: this CPU lacks {', '.join(sorted(missing))}")
+    return chosen
+
+
 def build_flags() -> tuple[list[str], list[str]]:
-    """(compile flags, link flags). No -march=native unless the user opts in (``M2D_NATIVE=1``):
-    on an x86-64 CPU with AVX2 and FMA the epilogue loops get ``-mavx2 -mfma`` (a build folder
-    of its own, as every flag is part of the folder's key), otherwise baseline flags."""
-    if os.environ.get("M2D_NATIVE") == "1":
-        isa = ["-march=native"]
-    elif platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
-        isa = ["-mavx2", "-mfma"]
-    else:
-        isa = []
+    """(compile flags, link flags): portable by default (module docstring, ``isa``); every flag is part of the
+    build folder's key, so each ISA builds into a folder of its own."""
+    isa_flags = ISA_FLAGS[isa()][0]
     # No fused multiply-add contraction: it would let z - max skip rounding z, so forward and
     # backward could see different logits (and at scale 1e10, exp of a large positive number).
     # -fno-trapping-math (no FP-exception flags are read) lets GCC if-convert the clamps of
     # vector_exp: without it every epilogue loop ran scalar with branches, 6.5x slower.
-    return ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *isa], ["-fopenmp"]
+    return ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *isa_flags], ["-fopenmp"]
 
 
 def _cpu_flags() -> set[str]:
