@@ -148,3 +148,16 @@ def test_sass_loop_counting_on_a_hand_written_listing(gpu_model):
     assert counts["per_tile"]["all"] == 16
     assert counts["per_tile"]["hgmma"] == 2 and counts["per_tile"]["mufu_ex2"] == 2
     assert counts["launch"]["all"] == 2 * 16 + 3
+
+
+def test_two_phase_design_flops_and_memory_budget(gpu_model):
+    """The two-phase design: pass 1 recomputes S once (2 L B N top), the GEMMs take 2 L B N w_s per segment and
+    direction (4 L B N top in all): 3x the forward's 2 L B N top; H (chunk x N x M bf16) stays within the budget."""
+    constants = {**gpu_model.DEFAULTS, "memory_budget_mb": 256.0}
+    for batch in (512, 8192, 65536):
+        shape = gpu_model.Shape(L=3, B=batch, N=batch, D=96, dims=(32, 64, 96))
+        design = gpu_model.two_phase(shape, "regs-bf16", (64, 64), constants, None)
+        flops = sum(row["tensor_flops"] for row in design["rows"])
+        assert flops == 3 * (2 * 3 * batch * batch * 96)
+        assert design["assumptions"]["H_bytes"] <= 256 * 2**20
+        assert design["assumptions"]["chunk_rows"] == min(batch, 256 * 2**20 // (batch * 3 * 2) // 64 * 64)
