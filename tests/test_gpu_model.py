@@ -95,16 +95,6 @@ def test_constants_change_the_times_they_should(tmp_path, small):
     assert fast["assumptions"]["l2_tbps"] == 14.0
 
 
-def test_bad_flags_are_named(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    for flags, name in ((["--l2-tbps", "0"], "--l2-tbps"), (["--dims", "64,32"], "--dims"),
-                        (["--design", "two-phase:nowhere:64x64"], "--design")):
-        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_model.py"), *SMALL, *flags],
-                                env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 2 and name in result.stderr, (flags, result.stderr)
-
-
 SASS = """
         /*0000*/                   MOV R0, RZ ;
         /*0010*/                   MOV R1, RZ ;
@@ -161,3 +151,14 @@ def test_two_phase_design_flops_and_memory_budget(gpu_model):
         assert flops == 3 * (2 * 3 * batch * batch * 96)
         assert design["assumptions"]["H_bytes"] <= 256 * 2**20
         assert design["assumptions"]["chunk_rows"] == min(batch, 256 * 2**20 // (batch * 3 * 2) // 64 * 64)
+
+
+BAD_FLAGS = [(["--l2-tbps", "0"], "--l2-tbps"), (["--dims", "64,32"], "--dims"), (["--D", "32"], "--dims"),
+             (["--design", "two-phase:nowhere:64x64"], "--design"), (["--design", "fastest"], "--design")]
+
+
+@pytest.mark.parametrize("flags, name", BAD_FLAGS)
+def test_bad_flags_are_named(gpu_model, capsys, flags, name):
+    with pytest.raises(SystemExit) as exit_:
+        gpu_model.main([*SMALL, *flags])
+    assert exit_.value.code == 2 and name in capsys.readouterr().err
