@@ -5,7 +5,7 @@ The launches are the ones the public function ``m2d_kernels.matryoshka_2d_infonc
 ``--no-sass``, compiled for sm_90 as launched (``sm90_report.compile_as_launched``; Triton's cache keeps each
 specialisation's cubin, so a second run compiles nothing). For each launch::
 
-    tensor = MMA FLOPs / (tc_tflops * rate)          rate 1 for bf16/fp16, 1/2 for tf32 (fp32's tf32x3: 3 products)
+    tensor = MMA FLOPs / (tc_tflops * rate * eff)    rate 1 for bf16/fp16, 1/2 for tf32 (fp32's tf32x3: 3 products)
     HBM    = compulsory bytes / hbm_tbps              inputs, outputs, statistics once; scratch once (written back)
                                                       unless it exceeds the L2 (then every scratch access)
     L2     = bytes between the SMs and L2 / l2_tbps    every global load and store the tile loops issue
@@ -42,15 +42,18 @@ it is labelled ``estimate``. Not modelled: latencies (an HGMMA waited on at once
 L2's hit rate on streamed operands, local-memory (spill) traffic.
 
     python benchmarks/gpu_model.py                                   # the worked example, today's kernels
-    python benchmarks/gpu_model.py --design all --json benchmarks/results/gpu_model_worked.json
+    python benchmarks/gpu_model.py --design all --targets --json benchmarks/results/gpu_model_worked.json
     python benchmarks/gpu_model.py --B 65536 --N 65536 --design all --no-sass
 
 Designs (``--design``, not built yet; ``all`` for every one) are modelled from formulas at the same shape with
 the same resources: ``today`` (the launches), ``forward-128x128`` (the forward at 128x128 tiles: the kernel
 compiled at that config), ``in-place-128`` (today's backward streaming 128-wide tiles with bf16 slots) and
-``two-phase:<T>:<tile>`` (a Triton pass recomputes S and writes bf16 suffix sums H_m, then tensor-core GEMMs;
-``<T>`` where the per-dim terms live before the suffix sum: ``l2-fp32``, ``h-bf16``, ``regs-fp32``,
-``regs-bf16``; ``<tile>`` 64x64, 64x128 or 128x128). Each design's assumptions are in its JSON entry.
+``two-phase:<T>:<tile>[:<gemm>[:<budget MiB>]]`` (a Triton pass recomputes S and writes bf16 suffix sums H_m,
+then tensor-core GEMMs; ``<T>`` where the per-dim terms live before the suffix sum: ``l2-fp32``, ``h-bf16``,
+``regs-fp32``, ``regs-bf16``; ``<tile>`` e.g. 64x64, 64x128 or 128x128; ``<gemm>`` cublas or grouped; the budget
+of H, else --memory-budget-mb). The designs other than ``today`` take the 128x128 forward. Each design's
+assumptions are in its JSON entry; a design that cannot be built at the shape (H of one row block over its
+budget) is listed under ``designs_skipped``.
 """
 
 from __future__ import annotations
@@ -64,11 +67,11 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import sm90_report as sm90  # noqa: E402  (sets up the compile-only path: TRITON_INTERPRET is dropped there)
-import torch  # noqa: E402
+import sm90_report as sm90  # first: it drops TRITON_INTERPRET (compile for the GPU, not the interpreter)
+import torch
 
-from m2d_kernels._files import atomic_write  # noqa: E402
-from m2d_kernels.backends import triton_kernels as tk  # noqa: E402
+from m2d_kernels._files import atomic_write
+from m2d_kernels.backends import triton_kernels as tk
 
 DEFAULTS = {"tc_tflops": 790.0, "hbm_tbps": 4.3, "l2_tbps": 7.0, "exp_per_clk": 16.0, "clock_ghz": 1.83,
             "sms": 132, "l2_mb": 50.0, "launch_us": 3.0, "register_budget_kb": 160.0, "memory_budget_mb": 1024.0}
@@ -520,7 +523,7 @@ def _count(loop: Loop, trips: dict, per_tile_sum: Counter, inside_segment: bool 
         count = chunks / n_seg if inside_segment else chunks
         body = _scaled(loop.direct, count) + _scaled(loop.conditional, trips["boundaries"]) + _scaled(
             loop.rare, trips["boundaries"] * trips["positive_share"])
-        count = 1  # the conditional parts are per execution already: the children (none) would take the trips
+        count = 1  # (a k-loop holds no loop: nothing below is scaled by its trips)
     elif loop.role in ("tile", "work"):
         body = loop.direct + loop.conditional + loop.rare
         for child in loop.children:
@@ -810,7 +813,7 @@ def summarise(rows) -> dict:
 
 def build_designs(names, shape, constants, today_specs, analyses, launches) -> list[dict]:
     """The designs' entries: rows, totals, assumptions (module docstring)."""
-    designs = []
+    designs, skipped = [], []
     forward_spec = next(s for s in today_specs if s.kind == "forward")
     forward_launch_ = next(launch for launch, s in zip(launches, today_specs) if s.kind == "forward")
     layer_programs = forward_spec.programs // _cdiv(forward_spec.R, forward_spec.block_r)  # grid (row blocks, L)
@@ -823,7 +826,7 @@ def build_designs(names, shape, constants, today_specs, analyses, launches) -> l
                                   "num_stages": 3}, big_grid)
         big_analysis = analyse_launch(big_launch, analyses)
     big_forward = [model_spec(big, constants, big_analysis, name="forward")]
-    today_rows = [model_spec(s, constants, analyses_of(analyses, launch), name=label(s))
+    today_rows = [model_spec(s, constants, analyses_of(analyses, launch), name=s.kind)
                   for s, launch in zip(today_specs, launches)]
     today_backward = [r for r in today_rows if not r["kernel"].startswith("forward")]
     phase1_issue = phase1_issue_estimate(today_specs, analyses, launches)
@@ -836,7 +839,7 @@ def build_designs(names, shape, constants, today_specs, analyses, launches) -> l
                                                 "(compiled: see its sass row for spills)",
                                      "backward": "today's"}}
         elif name == "in-place-128":
-            rows = [model_spec(in_place_spec(s, constants["sms"]), constants, None, slot_bytes=2, name=label(s))
+            rows = [model_spec(in_place_spec(s, constants["sms"]), constants, None, slot_bytes=2, name=s.kind)
                     for s in today_specs if s.kind != "forward"]
             entry = {"rows": big_forward + rows,
                      "assumptions": {"backward": "today's loops with a 128-wide streamed tile and bf16 slots; "
@@ -844,7 +847,11 @@ def build_designs(names, shape, constants, today_specs, analyses, launches) -> l
                                      "forward": "forward-128x128"}}
         elif name.startswith("two-phase:"):
             t_mode, tile, gemm, budget = parse_two_phase(name)
-            result = two_phase(shape, t_mode, tile, constants, phase1_issue, gemm, budget)
+            try:
+                result = two_phase(shape, t_mode, tile, constants, phase1_issue, gemm, budget)
+            except ValueError as error:  # H of one row block exceeds the design's budget at this shape
+                skipped.append({"design": name, "reason": str(error)})
+                continue
             entry = {"rows": big_forward + result["rows"],
                      "assumptions": {**result["assumptions"], "forward": "forward-128x128"},
                      "feasible": result["feasible"]}
@@ -852,7 +859,7 @@ def build_designs(names, shape, constants, today_specs, analyses, launches) -> l
             raise ValueError(f"--design {name!r}: unknown (see --help)")
         entry = {"design": name, **summarise(entry["rows"]), "feasible": entry.get("feasible", True), **entry}
         designs.append(entry)
-    return designs
+    return designs, skipped
 
 
 def phase1_issue_estimate(specs, analyses, launches) -> float | None:
@@ -880,10 +887,6 @@ def _without_product_loop(analysis: SassAnalysis, spec: Spec) -> float:
     n_seg, top, _ = _layer(spec, 0)
     chunks = top // spec.block_d
     return counts - (product.direct["all"] * chunks + product.conditional["all"] * max(0, n_seg - 1))
-
-
-def label(spec: Spec) -> str:
-    return spec.kind
 
 
 ALL_DESIGNS = ("today", "forward-128x128", "in-place-128") + tuple(
@@ -938,7 +941,7 @@ def run(args) -> dict:
     }
     if args.design:
         names = ALL_DESIGNS if "all" in args.design else tuple(args.design)
-        out["designs"] = build_designs(names, shape, constants, specs, analyses, launches)
+        out["designs"], out["designs_skipped"] = build_designs(names, shape, constants, specs, analyses, launches)
         if args.targets:
             out["targets"] = targets(out["designs"], shape, constants, specs, analyses, launches)
     return out
@@ -947,8 +950,8 @@ def run(args) -> dict:
 def targets(designs, shape, constants, specs, analyses, launches) -> list[dict]:
     """Per design: total_ms at --l2-tbps 7 and 5.5, backward/forward FLOPs, and (two-phase) B = N = 65536."""
     names = [d["design"] for d in designs]
-    slow = build_designs(names, shape, {**constants, "l2_tbps": 5.5}, specs, analyses, launches)
-    fast = build_designs(names, shape, {**constants, "l2_tbps": 7.0}, specs, analyses, launches)
+    slow = build_designs(names, shape, {**constants, "l2_tbps": 5.5}, specs, analyses, launches)[0]
+    fast = build_designs(names, shape, {**constants, "l2_tbps": 7.0}, specs, analyses, launches)[0]
     big = Shape(shape.L, 65536, 65536, shape.D, shape.dims, shape.element)
     out = []
     for quick, slow_entry in zip(fast, slow):
@@ -1003,6 +1006,8 @@ def print_table(out: dict) -> None:
             print(f"    {row['kernel']:<22} {row['binding']:<6} {row['modelled_ms']:>8.3f} ms  "
                   f"(tensor {tm['tensor']:.3f}, HBM {tm['hbm']:.3f}, L2 {tm['l2']:.3f}, exp {tm['exp']:.3f}, issue "
                   f"{'n/m' if tm['issue'] is None else round(tm['issue'], 3)})")
+    for entry in out.get("designs_skipped", []):
+        print(f"design {entry['design']:<28} skipped: {entry['reason']}")
     for entry in out.get("targets", []):
         print(f"target {entry['design']:<28} {entry['total_ms_l2_7']:>7.2f} ms @7 TB/s, "
               f"{entry['total_ms_l2_5.5']:>7.2f} @5.5, bwd/fwd FLOPs {entry['backward_over_forward_flops']}, B=65536 "
@@ -1058,6 +1063,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.D < args.dims[-1]:
         parser().error(f"--dims: the largest dim {args.dims[-1]} exceeds --D {args.D}")
+    if args.targets and not args.design:
+        parser().error("--targets: needs --design (the designs to check)")
     if args.design:
         for name in args.design:
             if name.startswith("two-phase"):
