@@ -17,12 +17,13 @@ ROOT = Path(__file__).parents[1]
 SMALL = ["--L", "2", "--B", "128", "--N", "128", "--D", "64", "--dims", "32,64", "--no-sass"]
 
 
-def _model(tmp_path, *extra):
+def _model(tmp_path, *extra, sass=False):
     out = tmp_path / f"model{len(list(tmp_path.iterdir()))}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_model.py"), *SMALL, *extra,
-                             "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    flags = [flag for flag in SMALL if flag != "--no-sass"] if sass else SMALL
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_model.py"), *flags, *extra,
+                             "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text()), result.stdout
 
@@ -162,3 +163,26 @@ def test_bad_flags_are_named(gpu_model, capsys, flags, name):
     with pytest.raises(SystemExit) as exit_:
         gpu_model.main([*SMALL, *flags])
     assert exit_.value.code == 2 and name in capsys.readouterr().err
+
+
+def test_sass_counts_of_the_real_cubins(tmp_path):
+    """The small shape's three kernels compiled for sm_90 (no GPU): the loop structure is recognised ("loops") and
+    the dynamic counts per tile match a hand count. Exponentials: one MUFU.EX2 per entry and active pair, spread
+    over the threads (forward 64x128 over 128 threads, backward 64x64 over 256, 2 pairs). Tensor-core
+    instructions: the forward's 64x128 tile takes one HGMMA.64x128x16 per 16 of k, 2 per 32-wide chunk, 2 chunks;
+    the backward's two warpgroups take one HGMMA.64x32x16 each per 16 of k in the recompute (2 per chunk) and one
+    HGMMA.64x16x16 per 16 of the tile's 64 columns in the product (4 per chunk), 2 chunks each."""
+    from m2d_kernels.backends import triton_kernels as tk
+
+    nvidia_bin = Path(tk.triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (nvidia_bin / "ptxas").exists() or not (nvidia_bin / "cuobjdump").exists():
+        pytest.skip("ptxas/cuobjdump not shipped with this triton")
+    model, _ = _model(tmp_path, sass=True)
+    expected = {"forward": (128, 4), "backward_dX": (32, 12), "backward_dY": (32, 12)}
+    for row in model["kernels"]:
+        sass = row["sass"]
+        assert sass["measured"] and sass["method"] == "loops", row["kernel"]
+        assert (sass["per_tile"]["mufu_ex2"], sass["per_tile"]["hgmma"]) == expected[row["kernel"]], row["kernel"]
+        assert row["time_ms"]["issue"] > 0
+        warps = row["tile"]["num_warps"]
+        assert sass["warp_instructions"] == sass["instructions_per_thread"] * warps
