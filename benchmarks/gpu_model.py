@@ -13,10 +13,10 @@ specialisation's cubin, so a second run compiles nothing). For each launch::
     issue  = thread instructions * warps / (4 * sms * clock * eff)    4 warp-instructions issued per clock per SM
     time   = max(tensor, HBM, L2, exp, issue) + launch_us              the binding resource is the argmax
 
-``eff`` is the SMs' share of busy time: ``work units / (ceil(work units / slots) * sms)``; a plain grid's units
-are its programs, ``slots = sms * (programs resident per SM)`` (registers and shared memory of the cubin, 1
-without it); a persistent grid (the backward) has ``P <= sms`` programs, one per SM, sharing ``W`` work items,
-so ``eff = W / (ceil(W / P) * sms)`` (idle SMs and the last round's tail). HBM and L2 are shared: not divided.
+``eff`` is the SMs' share of busy time: a plain grid's ``programs / (ceil(programs / slots) * slots)`` with
+``slots = sms * (programs resident per SM)`` (registers and shared memory of the cubin, 1 without it); a
+persistent grid (the backward) has ``P <= sms`` programs, one per SM, sharing ``W`` work items, so
+``eff = W / (ceil(W / P) * sms)`` (idle SMs and the last round's tail). HBM and L2 are shared: not divided.
 
 Bytes (``*_bytes`` in the JSON) come from the kernels' loops in ``m2d_kernels/backends/triton_kernels.py``, cited
 per term in ``forward_launch`` / ``backward_launch``; scalar loads (bounds, flags, coefficients) are not counted.
@@ -944,6 +944,8 @@ def run(args) -> dict:
         out["designs"], out["designs_skipped"] = build_designs(names, shape, constants, specs, analyses, launches)
         if args.targets:
             out["targets"] = targets(out["designs"], shape, constants, specs, analyses, launches)
+            out["targets_criteria"] = ("meets: feasible, total_ms <= 12 at --l2-tbps 7 and <= 15 at 5.5, backward "
+                                       "FLOPs <= 3x the forward's, B = N = 65536 under 1000 ms within the budget")
     return out
 
 
@@ -1050,7 +1052,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sass", action="store_true", help="skip the sm_90 compile: the issue row is not measured")
     p.add_argument("--design", action="append", metavar="NAME",
                    help="model a candidate design (repeatable; 'all' for every one): " + ", ".join(ALL_DESIGNS))
-    p.add_argument("--targets", action="store_true", help="with --design: the issue's targets per design")
+    p.add_argument("--targets", action="store_true", help="with --design: the targets per design (docs/gpu_model.md)")
     p.add_argument("--json", type=Path, help="write the model here (atomically)")
     for name, value in DEFAULTS.items():
         kind = int if name == "sms" else float
