@@ -148,15 +148,17 @@ def recorded_launches():
             del kernel.run
 
 
-def case_launches(case: Case, dtype: torch.dtype) -> list[Launch]:
-    """The launches of one forward and backward of ``case`` in ``dtype``, in order."""
+def case_launches(case: Case, dtype: torch.dtype, random: bool = True) -> list[Launch]:
+    """The launches of one forward and backward of ``case`` in ``dtype``, in order. ``random=False`` leaves the
+    embeddings uninitialised (nothing is run, so their values do not matter): large shapes record faster."""
     n_layers, n_queries, n_docs, n_features, dims = case.shape
     generator = torch.Generator().manual_seed(0)
     options = dict(case.options)
     offset = int(options.pop("odd_offset", False))
 
     def leaf(n_rows):
-        flat = torch.randn(offset + n_layers * n_rows * n_features, generator=generator).to(dtype)
+        size = offset + n_layers * n_rows * n_features
+        flat = torch.randn(size, generator=generator).to(dtype) if random else torch.empty(size, dtype=dtype)
         return flat[offset:].view(n_layers, n_rows, n_features).detach().requires_grad_()
 
     queries, docs = leaf(n_queries), leaf(n_docs)
@@ -178,18 +180,31 @@ def _by_name(kernel, mapping) -> dict:
     return {kernel.arg_names[path[0]] if len(path) == 1 else str(path): value for path, value in mapping.items()}
 
 
-def compile_launch(launch: Launch, compiled_keys: set) -> dict | None:
-    """Compile ``launch`` as the JIT would (sm_90): the row of the report, or None when its specialisation
-    was compiled before."""
+@dataclass
+class Compiled:
+    """One launch compiled as the JIT would: Triton's compiled kernel (None on a compile error), the error, the
+    seconds it took on this CPU (0 when Triton's cache had it) and what ``_do_compile`` was given (``key``,
+    ``constexprs``, ``attrs``, ``options``; empty when Triton's in-memory cache answered without compiling)."""
+
+    kernel: object | None
+    error: str | None
+    seconds: float
+    seen: dict
+
+
+def compile_as_launched(launch: Launch, compiled_keys: set | None = None) -> Compiled | None:
+    """Compile ``launch`` for sm_90 under the compile-only driver; None when its specialisation's key is in
+    ``compiled_keys`` (Triton does not cache failures: a failed one would be compiled again). The key is added."""
     kernel = launch.kernel
     seen = {}
     original = kernel._do_compile
 
     def do_compile(key, signature, device, constexprs, options, attrs, warmup):
         seen.update(key=key, constexprs=constexprs, attrs=attrs, options=options)
-        if key in compiled_keys:  # a failed specialisation, seen before: Triton does not cache failures
-            raise _Repeated
-        compiled_keys.add(key)
+        if compiled_keys is not None:
+            if key in compiled_keys:
+                raise _Repeated
+            compiled_keys.add(key)
         return original(key, signature, device, constexprs, options, attrs, warmup)
 
     kernel._do_compile = do_compile
@@ -200,13 +215,21 @@ def compile_launch(launch: Launch, compiled_keys: set) -> dict | None:
         compiled, error = kernel.run(*launch.args, grid=launch.grid, warmup=True, **launch.kwargs), None
     except _Repeated:
         return None
-    except Exception as exception:  # the report lists it and goes on
+    except Exception as exception:  # the callers list it and go on
         compiled, error = None, f"{type(exception).__name__}: {str(exception).strip().splitlines()[-1][:400]}"
     finally:
         del kernel._do_compile
         driver._active = previous
-    if not seen:
+    return Compiled(compiled, error, round(time.perf_counter() - started, 2), seen)
+
+
+def compile_launch(launch: Launch, compiled_keys: set) -> dict | None:
+    """Compile ``launch`` as the JIT would (sm_90): the row of the report, or None when its specialisation
+    was compiled before."""
+    result = compile_as_launched(launch, compiled_keys)
+    if result is None or not result.seen:
         return None
+    kernel, seen, compiled = launch.kernel, result.seen, result.kernel
     constexprs = _by_name(kernel, seen["constexprs"])
     name = KERNELS[kernel.fn.__name__]
     if name == "backward":
@@ -215,8 +238,8 @@ def compile_launch(launch: Launch, compiled_keys: set) -> dict | None:
                                           for k, v in constexprs.items()},
            "attrs": {k: v for k, v in _by_name(kernel, seen["attrs"]).items()},
            "num_warps": seen["options"].num_warps, "num_stages": seen["options"].num_stages,
-           "compiled": compiled is not None, "error": error,
-           "compile_seconds": round(time.perf_counter() - started, 2)}  # this CPU; 0 when Triton's cache had it
+           "compiled": compiled is not None, "error": result.error,
+           "compile_seconds": result.seconds}  # this CPU; 0 when Triton's cache had it
     if compiled is not None:
         row.update(inspect_cubin(compiled.asm["cubin"], compiled.metadata.shared))
     return row
@@ -230,14 +253,17 @@ def tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
-def inspect_cubin(cubin: bytes, shared: int) -> dict:
-    """Registers, stack, shared bytes and instruction counts read from the cubin."""
+def cuobjdump(cubin: bytes, option: str) -> str:
+    """``cuobjdump option`` of a cubin (Triton's copy of the tool): its standard output."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        usage = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
-        sass = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-    text = usage.stdout
+        return subprocess.run([tool("cuobjdump"), option, path], capture_output=True, text=True, check=True).stdout
+
+
+def inspect_cubin(cubin: bytes, shared: int) -> dict:
+    """Registers, stack, shared bytes and instruction counts read from the cubin."""
+    text, sass = cuobjdump(cubin, "-res-usage"), cuobjdump(cubin, "-sass")
     number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
     return {
         "registers": number(r"REG:(\d+)"),
