@@ -18,8 +18,9 @@ specialisation's cubin, so a second run compiles nothing). For each launch::
 persistent grid (the backward) has ``P <= sms`` programs, one per SM, sharing ``W`` work items, so
 ``eff = W / (ceil(W / P) * sms)`` (idle SMs and the last round's tail). HBM and L2 are shared: not divided.
 
-Bytes (``*_bytes`` in the JSON) come from the kernels' loops in ``m2d_kernels/backends/triton_kernels.py``, cited
-per term in ``forward_launch`` / ``backward_launch``; scalar loads (bounds, flags, coefficients) are not counted.
+Bytes (``*_bytes`` in the JSON) come from the kernels' loops (``m2d_kernels/backends/triton_forward.py``,
+``triton_backward.py``), cited per term in ``forward_launch`` / ``backward_launch``; scalar loads (bounds,
+flags, coefficients) are not counted.
 
 Instructions (``--no-sass`` skips them; the issue row is then "not measured"): the cubin's SASS
 (``cuobjdump -sass``) is split at its branches. A backward branch (target at or below its address) closes a
@@ -71,7 +72,7 @@ import sm90_report as sm90  # first: it drops TRITON_INTERPRET (compile for the 
 import torch
 
 from m2d_kernels._files import atomic_write
-from m2d_kernels.backends import triton_kernels as tk
+from m2d_kernels.backends import triton_configs as tc
 
 DEFAULTS = {"tc_tflops": 790.0, "hbm_tbps": 4.3, "l2_tbps": 7.0, "exp_per_clk": 16.0, "clock_ghz": 1.83,
             "sms": 132, "l2_mb": 50.0, "launch_us": 3.0, "register_budget_kb": 160.0, "memory_budget_mb": 1024.0}
@@ -132,7 +133,7 @@ def spec_of(launch: sm90.Launch) -> Spec:
                 tuple(int(v) for v in args["bounds_ptr"].tolist()), tuple(int(v) for v in args["n_seg_ptr"].tolist()),
                 active, args["rows_ptr"].element_size(), kwargs["BLOCK_R"], kwargs["BLOCK_C"], kwargs["BLOCK_D"],
                 kwargs["num_warps"], kwargs["num_stages"], math.prod(grid),
-                {k: v for k, v in kwargs.items() if k in tk.RULE_FLAGS or k in (
+                {k: v for k, v in kwargs.items() if k in tc.RULE_FLAGS or k in (
                     "ALIGNED", "FIXED_MAX", "SCALE_GRAD", "TEACHER", "K", "DOT_PRECISION")} | {
                     "K": int(args["K"]), "DG": int(args["DG"])},
                 products=3 if fp32 else 1, tf32=fp32)
@@ -149,7 +150,7 @@ def _layer(spec: Spec, layer: int):
 
 
 def plain(spec: Spec) -> bool:
-    return not any(spec.flag(name) for name in tk.RULE_FLAGS) and not spec.flag("TEACHER")
+    return not any(spec.flag(name) for name in tc.RULE_FLAGS) and not spec.flag("TEACHER")
 
 
 # ---------------------------------------------------------------------------------------
@@ -626,7 +627,7 @@ def model_spec(spec: Spec, constants: dict, analysis: SassAnalysis | None, slot_
         "kernel": name or spec.kind,
         "tile": {"BLOCK_R": spec.block_r, "BLOCK_C": spec.block_c, "BLOCK_D": spec.block_d, "num_warps": spec.warps,
                  "num_stages": spec.stages},
-        "rules": {k: v for k, v in spec.flags.items() if k in tk.RULE_FLAGS and v} or "plain",
+        "rules": {k: v for k, v in spec.flags.items() if k in tc.RULE_FLAGS and v} or "plain",
         **occ,
         "tiles": work.tiles,
         "tensor_flops": work.flops,
@@ -771,7 +772,7 @@ def in_place_spec(spec: Spec, sms: int) -> Spec:
     wide = replace(spec, **tiles)
     own = 64
     per_program = own * spec.D * 4 + (spec.M - 1) * wide.block_r * wide.block_c * 2
-    return replace(wide, programs=max(1, min(sms, tk.SCRATCH_BUDGET // per_program)))
+    return replace(wide, programs=max(1, min(sms, tc.SCRATCH_BUDGET // per_program)))
 
 
 # ---------------------------------------------------------------------------------------
