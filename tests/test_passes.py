@@ -12,9 +12,11 @@ materialises every pair's ``[R, C]`` logits, computed in float64 from the same (
 
 The grid is not a full cartesian product: every rule x scale on one shape (``test_rules``), every shape x a few
 rule sets (``test_shapes``), float32 for every rule (``test_float32_rules``), and bf16/fp16 within twice the
-reference's own error in that precision (``test_low_precision``). Tolerances: float64 1e-9, float32 helpers'
-fp32 tolerances, Triton's fp32 products (tf32x3) helpers' "tf32x3"; gradients relative to their largest entry
-(they grow with the scale). Triton runs under the interpreter on the CPU (conftest.py) with fp32/bf16/fp16 only.
+reference's own error in that precision (``test_low_precision``), and a positive in an excluded column
+(``test_a_positive_in_an_excluded_column``, with the known disagreements marked). Tolerances: float64 1e-9,
+float32 helpers' fp32 tolerances, Triton's fp32 products (tf32x3) helpers' "tf32x3"; gradients relative to their
+largest entry (they grow with the scale). Triton runs under the interpreter on the CPU (conftest.py), fp32, bf16
+and fp16 only, on a subset of the grid (see INTERPRETER_RULE_SHAPE); a GPU runs all of it.
 """
 
 from __future__ import annotations
@@ -412,23 +414,8 @@ def test_low_precision(name, rule, dtype):
 # A positive in an excluded column (the row's own group, or on/below the triangle's diagonal): z = -inf, so the
 # contract's positive logit is -inf and the positive term has no gradient (the reference's masked_fill). The
 # composer never builds such a pass (its excluded passes have no positives), but a backend must still agree.
-# Known disagreements, kept visible (strict: the marker goes when the backend is fixed).
-EXCLUDED_POSITIVE_BUGS = {
-    ("torch", "exclude_own_group"): "torch's pass_gradients keeps the positive term of a positive in the row's own "
-                                    "(excluded) group",
-    ("triton", "triangle"): "triton's positive_logit is finite for a positive on or below the triangle's diagonal",
-}
-
-
-def excluded_positive_cases():
-    for name in BACKENDS:
-        for rule in ("exclude_own_group", "triangle"):
-            bug = EXCLUDED_POSITIVE_BUGS.get((name, rule))
-            marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-            yield pytest.param(name, rule, marks=marks, id=f"{name}-{rule}")
-
-
-@pytest.mark.parametrize(("name", "rule"), list(excluded_positive_cases()))
+@pytest.mark.parametrize("rule", ["exclude_own_group", "triangle"])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_a_positive_in_an_excluded_column(name, rule):
     module = load(name)
     rows, cols, _, rules = make_case(rule, 5, 11, 48, n_layers=1, seed=9)

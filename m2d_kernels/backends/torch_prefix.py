@@ -387,6 +387,9 @@ def _backward(rows_in, cols_in, dims, active, scale, positives, softmax: Softmax
             kept = positive_index[rows] > row_ids + r0
             chunk_onehot = chunk_onehot * kept
             positive_ids = positive_ids.clamp_min(0)
+        if rules.exclude_own_group:
+            # A positive in the row's own (excluded) group: z = -inf, no one-hot term (the guide never drops it).
+            chunk_onehot = chunk_onehot * (positive_index[rows] % rules.group_period != rules.row_group[rows])
         tile = _chunk_tile(rules, rows, positives, n_docs, scale, guide_cols, acc)
         teacher_probs = None
         if distill is not None:

@@ -401,7 +401,7 @@ def _positive_logits(rows, cols, dims, active, scale, positives, rules):
     """``[L, R, M]`` ``z(i, positives_i)`` under ``rules`` in float64 (the kernels keep the positive logit of
     a row to themselves): the penalty where the positive's column is penalised, -inf where it is excluded,
     0 where ``positives_i == -1`` or the pair is inactive. ``O(L * R * D)``."""
-    if rules.similarity == "cos" and rules.penalty is None and not rules.exclude_own_group:
+    if rules.similarity == "cos" and rules.penalty is None and not rules.exclude_own_group and not rules.triangle:
         return positive_logits(rows, cols, dims, active, scale, positives).double()
     column = positives.clamp_min(0)
     x, y = rows.double(), cols.index_select(1, column).double()
@@ -423,6 +423,9 @@ def _positive_logits(rows, cols, dims, active, scale, positives, rules):
     logits = logits * factor[None, :, None]
     if rules.exclude_own_group:
         logits = torch.where(torch.isinf(factor)[None, :, None], -torch.inf, logits)
+    if rules.triangle:  # a positive on or below the diagonal (j <= i) is excluded
+        below = positives <= torch.arange(len(positives), device=positives.device)
+        logits = torch.where(below[None, :, None], -torch.inf, logits)
     keep = (positives >= 0)[None, :, None] & device_table(active, rows.device)[:, None, :]
     return torch.where(keep, logits, 0.0)
 
