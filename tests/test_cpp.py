@@ -343,22 +343,36 @@ def test_beyond_claimed_scales_stays_finite(dtype, scale):
 
 def test_build_folder_keyed_by_torch_flags_and_source(monkeypatch, tmp_path):
     monkeypatch.setenv("M2D_BUILD_DIR", str(tmp_path))
-    monkeypatch.delenv("M2D_NATIVE", raising=False)
+    monkeypatch.delenv("M2D_ISA", raising=False)
     source = tmp_path / "m2d_cpu.cpp"
     source.write_text("// version 1\n")
     default = cpp.build_directory(source)
     assert default.parent == tmp_path and default == cpp.build_directory(source)  # stable
     assert "-march=native" not in cpp.build_flags()[0]  # portable unless asked
-    monkeypatch.setenv("M2D_NATIVE", "1")
+    monkeypatch.setenv("M2D_ISA", "native")
     assert "-march=native" in cpp.build_flags()[0]
     native = cpp.build_directory(source)
-    monkeypatch.delenv("M2D_NATIVE")
+    monkeypatch.setenv("M2D_ISA", "baseline")
+    assert not any(flag.startswith(("-mavx", "-march")) for flag in cpp.build_flags()[0])
+    baseline = cpp.build_directory(source)
+    monkeypatch.delenv("M2D_ISA")
     source.write_text("// version 2\n")
     edited = cpp.build_directory(source)
     source.write_text("// version 1\n")
     monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
     other_torch = cpp.build_directory(source)
-    assert len({default, native, edited, other_torch}) == 4
+    assert len({default, native, baseline, edited, other_torch}) == 5
+
+
+@pytest.mark.parametrize("value, message", [("sse9", "M2D_ISA must be one of"), ("avx512", "lacks")])
+def test_isa_must_be_known_and_supported_by_the_cpu(monkeypatch, value, message):
+    """M2D_ISA names an ISA of cpp.ISA_FLAGS that this CPU has: a ValueError naming the variable otherwise."""
+    monkeypatch.setenv("M2D_ISA", value)
+    if value == "avx512":  # pretend a CPU without AVX-512
+        monkeypatch.setattr(cpp, "_cpu_flags", lambda: {"avx2", "fma"})
+        monkeypatch.setattr(cpp.platform, "machine", lambda: "x86_64")
+    with pytest.raises(ValueError, match=message):
+        cpp.build_flags()
 
 
 def _hold_build_lock(folder):
