@@ -68,5 +68,6 @@ def format_speed(result: dict) -> str:
              f"  median of {result['timing']['rounds']} interleaved rounds, {result['threads']} torch thread(s), "
              f"{load_text}"]
     if result["warnings"]:
-        lines.append("  warning: the machine looked busy, this speed-up is not reliable: " + "; ".join(result["warnings"]))
+        lines.append("  warning: the machine looked busy, this speed-up is not reliable: "
+                     + "; ".join(result["warnings"]))
     return "\n".join(lines)
