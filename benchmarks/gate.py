@@ -283,7 +283,8 @@ def _parser() -> argparse.ArgumentParser:
                                  help="benchmark file to run, repeatable "
                                       f"(default {' and '.join(DEFAULT_SUITES)})")
         if name == "compare":
-            command.add_argument("run", type=Path, help="a pytest-benchmark JSON (--benchmark-json or --benchmark-save)")
+            command.add_argument("run", type=Path,
+                                 help="a pytest-benchmark JSON (--benchmark-json or --benchmark-save)")
     return parser
 
 
