@@ -290,6 +290,42 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _extension()[1]
 
 
+def build_status() -> tuple[str, str | None]:
+    """``(state, detail)`` of the extension without compiling or loading it: ``"ready"`` (loaded in this process,
+    an ahead-of-time build, or a verified JIT build folder), ``"buildable"`` (source, ninja and a compiler are here:
+    the first call compiles it), or ``"unavailable"`` with the reason."""
+    if _extension.cache_info().currsize:  # already tried in this process: its outcome
+        module, reason = _extension()
+        return ("ready", "loaded") if module is not None else ("unavailable", reason)
+    if importlib.util.find_spec("m2d_kernels._C") is not None:
+        return "ready", "ahead-of-time build (m2d_kernels._C)"
+    source = _source_path()
+    if source is None:
+        return "unavailable", f"the C++ source csrc/{SOURCE_NAME} is missing from this installation"
+    folder = build_directory(source)
+    try:
+        if _built(folder):
+            return "ready", f"built in {folder}"
+    except Exception as error:  # a folder or library we would refuse to load: the first call says why
+        return "unavailable", str(error)
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "unavailable", "ninja is not installed: `pip install ninja` (a dependency of m2d-kernels)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler.split()[0]) is None:
+        return "unavailable", f"no C++ compiler ({compiler}) on the PATH"
+    return "buildable", f"compiled into {folder} on the first call"
+
+
+def probe(device: torch.device) -> str | None:
+    """Like :func:`unavailable_reason`, but never compiles: None when the backend is ready or buildable here."""
+    if torch.device(device).type != "cpu":
+        return "cpp backend runs on CPU tensors"
+    state, detail = build_status()
+    return detail if state == "unavailable" else None
+
+
 class Matryoshka2dInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, docs, dims, active, scale, positive_index, symmetric, scale_grad):
