@@ -250,8 +250,9 @@ def _compile() -> ModuleType:
         if _built(folder):  # built by the process we waited for
             return _load_built(folder)
         _clear_build(folder)
-        print(f"m2d-kernels: compiling the C++ backend into {folder} (once per torch version and source, "
-              "1-2 min)...", file=sys.stderr, flush=True)
+        # Measured once: 43 s of CPU time, 2.6 min wall on a busy 2-core VM (docs/benchmarks.md).
+        print(f"m2d-kernels: compiling the C++ backend into {folder} (once per torch version and source; "
+              "about 45 s of CPU time, longer on a busy machine)...", file=sys.stderr, flush=True)
         cflags, ldflags = build_flags()
         module = cpp_extension.load(
             name=EXTENSION_NAME,
