@@ -178,7 +178,8 @@ def stored_runs(storage: Path, exclude: Path | None = None) -> list[Run]:
 
 
 def record_command(storage: Path) -> str:
-    return f"python benchmarks/gate.py record --storage {storage}"
+    default = Path(storage).resolve() == DEFAULT_STORAGE
+    return "python benchmarks/gate.py record" + ("" if default else f" --storage {storage}")
 
 
 def compare(new: Run, stored: list[Run], threshold: float = DEFAULT_THRESHOLD,
@@ -211,6 +212,14 @@ def compare(new: Run, stored: list[Run], threshold: float = DEFAULT_THRESHOLD,
         if unmatched:
             result.notes.append(f"{len(unmatched)} benchmark(s) of {suite} are not in its baseline {baseline.path.name}"
                                 f": {', '.join(unmatched)}")
+    baseline_paths = {row.baseline_path for row in result.medians}
+    compared = [(new, "this run")] + [(run, f"the baseline {run.path.name}") for run in stored
+                                      if run.path in baseline_paths]
+    for run, role in compared:
+        busy = _busy_reason(run)
+        if busy:
+            result.notes.append(f"{role} ran on a busy machine ({busy}): its medians measure the load as much as "
+                                "the code; the ratios are the figures to trust")
     new_ratios = new.ratios()
     if new_ratios:
         with_ratios = [run for run in stored if set(run.ratios()) & set(new_ratios)]
@@ -228,6 +237,16 @@ def compare(new: Run, stored: list[Run], threshold: float = DEFAULT_THRESHOLD,
         else:
             result.notes.append("no stored run has the side-by-side ratios: nothing to compare them with")
     return result
+
+
+def _busy_reason(run: Run) -> str | None:
+    """Why a run's medians are suspect: its 1-minute load average (start or end) above the CPU count."""
+    cores = (run.machine_info.get("cpu") or {}).get("count")
+    loads = [run.machine_info.get(key) for key in ("load_average_start", "load_average")]
+    worst = max((load[0] for load in loads if load), default=None)
+    if cores and worst is not None and worst > cores:
+        return f"load average {worst:.2f} on {cores} cores"
+    return None
 
 
 def format_result(result: GateResult) -> str:

@@ -137,3 +137,14 @@ def test_non_benchmark_json_in_the_storage_is_ignored(gate, tmp_path, capsys):
     (storage / "broken.json").write_text("{")
     status, out = run_gate(gate, capsys, new_run(tmp_path, cpp=0.100), "--storage", storage)
     assert status == 0 and "passed: 3 median(s)" in out
+
+
+def test_a_run_on_a_busy_machine_is_named_as_such(gate, tmp_path, capsys):
+    storage = tmp_path / "results"
+    baseline(storage, machine=AMD | {"cpu": {"brand_raw": "AMD EPYC", "count": 2}, "load_average": [5.1, 5.8, 6.0]})
+    status, out = run_gate(gate, capsys, new_run(tmp_path, machine=AMD | {"cpu": {"brand_raw": "AMD EPYC", "count": 2},
+                                                                            "load_average": [0.3, 0.2, 0.1]}),
+                           "--storage", storage)
+    assert status == 0
+    assert "the baseline 2026-11-22T10:00:00.json ran on a busy machine (load average 5.10 on 2 cores)" in out
+    assert "this run ran on a busy machine" not in out
