@@ -76,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.runs):
         for name, (native, isa) in BUILDS.items():
             env = {**os.environ, "M2D_NATIVE": native, "M2D_BUILD_DIR": str(Path(args.build_dir).resolve())}
-            output = subprocess.run([sys.executable, __file__, "--child", json.dumps(isa), "--rounds", str(args.rounds),
-                                     "--threads", str(args.threads), "--build-dir", args.build_dir],
-                                    env=env, check=True, capture_output=True, text=True).stdout
-            results[name].append(json.loads(output.strip().splitlines()[-1]))
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(isa), "--rounds", str(args.rounds),
+                                   "--threads", str(args.threads), "--build-dir", args.build_dir],
+                                  env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"isa_builds: the {name} process failed:\n{done.stderr}", file=sys.stderr)
+                return 1
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(name, results[name][-1], flush=True)
     print("\nbuild        cpp / torch.mm (runs; median)   cpp share of torch.mm's rate   cpp median ms (runs)")
     for name, runs in results.items():
