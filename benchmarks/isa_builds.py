@@ -1,7 +1,7 @@
 """What the ``cpp`` build's instruction set is worth on this CPU: portable, ``-march=native`` and native with
 512-bit vectors, each timed against ``torch.mm`` side by side (docs/benchmarks.md, "What a user on each CPU gets").
 
-    python benchmarks/isa_builds.py --runs 3 --build-dir /tmp/m2d-isa-builds
+    python benchmarks/isa_builds.py --runs 3 --build-dir <folder>     (from a checkout: PYTHONPATH=$PWD)
 
 Each build compiles once into ``--build-dir`` (about 45 s of CPU time each). The builds run in fresh processes,
 alternating (portable, native, native-512, portable, ...), each timing ``cpp`` forward+backward and the
