@@ -7,6 +7,9 @@ so that the numbers share the machine's state:
 
     pytest benchmarks/test_bench_loss.py benchmarks/test_bench_cpp.py \
         --benchmark-storage=benchmarks/results --benchmark-save=cpu
+
+Each provider's median over ``torch.mm``'s at the same shape is the figure benchmarks/gate.py compares
+across machines (measured side by side, it does not depend on the machine's load as much as a median).
 """
 
 from __future__ import annotations

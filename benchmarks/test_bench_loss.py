@@ -12,9 +12,9 @@ and achieved GFLOP/s against the prefix-trick FLOP count
 
 Run (CPU) and store:
     pytest benchmarks/test_bench_loss.py --benchmark-storage=benchmarks/results --benchmark-save=cpu
-Regression gate against the latest stored run on this machine:
-    pytest benchmarks/test_bench_loss.py --benchmark-storage=benchmarks/results \
-        --benchmark-compare --benchmark-compare-fail=median:20%
+Regression gate against the stored run of this suite on this kind of machine (benchmarks/gate.py,
+docs/benchmarks.md; pytest-benchmark's own --benchmark-compare picks the latest file of any suite):
+    python benchmarks/gate.py check
 """
 
 from __future__ import annotations

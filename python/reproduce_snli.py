@@ -13,6 +13,8 @@ Data: SNLI dev + test and STS Benchmark test from a data folder (``--data-dir``,
 ``$M2D_DATA_DIR``) when one is named; otherwise from the Hugging Face Hub (``stanfordnlp/snli``
 validation + test, untokenised; ``sentence-transformers/stsb`` test, scores scaled to 0-1, which
 leaves Spearman unchanged): needs ``datasets`` and the network.
+
+Install: ``pip install -e ".[train,st]"`` (sentence-transformers for the comparison, datasets for the Hub fallback).
 """
 
 from __future__ import annotations

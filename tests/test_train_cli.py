@@ -56,7 +56,7 @@ def test_missing_data_file(tiny_bert, tmp_path, capsys):
 
 def test_unknown_layer(tiny_bert, pairs_file, capsys):
     err = _error_of(["--model", str(tiny_bert), "--data", str(pairs_file), "--layers", "1,7"], capsys)
-    assert "unknown layer(s) [7]" in err and "1..3" in err
+    assert "--layers [7]: unknown layer(s)" in err and "1..3" in err
 
 
 def test_dim_larger_than_the_model(tiny_bert, pairs_file, capsys):
@@ -76,22 +76,22 @@ def _tiny_args(model, data, out, *extra):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--max-length", "-5"], "max_length must be >= 1"),
-    (["--max-length", "0"], "max_length must be >= 1"),
-    (["--device", "tpu"], "device must be auto, cpu, cuda"),
+    (["--max-length", "-5"], "--max-length must be >= 1, got -5"),
+    (["--max-length", "0"], "--max-length must be >= 1, got 0"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda"),
     (["--backend", "triton"], "--backend triton cannot run on cpu"),
-    (["--backend", "fast"], "backend must be one of"),
-    (["--checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
+    (["--backend", "fast"], "--backend must be one of"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     (["--layers", ","], "argument --layers: expected comma-separated integers, got ','"),
-    (["--epochs", "0", "--steps", "3"], "epochs must be a finite number > 0"),
-    (["--layers-per-step", "0"], "layers_per_step must be >= 1 or -1"),
-    (["--lr", "inf"], "lr must be a finite number > 0"),
-    (["--lr", "nan"], "lr must be a finite number > 0"),
-    (["--scale", "-1"], "scale must be a finite number > 0"),
-    (["--warmup-ratio", "1"], "warmup_ratio must be in [0, 1)"),
-    (["--batch-size", "0"], "batch_size must be >= 1"),
-    (["--grad-accum", "0"], "grad_accum must be >= 1"),
-    (["--steps", "0"], "steps must be >= 1"),
+    (["--epochs", "0", "--steps", "3"], "--epochs must be a finite number > 0"),
+    (["--layers-per-step", "0"], "--layers-per-step must be >= 1 or -1"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--scale", "-1"], "--scale must be a finite number > 0"),
+    (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
     (["--holdout", "-1"], "--holdout must be >= 0"),
     (["--eval", "stsb-tset"], "unknown set 'stsb-tset'"),
     (["--eval", "heldout,none"], "--eval none cannot be combined"),
@@ -101,6 +101,9 @@ def _tiny_args(model, data, out, *extra):
     (["--layers", "x"], "expected comma-separated integers"),
     (["--dims", "8,,32"], "argument --dims: expected comma-separated integers, got '8,,32'"),
     (["--layers", "1,2,"], "argument --layers: expected comma-separated integers, got '1,2,'"),
+    (["--dims", "16,8"], "--dims must be strictly increasing positive ints, got [16, 8]"),
+    (["--layers", "1,1"], "--layers must be distinct, got [1, 1]"),
+    (["--dims-per-step", "0"], "--dims-per-step must be >= 1 or -1 (all), got 0"),
 ])
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(extra, words, tiny_bert, pairs_file, tmp_path,
                                                                capsys, no_model_loading, monkeypatch):
@@ -115,9 +118,31 @@ def test_output_dir_that_is_a_file_fails_before_training(tiny_bert, pairs_file, 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     err = _error_of(_tiny_args(tiny_bert, pairs_file, blocker), capsys)
-    assert "exists and is not a folder" in err and str(blocker) in err
+    assert f"--output-dir {blocker}: {blocker} exists and is not a folder" in err
     err = _error_of(_tiny_args(tiny_bert, pairs_file, blocker / "below"), capsys)
     assert "exists and is not a folder" in err
+
+
+@pytest.mark.parametrize("n_pairs, hint", [(1, "add training pairs, or pass --eval none"),
+                                           (40, "pass a smaller --holdout (e.g. --holdout 8) or --eval none")])
+def test_holdout_larger_than_the_data_names_the_flags(n_pairs, hint, tiny_bert, tmp_path, capsys, no_model_loading,
+                                                      monkeypatch):
+    data = write_pairs_jsonl(tmp_path / "few.jsonl", n_pairs)
+    monkeypatch.chdir(tmp_path)  # the default output folder, runs/<date-time>, is made here
+    args = ["--model", str(tiny_bert), "--data", str(data), "--device", "cpu", "--dims", "8,16,32", "--holdout", "150"]
+    err = _error_of(args, capsys)
+    assert f"--holdout 150: --data {data} has {n_pairs} example(s)" in err and hint in err, err
+    # The run stopped on its data: no empty runs/<date-time>/ is left behind (nor runs/ itself).
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_data_error_leaves_an_existing_output_parent_alone(tiny_bert, tmp_path, capsys, no_model_loading):
+    data = write_pairs_jsonl(tmp_path / "few.jsonl", 1)
+    parent = tmp_path / "kept"
+    parent.mkdir()
+    _error_of(["--model", str(tiny_bert), "--data", str(data), "--device", "cpu", "--dims", "8,16,32",
+               "--output-dir", str(parent / "run")], capsys)
+    assert parent.is_dir() and not (parent / "run").exists()
 
 
 def test_non_utf8_data_names_file_and_line(tiny_bert, tmp_path, capsys, no_model_loading):

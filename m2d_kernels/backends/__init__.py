@@ -84,7 +84,39 @@ def _choose(name: str, device_name: str, dtype_name: str) -> str:
     raise RuntimeError(f"no backend can run on {device}")  # unreachable: "torch" runs anywhere
 
 
+def _devices() -> list[torch.device]:
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def _probe(name: str, device: torch.device) -> str | None:
+    """Why ``name`` can neither run nor be built for ``device``, without building it (a module's ``probe``)."""
+    module, reason = _load(name)
+    if module is None:
+        return reason
+    return module.probe(device) if hasattr(module, "probe") else module.unavailable_reason(device)
+
+
 def available_backends() -> list[str]:
-    """Backends that can run here, on the CPU or on this machine's GPU."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    return [name for name in _MODULES if any(unavailable_reason(name, d) is None for d in devices)]
+    """Backends that can run here, on the CPU or on this machine's GPU, or that are built on their first call.
+
+    Builds nothing: ``cpp`` is listed when its extension is built or can be (source, ninja and a compiler are
+    here); :func:`backend_status` tells which, and the first ``cpp`` call then pays for the compile.
+    """
+    return [name for name in _MODULES if any(_probe(name, device) is None for device in _devices())]
+
+
+def backend_status() -> dict[str, str]:
+    """Name -> ``"ready"``, ``"buildable: <how>"`` (``cpp`` before its first call compiles it) or
+    ``"unavailable: <reason>"``, for every backend, without building anything."""
+    status = {}
+    for name in _MODULES:
+        reasons = [_probe(name, device) for device in _devices()]
+        if any(reason is None for reason in reasons):
+            if hasattr(_loaded[name], "build_status"):  # compiled on first use (cpp): say whether it is built yet
+                state, detail = _loaded[name].build_status()
+                status[name] = "ready" if state == "ready" else f"{state}: {detail}"
+            else:
+                status[name] = "ready"
+        else:
+            status[name] = f"unavailable: {reasons[0]}"
+    return status

@@ -84,7 +84,7 @@ ISA_ENV = "M2D_ISA"
 ISA_FLAGS = {
     "baseline": ([], set()),
     "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
-    "avx512": (["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"],
+    "avx512": (["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mprefer-vector-width=512"],
                {"avx512f", "avx512dq", "avx512bw", "avx512vl", "fma"}),
     "native": (["-march=native"], set()),
 }
@@ -109,6 +109,9 @@ def build_flags() -> tuple[list[str], list[str]]:
     """(compile flags, link flags): portable by default (module docstring, ``isa``); every flag is part of the
     build folder's key, so each ISA builds into a folder of its own."""
     isa_flags = ISA_FLAGS[isa()][0]
+    if isa() == "native" and "avx512f" in _cpu_flags():
+        # GCC's -march=native keeps 256-bit vectors on recent Intel CPUs; the avx512 ISA asks for 512 already.
+        isa_flags = isa_flags + ["-mprefer-vector-width=512"]
     # No fused multiply-add contraction: it would let z - max skip rounding z, so forward and
     # backward could see different logits (and at scale 1e10, exp of a large positive number).
     # -fno-trapping-math (no FP-exception flags are read) lets GCC if-convert the clamps of
@@ -269,8 +272,9 @@ def _compile() -> ModuleType:
         if _built(folder):  # built by the process we waited for
             return _load_built(folder)
         _clear_build(folder)
-        print(f"m2d-kernels: compiling the C++ backend into {folder} (once per torch version and source, "
-              "1-2 min)...", file=sys.stderr, flush=True)
+        # Measured once: 43 s of CPU time, 2.6 min wall on a busy 2-core VM (docs/benchmarks.md).
+        print(f"m2d-kernels: compiling the C++ backend into {folder} (once per torch version and source; "
+              "about 45 s of CPU time, longer on a busy machine)...", file=sys.stderr, flush=True)
         cflags, ldflags = build_flags()
         module = cpp_extension.load(
             name=EXTENSION_NAME,
@@ -307,6 +311,42 @@ def unavailable_reason(device: torch.device) -> str | None:
     if torch.device(device).type != "cpu":
         return "cpp backend runs on CPU tensors"
     return _extension()[1]
+
+
+def build_status() -> tuple[str, str | None]:
+    """``(state, detail)`` of the extension without compiling or loading it: ``"ready"`` (loaded in this process,
+    an ahead-of-time build, or a verified JIT build folder), ``"buildable"`` (source, ninja and a compiler are here:
+    the first call compiles it), or ``"unavailable"`` with the reason."""
+    if _extension.cache_info().currsize:  # already tried in this process: its outcome
+        module, reason = _extension()
+        return ("ready", "loaded") if module is not None else ("unavailable", reason)
+    if importlib.util.find_spec("m2d_kernels._C") is not None:
+        return "ready", "ahead-of-time build (m2d_kernels._C)"
+    source = _source_path()
+    if source is None:
+        return "unavailable", f"the C++ source csrc/{SOURCE_NAME} is missing from this installation"
+    folder = build_directory(source)
+    try:
+        if _built(folder):
+            return "ready", f"built in {folder}"
+    except Exception as error:  # a folder or library we would refuse to load: the first call says why
+        return "unavailable", str(error)
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "unavailable", "ninja is not installed: `pip install ninja` (a dependency of m2d-kernels)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler.split()[0]) is None:
+        return "unavailable", f"no C++ compiler ({compiler}) on the PATH"
+    return "buildable", f"compiled into {folder} on the first call"
+
+
+def probe(device: torch.device) -> str | None:
+    """Like :func:`unavailable_reason`, but never compiles: None when the backend is ready or buildable here."""
+    if torch.device(device).type != "cpu":
+        return "cpp backend runs on CPU tensors"
+    state, detail = build_status()
+    return detail if state == "unavailable" else None
 
 
 def shares_tiles(similarity: str, scale: float | None = None) -> bool:

@@ -262,6 +262,9 @@ class _FusedMatryoshkaBase(nn.Module):
             if reason is None:  # AdaptiveLayerLoss warns it cannot use a cached base loss; the fused loss can
                 warnings.filterwarnings("ignore", message="AdaptiveLayerLoss is not compatible", category=UserWarning)
             unfused = self._st_class(model, loss, **st_args)  # sentence-transformers' validation, verbatim
+        if "n_dims_per_step" in st_args:
+            check_per_step("n_dims_per_step", st_args["n_dims_per_step"], len(st_args["matryoshka_dims"]),
+                           "matryoshka_dims")
         if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or int(mini_batch_size) < 1):
             raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
         self.model = model
@@ -438,7 +441,8 @@ class _FusedMatryoshkaBase(nn.Module):
 class FusedMatryoshkaLoss(_FusedMatryoshkaBase):
     """Fused ``MatryoshkaLoss(model, MultipleNegativesRankingLoss, ...)``: all dims in one call.
 
-    Args match sentence-transformers' ``MatryoshkaLoss`` (same validation). A base loss of
+    Args match sentence-transformers' ``MatryoshkaLoss`` (same validation, and ``n_dims_per_step``
+    outside -1 and 1..len(matryoshka_dims) refused: :func:`check_per_step`). A base loss of
     ``SUPPORTED_BASE_LOSS`` with finite non-negative weights is fused with all its options (module
     docstring); an option of those classes the kernels cannot express is a ValueError naming it; any
     other base loss runs sentence-transformers' ``MatryoshkaLoss``, with one warning at the first
@@ -492,7 +496,8 @@ class FusedMatryoshkaLoss(_FusedMatryoshkaBase):
 class FusedAdaptiveLayerLoss(_FusedMatryoshkaBase):
     """Fused ``AdaptiveLayerLoss``: the final and the selected prior layers in one call, one encoder pass per column.
 
-    Args match sentence-transformers' ``AdaptiveLayerLoss`` (same validation); the pairs are the
+    Args match sentence-transformers' ``AdaptiveLayerLoss`` (same validation, and ``n_layers_per_step``
+    outside -1 and 1..available refused: :func:`check_per_step`); the pairs are the
     layers at the full embedding width. See the module docstring for the loss, and
     :class:`FusedMatryoshkaLoss` for what is fused and for the extra ``mini_batch_size`` and ``backend``.
     """
@@ -525,6 +530,8 @@ class FusedAdaptiveLayerLoss(_FusedMatryoshkaBase):
                    "prior_layers_weight": layer_args["prior_layers_weight"],
                    "matryoshka_weights": matryoshka_args.get("matryoshka_weights")}
         super().__init__(model, loss, {**matryoshka_args, **layer_args}, weights, mini_batch_size, backend)
+        check_per_step("n_layers_per_step", layer_args["n_layers_per_step"], _hidden_layer_count(model),
+                       "layers before the last (which is always trained)")
         for name, value in layer_args.items():
             setattr(self, name, value)
 
@@ -540,6 +547,9 @@ class FusedAdaptiveLayerLoss(_FusedMatryoshkaBase):
     def _plan(self, num_layers: int) -> _Plan:
         rows = [self._dim_weights(self._sample_dims(), self.last_layer_weight)]
         candidates = range(num_layers - 1)  # hidden state 0 (the embedding output) included
+        # The count is checked at construction when the model tells it; here for any other model.
+        check_per_step("n_layers_per_step", self.n_layers_per_step, len(candidates),
+                       "layers before the last (which is always trained)")
         if 0 < self.n_layers_per_step < len(candidates):
             candidates = random.sample(candidates, self.n_layers_per_step)
         for layer in candidates:
@@ -600,10 +610,36 @@ class FusedAdaptiveLayerLoss(_FusedMatryoshkaBase):
         return MATRYOSHKA_2D_CITATION
 
 
+def check_per_step(name: str, value: int, available: int | None, what: str) -> None:
+    """``n_layers_per_step`` / ``n_dims_per_step`` must be -1 (all) or 1..``available``.
+
+    sentence-transformers' losses use every layer / dim for any value outside ``1 .. available - 1``: 0, -2 or
+    more than there are train on all of them without a word. Those values are refused here, where the intent
+    (none? a typo? a model with fewer layers than thought?) cannot be known; ``available`` itself and -1 mean all.
+    ``available`` None (a model that does not say its depth before the first forward) checks the sign only.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value == -1 or (value >= 1 and (available is None or value <= available)):
+        return
+    bound, count = (f"1 to {available}", f"{available} ") if available is not None else (">= 1", "")
+    raise ValueError(f"{name} must be -1 (all) or {bound} (the {count}{what}), got {value}; sentence-transformers' "
+                     "own loss would silently use all of them")
+
+
+def _hidden_layer_count(model: nn.Module) -> int | None:
+    """The encoder's number of transformer layers, when its first module is a Transformer that says it."""
+    try:
+        return int(model[0].auto_model.config.num_hidden_layers)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
 class FusedMatryoshka2dLoss(FusedAdaptiveLayerLoss):
     """Fused ``Matryoshka2dLoss``: every selected (layer, dim) pair in one call, one encoder pass per column.
 
-    Args match sentence-transformers' ``Matryoshka2dLoss`` (same validation; see the module docstring
+    Args match sentence-transformers' ``Matryoshka2dLoss`` (same validation, and ``n_*_per_step`` outside -1 and
+    1..available refused: :func:`check_per_step`; see the module docstring
     for the loss, and :class:`FusedMatryoshkaLoss` for what is fused). Extra keyword-only args:
     ``mini_batch_size`` (gradient caching, for batches whose activations do not fit at once) and ``backend``.
     """

@@ -23,6 +23,7 @@ from m2d_kernels.train import data as datasets
 from m2d_kernels.train import evaluate, loop, parallel
 from m2d_kernels.train.atomic import OutputFolderBusy, OutputWriteError, output_lock
 from m2d_kernels.train.encoder import POOLINGS, LayerEncoder, check_layers_and_dims, model_shape
+from m2d_kernels.train.errors import ConfigError
 from m2d_kernels.train.loop import PRECISIONS, SCHEDULES, TrainConfig, default_dims, step_weights, train
 from m2d_kernels.train.speed import compare_with_reference, format_speed
 
@@ -290,6 +291,16 @@ def load_training_examples(args, data_dir: Path | None) -> list[datasets.Example
     return datasets.read_examples(args.data)
 
 
+def _check_holdout(holdout: int, n_examples: int, data: str) -> None:
+    """--eval heldout keeps ``holdout`` pairs out of training: the data must have more than that."""
+    if holdout < n_examples:
+        return
+    hint = (f"pass a smaller --holdout (e.g. --holdout {n_examples // 5}) or --eval none" if n_examples >= 5
+            else "add training pairs, or pass --eval none (no held-out evaluation)")
+    raise UsageError(f"--holdout {holdout}: --data {data} has {n_examples} example(s), and --eval heldout needs "
+                     f"more than --holdout of them; {hint}")
+
+
 def load_eval_sets(names: list[str], data_dir: Path | None, heldout: list) -> list[tuple[str, object]]:
     """(name, ScoredPairs or held-out pairs) for every requested set; errors before any training."""
     sets = []
@@ -330,13 +341,37 @@ def run(args) -> dict | None:
     """Train and evaluate; the summary on rank 0, None on the other ranks (they only train)."""
     plan = plan_run(args)
     if plan.world.is_main_process:
-        # Held for the whole run, so a second run on this folder is refused at once.
-        with output_lock(plan.output_dir):
-            checkpoint = plan.output_dir / loop.CHECKPOINT_NAME
-            if args.overwrite and not plan.config.resume:
-                checkpoint.unlink(missing_ok=True)  # a later --resume must not find the replaced run's state
-            return _run(args, plan)
+        created = _missing_folders(plan.output_dir)
+        try:
+            # Held for the whole run, so a second run on this folder is refused at once.
+            with output_lock(plan.output_dir):
+                checkpoint = plan.output_dir / loop.CHECKPOINT_NAME
+                if args.overwrite and not plan.config.resume:
+                    checkpoint.unlink(missing_ok=True)  # a later --resume must not find the replaced run's state
+                return _run(args, plan)
+        except BaseException:
+            _remove_empty(created)  # a run stopped by a data error leaves no empty runs/<date-time>/ behind
+            raise
     return _run(args, plan)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            break
+        missing.append(candidate)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created, deepest first, while they are empty (never what another wrote)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote something a user may want), or already gone
+            return
 
 
 def _run(args, plan: Plan) -> dict | None:
@@ -345,6 +380,7 @@ def _run(args, plan: Plan) -> dict | None:
     examples = load_training_examples(args, plan.data_dir)
     heldout = []
     if "heldout" in plan.eval_names:
+        _check_holdout(args.holdout, len(examples), args.data)
         examples, heldout = datasets.split_holdout(examples, args.holdout, args.seed)
     loop.check_config(config, len(examples), world.world_size)
     eval_sets = load_eval_sets(plan.eval_names, plan.data_dir, heldout)
@@ -395,6 +431,13 @@ def _file_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def flag_message(error: ConfigError, parser: argparse.ArgumentParser) -> str:
+    """The one place where a TrainConfig field's error is told in the command line's words: the field's flag
+    (``batch_size`` -> ``--batch-size``), or the field's own name for a setting no flag sets."""
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    return f"{flags.get(error.field, error.field)} {error.detail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``m2d-train``; a bad setting or missing file exits with status 2 and one line on
     stderr, a run that fails (non-finite loss) with status 1."""
@@ -404,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (loop.NonFiniteLossError, OutputWriteError) as error:  # the run failed; what it wrote is whole
         parser.exit(1, f"{PROG}: error: {error}\n")
+    except ConfigError as error:
+        parser.exit(2, f"{PROG}: error: {flag_message(error, parser)}\n")
     except (FileNotFoundError, ValueError, ImportError, OutputFolderBusy) as error:
         parser.exit(2, f"{PROG}: error: {error}\n")
     finally:

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from m2d_kernels.train.errors import ConfigError
+
 POOLINGS = ("mean", "cls")
 
 
@@ -44,14 +46,14 @@ def check_layers_and_dims(layers: Sequence[int], dims: Sequence[int], num_layers
     increasing positive ints up to ``hidden_size``."""
     bad_layers = [layer for layer in layers if not 0 <= layer <= num_layers]
     if bad_layers or not layers:
-        raise ValueError(f"unknown layer(s) {bad_layers or list(layers)}: this model has layers 1..{num_layers} "
-                         "(0 is the embedding output)")
+        raise ConfigError("layers", f"{bad_layers or list(layers)}: unknown layer(s), this model has layers "
+                                    f"1..{num_layers} (0 is the embedding output)")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"layers must be distinct, got {list(layers)}")
+        raise ConfigError("layers", f"must be distinct, got {list(layers)}")
     if not dims or any(b <= a for a, b in zip(dims, dims[1:], strict=False)) or dims[0] < 1:
-        raise ValueError(f"dims must be strictly increasing positive ints, got {list(dims)}")
+        raise ConfigError("dims", f"must be strictly increasing positive ints, got {list(dims)}")
     if dims[-1] > hidden_size:
-        raise ValueError(f"dim {dims[-1]} is larger than the model's hidden size {hidden_size}")
+        raise ConfigError("dims", f"{list(dims)}: dim {dims[-1]} is larger than the model's hidden size {hidden_size}")
 
 
 class LayerEncoder(nn.Module):

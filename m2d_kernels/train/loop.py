@@ -48,6 +48,7 @@ from m2d_kernels.functional import matryoshka_2d_infonce
 from m2d_kernels.train.atomic import atomic_directory, atomic_write, output_lock, remove_stale_temporaries
 from m2d_kernels.train.data import Example
 from m2d_kernels.train.encoder import LayerEncoder
+from m2d_kernels.train.errors import ConfigError
 from m2d_kernels.train.parallel import World, barrier, gather_to_main, mean_over_ranks, shard, start
 
 SCHEDULES = ("full_grid", "starbucks", "sampled")
@@ -112,8 +113,8 @@ def default_dims(hidden_size: int) -> tuple[int, ...]:
     return tuple(dims) + (hidden_size,)
 
 
-def _bad(name: str, expected: str, value: object) -> ValueError:
-    return ValueError(f"{name} must be {expected}, got {value!r}")
+def _bad(name: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(name, f"must be {expected}, got {value!r}")
 
 
 def check_config(config: TrainConfig, n_examples: int | None = None, world_size: int = 1) -> None:
@@ -160,10 +161,10 @@ def check_config(config: TrainConfig, n_examples: int | None = None, world_size:
                                     or any(b <= a for a, b in zip(config.dims, config.dims[1:], strict=False))):
         raise _bad("dims", "strictly increasing positive ints", config.dims)
     if config.batch_size % world_size:
-        raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of the "
-                         f"{world_size} processes")
+        raise ConfigError("batch_size", f"{config.batch_size} (the global batch) must be a multiple of the "
+                                        f"{world_size} processes")
     if n_examples is not None and config.batch_size > n_examples:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the {n_examples} training examples")
+        raise ConfigError("batch_size", f"{config.batch_size} is larger than the {n_examples} training examples")
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
@@ -173,10 +174,10 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     existing = [candidate for candidate in (path, *path.parents) if candidate.exists()]
     for candidate in existing:
         if not candidate.is_dir():
-            raise ValueError(f"output_dir {path}: {candidate} exists and is not a folder")
+            raise ConfigError("output_dir", f"{path}: {candidate} exists and is not a folder")
     nearest = existing[0] if existing else Path(".")
     if not os.access(nearest, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir {path}: {nearest} is not writable")
+        raise ConfigError("output_dir", f"{path}: {nearest} is not writable")
     return path
 
 

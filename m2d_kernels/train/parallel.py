@@ -22,6 +22,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from m2d_kernels.train.errors import ConfigError
+
 Item = TypeVar("Item")
 
 
@@ -49,11 +51,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {name!r}") from None
+        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:<index>, got {name!r}") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {name!r} (the loop runs on those)")
+        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:<index>, got {name!r} (the loop runs on those)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        raise ConfigError("device", f"{name!r} asked for, but CUDA is not available here")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
