@@ -25,6 +25,7 @@ from m2d_kernels.train.atomic import OutputFolderBusy, OutputWriteError, output_
 from m2d_kernels.train.encoder import POOLINGS, LayerEncoder, check_layers_and_dims, model_shape
 from m2d_kernels.train.loop import PRECISIONS, SCHEDULES, TrainConfig, default_dims, step_weights, train
 from m2d_kernels.train.speed import compare_with_reference, format_speed
+from m2d_kernels.train.st_folder import check_base_modules
 
 PROG = "m2d-train"
 DEFAULT_STEPS = 30
@@ -217,6 +218,7 @@ def plan_run(args) -> Plan:
 
     model_path = args.model or default_model_path()
     num_layers, hidden_size = model_shape(model_path)
+    check_base_modules(model_path)
     layers = tuple(args.layers if args.layers is not None else range(1, num_layers + 1))
     dims = tuple(args.dims if args.dims is not None else default_dims(hidden_size))
     check_layers_and_dims(layers, dims, num_layers, hidden_size)
@@ -362,7 +364,8 @@ def _run(args, plan: Plan) -> dict | None:
     encoder.to(device)
     before = run_evaluation(encoder, eval_sets, layers, dims, args.eval_batch_size)
     parallel.barrier(world)
-    result = train(config, examples, encoder=encoder, world=world, progress=not args.no_progress)
+    result = train(config, examples, encoder=encoder, world=world, progress=not args.no_progress,
+                   data_label=args.data, model_label=plan.model_label)
     if result.losses:
         print(f"trained to step {result.steps} in {result.seconds:.1f} s (last loss {result.losses[-1]:.4f})")
     after = run_evaluation(result.encoder, eval_sets, layers, dims, args.eval_batch_size)
