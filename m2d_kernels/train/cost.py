@@ -2,7 +2,9 @@
 
 - encode time of the encoder cut to its first ``l`` layers (the model ``m2d-export --layer l``
   serves): milliseconds per 1,000 texts and texts per second, median of ``repeats`` timed passes
-  over the same texts after one warm-up pass, tokenisation and pooling included;
+  over the same texts after one warm-up pass, tokenisation and pooling included. Every layer is timed
+  in the same pass of the full encoder (:func:`time_layers`): the cut encoder runs exactly the ops of
+  the full one up to layer ``l``, so its time is the time until layer ``l``'s output, plus pooling;
 - bytes per stored vector at each dim: fp32 (4 bytes a feature), int8 (1 byte a feature, plus one
   fp32 scale per vector for symmetric per-vector quantisation), binary (one bit a feature, rounded up
   to whole bytes);
@@ -63,6 +65,48 @@ def time_encode(pipeline: pipelines.Pipeline, model: torch.nn.Module, tokenizer,
             if attempt:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_layers(pipeline: pipelines.Pipeline, model: torch.nn.Module, tokenizer, texts: Sequence[str],
+                batch_size: int = 32, repeats: int = 3) -> list[float]:
+    """Median seconds to embed ``texts`` with the encoder cut after each of its layers (element ``l - 1``: the
+    first ``l`` layers), from ``repeats`` passes of the full encoder after a warm-up pass: a forward hook on
+    each layer reads the clock (after a device sync on CUDA), and each batch's tokenisation and pooling time
+    is added to every layer's."""
+    device = next(model.parameters()).device
+    parent, name = pipelines.layer_stack(model)
+    stack = getattr(parent, name)
+    stamps: list[float] = []
+
+    def stamp(*_) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    hooks = [layer.register_forward_hook(stamp) for layer in stack]
+    passes = []
+    try:
+        with torch.no_grad():
+            for attempt in range(repeats + 1):
+                totals = [0.0] * len(stack)
+                for begin in range(0, len(texts), batch_size):
+                    stamps.clear()
+                    _sync(device)
+                    start = time.perf_counter()
+                    batch = pipelines.tokenize(pipeline, tokenizer, texts[begin:begin + batch_size], device)
+                    output = model(**batch)
+                    _sync(device)
+                    pooling_start = time.perf_counter()
+                    pipelines.head(pipeline, output.last_hidden_state, batch["attention_mask"])
+                    _sync(device)
+                    pooling = time.perf_counter() - pooling_start
+                    for index, moment in enumerate(stamps[:len(stack)]):
+                        totals[index] += moment - start + pooling
+                if attempt:
+                    passes.append(totals)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [statistics.median(run[index] for run in passes) for index in range(len(stack))]
 
 
 def time_search(dim: int, corpus_size: int, queries: int, device: torch.device, repeats: int = 3,
@@ -144,11 +188,15 @@ def measure_costs(model_path: str, layers: Sequence[int], dims: Sequence[int], t
         raise ValueError("texts must not be empty")
     if model is None:
         _, model, tokenizer = pipelines.load(model_path, device)
-    encode = []
-    for layer in layers:
-        with pipelines.first_layers(model, layer):
-            encode.append(time_encode(pipeline, model, tokenizer, texts, batch_size, repeats))
-    search = [time_search(dim, search_corpus_size, search_queries, device, repeats) for dim in dims]
+    was_training = model.training
+    model.eval()
+    try:
+        per_layer = time_layers(pipeline, model, tokenizer, texts, batch_size, repeats)
+    finally:
+        model.train(was_training)
+    encode = [per_layer[layer - 1] for layer in layers]
+    # A search takes milliseconds: more repeats cost little and steady the median.
+    search = [time_search(dim, search_corpus_size, search_queries, device, max(repeats, 7)) for dim in dims]
     sizes = [bytes_per_vector(dim) for dim in dims]
     return CostGrid(
         layers=list(layers), dims=list(dims),

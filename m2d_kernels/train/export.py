@@ -106,12 +106,15 @@ def _exported_embeddings(folder: Path, texts, source: pipelines.Pipeline) -> tor
 
 def export(model_path: str | os.PathLike, layer: int, dim: int, output_dir: str | os.PathLike, *,
            tolerance: float = DEFAULT_TOLERANCE, measure_speed: bool = True, device: str = "cpu",
-           model=None, tokenizer=None, names: tuple[str, str] = ("layer", "dim")) -> ExportResult:
+           model=None, tokenizer=None, names: tuple[str, str] = ("layer", "dim"),
+           known_speed: tuple[float, float] | None = None) -> ExportResult:
     """Write the ``(layer, dim)`` model of ``model_path`` (a model or m2d-train run folder) to ``output_dir``,
     atomically. ValueError naming ``names`` for a layer or dim the model lacks; :class:`ExportMismatch` (nothing
     written) when the exported embeddings differ from the source's by more than ``tolerance``.
 
-    ``model`` / ``tokenizer``: the source already loaded (it is restored after use).
+    ``model`` / ``tokenizer``: the source already loaded (it is restored after use). ``known_speed``: the
+    (exported, full) encode milliseconds per 1,000 texts already measured (a run's cost grid), used for the
+    model card instead of measuring again.
     """
     folder = resolve_model_folder(model_path)
     source = pipelines.read_pipeline(folder)
@@ -125,8 +128,11 @@ def export(model_path: str | os.PathLike, layer: int, dim: int, output_dir: str 
     texts = list(PROBE_TEXTS)
     expected = _source_embeddings(source, model, tokenizer, texts, layer, dim)
     timings: dict[str, float] = {}
-    if measure_speed:
-        timing_texts = texts * 8  # 64 texts: a few batches, well under a second for small encoders on a CPU
+    count = 8 * len(PROBE_TEXTS)
+    if known_speed is not None:
+        timings = {"exported": known_speed[0] * count / 1e6, "full": known_speed[1] * count / 1e6}
+    elif measure_speed:
+        timing_texts = texts * 8  # 64 texts (``count``): a few batches, well under a second for small CPU encoders
         timings["full"] = cost.time_encode(source, model, tokenizer, timing_texts)
         with pipelines.first_layers(model, layer):
             timings["exported"] = cost.time_encode(source, model, tokenizer, timing_texts)
@@ -146,7 +152,9 @@ def export(model_path: str | os.PathLike, layer: int, dim: int, output_dir: str 
         if not difference[0] <= tolerance:
             raise ExportMismatch(f"the exported layer {layer}, dim {dim} model differs from the source's (layer, dim) "
                                  f"embeddings by {difference[0]:.3g} (> {tolerance:g}); not written")
-        card = model_card(folder, source, layer, dim, difference[0], timings, machine, str(run_device))
+        how = ("from the run's cost grid (cost.json)" if known_speed is not None else
+               f"{count} probe texts, batches of 32, median of 3 passes")
+        card = model_card(folder, source, layer, dim, difference[0], timings, machine, str(run_device), how)
         write_pipeline(staging, spec, card)
 
     atomic_directory(output_dir, fill)
@@ -156,15 +164,14 @@ def export(model_path: str | os.PathLike, layer: int, dim: int, output_dir: str 
 
 
 def model_card(source_folder: Path, source: pipelines.Pipeline, layer: int, dim: int, difference: float,
-               timings: dict[str, float], machine: str, device: str) -> str:
+               timings: dict[str, float], machine: str, device: str, how: str = "") -> str:
     speed = "Speed was not measured (`--no-speed`)."
     if timings:
         count = 8 * len(PROBE_TEXTS)
         exported, full = (1e6 * timings[k] / count for k in ("exported", "full"))
-        speed = (f"Measured at export on {device} ({machine}): {exported:.1f} ms per 1,000 texts against "
+        speed = (f"Measured on {device} ({machine}): {exported:.1f} ms per 1,000 texts against "
                  f"{full:.1f} ms for the full {source.num_layers}-layer model (x{full / exported:.2f} faster; "
-                 f"{count} short probe texts, batches of 32, median of 3 passes). Vectors take {4 * dim} bytes "
-                 f"in fp32 against {4 * source.width}.")
+                 f"{how}). Vectors take {4 * dim} bytes in fp32 against {4 * source.width}.")
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
