@@ -280,8 +280,10 @@ def save_plot(path: str | os.PathLike, result: PickResult, title: str | None = N
         axis.set_ylabel(f"{result.eval_set} {result.metric} (x 100)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
-    figure.suptitle((title + "\n" if title else "") + "each point: layer/dim; colour: dim; black edge: on the Pareto "
-                    "front of quality, encode time and bytes", fontsize=9)
+    dims = sorted({c.dim for c in result.pairs})
+    figure.suptitle((title + "\n" if title else "") + f"each point: layer/dim; colour: dim, {dims[0]} (dark) to "
+                    f"{dims[-1]} (light); black edge: on the Pareto front of quality, encode time and bytes",
+                    fontsize=9)
     figure.tight_layout()
     atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=110))
     plt.close(figure)
