@@ -146,3 +146,13 @@ def test_a_wrong_export_is_refused_and_not_written(tiny_st, tmp_path, monkeypatc
     with pytest.raises(export.ExportMismatch, match="not written"):
         export.export(tiny_st, 1, 8, tmp_path / "bad", measure_speed=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_checks_itself_without_sentence_transformers(tiny_st, tmp_path, monkeypatch):
+    # The export's own check when sentence-transformers cannot be imported (m2d-train needs only transformers).
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    result = export.export(tiny_st, 2, 16, tmp_path / "out", measure_speed=False)
+    assert result.max_abs_difference <= 1e-6
+    monkeypatch.undo()
+    torch.testing.assert_close(load_elsewhere(tmp_path / "out"), two_d_embeddings(tiny_st, 2, 16, True, 24),
+                               atol=1e-6, rtol=0)

@@ -87,21 +87,23 @@ def _source_embeddings(source: pipelines.Pipeline, model, tokenizer, texts, laye
 
 
 def _exported_embeddings(folder: Path, texts, source: pipelines.Pipeline) -> torch.Tensor:
-    """The exported folder's embeddings as sentence-transformers computes them, when it is installed; else its
+    """The exported folder's embeddings as sentence-transformers computes them, when it can be imported; else its
     files run here: its transformer, the source's pooling, its Dense weights, Normalize."""
     try:
         from sentence_transformers import SentenceTransformer
-    except ImportError:
-        from safetensors.torch import load_file
-        from transformers import AutoModel, AutoTokenizer
 
-        model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-        pooled = pipelines.pooled_layers(source, model, tokenizer, list(texts), [model.config.num_hidden_layers])[0]
-        for dense in sorted(folder.glob("*_Dense")):
-            pooled = pooled @ load_file(dense / "model.safetensors")["linear.weight"].T
-        return torch.nn.functional.normalize(pooled, dim=-1) if source.normalize else pooled
-    model = SentenceTransformer(str(folder), device="cpu")
-    return model.encode(list(texts), convert_to_tensor=True, batch_size=64).float().cpu()
+        model = SentenceTransformer(str(folder), device="cpu")
+        return model.encode(list(texts), convert_to_tensor=True, batch_size=64).float().cpu()
+    except ImportError:  # not installed, or an optional dependency of it is broken: the same pipeline, run here
+        pass
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    pooled = pipelines.pooled_layers(source, model, tokenizer, list(texts), [model.config.num_hidden_layers])[0]
+    for dense in sorted(folder.glob("*_Dense")):
+        pooled = pooled @ load_file(dense / "model.safetensors")["linear.weight"].T
+    return torch.nn.functional.normalize(pooled, dim=-1) if source.normalize else pooled
 
 
 def export(model_path: str | os.PathLike, layer: int, dim: int, output_dir: str | os.PathLike, *,
