@@ -86,20 +86,21 @@ def _source_embeddings(source: pipelines.Pipeline, model, tokenizer, texts, laye
     return pipelines.pair_embedding(source, pooled, dim)
 
 
-def _exported_embeddings(folder: Path, texts, source: pipelines.Pipeline) -> torch.Tensor:
+def _exported_embeddings(folder: Path, texts, source: pipelines.Pipeline, device: torch.device) -> torch.Tensor:
     """The exported folder's embeddings as sentence-transformers computes them, when it can be imported; else its
-    files run here: its transformer, the source's pooling, its Dense weights, Normalize."""
+    files run here: its transformer, the source's pooling, its Dense weights, Normalize. On ``device``, the
+    source's (the same kernels on both sides of the comparison)."""
     try:
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(folder), device="cpu")
+        model = SentenceTransformer(str(folder), device=str(device))
         return model.encode(list(texts), convert_to_tensor=True, batch_size=64).float().cpu()
     except ImportError:  # not installed, or an optional dependency of it is broken: the same pipeline, run here
         pass
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = AutoModel.from_pretrained(folder).to(device), AutoTokenizer.from_pretrained(folder)
     pooled = pipelines.pooled_layers(source, model, tokenizer, list(texts), [model.config.num_hidden_layers])[0]
     for dense in sorted(folder.glob("*_Dense")):
         pooled = pooled @ load_file(dense / "model.safetensors")["linear.weight"].T
@@ -149,7 +150,7 @@ def export(model_path: str | os.PathLike, layer: int, dim: int, output_dir: str 
         spec = PipelineSpec(source.pooling, source.width, source.max_seq_length, source.do_lower_case,
                             source.normalize, keep_dims=dim)
         write_pipeline(staging, spec, card=None)
-        got = _exported_embeddings(staging, texts, source)
+        got = _exported_embeddings(staging, texts, source, run_device)
         difference.append(float((got - expected).abs().max()) if got.shape == expected.shape else float("inf"))
         if not difference[0] <= tolerance:
             raise ExportMismatch(f"the exported layer {layer}, dim {dim} model differs from the source's (layer, dim) "
