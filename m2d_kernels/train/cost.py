@@ -154,6 +154,10 @@ class CostGrid:
 
     @classmethod
     def from_json(cls, payload: dict) -> CostGrid:
+        """The grid :meth:`to_json` wrote; ValueError naming the missing fields of anything else."""
+        missing = [key for key in cls.__dataclass_fields__ if not isinstance(payload, dict) or key not in payload]
+        if missing:
+            raise ValueError(f"not a cost grid: no {', '.join(missing)}")
         return cls(**{key: payload[key] for key in cls.__dataclass_fields__})
 
 
