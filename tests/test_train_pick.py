@@ -150,3 +150,14 @@ def test_measured_cost_grid_of_a_tiny_model(tiny_bert):
     with pytest.raises(ValueError, match=r"dims 33"):
         cost.measure_costs(str(tiny_bert), [1], [33], texts)
 
+
+
+def test_layer_0_is_evaluated_but_not_served(tmp_path):
+    run = tmp_path
+    grid = [[90.0, 95.0], [10.0, 20.0], [30.0, 40.0]]  # the embedding output scores best here: still not a candidate
+    summary = {"after": {"heldout": {"set": "heldout", "layers": [0, 1, 2], "dims": [8, 16],
+                                     "metrics": {"mrr@10": grid}}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "cost.json").write_text(json.dumps(_costs((1, 2), (8, 16)).to_json()))
+    result = pick.pick_run(run, Budget())
+    assert {c.layer for c in result.pairs} == {1, 2} and (result.choice.layer, result.choice.dim) == (2, 16)

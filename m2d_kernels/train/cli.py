@@ -448,6 +448,10 @@ def deploy(args, output_dir: Path, encoder: LayerEncoder, eval_sets, examples, l
     from m2d_kernels.train import cost, export, pick
 
     model_dir = output_dir / loop.MODEL_DIR_NAME
+    layers = [layer for layer in layers if layer >= 1]  # layer 0, the embedding output, is not served
+    if not layers:
+        print("\nno deployment step: the grid has no transformer layer (only layer 0)")
+        return {"pick": None}
     costs = cost.measure_costs(str(model_dir), layers, dims, _cost_texts(eval_sets, examples), device,
                                model=encoder.model, tokenizer=encoder.tokenizer)
     evaluate.write_json_atomic(output_dir / pick.COST_NAME, costs.to_json())

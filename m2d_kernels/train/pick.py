@@ -74,10 +74,11 @@ class Budget:
 
 def candidates(quality: dict, metric: str, costs: CostGrid, precision: str = "fp32") -> list[Candidate]:
     """The pairs of a quality grid (``{"layers", "dims", "metrics": {metric: [[...]]}}``) joined with a cost grid
-    measured on the same layers and dims. ValueError when the metric or a layer / dim has no counterpart."""
+    measured on the same layers and dims. Layer 0 (the embedding output, evaluated when asked for) is not a
+    servable encoder and is left out. ValueError when the metric or a layer / dim has no counterpart."""
     if metric not in quality["metrics"]:
         raise ValueError(f"metric {metric!r} is not in the quality grid (it has {', '.join(quality['metrics'])})")
-    missing = [f"layer {layer}" for layer in quality["layers"] if layer not in costs.layers]
+    missing = [f"layer {layer}" for layer in quality["layers"] if layer >= 1 and layer not in costs.layers]
     missing += [f"dim {dim}" for dim in quality["dims"] if dim not in costs.dims]
     if missing:
         raise ValueError(f"the cost grid lacks {', '.join(missing)} (measured: layers {costs.layers}, dims "
@@ -85,6 +86,8 @@ def candidates(quality: dict, metric: str, costs: CostGrid, precision: str = "fp
     grid = quality["metrics"][metric]
     out = []
     for i, layer in enumerate(quality["layers"]):
+        if layer < 1:
+            continue
         encode = costs.encode_ms_per_1k_texts[costs.layers.index(layer)]
         for j, dim in enumerate(quality["dims"]):
             k = costs.dims.index(dim)
@@ -201,6 +204,8 @@ def pick_run(run_dir: str | os.PathLike, budget: Budget, metric: str | None = No
         costs = CostGrid.from_json(read_json(run / COST_NAME, "the cost grid: m2d-pick --measure writes it"))
     budget.check()
     pairs = candidates(grid, metric, costs, budget.precision)
+    if not pairs:
+        raise ValueError("the quality grid has no transformer layer (only layer 0) to serve")
     return PickResult(name, metric, budget.precision, budget, full_pair(pairs), pareto_front(pairs),
                       pick(pairs, budget), pairs)
 
@@ -311,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="an m2d-train output folder (summary.json, model/)")
     parser.add_argument("--max-ms-per-1k-texts", type=_float, help="encode time limit (default: none)")
-    parser.add_argument("--max-bytes-per-vector", type=_float, help="storage limit per vector (default: none)")
+    parser.add_argument("--max-bytes-per-vector", type=int, help="storage limit per vector (default: none)")
     parser.add_argument("--precision", choices=PRECISION_BYTES, default="fp32",
                         help="how vectors are stored, for --max-bytes-per-vector (default: fp32)")
     parser.add_argument("--min-quality", type=_float, help="quality floor, x 100 (default: none)")
@@ -333,7 +338,8 @@ def measure_run(run_dir: Path, device: str = "cpu") -> CostGrid:
     from m2d_kernels.train.export import PROBE_TEXTS
 
     _, grid = quality_grid(read_json(run_dir / SUMMARY_NAME, "the run's summary"), None)
-    costs = measure_costs(str(run_dir / "model"), grid["layers"], grid["dims"], list(PROBE_TEXTS) * 4, device)
+    layers = [layer for layer in grid["layers"] if layer >= 1]  # layer 0, the embedding output, is not served
+    costs = measure_costs(str(run_dir / "model"), layers, grid["dims"], list(PROBE_TEXTS) * 4, device)
     write_json_atomic(run_dir / COST_NAME, costs.to_json())
     return costs
 
@@ -343,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run = Path(args.run_dir)
-    budget = Budget(args.max_ms_per_1k_texts, None if args.max_bytes_per_vector is None else
-                    int(args.max_bytes_per_vector), args.min_quality, args.within, args.precision)
+    budget = Budget(args.max_ms_per_1k_texts, args.max_bytes_per_vector, args.min_quality, args.within,
+                    args.precision)
     try:
         if not (run / SUMMARY_NAME).is_file():
             raise FileNotFoundError(f"RUN_DIR {run}: no {SUMMARY_NAME} (not an m2d-train output folder)")
