@@ -5,6 +5,7 @@ Spearman (scipy) or a plain-Python ranking per query."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 
@@ -54,12 +55,16 @@ def naive_retrieval(query_vectors, corpus_vectors, relevant_sets, k_ndcg=10, k_m
     return {name: value / len(query_vectors) for name, value in totals.items()}
 
 
-def test_sts_grid_matches_the_naive_computation(model):
+def test_sts_grid_matches_the_naive_computation(model, tmp_path):
     first, second = sentences(24, seed=1), sentences(24, seed=2)
     gold = [random.Random(i).random() * 5 for i in range(24)]
     evaluator = Matryoshka2dEvaluator(layers=LAYERS, dims=DIMS, sentences1=first, sentences2=second, scores=gold,
                                       batch_size=5, name="toy")
-    metrics = evaluator(model)
+    metrics = evaluator(model, output_path=str(tmp_path))
+    evaluator(model, output_path=str(tmp_path), epoch=1, steps=5)
+    rows = (tmp_path / "toy_matryoshka_2d_results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,steps,layer1_dim4_spearman") and rows[2].startswith("1,5,")
+    assert json.loads((tmp_path / "toy_matryoshka_2d_grid.json").read_text())["steps"] == 5
     assert evaluator.primary_metric == "toy_mean_spearman"
     expected_grid = []
     for layer in LAYERS:

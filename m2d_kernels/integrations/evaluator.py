@@ -29,6 +29,7 @@ The scoring is :mod:`m2d_kernels.train.evaluate`'s, which ``m2d-train``'s grids 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -79,7 +80,7 @@ class Matryoshka2dEvaluator(SentenceEvaluator):
         batch_size: texts per forward. name: prefix of every key (sentence-transformers' convention).
         write_csv: when called with an ``output_path``, append the flat metrics to
             ``matryoshka_2d_results.csv`` there (one row per call, as sentence-transformers' evaluators do) and
-            write the grid as ``matryoshka_2d_grid.json`` (atomically), both prefixed ``<name>_`` when named.
+            write the grid as ``matryoshka_2d_grid.json``, both atomically and prefixed ``<name>_`` when named.
     """
 
     def __init__(
@@ -264,14 +265,16 @@ class Matryoshka2dEvaluator(SentenceEvaluator):
         payload = json.dumps({**result, "epoch": epoch, "steps": steps}, indent=2).encode("utf-8")
         atomic_write(folder / f"{prefix}matryoshka_2d_grid.json", lambda file: file.write(payload))
         results = folder / f"{prefix}matryoshka_2d_results.csv"
-        new = not results.exists()
-        if results.is_symlink():
-            raise OSError(f"{results} is a symbolic link; m2d-kernels never writes through one")
-        with open(results, "a", newline="", encoding="utf-8") as handle:  # appended, as sentence-transformers does
-            writer = csv.writer(handle)
-            if new:
-                writer.writerow(["epoch", "steps", *flat])
-            writer.writerow([epoch, steps, *flat.values()])
+        # One row per call, as sentence-transformers' evaluators append; the file is rewritten whole (atomically),
+        # so a crash mid-write never leaves half a row.
+        previous = results.read_text(encoding="utf-8") if results.is_file() else ""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        if not previous:
+            writer.writerow(["epoch", "steps", *flat])
+        writer.writerow([epoch, steps, *flat.values()])
+        data = (previous + buffer.getvalue()).encode("utf-8")
+        atomic_write(results, lambda file: file.write(data))
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "dims": self.dims, "primary": self.primary, "kind": self.kind}
