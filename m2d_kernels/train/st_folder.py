@@ -8,8 +8,9 @@ Normalize entry and, for an export, a ``Dense`` that keeps the leading ``dim`` f
 folder load as exactly the pipeline the 2D training evaluated.
 
 The files use the module names and keys of sentence-transformers' long-standing folder format
-(``sentence_transformers.models.*``, the ``pooling_mode_*`` keys), which every release from 2.x to
-6.x reads, so a deployed model does not pin the serving machine's sentence-transformers version.
+(``sentence_transformers.models.*``, the ``pooling_mode_*`` keys: the format of all-MiniLM-L6-v2's own
+folder, written by sentence-transformers 2.0), not the newest release's, so a deployed model does not
+need the newest sentence-transformers (tested with 6.0.1 and 6.3).
 """
 
 from __future__ import annotations
