@@ -215,7 +215,8 @@ def test_tiny_end_to_end_run(tiny_bert, pairs_file, tmp_path, capsys):
     assert summary["loss_speed"]["queries_shape"] == [3, 8, 32] and summary["loss_speed"]["reference_ms"] > 0
     assert (out / "heatmap_heldout.png").is_file() and (out / "model" / "config.json").is_file()
     # Checkpoints only when asked for (--checkpoint-every), and the heat map names the model and the data.
-    assert sorted(p.name for p in out.iterdir()) == ["heatmap_heldout.png", "model", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["cost.json", "deployed", "heatmap_heldout.png", "model",
+                                                     "pareto.png", "pick.json", "summary.json"]
     title = Image.open(out / "heatmap_heldout.png").text["Title"]
     assert title == f"{tiny_bert.name} trained on {pairs_file} (3 steps)"
 

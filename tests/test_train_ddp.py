@@ -63,9 +63,9 @@ def _train_worker(rank: int, world_size: int, port: int, model: Path, examples: 
         writes.append(("checkpoint", state["step"]))
         save_checkpoint(path, state)
 
-    def recording_model(encoder, directory):
+    def recording_model(encoder, directory, *args, **kwargs):
         writes.append(("model", None))
-        save_model(encoder, directory)
+        save_model(encoder, directory, *args, **kwargs)
 
     loop.save_checkpoint, loop.save_model = recording_checkpoint, recording_model
     config = _config(model, output_dir)
@@ -129,6 +129,9 @@ def test_m2d_train_under_torchrun_writes_and_prints_on_rank_zero_only(tiny_bert_
     assert completed.stdout.count("trained to step 2") == 1, completed.stdout
     assert completed.stdout.count("heldout mrr@10 (after - before)") == 1, completed.stdout
     # No --checkpoint-every: no checkpoint.
-    assert sorted(p.name for p in output_dir.iterdir()) == ["heatmap_heldout.png", "model", "summary.json"]
+    # Rank 0 alone measures the cost grid, picks and exports (m2d-train's deployment step).
+    assert sorted(p.name for p in output_dir.iterdir()) == ["cost.json", "deployed", "heatmap_heldout.png", "model",
+                                                            "pareto.png", "pick.json", "summary.json"]
+    assert completed.stdout.count("Pareto front:") == 1, completed.stdout
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and len(summary["losses"]) == 2 and summary["world_size"] == WORLD_SIZE

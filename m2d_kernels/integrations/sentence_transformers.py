@@ -46,6 +46,13 @@ instead, with one warning.
 ``mini_batch_size`` (or a cached base loss's) turns on gradient caching (GradCache): embed without grad
 in mini-batches, compute the fused loss on the full batch, then, in backward, re-embed each mini-batch
 with grad under the recorded RNG state and back-propagate the cached embedding gradients.
+
+``log_pair_losses=True`` (fused path) makes ``forward`` return a dict instead of a tensor, which
+sentence-transformers' trainer sums for backward and logs entry by entry: ``layer{l}_dim{d}`` (2D),
+``dim{d}`` (MatryoshkaLoss) or ``layer{l}`` (AdaptiveLayerLoss), the weighted loss of that pair, for
+every hidden state ``l`` up to the final one and every dim (0 for the pairs a step did not draw, so the
+keys stay the same), plus ``kl``. The entries sum to the loss, in value and gradient. The fused call
+computes the ``[L, M]`` pair matrix in any case, so this costs no extra kernel and no host sync.
 """
 
 from __future__ import annotations
@@ -251,6 +258,9 @@ class _FusedMatryoshkaBase(nn.Module):
     # and whether it embeds the columns in one merged forward (AdaptiveLayerLoss disables merging).
     _renormalises = True
     _merges_columns = True
+    # Return the per-pair components as a dict (sentence-transformers' trainer logs each entry): set by the
+    # subclasses' ``log_pair_losses`` argument.
+    log_pair_losses = False
 
     def __init__(self, model, loss, st_args: dict[str, Any], weights: dict[str, Any], mini_batch_size, backend):
         super().__init__()
@@ -352,18 +362,62 @@ class _FusedMatryoshkaBase(nn.Module):
                 return embed_columns(gist.guide, columns)
 
     def _loss(self, columns: list[Tensor], plan: _Plan, guide: list[Tensor] | None = None) -> Tensor:
+        return self._loss_parts(columns, plan, guide)[0]
+
+    def _loss_parts(self, columns: list[Tensor], plan: _Plan, guide: list[Tensor] | None = None
+                    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(total, weighted ``[len(plan.layers), M]`` pair losses or None, the extra term or None). The pair
+        matrix is what the fused call computes anyway (``reduction="none"``): the total is its weighted sum,
+        exactly as ``reduction="sum"`` forms it, so asking for the parts costs no extra kernel."""
         # Query rows are column 0; the candidates are the positives then every hard-negative column,
         # the same layout as MultipleNegativesRankingLoss's torch.cat(docs) (and GIST's blocks).
         extra = {"gather_across_devices": True} if self.gather_across_devices else {}
         if guide is not None:
             device = columns[0].device
             extra["guide"] = (guide[0].to(device), torch.cat(guide[1:]).to(device))
+        parts = self.log_pair_losses
         loss = matryoshka_2d_infonce(
             columns[0], torch.cat(columns[1:], dim=1), self._dims or (columns[0].shape[-1],), plan.weights,
-            scale=self.scale, backend=self.backend, **self._options, **extra,
+            scale=self.scale, backend=self.backend, reduction="none" if parts else "sum", **self._options, **extra,
         )
+        pairs = None
+        if parts:
+            pairs = loss * plan.weights.to(device=loss.device, dtype=loss.dtype)
+            loss = pairs.sum()
         kl = self._extra_loss(torch.cat(columns, dim=1))
-        return loss if kl is None else loss + kl
+        return (loss if kl is None else loss + kl), pairs, kl
+
+    def _parts(self, columns: list[Tensor], plan: _Plan, guide: list[Tensor] | None):
+        """:meth:`_loss_parts` when the components are logged, else (:meth:`_loss`, None, None): a subclass
+        with its own ``_loss`` (Starbucks) keeps it."""
+        if self.log_pair_losses:
+            return self._loss_parts(columns, plan, guide)
+        return self._loss(columns, plan, guide), None, None
+
+    def _pair_keys(self, plan: _Plan) -> list[str]:
+        """Names of the logged components: every hidden state up to the final one (``layer{l}``) times every dim
+        (``dim{d}``), the same keys every step (0 for the pairs a step did not draw)."""
+        dims = [f"dim{d}" for d in self._dims] if self._dims else [""]
+        layers = [""] if len(plan.layers) == 1 and plan.layers[0] == 0 else \
+            [f"layer{layer}" for layer in range(max(plan.layers) + 1)]
+        return ["_".join(part for part in (layer, dim) if part) for layer in layers for dim in dims]
+
+    def _as_components(self, total: Tensor, pairs: Tensor, kl: Tensor | None, plan: _Plan) -> dict[str, Tensor]:
+        """``{"layer{l}_dim{d}": weighted pair loss, ..., "kl": the KL term}``, summing to ``total`` in value and
+        gradient: every entry is detached except one, the largest, which carries ``total`` minus the others
+        (its value equals its own component up to rounding). Device ops only: no host sync."""
+        keys = self._pair_keys(plan)
+        rows = max(plan.layers) + 1 if keys[0].startswith("layer") else 1
+        full = torch.zeros(rows, pairs.shape[1], dtype=pairs.dtype, device=pairs.device)
+        full[list(plan.layers) if rows > 1 else [0]] = pairs.detach()
+        values = full.flatten()
+        if kl is not None:
+            values = torch.cat([values, kl.detach().reshape(1).to(values.dtype)])
+            keys = [*keys, "kl"]
+        carrier = F.one_hot(torch.argmax(values), len(values)).to(values.dtype)
+        others = values * (1 - carrier)
+        values = others + carrier * (total.to(values.dtype) - others.sum())
+        return dict(zip(keys, values.unbind(), strict=True))
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         if self.unfused is not None:
@@ -386,7 +440,10 @@ class _FusedMatryoshkaBase(nn.Module):
         # GIST copies the features before the model runs (modules may change them in place).
         guide_columns = [dict(features) for features in columns] if self._guided else None
         embeddings, plan = self._embed_columns(columns)
-        return self._loss(embeddings, plan, None if guide_columns is None else self._embed_guide(guide_columns))
+        guide = None if guide_columns is None else self._embed_guide(guide_columns)
+        if not self.log_pair_losses:
+            return self._loss(embeddings, plan, guide)
+        return self._as_components(*self._loss_parts(embeddings, plan, guide), plan)
 
     def _forward_cached(self, columns: list[dict[str, Any]]) -> Tensor:
         grad_enabled = torch.is_grad_enabled()
@@ -408,14 +465,15 @@ class _FusedMatryoshkaBase(nn.Module):
                     guide.append(torch.cat(guide_parts))
                 states.append(column_states)
         if not grad_enabled:
-            return self._loss(embeddings, plan, guide)
+            loss, pairs, kl = self._parts(embeddings, plan, guide)
+            return loss if pairs is None else self._as_components(loss, pairs, kl, plan)
         leaves = [column.requires_grad_() for column in embeddings]
-        loss = self._loss(leaves, plan, guide)
+        loss, pairs, kl = self._parts(leaves, plan, guide)
         cached_grads = torch.autograd.grad(loss, leaves)
         loss = loss.detach().requires_grad_()
         loss.register_hook(partial(self._replay, columns=columns, ranges=ranges, states=states,
                                    cached_grads=cached_grads, plan=plan))
-        return loss
+        return loss if pairs is None else self._as_components(loss, pairs, kl, plan)
 
     def _replay(self, grad_output, columns, ranges, states, cached_grads, plan) -> None:
         """Backward hook: re-embed each mini-batch with grad and push the cached gradients through it.
@@ -432,7 +490,8 @@ class _FusedMatryoshkaBase(nn.Module):
                     part.backward(grad[:, begin:end].to(part.dtype) * grad_output.to(part.dtype))
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {**self._st_config(), "mini_batch_size": self.mini_batch_size, "backend": self.backend}
+        return {**self._st_config(), "mini_batch_size": self.mini_batch_size, "backend": self.backend,
+                "log_pair_losses": self.log_pair_losses}
 
     def _st_config(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -463,10 +522,12 @@ class FusedMatryoshkaLoss(_FusedMatryoshkaBase):
         *,
         mini_batch_size: int | None = None,
         backend: str = "auto",
+        log_pair_losses: bool = False,
     ) -> None:
         st_args = dict(matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights,
                        n_dims_per_step=n_dims_per_step)
         super().__init__(model, loss, st_args, {"matryoshka_weights": matryoshka_weights}, mini_batch_size, backend)
+        self.log_pair_losses = bool(log_pair_losses)
 
     def _plan(self, num_layers: int = 1) -> _Plan:
         return _Plan((0,), self._dim_weights(self._sample_dims(), 1.0)[None])
@@ -519,11 +580,13 @@ class FusedAdaptiveLayerLoss(_FusedMatryoshkaBase):
         *,
         mini_batch_size: int | None = None,
         backend: str = "auto",
+        log_pair_losses: bool = False,
     ) -> None:
         layer_args = dict(n_layers_per_step=n_layers_per_step, last_layer_weight=last_layer_weight,
                           prior_layers_weight=prior_layers_weight, kl_div_weight=kl_div_weight,
                           kl_temperature=kl_temperature, layer_weighting=layer_weighting)
         self._init_layers(model, loss, layer_args, {}, mini_batch_size, backend)
+        self.log_pair_losses = bool(log_pair_losses)
 
     def _init_layers(self, model, loss, layer_args, matryoshka_args, mini_batch_size, backend) -> None:
         weights = {"last_layer_weight": layer_args["last_layer_weight"],
@@ -663,6 +726,7 @@ class FusedMatryoshka2dLoss(FusedAdaptiveLayerLoss):
         *,
         mini_batch_size: int | None = None,
         backend: str = "auto",
+        log_pair_losses: bool = False,
     ) -> None:
         layer_args = dict(n_layers_per_step=n_layers_per_step, last_layer_weight=last_layer_weight,
                           prior_layers_weight=prior_layers_weight, kl_div_weight=kl_div_weight,
@@ -670,6 +734,7 @@ class FusedMatryoshka2dLoss(FusedAdaptiveLayerLoss):
         matryoshka_args = dict(matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights,
                                n_dims_per_step=n_dims_per_step)
         self._init_layers(model, loss, layer_args, matryoshka_args, mini_batch_size, backend)
+        self.log_pair_losses = bool(log_pair_losses)
 
     def _st_config(self) -> dict[str, Any]:
         # Matryoshka2dLoss's: AdaptiveLayerLoss's keys, then MatryoshkaLoss's ("loss": the base loss).

@@ -26,6 +26,7 @@ from m2d_kernels.train.encoder import POOLINGS, LayerEncoder, check_layers_and_d
 from m2d_kernels.train.errors import ConfigError
 from m2d_kernels.train.loop import PRECISIONS, SCHEDULES, TrainConfig, default_dims, step_weights, train
 from m2d_kernels.train.speed import compare_with_reference, format_speed
+from m2d_kernels.train.st_folder import check_base_modules
 
 PROG = "m2d-train"
 DEFAULT_STEPS = 30
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--eval-batch-size", type=int, default=64, help="texts per evaluation forward")
     runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
     runtime.add_argument("--no-speed", action="store_true", help="skip the loss speed comparison")
+    add_deploy_arguments(parser)
     return parser
 
 
@@ -199,6 +201,7 @@ def _check_data_source(args, data_dir: Path | None) -> None:
 
 def plan_run(args) -> Plan:
     """Check every setting; cheap (no model weights, no data read), so errors come at once."""
+    check_deploy_arguments(args)
     for name in ("holdout",):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -218,6 +221,7 @@ def plan_run(args) -> Plan:
 
     model_path = args.model or default_model_path()
     num_layers, hidden_size = model_shape(model_path)
+    check_base_modules(model_path)
     layers = tuple(args.layers if args.layers is not None else range(1, num_layers + 1))
     dims = tuple(args.dims if args.dims is not None else default_dims(hidden_size))
     check_layers_and_dims(layers, dims, num_layers, hidden_size)
@@ -398,7 +402,8 @@ def _run(args, plan: Plan) -> dict | None:
     encoder.to(device)
     before = run_evaluation(encoder, eval_sets, layers, dims, args.eval_batch_size)
     parallel.barrier(world)
-    result = train(config, examples, encoder=encoder, world=world, progress=not args.no_progress)
+    result = train(config, examples, encoder=encoder, world=world, progress=not args.no_progress,
+                   data_label=args.data, model_label=plan.model_label)
     if result.losses:
         print(f"trained to step {result.steps} in {result.seconds:.1f} s (last loss {result.losses[-1]:.4f})")
     after = run_evaluation(result.encoder, eval_sets, layers, dims, args.eval_batch_size)
@@ -424,7 +429,92 @@ def _run(args, plan: Plan) -> dict | None:
     written = ["summary.json"] + (["heat maps"] if before else []) + \
         (["checkpoint.pt"] if config.checkpoint_every else [])
     print(f"\nwrote {', '.join(written)} and the model (model/) in {output_dir}")
+    if before and not args.no_deploy:
+        deploy(args, output_dir, result.encoder, eval_sets, examples, layers, dims, device, title)
     return summary
+
+
+# --------------------------------------------------------------------------- deployment: cost grid, pick, export
+
+DEPLOY_DIR_NAME = "deployed"
+DEFAULT_DEPLOY_WITHIN = 5.0
+COST_TEXTS = 64  # texts timed per pass for the cost grid (a few seconds for a small encoder on a CPU)
+
+
+def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    deploy_group = parser.add_argument_group("deployment (after training: cost grid, Pareto front, export)")
+    deploy_group.add_argument("--no-deploy", action="store_true",
+                              help="skip the cost grid, the Pareto table and the export of the picked pair")
+    deploy_group.add_argument("--deploy-within", type=float,
+                              help="export the cheapest pair within this many points of the full model on the first "
+                                   f"--eval set's first metric (default: {DEFAULT_DEPLOY_WITHIN:g} when no "
+                                   "--deploy-max-* limit is given)")
+    deploy_group.add_argument("--deploy-max-ms-per-1k-texts", type=float,
+                              help="export the best pair whose measured encode time is at most this (default: none)")
+    deploy_group.add_argument("--deploy-max-bytes-per-vector", type=int,
+                              help="export the best pair whose fp32 vectors take at most this (default: none)")
+
+
+def check_deploy_arguments(args) -> None:
+    import math
+
+    for flag in ("deploy_within", "deploy_max_ms_per_1k_texts", "deploy_max_bytes_per_vector"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+
+def _cost_texts(eval_sets, examples) -> list[str]:
+    """Texts like the ones the model will serve: the first evaluation set's, else the training data's."""
+    texts: list[str] = []
+    for _, payload in eval_sets:
+        if isinstance(payload, datasets.ScoredPairs):
+            texts += list(payload.sentences1) + list(payload.sentences2)
+        else:
+            texts += [text for pair in payload for text in pair[:2]]
+        break
+    texts = texts or [text for example in examples for text in example[:2]]
+    return texts[:COST_TEXTS]
+
+
+def deploy(args, output_dir: Path, encoder: LayerEncoder, eval_sets, examples, layers, dims, device,
+           title: str = "") -> dict:
+    """Measure the cost grid (cost.json), print the Pareto table, plot it (pareto.png, pick.json) and export the
+    picked pair to ``deployed/``; returns what was picked and exported."""
+    from m2d_kernels.train import cost, export, pick
+
+    model_dir = output_dir / loop.MODEL_DIR_NAME
+    layers = [layer for layer in layers if layer >= 1]  # layer 0, the embedding output, is not served
+    if not layers:
+        print("\nno deployment step: the grid has no transformer layer (only layer 0)")
+        return {"pick": None}
+    costs = cost.measure_costs(str(model_dir), layers, dims, _cost_texts(eval_sets, examples), device,
+                               model=encoder.model, tokenizer=encoder.tokenizer)
+    evaluate.write_json_atomic(output_dir / pick.COST_NAME, costs.to_json())
+    limits = args.deploy_max_ms_per_1k_texts is not None or args.deploy_max_bytes_per_vector is not None
+    within = args.deploy_within if args.deploy_within is not None or limits else DEFAULT_DEPLOY_WITHIN
+    budget = pick.Budget(args.deploy_max_ms_per_1k_texts, args.deploy_max_bytes_per_vector, None, within)
+    picked = pick.pick_run(output_dir, budget, costs=costs)
+    pick.save_plot(output_dir / pick.PLOT_NAME, picked, title=title)
+    evaluate.write_json_atomic(output_dir / pick.PICK_NAME, picked.to_json())
+    print()
+    print(cost.format_costs(costs))
+    print()
+    print(pick.format_table(picked))
+    outcome = {"pick": picked.choice and {"layer": picked.choice.layer, "dim": picked.choice.dim}}
+    if picked.choice is None:
+        print("nothing exported (no pair meets the budget); m2d-pick RUN_DIR tries other budgets")
+        return outcome
+    layer, dim = picked.choice.layer, picked.choice.dim
+    full_ms = picked.full.encode_ms_per_1k_texts if picked.full.layer == encoder.num_layers else None
+    known = (picked.choice.encode_ms_per_1k_texts, full_ms) if full_ms is not None else None
+    exported = export.export(model_dir, layer, dim, output_dir / DEPLOY_DIR_NAME, model=encoder.model,
+                             tokenizer=encoder.tokenizer, measure_speed=known is None, known_speed=known)
+    print(export.format_result(exported))
+    print(f"plot: {output_dir / pick.PLOT_NAME}; other budgets: m2d-pick {output_dir} --max-ms-per-1k-texts MS ...; "
+          f"other pairs: m2d-export {model_dir} --layer L --dim D OUTDIR")
+    outcome["export"] = str(output_dir / DEPLOY_DIR_NAME)
+    return outcome
 
 
 def _file_safe(name: str) -> str:

@@ -4,8 +4,11 @@ Every cell embeds with one hidden layer (pooled) truncated to its leading ``dim`
 features, then compares by cosine similarity:
 
 - STS: Spearman rank correlation (x 100) between cosine and gold scores.
-- Retrieval: each anchor of a held-out pair queries all positives; MRR@10 and
-  Recall@1 (x 100) of its own positive.
+- Retrieval: each anchor of a held-out pair queries all positives; MRR@10, Recall@1,
+  nDCG@10 and Recall@10 (x 100) of its own positive (the first two are printed).
+
+The scoring functions (:func:`sts_spearman_grid`, :func:`retrieval_grid_scores`) are shared with the
+sentence-transformers evaluator :class:`m2d_kernels.integrations.evaluator.Matryoshka2dEvaluator`.
 
 One forward per batch yields all layers (``output_hidden_states``); truncation and
 re-normalisation are free after that.
@@ -55,18 +58,77 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum() / (rx.norm() * ry.norm()))
 
 
+def ranked_relevance(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """``[n_queries, n_docs]`` scores and a boolean relevance mask of the same shape -> the mask in each query's
+    ranked order (best first). Ties count against the query: among equal scores the irrelevant documents
+    rank first, so a model that cannot tell documents apart gets no credit."""
+    # Stable sorts: irrelevant before relevant, then by score (descending), keeping that order among ties.
+    by_relevance = torch.argsort(relevant.to(torch.int8), dim=1, stable=True)
+    by_score = torch.argsort(scores.gather(1, by_relevance), dim=1, descending=True, stable=True)
+    return relevant.gather(1, by_relevance.gather(1, by_score))
+
+
+def retrieval_scores(scores: torch.Tensor, relevant: torch.Tensor, ndcg_at: int = 10, mrr_at: int = MRR_CUTOFF,
+                     recall_at: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """Binary-relevance retrieval metrics (fractions, not x 100), averaged over the queries:
+    ``ndcg@k`` (gain 1 / log2(rank + 1), normalised by the ideal ranking), ``mrr@k`` (1 / rank of the first
+    relevant document within k, else 0) and ``recall@k`` (share of the relevant documents in the top k).
+
+    ``scores`` and ``relevant``: ``[n_queries, n_docs]``; every query needs a relevant document.
+    """
+    if scores.shape != relevant.shape or scores.dim() != 2:
+        raise ValueError(f"scores and relevant must be [n_queries, n_docs] alike, got {tuple(scores.shape)} and "
+                         f"{tuple(relevant.shape)}")
+    counts = relevant.sum(1)
+    if bool((counts == 0).any()):
+        raise ValueError("every query needs at least one relevant document")
+    ranked = ranked_relevance(scores, relevant.bool()).double()
+    positions = torch.arange(1, ranked.shape[1] + 1, dtype=torch.float64)
+    discount = 1.0 / torch.log2(positions + 1)
+    dcg = (ranked[:, :ndcg_at] * discount[:ndcg_at]).sum(1)
+    ideal = torch.stack([discount[:min(int(c), ndcg_at)].sum() for c in counts])
+    first = torch.argmax(ranked, dim=1)  # the first relevant position (there is one)
+    reciprocal = torch.where(first < mrr_at, 1.0 / (first + 1).double(), torch.zeros((), dtype=torch.float64))
+    metrics = {f"ndcg@{ndcg_at}": float((dcg / ideal).mean()), f"mrr@{mrr_at}": float(reciprocal.mean())}
+    for k in recall_at:
+        metrics[f"recall@{k}"] = float((ranked[:, :k].sum(1) / counts.double()).mean())
+    return metrics
+
+
+def cosine_scores(queries: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
+    """``[n_queries, n_docs]`` cosine similarities, in float64."""
+    return torch.nn.functional.normalize(queries.double(), dim=-1) @ torch.nn.functional.normalize(
+        corpus.double(), dim=-1).T
+
+
 def retrieval_metrics(queries: torch.Tensor, corpus: torch.Tensor) -> tuple[float, float]:
     """(MRR@10, Recall@1) where query ``i``'s only relevant document is ``corpus[i]``.
 
     Ties count against the query (a competitor scoring equal to the positive ranks ahead).
     """
-    scores = torch.nn.functional.normalize(queries.double(), dim=-1) @ torch.nn.functional.normalize(
-        corpus.double(), dim=-1).T
-    positive = scores.diagonal().unsqueeze(1)
-    others_ahead = (scores >= positive).sum(1) - 1
-    rank = others_ahead + 1
-    reciprocal = torch.where(rank <= MRR_CUTOFF, 1.0 / rank.double(), torch.zeros_like(rank, dtype=torch.double))
-    return float(reciprocal.mean()), float((rank == 1).double().mean())
+    scores = cosine_scores(queries, corpus)
+    metrics = retrieval_scores(scores, torch.eye(*scores.shape, dtype=torch.bool), recall_at=(1,))
+    return metrics[f"mrr@{MRR_CUTOFF}"], metrics["recall@1"]
+
+
+def sts_spearman_grid(first: torch.Tensor, second: torch.Tensor, gold: torch.Tensor,
+                      dims: Sequence[int]) -> list[list[float]]:
+    """Spearman (fraction) of the truncated cosine against ``gold``: ``first`` / ``second`` ``[L, n, D]`` ->
+    ``[L][len(dims)]``."""
+    return [[spearman(_truncated_cosine(first[i], second[i], d), gold) for d in dims] for i in range(len(first))]
+
+
+def retrieval_grid_scores(queries: torch.Tensor, corpus: torch.Tensor, relevant: torch.Tensor,
+                          dims: Sequence[int], **cutoffs) -> dict[str, list[list[float]]]:
+    """:func:`retrieval_scores` (fractions) of every (layer, dim): ``queries`` ``[L, n_queries, D]``, ``corpus``
+    ``[L, n_docs, D]``, ``relevant`` ``[n_queries, n_docs]`` -> ``{metric: [L][len(dims)]}``."""
+    grids: dict[str, list[list[float]]] = {}
+    for i in range(len(queries)):
+        cells = [retrieval_scores(cosine_scores(queries[i, :, :d], corpus[i, :, :d]), relevant, **cutoffs)
+                 for d in dims]
+        for name in cells[0]:
+            grids.setdefault(name, []).append([cell[name] for cell in cells])
+    return grids
 
 
 # --------------------------------------------------------------------------- grids
@@ -83,24 +145,23 @@ def sts_grid(encoder: LayerEncoder, data: ScoredPairs, layers: Sequence[int], di
     first = encoder.encode(data.sentences1, layers, batch_size)
     second = encoder.encode(data.sentences2, layers, batch_size)
     gold = torch.tensor(data.scores, dtype=torch.float64)
-    grid = [[100 * spearman(_truncated_cosine(first[i], second[i], d), gold) for d in dims]
-            for i in range(len(layers))]
+    grid = [[100 * value for value in row] for row in sts_spearman_grid(first, second, gold, dims)]
     return {"set": data.name, "metrics": {"spearman": grid}, "layers": list(layers), "dims": list(dims),
             "size": len(gold)}
 
 
 def retrieval_grid(encoder: LayerEncoder, pairs: Sequence[Example], layers: Sequence[int], dims: Sequence[int],
                    batch_size: int = 64, name: str = "retrieval") -> dict:
-    """``{"metrics": {"mrr@10": grid, "recall@1": grid}}`` x 100 per (layer, dim)."""
+    """``{"metrics": {"mrr@10": grid, "recall@1": grid, "ndcg@10": grid, "recall@10": grid}}`` x 100 per
+    (layer, dim): each anchor queries all positives, its own is the one relevant document
+    (:func:`retrieval_grid_scores`, the scoring of the sentence-transformers evaluator too)."""
     queries = encoder.encode([p[0] for p in pairs], layers, batch_size)
     corpus = encoder.encode([p[1] for p in pairs], layers, batch_size)
-    mrr, recall = [], []
-    for i in range(len(layers)):
-        cells = [retrieval_metrics(queries[i, :, :d], corpus[i, :, :d]) for d in dims]
-        mrr.append([100 * c[0] for c in cells])
-        recall.append([100 * c[1] for c in cells])
-    return {"set": name, "metrics": {f"mrr@{MRR_CUTOFF}": mrr, "recall@1": recall}, "layers": list(layers),
-            "dims": list(dims), "size": len(pairs)}
+    grids = retrieval_grid_scores(queries, corpus, torch.eye(len(pairs), dtype=torch.bool), dims)
+    order = (f"mrr@{MRR_CUTOFF}", "recall@1", "ndcg@10", "recall@10")
+    metrics = {metric: [[100 * value for value in row] for row in grids[metric]] for metric in order}
+    return {"set": name, "metrics": metrics, "layers": list(layers), "dims": list(dims), "size": len(pairs),
+            "printed": list(order[:2])}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -128,11 +189,12 @@ def difference(before: dict, after: dict) -> dict:
     return {**after, "metrics": metrics}
 
 
-def format_comparison(before: dict, after: dict) -> str:
-    """Before, after and after - before tables for every metric."""
+def format_comparison(before: dict, after: dict, metrics: Sequence[str] | None = None) -> str:
+    """Before, after and after - before tables for every metric of ``metrics`` (default: the result's
+    ``printed`` metrics when it names some, else all)."""
     delta = difference(before, after)
     blocks = []
-    for name in before["metrics"]:
+    for name in metrics or before.get("printed") or before["metrics"]:
         for label, result in (("before", before), ("after", after), ("after - before", delta)):
             blocks.append(format_grid(result["metrics"][name], result["layers"], result["dims"],
                                       f"{result['set']} {name} ({label})"))

@@ -50,6 +50,7 @@ from m2d_kernels.train.data import Example
 from m2d_kernels.train.encoder import LayerEncoder
 from m2d_kernels.train.errors import ConfigError
 from m2d_kernels.train.parallel import World, barrier, gather_to_main, mean_over_ranks, shard, start
+from m2d_kernels.train.st_folder import PipelineSpec, check_base_modules, trained_model_card, write_pipeline
 
 SCHEDULES = ("full_grid", "starbucks", "sampled")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -337,11 +338,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-def save_model(encoder: LayerEncoder, directory: str | os.PathLike) -> None:
-    """``save_pretrained`` model + tokenizer, swapped in atomically."""
+def save_model(encoder: LayerEncoder, directory: str | os.PathLike, pipeline: PipelineSpec | None = None,
+               card: str | None = None) -> None:
+    """``save_pretrained`` model + tokenizer, swapped in atomically; with ``pipeline``, also the
+    sentence-transformers files (``modules.json``, pooling, Normalize) and the model card ``card``,
+    so that ``SentenceTransformer(directory)`` computes the embeddings the training evaluated."""
     def fill(folder: Path) -> None:
         encoder.model.save_pretrained(folder)
         encoder.tokenizer.save_pretrained(folder)
+        if pipeline is not None:
+            write_pipeline(folder, pipeline, card)
 
     atomic_directory(directory, fill)
 
@@ -379,7 +385,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEncoder | None = None,
-          world: World | None = None, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+          world: World | None = None, stop_after: int | None = None, progress: bool = True,
+          data_label: str | None = None, model_label: str | None = None) -> TrainResult:
     """Train ``config.model`` on ``examples``; returns the trained encoder.
 
     ``encoder`` may be passed to train an already loaded model (it is modified in place).
@@ -392,6 +399,12 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     ``output_dir`` throughout (a second run on the same folder fails at once) and removes
     the temporary files a killed save left there. A NaN or infinite loss raises
     :class:`NonFiniteLossError` (checked every few steps and before anything is saved).
+
+    The saved ``model/`` is a complete sentence-transformers folder: the training's pooling and
+    max length, the base model's Normalize, and a model card naming the trained grid,
+    ``model_label`` (the base model's name; default its path) and ``data_label`` (the training
+    data's name). A base model with a module the training does not run (a Dense) is a ValueError
+    before training.
     """
     joined, device = start(config.device)
     world = joined if world is None else world
@@ -399,12 +412,14 @@ def train(config: TrainConfig, examples: Sequence[Example], *, encoder: LayerEnc
     output_dir = check_output_dir(config.output_dir)
     if world.is_main_process:
         with output_lock(output_dir):
-            return _train(config, examples, encoder, world, device, stop_after, progress)
-    return _train(config, examples, encoder, world, device, stop_after, progress)
+            return _train(config, examples, encoder, world, device, stop_after, progress, data_label, model_label)
+    return _train(config, examples, encoder, world, device, stop_after, progress, data_label, model_label)
 
 
 def _train(config: TrainConfig, examples: Sequence[Example], encoder: LayerEncoder | None, world: World,
-           device: torch.device, stop_after: int | None, progress: bool) -> TrainResult:
+           device: torch.device, stop_after: int | None, progress: bool, data_label: str | None,
+           model_label: str | None) -> TrainResult:
+    base_modules = check_base_modules(config.model)
     arity = {len(e) for e in examples}
     if len(arity) != 1 or next(iter(arity)) not in (2, 3):
         raise ValueError("examples must all be (anchor, positive) pairs or all (anchor, positive, negative) triplets")
@@ -540,7 +555,14 @@ def _train(config: TrainConfig, examples: Sequence[Example], encoder: LayerEncod
     if world.is_distributed:
         gc.collect()
     if step == steps and world.is_main_process:
-        save_model(encoder, Path(config.output_dir) / MODEL_DIR_NAME)
+        pipeline = PipelineSpec(config.pooling, encoder.hidden_size, config.max_length, base_modules.do_lower_case,
+                                base_modules.normalize)
+        card = trained_model_card(base_model=model_label or config.model,
+                                  data=data_label or f"{len(examples)} training examples",
+                                  steps=step, layers=layers, dims=dims, pooling=config.pooling,
+                                  max_length=config.max_length, normalize=base_modules.normalize,
+                                  num_layers=encoder.num_layers)
+        save_model(encoder, Path(config.output_dir) / MODEL_DIR_NAME, pipeline, card)
     barrier(world)  # when any rank returns, the checkpoint and the model are on disk
     return TrainResult(encoder, layers, dims, step, time.perf_counter() - started,
                        [float(x) for x in torch.stack(losses).cpu()] if losses else [], shapes)
