@@ -32,6 +32,7 @@ TEST_TIMEOUT_S = 90  # per test in stages a and c (pytest-timeout): a test compi
 BENCH_TIMEOUT_S = 100  # per benchmark in stage d
 
 TRITON_TESTS = "tests/test_triton.py"
+PASS_TESTS = "tests/test_passes.py"  # the pass grid of every backend: its triton cases
 # One test per kernel variant: forward and both backward launches of the plain pass in fp32 (symmetric,
 # aligned dims: flat k-loops; unaligned: masked segment loops) and bf16, the scale gradient with the running
 # maximum, each rule flag (dot, teacher, each penalty, guide, own-group exclusion, triangle, column
@@ -42,13 +43,14 @@ STAGE_A_TESTS = [f"{TRITON_TESTS}::{test}" for test in (
     "test_low_precision_within_twice_reference_error[False-dtype0-D100]",
     "test_scale_gradient_matches_float64_autograd[100.0-True]",
     "test_gpu_medium_shape",
-    "test_pass_with_rules_matches_reference[dot-s0.05-teacher]",
-    "test_pass_with_rules_matches_reference[in_batch-0.5]",
-    "test_pass_with_rules_matches_reference[aligned-hard-9-s100]",
-    "test_pass_with_rules_matches_reference[guided-exclude-penalty]",
-    "test_shared_tile_pass_matches_reference[tri-square-cos-s20]",
-    "test_shared_tile_pass_matches_reference[col-K=R-cos-s20]",
-    "test_shared_tile_pass_matches_reference[aligned-both-exclude-s20]",
+)] + [f"{PASS_TESTS}::{test}" for test in (
+    "test_rules[triton-dot-guided-teacher-s0.05]",
+    "test_rules[triton-in_batch_negatives-0.5-s20]",
+    "test_rules[triton-hard_negatives-9-s100]",
+    "test_rules[triton-guided-exclude-penalty-teacher-s20]",
+    "test_rules[triton-triangle-s20]",
+    "test_rules[triton-column_statistics-s20]",
+    "test_rules[triton-triangle-exclude-column_statistics-s20]",
 )]
 
 GPU_BENCHMARKS = "benchmarks/test_bench_gpu.py"
@@ -76,7 +78,9 @@ def selection(stage: str) -> list[str]:
     if stage == "a":
         return list(STAGE_A_TESTS)
     if stage == "c":
-        return [TRITON_TESTS, *(arg for test in STAGE_A_TESTS for arg in ("--deselect", test))]
+        # test_triton.py whole (its module name matches) and the grid's triton cases.
+        return [TRITON_TESTS, PASS_TESTS, "-k", "triton",
+                *(arg for test in STAGE_A_TESTS for arg in ("--deselect", test))]
     if stage == "d":
         return list(STAGE_D_BENCHMARKS)
     raise ValueError(f"stage {stage!r} runs no tests")

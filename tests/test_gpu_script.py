@@ -44,13 +44,13 @@ def _run(command, **kwargs):
 
 @pytest.fixture(scope="module")
 def collected(stages):
-    """{name: collected node ids}: stage a's selection, stage c's, all of tests/test_triton.py and all of
-    benchmarks/test_bench_gpu.py, collected side by side."""
+    """{name: collected node ids}: stage a's selection, stage c's, every triton test (tests/test_triton.py and
+    the triton cases of the pass grid) and all of benchmarks/test_bench_gpu.py, collected side by side."""
     options = ["--collect-only", "-q", "-p", "no:cacheprovider"]
     commands = {
         "a": [sys.executable, "-m", "pytest", *options, *stages.selection("a")],
         "c": [sys.executable, "-m", "pytest", *options, *stages.selection("c")],
-        "triton": [sys.executable, "-m", "pytest", *options, stages.TRITON_TESTS],
+        "triton": [sys.executable, "-m", "pytest", *options, stages.TRITON_TESTS, stages.PASS_TESTS, "-k", "triton"],
         "bench": [sys.executable, "-c", FAKE_CUDA, *options, stages.GPU_BENCHMARKS],
     }
     running = {name: subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
