@@ -183,7 +183,9 @@ def _passes(queries, docs, world_queries, world_docs, rank_offset, positive_inde
             threshold = threshold - threshold.abs() * objective.guide_margin
         threshold = threshold + guide_tie_tolerance(guide_q.shape[1], acc)
         guide = {"q": guide_q, "d": guide_d, "p": guide_p, "threshold": threshold}
-    local_positives = docs[:, positive_index]
+    # The positives as rows (doc_to_query, doc_to_doc): a gathered copy, only when a direction needs it.
+    local_positives = (docs[:, positive_index] if {"doc_to_query", "doc_to_doc"} & set(objective.directions)
+                       else None)
     passes = []
     hardness = {"penalty": objective.hardness_mode, "penalty_strength": objective.hardness_strength,
                 **groups} if objective.hardness else {}
