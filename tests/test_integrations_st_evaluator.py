@@ -111,7 +111,7 @@ def test_retrieval_grid_matches_the_naive_computation(model):
 
 def test_errors_name_the_argument(model):
     sts = dict(sentences1=["a", "b"], sentences2=["c", "d"], scores=[1.0, 2.0])
-    with pytest.raises(ValueError, match=r"unknown layer\(s\) \[4\]: this model has layers 1\.\.3"):
+    with pytest.raises(ValueError, match=r"layers \[4\]: unknown layer\(s\), this model has layers 1\.\.3"):
         Matryoshka2dEvaluator(layers=(1, 4), dims=(8,), **sts)(model)
     with pytest.raises(ValueError, match="dim 48 is larger than the model's hidden size 40"):
         Matryoshka2dEvaluator(layers=(1,), dims=(8, 48), **sts)(model)
